@@ -1,0 +1,207 @@
+"""`spacetime`: run and inspect the graph. Arguments after the subcommand are Hydra overrides.
+
+    spacetime run [--only STAGE | --from STAGE] [overrides...]   run what is missing (or force)
+    spacetime status [overrides...]                               the graph's state for a config
+    spacetime params [overrides...]                               parameter counts of the presets
+
+Hydra's own flags work after the subcommand (``spacetime run --cfg job``, ``--help``).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SUBCOMMANDS = ("run", "status", "params")
+USAGE = __doc__
+
+
+def parse_argv(argv: list[str]) -> tuple[str, dict, list[str]]:
+    """Split our own arguments from Hydra's. Returns (command, flags, hydra_argv)."""
+    cmd = "run"
+    if argv and argv[0] in SUBCOMMANDS:
+        cmd, argv = argv[0], argv[1:]
+    elif argv and not argv[0].startswith("-") and "=" not in argv[0]:
+        raise SystemExit(f"spacetime: unknown command '{argv[0]}'; commands: "
+                         f"{', '.join(SUBCOMMANDS)}\n\n{USAGE}")
+    flags: dict = {"only": None, "from_": None}
+    rest: list[str] = []
+    it = iter(argv)
+    for a in it:
+        if a in ("--only", "--from"):
+            val = next(it, None)
+            if val is None or val.startswith("-"):
+                raise SystemExit(f"spacetime: {a} needs a stage name")
+            flags["only" if a == "--only" else "from_"] = val
+        elif a.startswith("--only=") or a.startswith("--from="):
+            k, v = a[2:].split("=", 1)
+            flags["only" if k == "only" else "from_"] = v
+        else:
+            rest.append(a)
+    if cmd != "run" and (flags["only"] or flags["from_"]):
+        raise SystemExit("spacetime: --only/--from belong to 'run'")
+    return cmd, flags, rest
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+def git_commit(repo: Path) -> dict:
+    def git(*args):
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD") or None,
+                "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("spacetime", "torch", "ray", "deepspeed", "webdataset", "decord", "av",
+                "open-clip-torch", "wandb", "hydra-core"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def preflight(cfg) -> None:
+    """Checks that need more than types; raise before any stage starts."""
+    from training.trainer import micro_batch_size
+
+    src = cfg.source
+    if src.kind == "directory":
+        if not src.path:
+            raise SystemExit("spacetime: source.kind=directory needs source.path")
+        if not Path(src.path).is_dir():
+            raise SystemExit(f"spacetime: source.path '{src.path}' is not a directory")
+    micro_batch_size(cfg.train, cfg.cluster.num_workers, cfg.deepspeed.grad_accum)
+    pt, ph, pw = cfg.model.dit.patch_size
+    t = cfg.train
+    if t.num_frames % pt or t.height % ph or t.width % pw:
+        raise SystemExit(f"spacetime: train shape {t.num_frames}x{t.height}x{t.width} is not "
+                         f"divisible by model.dit.patch_size {list(cfg.model.dit.patch_size)}")
+    from pipeline.tracking import resolve_mode
+
+    resolve_mode(cfg.tracking.mode)
+
+
+def cmd_status(graph, cfg_dict) -> int:
+    rows = graph.status(cfg_dict)
+    print(f"{'stage':<8} {'state':<8} {'hash':<12} {'duration':>9}  output")
+    for r in rows:
+        dur = f"{r.duration_s:.1f}s" if r.duration_s is not None else "-"
+        print(f"{r.name:<8} {r.state:<8} {r.hash[:12]:<12} {dur:>9}  {r.path}"
+              + (f"  ({r.detail})" if r.detail else ""))
+    return 0
+
+
+def cmd_params(cfg) -> int:
+    from training.dit import PRESETS, DiTConfig, count_params
+
+    base = cfg.model.dit
+    for name in PRESETS:
+        c = DiTConfig.from_preset(name, patch_size=list(base.patch_size),
+                                  in_channels=base.in_channels, text_dim=base.text_dim)
+        print(f"{name:<6} {count_params(c) / 1e6:10.2f}M")
+    return 0
+
+
+def cmd_run(graph, cfg, cfg_dict, flags) -> int:
+    from pipeline.graph import GraphError, StageFailed
+    from pipeline.tracking import make_tracker, spec_for
+
+    run_id = os.environ.get("SPACETIME_RUN_ID") or cfg.run.id or new_run_id()
+    os.environ["SPACETIME_RUN_ID"] = run_id
+    repo = Path(__file__).resolve().parent.parent
+    extra = {"git": git_commit(repo), "versions": versions(), "argv": sys.argv[1:],
+             "host": platform.node()}
+    try:
+        plan = graph.plan(cfg_dict, flags["only"], flags["from_"])
+    except GraphError as e:
+        raise SystemExit(f"spacetime: {e}") from None
+    print(f"run {run_id}: " + ", ".join(f"{n}={a}" for n, a in plan.items()))
+
+    def tracker_factory(ctx):
+        return make_tracker(spec_for(ctx, cfg.tracking, cfg.run.root))
+
+    t0 = time.time()
+    code = 0
+    try:
+        lineage = graph.run(cfg, cfg_dict, run_id, only=flags["only"], from_=flags["from_"],
+                            tracker_factory=tracker_factory, extra_info=extra)
+    except StageFailed as e:
+        print(f"spacetime: {e}", file=sys.stderr)
+        lineage, code = None, 1
+    finally:
+        if "ray" in sys.modules:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+    root = Path(cfg.run.root)
+    print(f"\nrun {run_id} {'finished' if code == 0 else 'FAILED'} in {time.time() - t0:.1f}s")
+    print(f"  lineage : {root / 'runs' / run_id / 'lineage.json'}")
+    if lineage:
+        for n, rec in lineage["stages"].items():
+            print(f"  {n:<7} : {rec['state']:<7} {rec['path']}")
+        wandb_dirs = sorted({rec.get("result", {}).get("tracking", {}).get("wandb_dir")
+                             for rec in lineage["stages"].values()} - {None})
+        for d in wandb_dirs:
+            print(f"  wandb   : {d}")
+        if not wandb_dirs:
+            print(f"  wandb   : {cfg.tracking.dir or root / 'wandb'} (no stage ran)")
+    return code
+
+
+def main(argv: list[str] | None = None) -> None:
+    import hydra
+    from omegaconf import DictConfig
+
+    from pipeline.config import CONF_DIR, register, to_dict, to_object
+
+    cmd, flags, rest = parse_argv(sys.argv[1:] if argv is None else argv)
+    register()
+    sys.argv = [sys.argv[0], *rest]
+    outcome = {"code": 0}
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+    def entry(dcfg: DictConfig) -> None:
+        from pipeline.stages import build_graph
+
+        try:
+            cfg = to_object(dcfg)
+        except Exception as e:  # __post_init__ checks of the component configs
+            raise SystemExit(f"spacetime: invalid config: {e}") from None
+        if cmd == "params":
+            outcome["code"] = cmd_params(cfg)
+            return
+        cfg_dict = to_dict(dcfg)
+        graph = build_graph(cfg.run.root)
+        if cmd == "status":
+            outcome["code"] = cmd_status(graph, cfg_dict)
+            return
+        try:
+            preflight(cfg)
+        except ValueError as e:
+            raise SystemExit(f"spacetime: {e}") from None
+        outcome["code"] = cmd_run(graph, cfg, cfg_dict, flags)
+
+    entry()
+    sys.exit(outcome["code"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""The root config: one typed section per component, registered with Hydra's ConfigStore.
+
+Each component owns its dataclass (next to its code); this module only assembles them. The
+YAML tree in ``conf/`` picks group options and experiment presets on top of this schema, so
+a misspelt key or a wrongly typed value fails when Hydra composes the config, naming the key,
+before any stage starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from data.synthetic import SourceConfig
+from pipeline.curate import CurateConfig
+from pipeline.shard import ShardConfig
+from pipeline.tracking import TrackingConfig
+from training.evaluate import EvalConfig
+from training.model import ModelConfig
+from training.trainer import TrainConfig
+from training.zero import DeepSpeedConfig
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@dataclass
+class ClusterConfig:
+    """Where and how wide things run. Never part of a stage hash."""
+
+    name: str = "local"
+    address: Optional[str] = None  # None: start a local Ray; "auto" or ray://host:port: join one
+    num_workers: int = 2  # training workers (one per GPU on a GPU cluster)
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    curate_concurrency: int = 2  # parallel curation tasks
+    dashboard_host: str = "127.0.0.1"  # keep the Ray dashboard on loopback
+
+
+@dataclass
+class RunSection:
+    name: str = "demo"  # experiment name; used for display and the W&B project tag
+    root: str = "outputs"  # where stage outputs, run records and W&B files go (path or URL)
+    id: Optional[str] = None  # set by `spacetime run`; SPACETIME_RUN_ID overrides
+
+
+@dataclass
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    source: SourceConfig = field(default_factory=SourceConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+GROUPS = {
+    "source": SourceConfig,
+    "curate": CurateConfig,
+    "shard": ShardConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "deepspeed": DeepSpeedConfig,
+    "eval": EvalConfig,
+    "tracking": TrackingConfig,
+    "cluster": ClusterConfig,
+}
+
+
+def register() -> None:
+    """Register the typed schema that conf/config.yaml extends (its first default)."""
+    ConfigStore.instance().store(name="schema", node=RunConfig)
+
+
+def to_object(cfg: DictConfig) -> RunConfig:
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore

@@ -1,0 +1,287 @@
+"""Experiment tracking: a small Tracker interface with W&B, null, in-memory and JSONL backends.
+
+W&B is the dashboard: one W&B run per stage execution, ``group`` = the run id, ``job_type`` =
+the stage, ``config`` = the stage's hashed config. Every tracker made by :func:`make_tracker`
+also appends to ``metrics.jsonl`` in the stage output, so the run can be read from the files
+alone (reports, tests) whatever the W&B mode.
+
+Mode ``auto`` is online when ``WANDB_API_KEY`` is set in the environment and offline otherwise.
+The key is read by wandb itself from the environment; it is never written to a file or a log.
+W&B refuses ``use_artifact`` in offline mode, so offline runs record their inputs in the run
+config (``_inputs``) and online runs declare them with ``use_artifact``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+
+@dataclass
+class TrackingConfig:
+    mode: str = "auto"  # auto | online | offline | disabled
+    project: str = "spacetime"
+    entity: Optional[str] = None
+    dir: Optional[str] = None  # W&B writes <dir>/wandb/; default <run.root>
+    tags: list[str] = field(default_factory=list)
+
+
+MODES = ("auto", "online", "offline", "disabled")
+
+
+def resolve_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"tracking.mode must be one of {MODES}, got '{mode}'")
+    if mode == "auto":
+        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    return mode
+
+
+class Tracker:
+    """Interface. Implementations may ignore what they cannot store."""
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None: ...
+
+    def summary(self, values: dict[str, Any]) -> None: ...
+
+    def log_video(self, key: str, path: str, caption: str = "", step: int | None = None) -> None: ...
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None: ...
+
+    def log_artifact(self, name: str, type: str, path: str) -> None: ...
+
+    def use_artifact(self, name: str, type: str, path: str) -> None: ...
+
+    def info(self) -> dict[str, Any]:
+        return {}
+
+    def finish(self, exit_code: int = 0) -> None: ...
+
+
+class NullTracker(Tracker):
+    pass
+
+
+class MemoryTracker(Tracker):
+    """Keeps everything in lists: for tests that assert on what was logged."""
+
+    def __init__(self):
+        self.metrics: list[tuple[int | None, dict]] = []
+        self.summaries: dict[str, Any] = {}
+        self.videos: list[tuple[str, str, str]] = []
+        self.tables: dict[str, tuple[list, list]] = {}
+        self.artifacts: list[tuple[str, str, str]] = []
+        self.used: list[tuple[str, str, str]] = []
+        self.finished = False
+
+    def log(self, metrics, step=None):
+        self.metrics.append((step, dict(metrics)))
+
+    def summary(self, values):
+        self.summaries.update(values)
+
+    def log_video(self, key, path, caption="", step=None):
+        self.videos.append((key, path, caption))
+
+    def log_table(self, key, columns, rows):
+        self.tables[key] = (columns, rows)
+
+    def log_artifact(self, name, type, path):
+        self.artifacts.append((name, type, path))
+
+    def use_artifact(self, name, type, path):
+        self.used.append((name, type, path))
+
+    def finish(self, exit_code=0):
+        self.finished = True
+
+
+class JsonlTracker(Tracker):
+    """Appends every call as one JSON line; the file is the offline record of a stage."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _write(self, kind: str, **rec):
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"kind": kind, "time": time.time(), **rec}, default=str) + "\n")
+
+    def log(self, metrics, step=None):
+        self._write("metrics", step=step, metrics=metrics)
+
+    def summary(self, values):
+        self._write("summary", values=values)
+
+    def log_video(self, key, path, caption="", step=None):
+        self._write("video", key=key, path=str(path), caption=caption, step=step)
+
+    def log_table(self, key, columns, rows):
+        self._write("table", key=key, columns=columns, rows=rows)
+
+    def log_artifact(self, name, type, path):
+        self._write("artifact", name=name, type=type, path=str(path))
+
+    def use_artifact(self, name, type, path):
+        self._write("use_artifact", name=name, type=type, path=str(path))
+
+
+class WandbTracker(Tracker):
+    def __init__(self, *, mode: str, project: str, entity: str | None, dir: str, group: str,
+                 job_type: str, name: str, config: dict, tags: list[str]):
+        import wandb
+
+        self._wandb = wandb
+        self.mode = mode
+        Path(dir).mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            mode=mode, project=project, entity=entity, dir=dir, group=group, job_type=job_type,
+            name=name, config=config, tags=tags, reinit="create_new",
+            settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
+        )
+
+    def log(self, metrics, step=None):
+        self.run.log(metrics, step=step)
+
+    def summary(self, values):
+        for k, v in values.items():
+            self.run.summary[k] = v
+
+    def log_video(self, key, path, caption="", step=None):
+        self.run.log({key: self._wandb.Video(str(path), caption=caption, format="mp4")}, step=step)
+
+    def log_table(self, key, columns, rows):
+        cols = list(columns)
+        data = [[self._wandb.Video(str(c), format="mp4") if isinstance(c, Path) else c for c in r]
+                for r in rows]
+        self.run.log({key: self._wandb.Table(columns=cols, data=data)})
+
+    def _reference(self, name, type, path):
+        art = self._wandb.Artifact(name, type=type)
+        uri = str(path) if "://" in str(path) else Path(path).resolve().as_uri()
+        art.add_reference(uri, max_objects=100_000)
+        return art
+
+    def log_artifact(self, name, type, path):
+        self.run.log_artifact(self._reference(name, type, path))
+
+    def use_artifact(self, name, type, path):
+        if self.mode == "online":
+            self.run.use_artifact(f"{name}:latest")
+        else:  # W&B forbids use_artifact offline; keep the edge in the config instead
+            inputs = dict(self.run.config.get("_inputs", {}))
+            inputs[name] = str(path)
+            self.run.config.update({"_inputs": inputs}, allow_val_change=True)
+
+    def info(self):
+        return {"wandb_id": self.run.id, "wandb_dir": str(Path(self.run.dir).parent),
+                "wandb_mode": self.mode, "wandb_url": self.run.url if self.mode == "online" else None}
+
+    def finish(self, exit_code=0):
+        self.run.finish(exit_code=exit_code)
+
+
+class Tee(Tracker):
+    """Sends every call to several trackers; info() merges theirs."""
+
+    def __init__(self, *trackers: Tracker):
+        self.trackers = trackers
+
+    def log(self, metrics, step=None):
+        for t in self.trackers:
+            t.log(metrics, step)
+
+    def summary(self, values):
+        for t in self.trackers:
+            t.summary(values)
+
+    def log_video(self, key, path, caption="", step=None):
+        for t in self.trackers:
+            t.log_video(key, path, caption, step)
+
+    def log_table(self, key, columns, rows):
+        for t in self.trackers:
+            t.log_table(key, columns, rows)
+
+    def log_artifact(self, name, type, path):
+        for t in self.trackers:
+            t.log_artifact(name, type, path)
+
+    def use_artifact(self, name, type, path):
+        for t in self.trackers:
+            t.use_artifact(name, type, path)
+
+    def info(self):
+        out: dict[str, Any] = {}
+        for t in self.trackers:
+            out.update(t.info())
+        return out
+
+    def finish(self, exit_code=0):
+        for t in self.trackers:
+            t.finish(exit_code)
+
+
+@dataclass
+class TrackerSpec:
+    """Everything needed to open a stage's tracker in another process (e.g. training rank 0)."""
+
+    mode: str
+    project: str
+    entity: Optional[str]
+    dir: str
+    group: str
+    job_type: str
+    name: str
+    config: dict
+    tags: list[str]
+    jsonl: Optional[str]
+
+
+def make_tracker(spec: TrackerSpec, rank: int = 0) -> Tracker:
+    """Rank 0 gets the real tracker; other ranks get a NullTracker (only rank 0 logs)."""
+    if rank != 0:
+        return NullTracker()
+    mode = resolve_mode(spec.mode)
+    parts: list[Tracker] = []
+    if spec.jsonl:
+        parts.append(JsonlTracker(spec.jsonl))
+    if mode != "disabled":
+        parts.append(WandbTracker(mode=mode, project=spec.project, entity=spec.entity,
+                                  dir=spec.dir, group=spec.group, job_type=spec.job_type,
+                                  name=spec.name, config=spec.config, tags=spec.tags))
+    return Tee(*parts) if len(parts) != 1 else parts[0]
+
+
+def spec_for(ctx, tracking: TrackingConfig, root: str) -> TrackerSpec:
+    """The tracker spec of a stage execution (``ctx`` is a graph.StageContext)."""
+    return TrackerSpec(
+        mode=tracking.mode,
+        project=tracking.project,
+        entity=tracking.entity,
+        dir=str(Path(tracking.dir or root).resolve()),  # wandb adds its own wandb/ subdir
+        group=ctx.run_id,
+        job_type=ctx.stage.name,
+        name=f"{ctx.stage.name}-{ctx.stage_hash[:8]}",
+        config={**ctx.hashed_config, "_stage_hash": ctx.stage_hash, "_run_id": ctx.run_id},
+        tags=list(tracking.tags),
+        jsonl=str(ctx.out_dir / "metrics.jsonl"),
+    )
+
+
+def log_lineage_paths(tracker: Tracker, stage: str, stage_hash: str, out_dir: str,
+                      inputs: dict[str, str]) -> None:
+    """Declare a stage's inputs and its output as W&B reference artifacts."""
+    for name, path in inputs.items():
+        h = json.loads((Path(path) / "_SUCCESS.json").read_text())["hash"]
+        tracker.use_artifact(f"{name}-{h[:12]}", name, str(path))
+    tracker.log_artifact(f"{stage}-{stage_hash[:12]}", stage, str(out_dir))
+
+
+def log_lineage(tracker: Tracker, ctx) -> None:
+    log_lineage_paths(tracker, ctx.stage.name, ctx.stage_hash, str(ctx.out_dir),
+                      {k: str(v) for k, v in ctx.inputs.items()})

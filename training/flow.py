@@ -1,0 +1,156 @@
+"""Rectified-flow objective and Euler sampler.
+
+Convention (SD3 / Flux style):
+    x_t = (1 - t) * x0 + t * noise,   t = 0 is data, t = 1 is pure noise,
+    the model predicts the velocity v = dx_t/dt = noise - x0.
+Sampling integrates dx/dt = v from t = 1 down to t = 0.
+
+Timestep shift (applied both when sampling training timesteps and in the sampler schedule):
+    t' = shift * t / (1 + (shift - 1) * t)
+shift > 1 spends more steps/samples at high noise; later made resolution dependent.
+
+All functions are pure (no logging or I/O); randomness only through an explicit torch.Generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+TIMESTEP_SAMPLINGS = ("logit_normal", "uniform")
+
+
+@dataclass
+class FlowConfig:
+    timestep_sampling: str = "logit_normal"  # or "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = 1.0
+    caption_dropout: float = 0.1  # probability a training caption is replaced by "" (for CFG)
+
+    def __post_init__(self) -> None:
+        if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ValueError(f"unknown timestep_sampling {self.timestep_sampling!r}; valid: {', '.join(TIMESTEP_SAMPLINGS)}")
+        if self.shift <= 0:
+            raise ValueError(f"shift must be > 0, got {self.shift}")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+
+
+def _gen_device(generator: torch.Generator | None, device) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """t' = shift * t / (1 + (shift - 1) * t); monotone, keeps 0 -> 0 and 1 -> 1."""
+    if shift == 1.0:
+        return t
+    return shift * t / (1 + (shift - 1) * t)  # (B,)
+
+
+def sample_timesteps(cfg: FlowConfig, batch: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """Training timesteps t (B,) in (0, 1), sampled per cfg and then shifted."""
+    device = _gen_device(generator, device)
+    if cfg.timestep_sampling == "logit_normal":
+        u = torch.randn(batch, generator=generator, device=device) * cfg.logit_std + cfg.logit_mean  # (B,)
+        t = torch.sigmoid(u)  # (B,)
+    else:
+        t = torch.rand(batch, generator=generator, device=device)  # (B,)
+    return shift_timesteps(t, cfg.shift)  # (B,)
+
+
+def flow_loss(
+    model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x0: torch.Tensor,
+    cfg: FlowConfig,
+    generator: torch.Generator | None = None,
+    t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rectified-flow MSE. model_fn(x_t (B, ...), t (B,)) -> v_pred (B, ...).
+
+    `t` and `noise` may be given to fix them (tests, loss-parity checks); otherwise they are
+    drawn from `generator`. Returns (loss scalar, per-sample loss (B,), t (B,)); the loss is
+    computed in float32 and averaged over all non-batch dims.
+    """
+    B = x0.shape[0]
+    if t is None:
+        t = sample_timesteps(cfg, B, generator, device=x0.device)  # (B,)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)  # (B, C, T, H, W)
+    t = t.to(x0.device)
+    t_b = t.view(B, *([1] * (x0.ndim - 1))).to(x0.dtype)  # (B, 1, 1, 1, 1)
+    x_t = (1 - t_b) * x0 + t_b * noise  # (B, C, T, H, W)
+    target = noise - x0  # (B, C, T, H, W)
+    v_pred = model_fn(x_t, t)  # (B, C, T, H, W)
+    per_sample = (v_pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)  # (B,)
+    return per_sample.mean(), per_sample, t
+
+
+def drop_captions(captions: list[str], cfg: FlowConfig, generator: torch.Generator | None = None) -> list[str]:
+    """Replace each caption by "" with probability cfg.caption_dropout (unconditional branch of CFG)."""
+    drop = torch.rand(len(captions), generator=generator, device=_gen_device(generator, None)) < cfg.caption_dropout  # (B,)
+    return ["" if d else c for c, d in zip(captions, drop.tolist())]
+
+
+def sampling_schedule(steps: int, shift: float = 1.0, device=None) -> torch.Tensor:
+    """Decreasing timesteps 1 = t_0 > t_1 > ... > t_steps = 0 -> (steps + 1,)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return shift_timesteps(torch.linspace(1.0, 0.0, steps + 1, device=device), shift)  # (S+1,)
+
+
+@torch.no_grad()
+def euler_sample(
+    model_fn: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor],
+    shape: tuple[int, ...],
+    steps: int,
+    cfg_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    shift: float = 1.0,
+    device=None,
+    dtype: torch.dtype = torch.float32,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Integrate dx/dt = v from t = 1 (noise) to t = 0 with `steps` Euler steps -> x0 `shape`.
+
+    model_fn(x (B, ...), t (B,), cond: bool) -> v (B, ...): one callable, with cond=True for
+    the text-conditioned prediction and cond=False for the unconditional (empty caption) one;
+    see `text_model_fn` to build it from a DiT. Guidance: v = v_u + cfg_scale * (v_c - v_u);
+    with cfg_scale == 1 only the conditional branch is evaluated. Deterministic given the
+    generator (the only randomness is the initial noise).
+    """
+    device = _gen_device(generator, device)
+    if noise is None:
+        noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)  # (B, C, T, H, W)
+    x = noise
+    ts = sampling_schedule(steps, shift, device=x.device)  # (S+1,)
+    B = x.shape[0]
+    for i in range(steps):
+        t = ts[i].expand(B)  # (B,)
+        v = model_fn(x, t, True)  # (B, C, T, H, W)
+        if cfg_scale != 1.0:
+            v_u = model_fn(x, t, False)  # (B, C, T, H, W)
+            v = v_u + cfg_scale * (v - v_u)  # (B, C, T, H, W)
+        x = x + (ts[i + 1] - ts[i]) * v  # (B, C, T, H, W)  dt < 0
+    return x
+
+
+def text_model_fn(model, text, text_mask, null_text, null_mask):
+    """Bind a DiT-like model(x, t, text, mask) to conditional / unconditional text for euler_sample.
+
+    text (B, L, Dt), text_mask (B, L); null_text / null_mask: the encoded empty caption, either
+    (B, L', Dt) / (B, L') or (1, L', Dt) / (1, L') (broadcast over the batch).
+    """
+
+    def fn(x: torch.Tensor, t: torch.Tensor, cond: bool) -> torch.Tensor:
+        if cond:
+            return model(x, t, text, text_mask)  # (B, C, T, H, W)
+        B = x.shape[0]
+        return model(x, t, null_text.expand(B, -1, -1), null_mask.expand(B, -1))  # (B, C, T, H, W)
+
+    return fn
