@@ -151,7 +151,7 @@ def cmd_run(graph, cfg, cfg_dict, flags) -> int:
 
             if ray.is_initialized():
                 ray.shutdown()
-    root = Path(cfg.run.root)
+    root = graph.root
     print(f"\nrun {run_id} {'finished' if code == 0 else 'FAILED'} in {time.time() - t0:.1f}s")
     print(f"  lineage : {root / 'runs' / run_id / 'lineage.json'}")
     if lineage:

@@ -69,7 +69,7 @@ class Stage:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
     os.replace(tmp, path)
 
 

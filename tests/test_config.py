@@ -124,7 +124,7 @@ def test_cli_reports_bad_override_before_work(tmp_path):
 def test_cli_hydra_flags_still_work(tmp_path):
     r = run_cli("run", "--cfg", "job", "experiment=tiny", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "num_videos: 14" in r.stdout
+    assert "num_videos: 16" in r.stdout
     r = run_cli("status", "--help", cwd=tmp_path)
     assert r.returncode == 0 and "spacetime" in r.stdout
 

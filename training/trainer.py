@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -175,13 +176,16 @@ def train_loop(config: dict[str, Any]) -> None:
 
     engine.save_checkpoint(str(out / "checkpoints"), tag=f"step{tcfg.steps:08d}")
     sd = consolidated_state_dict(engine, dcfg.zero_stage)
+    run_ids: list = [None] * world
+    dist.all_gather_object(run_ids, os.environ.get("SPACETIME_RUN_ID"))
     if rank == 0:
         torch.save(sd, out / "model.pt")
         (out / "model_config.json").write_text(json.dumps(config["model"], indent=2))
         (out / "train_config.json").write_text(json.dumps(config["train"], indent=2))
         summary = {"final_loss": history[-1]["train/loss"], "steps": tcfg.steps,
                    "train_seconds": time.time() - t_start, "skipped_samples": stats.skipped,
-                   "world_size": world, "micro_batch": micro, "zero_stage": dcfg.zero_stage}
+                   "world_size": world, "micro_batch": micro, "zero_stage": dcfg.zero_stage,
+                   "run_ids_seen": run_ids}
         tracker.summary(summary)
         log_lineage_paths(tracker, config["stage"], config["stage_hash"], str(out),
                           config["inputs"])

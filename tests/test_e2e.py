@@ -1,0 +1,176 @@
+"""The whole graph on the `tiny` experiment through real Ray, DeepSpeed ZeRO-2 on 2 Ray Train
+workers, WebDataset tars, mp4 files and W&B offline runs; then the caching behaviour of reruns.
+
+One module-scoped run feeds several tests (a run costs about a minute and a half on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from data.shards import read_parquet, read_shards
+from data.video_io import read_frames, read_frames_av
+
+
+def spacetime(*args, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+    env["SPACETIME_RUN_ID"] = ""  # each call makes its own run id
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=env,
+                       capture_output=True, text=True, timeout=900)
+    (cwd / "last.log").write_text(r.stdout + "\n" + r.stderr)
+    return r
+
+
+def lineage_of(r: subprocess.CompletedProcess, root: Path) -> dict:
+    line = next(s for s in r.stdout.splitlines() if s.strip().startswith("lineage :"))
+    return json.loads(Path(line.split(":", 1)[1].strip()).read_text())
+
+
+@pytest.fixture(scope="module")
+def run1(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("e2e")
+    r = spacetime("run", "experiment=tiny", cwd=cwd)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    root = cwd / "outputs"
+    lin = lineage_of(r, root)
+    dirs = {n: Path(s["path"]) for n, s in lin["stages"].items()}
+    return {"cwd": cwd, "root": root, "lineage": lin, "dirs": dirs, "result": r}
+
+
+def test_every_stage_ran_and_explains_itself(run1):
+    lin = run1["lineage"]
+    assert [n for n in lin["stages"]] == ["source", "curate", "shard", "train", "eval"]
+    assert all(s["state"] == "done" for s in lin["stages"].values())
+    assert lin["git"]["commit"] and lin["versions"]["deepspeed"]
+    for name, d in run1["dirs"].items():
+        info = json.loads((d / "info.json").read_text())
+        assert info["run_id"] == lin["run_id"] and info["hash"] == lin["stages"][name]["hash"]
+        assert (d / "_SUCCESS.json").exists() and not (d / "_RUNNING.json").exists()
+        assert d.name == f"{name}-{info['hash'][:12]}"
+
+
+def test_every_input_is_sharded_or_rejected_with_its_reason(run1):
+    d = run1["dirs"]
+    manifest = [json.loads(s) for s in (d["source"] / "manifest.jsonl").read_text().splitlines()]
+    clips = read_parquet(d["shard"] / "clips.parquet")
+    rejects = read_parquet(d["shard"] / "rejects.parquet")
+    kept = {c["source_id"] for c in clips}
+    rejected = {r["source_id"]: r["reason"] for r in rejects}
+    for row in manifest:
+        assert row["id"] in kept or row["id"] in rejected, row["id"]
+        if row["bad_kind"]:
+            assert row["id"] not in kept
+            assert rejected[row["id"]] == row["expected"], row
+        elif len(row["shots"]) == 1:
+            assert row["id"] in kept, row
+    bad_kinds = {row["bad_kind"] for row in manifest} - {None}
+    assert bad_kinds == {"zero_byte", "truncated", "random_bytes", "frozen", "too_short", "tiny"}
+    stats = json.loads((d["shard"] / "stats.json").read_text())
+    assert stats["inputs"] == len(manifest) == stats["kept_sources"] + stats["rejected_sources"]
+    filtered = sum(1 for r in rejects if r["start"] is not None)
+    assert stats["clips_sharded"] + stats["clips_encode_failed"] == stats["clips_kept"]
+    assert stats["clips_filtered"] == filtered
+
+
+def test_shards_read_with_webdataset_and_tarfile_and_decode(run1):
+    d = run1["dirs"]["shard"]
+    index = json.loads((d / "index.json").read_text())
+    clips = {c["key"]: c for c in read_parquet(d / "clips.parquet")}
+    urls = [str(d / p) for split in ("train", "val") for p in index[split]]
+    assert index["val"], "no validation shard"
+    seen = []
+    for s in read_shards(urls):
+        seen.append(s["__key__"])
+        meta, clip = s["json"], clips[s["__key__"]]
+        assert s["txt"] == meta["caption"] == clip["caption"] and s["txt"]
+        n = meta["end"] - meta["start"]
+        assert read_frames(s["mp4"]).shape[0] == n == read_frames_av(s["mp4"]).shape[0]
+    assert sorted(seen) == sorted(clips)  # every manifest clip is in exactly one shard
+    for u in urls:
+        with tarfile.open(u) as tf:
+            names = tf.getnames()
+        keys = {n.split(".", 1)[0] for n in names}
+        assert sorted(names) == sorted(f"{k}.{e}" for k in keys for e in ("json", "mp4", "txt"))
+    assert not list(d.rglob("*.tmp"))
+
+
+def test_training_ran_deepspeed_on_two_workers_and_logged(run1):
+    d = run1["dirs"]["train"]
+    res = json.loads((d / "train_result.json").read_text())
+    assert res["world_size"] == 2 and res["zero_stage"] == 2
+    assert res["run_ids_seen"] == [run1["lineage"]["run_id"]] * 2  # via the environment
+    tag = (d / "checkpoints" / "latest").read_text().strip()
+    ckpt = d / "checkpoints" / tag
+    assert {p.name for p in ckpt.iterdir()} >= {
+        "mp_rank_00_model_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    }
+    steps = [json.loads(s) for s in (d / "metrics.jsonl").read_text().splitlines()]
+    losses = [s["metrics"]["train/loss"] for s in steps if s["kind"] == "metrics"]
+    assert len(losses) == 6 and all(0 < v < 10 for v in losses)
+    assert (d / "model.pt").exists()
+
+
+def test_eval_wrote_val_loss_and_decodable_samples(run1):
+    d = run1["dirs"]["eval"]
+    res = json.loads((d / "results.json").read_text())
+    assert 0 < res["val/loss"] < 10 and res["val/clips"] >= 1
+    assert len(res["samples"]) == 2
+    for s in res["samples"]:
+        frames = read_frames(d / s["path"])
+        assert frames.shape == (8, 32, 32, 3)
+
+
+def test_wandb_offline_runs_one_per_stage_grouped_by_run_id(run1):
+    lin = run1["lineage"]
+    run_dirs = [Path(s["result"]["tracking"]["wandb_dir"]) for s in lin["stages"].values()]
+    assert len(set(run_dirs)) == 5
+    for name, rd in zip(lin["stages"], run_dirs):
+        assert rd.name.startswith("offline-run-")
+        blob = next(rd.glob("run-*.wandb")).read_bytes()
+        assert lin["run_id"].encode() in blob  # the group
+        assert name.encode() in blob  # the job type
+    train_blob = next(run_dirs[3].glob("run-*.wandb")).read_bytes()
+    assert b"train/loss" in train_blob and b"train/grad_norm" in train_blob
+    eval_blob = next(run_dirs[4].glob("run-*.wandb")).read_bytes()
+    assert b"val/loss" in eval_blob
+
+
+def test_rerun_is_all_cached_then_a_training_override_reruns_train_and_eval(run1):
+    cwd = run1["cwd"]
+    r = spacetime("run", "experiment=tiny", cwd=cwd)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lin = lineage_of(r, run1["root"])
+    assert {s["state"] for s in lin["stages"].values()} == {"cached"}
+    assert "running" not in r.stdout  # nothing executed, so Ray was never started
+
+    r = spacetime("run", "experiment=tiny", "train.lr=1e-3", cwd=cwd)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lin = lineage_of(r, run1["root"])
+    states = {n: s["state"] for n, s in lin["stages"].items()}
+    assert states == {"source": "cached", "curate": "cached", "shard": "cached",
+                      "train": "done", "eval": "done"}
+
+    def status(*overrides):
+        r = spacetime("status", "experiment=tiny", *overrides, cwd=cwd)
+        return {line.split()[0]: line.split()[1] for line in r.stdout.splitlines()[1:]}
+
+    assert status("train.lr=1e-3") == {"source": "cached", "curate": "cached",
+                                       "shard": "cached", "train": "done", "eval": "done"}
+    assert status() == dict.fromkeys(["source", "curate", "shard", "train", "eval"], "cached")
+    assert status("train.lr=5e-4") == {"source": "cached", "curate": "cached",
+                                       "shard": "cached", "train": "stale", "eval": "stale"}
+
+    r = spacetime("run", "--only", "eval", "experiment=tiny", "train.lr=1e-3", cwd=cwd)
+    lin = lineage_of(r, run1["root"])
+    states = {n: s["state"] for n, s in lin["stages"].items()}
+    assert states == {"source": "cached", "curate": "cached", "shard": "cached",
+                      "train": "cached", "eval": "done"}
