@@ -174,3 +174,27 @@ def test_rerun_is_all_cached_then_a_training_override_reruns_train_and_eval(run1
     states = {n: s["state"] for n, s in lin["stages"].items()}
     assert states == {"source": "cached", "curate": "cached", "shard": "cached",
                       "train": "cached", "eval": "done"}
+
+
+def test_a_real_stage_that_raises_is_failed_and_redone(run1):
+    cwd = run1["cwd"]
+    clips = run1["dirs"]["curate"] / "clips.parquet"
+    hidden = clips.with_name("clips.parquet.hidden")
+    clips.rename(hidden)  # the shard stage will raise reading its input
+    try:
+        r = spacetime("run", "--only", "shard", "experiment=tiny", cwd=cwd)
+    finally:
+        hidden.rename(clips)
+    assert r.returncode == 1 and "stage 'shard' failed" in r.stderr
+    shard_dir = run1["dirs"]["shard"]
+    assert not (shard_dir / "_SUCCESS.json").exists()
+    assert "clips.parquet" in json.loads((shard_dir / "_FAILED.json").read_text())["error"]
+    r = spacetime("status", "experiment=tiny", cwd=cwd)
+    states = {line.split()[0]: line.split()[1] for line in r.stdout.splitlines()[1:]}
+    assert states["shard"] == "failed" and states["curate"] == "cached"
+
+    r = spacetime("run", "experiment=tiny", cwd=cwd)  # shard is missing: redone, and so is
+    assert r.returncode == 0                          # nothing else (same hashes downstream)
+    states = {n: s["state"] for n, s in lineage_of(r, run1["root"])["stages"].items()}
+    assert states["shard"] == "done" and states["curate"] == "cached"
+    assert (shard_dir / "_SUCCESS.json").exists()

@@ -1,0 +1,73 @@
+"""The tracker interface: JSONL record, in-memory, W&B offline files, rank-0-only logging."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.tracking import (JsonlTracker, MemoryTracker, NullTracker, Tee, TrackerSpec,
+                               make_tracker, resolve_mode)
+
+
+def spec(tmp_path: Path, mode: str) -> TrackerSpec:
+    return TrackerSpec(mode=mode, project="spacetime-test", entity=None, dir=str(tmp_path),
+                       group="run-123", job_type="train", name="train-abc", config={"lr": 0.1},
+                       tags=[], jsonl=str(tmp_path / "metrics.jsonl"))
+
+
+def test_auto_mode_follows_the_api_key(monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert resolve_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_mode("auto") == "online"
+    assert resolve_mode("disabled") == "disabled"
+    with pytest.raises(ValueError, match="tracking.mode"):
+        resolve_mode("sometimes")
+
+
+def test_only_rank_zero_logs(tmp_path):
+    assert isinstance(make_tracker(spec(tmp_path, "disabled"), rank=1), NullTracker)
+
+
+def test_disabled_mode_still_writes_the_jsonl_record(tmp_path):
+    t = make_tracker(spec(tmp_path, "disabled"))
+    assert isinstance(t, JsonlTracker)
+    t.log({"loss": 1.5}, step=3)
+    t.summary({"final": 2})
+    recs = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert recs[0]["kind"] == "metrics" and recs[0]["step"] == 3
+    assert recs[0]["metrics"] == {"loss": 1.5}
+    assert recs[1] == {**recs[1], "kind": "summary", "values": {"final": 2}}
+    assert not list(tmp_path.glob("wandb"))
+
+
+def test_tee_fans_out_and_memory_tracker_records():
+    a, b = MemoryTracker(), MemoryTracker()
+    t = Tee(a, b)
+    t.log({"x": 1}, step=0)
+    t.log_artifact("shard-abc", "shard", "/data")
+    t.finish()
+    for m in (a, b):
+        assert m.metrics == [(0, {"x": 1})] and m.artifacts == [("shard-abc", "shard", "/data")]
+        assert m.finished
+
+
+def test_wandb_offline_run_is_written_with_group_and_job_type(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "_SUCCESS.json").write_text(json.dumps({"hash": "f" * 64}))
+    t = make_tracker(spec(tmp_path, "auto"))
+    t.log({"train/loss": 0.5}, step=0)
+    t.use_artifact("shard-ffffffffffff", "shard", str(tmp_path / "in"))
+    t.log_artifact("train-abc", "train", str(tmp_path / "in"))
+    info = t.info()
+    t.finish()
+    assert info["wandb_mode"] == "offline"
+    run_dir = Path(info["wandb_dir"])
+    assert run_dir.parent == tmp_path / "wandb" and run_dir.name.startswith("offline-run-")
+    blob = next(run_dir.glob("run-*.wandb")).read_bytes()
+    for needle in (b"run-123", b"train", b"train/loss", b"shard-ffffffffffff"):
+        assert needle in blob, needle
+    assert "WANDB_API_KEY" not in (tmp_path / "metrics.jsonl").read_text()
