@@ -62,9 +62,9 @@ def read_shards(urls: str | list[str], decode_json: bool = True) -> Iterator[dic
     whose clips were all rejected is legitimate).
     """
     urls = [os.fspath(u) for u in urls] if isinstance(urls, (list, tuple)) else os.fspath(urls)
-    # Callers split shards across ranks themselves, so every url given is read here.
+    # Callers split shards across ranks and loader workers themselves: every url given is read.
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False,
-                                 nodesplitter=_all_urls):
+                                 nodesplitter=_all_urls, workersplitter=_all_urls):
         if "txt" in sample:
             sample["txt"] = sample["txt"].decode("utf-8")
         if decode_json and "json" in sample:

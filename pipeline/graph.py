@@ -56,6 +56,8 @@ class Stage:
     config_keys: top-level config sections that define it; all their fields are hashed.
     exclude: dotted keys inside those sections left out of the hash (must not change output).
     version: bump when the stage's code changes what it writes.
+    resumable: an unfinished output (crash, preemption) is kept for the stage to resume from,
+        instead of being wiped; a forced rerun (--only/--from) still starts clean.
     """
 
     name: str
@@ -64,6 +66,7 @@ class Stage:
     config_keys: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     version: int = 1
+    resumable: bool = False
     description: str = ""
 
 
@@ -329,7 +332,8 @@ class Graph:
                     tracker_factory=tracker_factory,
                 )
                 try:
-                    result = self._execute(ctx, extra_info or {})
+                    result = self._execute(ctx, extra_info or {}, forced=plan[n] == "run"
+                                           and n in self._forced(only, from_))
                     rec.update(state="done", **result)
                     log(f"[{n}] done in {result['duration_s']:.1f}s")
                 except StageFailed as e:
@@ -346,16 +350,22 @@ class Graph:
             raise failure
         return lineage
 
-    def _execute(self, ctx: StageContext, extra_info: Mapping[str, Any]) -> dict:
+    def _forced(self, only: str | None, from_: str | None) -> set[str]:
+        if only:
+            return {only}
+        return set(self.downstream(from_)) if from_ else set()
+
+    def _execute(self, ctx: StageContext, extra_info: Mapping[str, Any], forced: bool) -> dict:
         d = ctx.out_dir
         for i, p in ctx.inputs.items():
             if not (p / SUCCESS).exists():
                 raise GraphError(f"input '{i}' of stage '{ctx.stage.name}' is not complete: {p}")
         # Remove the marker first: from here on the directory is not complete.
         (d / SUCCESS).unlink(missing_ok=True)
-        if d.exists():
+        if d.exists() and (forced or not ctx.stage.resumable):
             shutil.rmtree(d)
-        d.mkdir(parents=True)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / FAILED).unlink(missing_ok=True)
         write_json_atomic(
             d / RUNNING, {"pid": os.getpid(), "host": socket.gethostname(), "run_id": ctx.run_id}
         )

@@ -153,7 +153,7 @@ STAGES = [
           exclude=("shard.max_retries",),
           description="cut, re-encode and pack clips into WebDataset tars"),
     Stage("train", train_stage, inputs=("shard",), config_keys=("model", "train", "deepspeed"),
-          exclude=("train.log_every",),
+          exclude=("train.log_every", "train.max_failures"), resumable=True,
           description="train the DiT with DeepSpeed ZeRO on Ray Train workers"),
     Stage("eval", eval_stage, inputs=("train", "shard"), config_keys=("eval",),
           description="validation loss and sampled videos"),

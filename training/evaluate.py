@@ -27,25 +27,34 @@ class EvalConfig:
         "one yellow triangle moving left on a navy background",
         "three green circles moving down on a black background",
     ])
+    use_ema: bool = True  # evaluate the EMA weights (model_ema.pt) rather than the raw ones
     sample_steps: int = 20
     cfg_scale: float = 3.0
     fps: float = 8.0
 
 
-def load_model(train_dir: Path, device: torch.device):
+def load_model(train_dir: Path, device: torch.device, use_ema: bool = True):
+    """The trained model, with the EMA weights when asked (and present)."""
     from training.model import ModelConfig
     from training.trainer import from_dict
 
     mcfg = from_dict(ModelConfig, json.loads((train_dir / "model_config.json").read_text()))
     model = mcfg.build()
     sd = torch.load(train_dir / "model.pt", map_location="cpu", weights_only=True)
+    ema_path = train_dir / "model_ema.pt"
+    if use_ema and ema_path.exists():
+        ema = torch.load(ema_path, map_location="cpu", weights_only=True)
+        missing = set(dict(model.named_parameters())) - set(ema)
+        if missing:
+            raise KeyError(f"EMA weights lack {sorted(missing)[:3]}")
+        sd.update(ema)
     model.load_state_dict(sd)
     return model.to(device).eval(), mcfg
 
 
 @torch.no_grad()
 def validation_loss(model, tokenizer, shards: list[str], cfg: EvalConfig, num_frames: int,
-                    size: tuple[int, int], device) -> dict[str, float]:
+                    size: tuple[int, int], target_fps: float | None, device) -> dict[str, float]:
     from data.shards import read_shards
     from training.flow import FlowConfig, flow_loss
     from training.loader import decode_sample
@@ -53,7 +62,7 @@ def validation_loss(model, tokenizer, shards: list[str], cfg: EvalConfig, num_fr
     clips = []
     for s in read_shards(shards):
         try:
-            clips.append(decode_sample(s, num_frames, size, rng=None))
+            clips.append(decode_sample(s, num_frames, size, target_fps, rng=None))
         except Exception:  # noqa: BLE001 - corrupt held-out clips are skipped
             continue
         if len(clips) >= cfg.val_max_clips:
@@ -103,11 +112,12 @@ def evaluate(cfg: EvalConfig, train_dir: Path, val_shards: list[str], out_dir: P
     from training.text import Tokenizer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, mcfg = load_model(train_dir, device)
+    model, mcfg = load_model(train_dir, device, cfg.use_ema)
     tcfg = json.loads((train_dir / "train_config.json").read_text())
     size = (tcfg["height"], tcfg["width"])
     tokenizer = Tokenizer(mcfg.text.max_length)
-    metrics = validation_loss(model, tokenizer, val_shards, cfg, tcfg["num_frames"], size, device)
+    metrics = validation_loss(model, tokenizer, val_shards, cfg, tcfg["num_frames"], size,
+                              tcfg["data"]["target_fps"], device)
     videos = sample_videos(model, tokenizer, list(cfg.prompts), cfg,
                            (mcfg.dit.in_channels, tcfg["num_frames"], *size),
                            tcfg["flow"]["shift"], device)  # (N, T, H, W, 3)

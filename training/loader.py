@@ -1,102 +1,202 @@
 """Streams training clips from WebDataset shards: decode with decord, window, resize, batch.
 
-Ranks split the shards when there are at least as many shards as ranks, otherwise they split
-the samples (index modulo world size), so no sample is seen twice across ranks in an epoch.
-The order is a deterministic function of (seed, epoch, rank). Corrupt samples are skipped and
-counted, never fatal. Every batch has one shape (frames x height x width from the config).
+Readers: every (rank, loader worker) pair is one reader, ``g = rank * W + worker`` of
+``G = world * W``. Each epoch the shard list is shuffled by ``(seed, epoch)``; with at least
+``G`` shards, reader ``g`` takes shards ``g::G``, otherwise every reader reads all shards and
+keeps samples ``i % G == g``. Either way one epoch sees each sample exactly once, with no
+duplicates across ranks.
+
+Order: raw (undecoded) samples go through a shuffle buffer driven by an RNG seeded by
+``(seed, epoch, g)``; a sample's clip window is drawn from an RNG seeded by ``(seed, epoch,
+key)``, so it does not depend on order. Decoding happens only when a batch is assembled.
+
+State (saved with checkpoints): per reader, ``(epoch, consumed)`` = how many raw samples it
+has taken out of its shuffle buffer in that epoch. Restoring replays the buffer without
+decoding up to that point, so the batches after a restore are exactly the batches an
+uninterrupted run would have produced (granularity: one batch). Corrupt samples are skipped
+and counted, never fatal; the batch is filled from the next samples.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import random
-from dataclasses import dataclass, field
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 
 @dataclass
-class LoaderStats:
-    samples: int = 0
-    skipped: int = 0
-    epochs: int = 0
-    skipped_keys: list[str] = field(default_factory=list)
+class LoaderConfig:
+    target_fps: Optional[float] = None  # sample frames at this rate; None keeps the clip's fps
+    shuffle_buffer: int = 64  # raw samples per reader
+    num_workers: int = 0  # DataLoader worker processes per rank
+
+
+def _seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
 
 
 def to_tensor(frames: np.ndarray) -> torch.Tensor:
     """(T, H, W, 3) uint8 -> (3, T, H, W) float in [-1, 1]."""
-    x = torch.from_numpy(frames).float().div_(127.5).sub_(1.0)  # (T, H, W, 3)
+    x = torch.from_numpy(np.ascontiguousarray(frames)).float().div_(127.5).sub_(1.0)
     return x.permute(3, 0, 1, 2).contiguous()  # (3, T, H, W)
 
 
-def clip_window(n: int, num_frames: int, rng: random.Random | None) -> list[int]:
-    """Frame indices of a num_frames window (random start if rng, else the first);
-    short clips repeat their last frame."""
-    if n >= num_frames:
-        start = rng.randrange(n - num_frames + 1) if rng is not None else 0
-        return list(range(start, start + num_frames))
+def clip_window(n: int, num_frames: int, stride: int, rng: random.Random | None) -> list[int]:
+    """Indices of num_frames frames `stride` apart (random start if rng, else the first).
+    Short clips lower the stride, then repeat their last frame."""
+    while stride > 1 and (num_frames - 1) * stride + 1 > n:
+        stride -= 1
+    span = (num_frames - 1) * stride + 1
+    if n >= span:
+        start = rng.randrange(n - span + 1) if rng is not None else 0
+        return list(range(start, start + span, stride))
     return [min(i, n - 1) for i in range(num_frames)]
 
 
+def resize_crop_size(h: int, w: int, size: tuple[int, int]) -> tuple[int, int]:
+    """The (h', w') to resize to so that a centre crop of `size` keeps the aspect ratio."""
+    th, tw = size
+    scale = max(th / h, tw / w)
+    return max(th, math.ceil(h * scale)), max(tw, math.ceil(w * scale))
+
+
 def decode_sample(sample: dict, num_frames: int, size: tuple[int, int],
-                  rng: random.Random | None) -> tuple[torch.Tensor, str]:
+                  target_fps: float | None, rng: random.Random | None
+                  ) -> tuple[torch.Tensor, str]:
+    """One WebDataset sample -> ((3, T, H, W) in [-1, 1], caption)."""
     from data.video_io import probe, read_frames
 
     meta = sample.get("json") or {}
-    n = meta["end"] - meta["start"] if "end" in meta else probe(sample["mp4"]).num_frames
-    frames = read_frames(sample["mp4"], indices=clip_window(n, num_frames, rng), size=size)
-    return to_tensor(frames), sample.get("txt") or ""  # (3, T, H, W)
-
-
-def iter_samples(urls: list[str], rank: int, world: int, seed: int, epoch: int) -> Iterator[dict]:
-    from data.shards import read_shards
-
-    order = list(urls)
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    if len(order) >= world:
-        yield from read_shards(order[rank::world])
+    if "end" in meta and "fps" in meta:
+        n, fps = meta["end"] - meta["start"], float(meta["fps"])
+        h, w = meta.get("height"), meta.get("width")
     else:
-        for i, s in enumerate(read_shards(order)):
-            if i % world == rank:
-                yield s
+        p = probe(sample["mp4"])
+        n, fps, h, w = p.num_frames, p.fps, p.height, p.width
+    if not h or not w:
+        p = probe(sample["mp4"])
+        h, w = p.height, p.width
+    stride = max(1, round(fps / target_fps)) if target_fps else 1
+    rh, rw = resize_crop_size(h, w, size)
+    frames = read_frames(sample["mp4"], indices=clip_window(n, num_frames, stride, rng),
+                         size=(rh, rw))  # (T, rh, rw, 3)
+    top, left = (rh - size[0]) // 2, (rw - size[1]) // 2
+    frames = frames[:, top : top + size[0], left : left + size[1]]  # (T, H, W, 3)
+    return to_tensor(frames), sample.get("txt") or ""
 
 
-def batches(urls: list[str], *, batch_size: int, num_frames: int, size: tuple[int, int],
-            rank: int, world: int, seed: int, stats: LoaderStats | None = None,
-            shuffle_buffer: int = 32) -> Iterator[tuple[torch.Tensor, list[str]]]:
-    """Endless batches of (video (B, 3, T, H, W) in [-1, 1], captions)."""
-    if not urls:
-        raise ValueError("no training shards")
-    stats = stats or LoaderStats()
-    rng = random.Random(seed * 7919 + rank)
-    buf: list[tuple[torch.Tensor, str]] = []
-    batch: list[tuple[torch.Tensor, str]] = []
-    epoch = 0
-    while True:
-        produced = 0
-        for sample in iter_samples(urls, rank, world, seed, epoch):
-            try:
-                item = decode_sample(sample, num_frames, size, rng)
-            except Exception:  # noqa: BLE001 - a corrupt sample is skipped, not fatal
-                stats.skipped += 1
-                stats.skipped_keys.append(sample.get("__key__", "?"))
-                continue
-            produced += 1
-            stats.samples += 1
-            buf.append(item)
-            if len(buf) < shuffle_buffer:
-                continue
-            batch.append(buf.pop(rng.randrange(len(buf))))
-            if len(batch) == batch_size:
-                yield torch.stack([b[0] for b in batch]), [b[1] for b in batch]
-                batch = []
-        epoch += 1
-        stats.epochs = epoch
-        if produced == 0 and not buf:
-            raise RuntimeError(f"rank {rank}: no decodable samples in {len(urls)} shards")
-        while buf:  # end of an epoch: drain the buffer so every sample is used
-            batch.append(buf.pop(rng.randrange(len(buf))))
-            if len(batch) == batch_size:
-                yield torch.stack([b[0] for b in batch]), [b[1] for b in batch]
-                batch = []
+class ClipStream(IterableDataset):
+    """Endless batches ``(video (B, 3, T, H, W), captions, reader_state)`` for one rank."""
+
+    def __init__(self, urls: list[str], *, batch_size: int, num_frames: int,
+                 size: tuple[int, int], rank: int, world: int, seed: int,
+                 cfg: LoaderConfig | None = None, state: dict | None = None):
+        if not urls:
+            raise ValueError("no training shards")
+        self.urls, self.batch_size, self.num_frames = list(urls), batch_size, num_frames
+        self.size, self.rank, self.world, self.seed = tuple(size), rank, world, seed
+        self.cfg = cfg or LoaderConfig()
+        self.state = dict(state or {})  # reader g -> (epoch, consumed)
+
+    def _reader(self) -> tuple[int, int]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.rank * nw + wid, self.world * nw
+
+    def _raw(self, g: int, G: int, epoch: int) -> Iterator[dict]:
+        from data.shards import read_shards
+
+        order = list(self.urls)
+        random.Random(_seed(self.seed, epoch, "shards")).shuffle(order)
+        if len(order) >= G:
+            yield from read_shards(order[g::G])
+        else:
+            for i, s in enumerate(read_shards(order)):
+                if i % G == g:
+                    yield s
+
+    def _shuffled(self, g: int, G: int, epoch: int) -> Iterator[dict]:
+        """Raw samples of one epoch in shuffle-buffer order (no decoding)."""
+        rng = random.Random(_seed(self.seed, epoch, g))
+        buf: list[dict] = []
+        for s in self._raw(g, G, epoch):
+            buf.append(s)
+            if len(buf) >= self.cfg.shuffle_buffer:
+                yield buf.pop(rng.randrange(len(buf)))
+        while buf:
+            yield buf.pop(rng.randrange(len(buf)))
+
+    def __iter__(self):
+        g, G = self._reader()
+        epoch, skip = self.state.get(g, (0, 0))
+        batch: list[tuple[torch.Tensor, str, str]] = []
+        skipped = 0
+        while True:
+            consumed = 0
+            for s in self._shuffled(g, G, epoch):
+                consumed += 1
+                if consumed <= skip:
+                    continue  # fast-forward to the restored position without decoding
+                key = s.get("__key__", "?")
+                try:
+                    v, cap = decode_sample(s, self.num_frames, self.size, self.cfg.target_fps,
+                                           random.Random(_seed(self.seed, epoch, key)))
+                except Exception:  # noqa: BLE001 - a corrupt sample is skipped and counted
+                    skipped += 1
+                    continue
+                batch.append((v, cap, key))
+                if len(batch) == self.batch_size:
+                    yield (torch.stack([b[0] for b in batch]),  # (B, 3, T, H, W)
+                           [b[1] for b in batch],
+                           {"reader": g, "epoch": epoch, "consumed": consumed,
+                            "skipped": skipped, "keys": [b[2] for b in batch]})
+                    batch = []
+            if consumed == 0:
+                raise RuntimeError(f"reader {g}: no samples in {len(self.urls)} shards")
+            epoch, skip = epoch + 1, 0
+
+
+class Loader:
+    """Wraps ClipStream in a DataLoader and tracks the position of every reader."""
+
+    def __init__(self, stream: ClipStream):
+        self.stream = stream
+        nw = stream.cfg.num_workers
+        self.dl = DataLoader(stream, batch_size=None, num_workers=nw,
+                             persistent_workers=nw > 0, prefetch_factor=2 if nw else None)
+        self.positions: dict[int, tuple[int, int]] = dict(stream.state)
+        self.skipped: dict[int, int] = {}
+        self.epochs = 0
+        self.last: dict = {}  # reader state of the latest batch
+        self._it = iter(self.dl)
+
+    def __next__(self) -> tuple[torch.Tensor, list[str], list[str]]:
+        video, captions, st = next(self._it)
+        self.last = st
+        self.positions[st["reader"]] = (st["epoch"], st["consumed"])
+        self.skipped[st["reader"]] = st["skipped"]
+        self.epochs = max(e for e, _ in self.positions.values())
+        return video, captions, st["keys"]
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
+
+    def state_dict(self) -> dict:
+        return {"positions": {str(k): list(v) for k, v in self.positions.items()},
+                "num_workers": self.stream.cfg.num_workers}
+
+    @staticmethod
+    def restore_state(d: dict | None, num_workers: int) -> dict:
+        if not d:
+            return {}
+        if d.get("num_workers") != num_workers:
+            raise ValueError("the loader position was saved with "
+                             f"{d.get('num_workers')} workers per rank, not {num_workers}")
+        return {int(k): tuple(v) for k, v in d["positions"].items()}

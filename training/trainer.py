@@ -3,8 +3,14 @@
 The driver (``run_training``) starts a Ray Train ``TorchTrainer``; Ray Train creates the
 process group (gloo on CPU, NCCL on GPU — the only difference between the two paths) and each
 worker runs ``train_loop``: build the model, wrap it with ``deepspeed.initialize`` using the
-config generated from Hydra, stream batches from the shards, and optimise the flow-matching
-loss. Rank 0 alone logs to the tracker and writes the consolidated weights for evaluation.
+config generated from Hydra, resume from the latest complete checkpoint if there is one, stream
+batches from the shards and optimise the flow-matching loss. Rank 0 alone logs.
+
+Failures: Ray Train restarts a dead worker group up to ``train.max_failures`` times; each
+restart resumes from the latest complete checkpoint. Preemption: SIGTERM to the driver (or to a
+worker, where the signal can be caught) writes ``PREEMPT`` in the output directory; at the next
+step boundary every rank saves a checkpoint and the stage stops as failed-but-resumable, and
+the next ``spacetime run`` continues from there.
 """
 
 from __future__ import annotations
@@ -12,6 +18,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +29,9 @@ from typing import Any
 import torch
 
 from training.flow import FlowConfig
+from training.loader import LoaderConfig
+
+PREEMPT = "PREEMPT"
 
 
 @dataclass
@@ -36,7 +48,18 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16
     seed: int = 0
     log_every: int = 10
+    ckpt_every: int = 100  # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 2
+    ema_decay: float = 0.999
+    ema_every: int = 1  # steps between EMA updates (each gathers the weights under ZeRO-3)
+    max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+    max_failures: int = 2  # worker-group restarts Ray Train may make
     flow: FlowConfig = field(default_factory=FlowConfig)
+    data: LoaderConfig = field(default_factory=LoaderConfig)
+
+
+class Preempted(Exception):
+    pass
 
 
 def from_dict(cls, d: dict):
@@ -67,19 +90,63 @@ def micro_batch_size(cfg: TrainConfig, world: int, grad_accum: int) -> int:
     return per
 
 
-def consolidated_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:
-    """Full fp32 weights on rank 0 (None elsewhere). Every rank must call it (ZeRO-3 gathers)."""
-    import deepspeed
-    import torch.distributed as dist
+class full_params:
+    """Context manager yielding {name: full tensor} of the module on every rank
+    (ZeRO-3 gathers the partitions first; every rank must enter)."""
 
-    module = engine.module
-    if zero_stage == 3:
-        params = list(module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            sd = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-    else:
-        sd = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-    return sd if dist.get_rank() == 0 else None
+    def __init__(self, engine, zero_stage: int):
+        self.engine, self.stage, self._ctx = engine, zero_stage, None
+
+    def __enter__(self) -> dict[str, torch.Tensor]:
+        module = self.engine.module
+        if self.stage == 3:
+            import deepspeed
+
+            self._ctx = deepspeed.zero.GatheredParameters(list(module.parameters()),
+                                                          modifier_rank=None)
+            self._ctx.__enter__()
+        return dict(module.named_parameters())
+
+    def __exit__(self, *exc):
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+
+
+class NonFiniteGuard:
+    """Counts consecutive non-finite losses; raises after `limit` in a row."""
+
+    def __init__(self, limit: int):
+        self.limit, self.run, self.total = limit, 0, 0
+
+    def check(self, finite: bool, step: int) -> bool:
+        """Returns True when the step should be applied."""
+        if finite:
+            self.run = 0
+            return True
+        self.run += 1
+        self.total += 1
+        if self.run >= self.limit:
+            raise FloatingPointError(
+                f"{self.run} consecutive non-finite losses (last at step {step}); stopping. "
+                f"Lower train.lr, check the data, or raise train.max_nonfinite")
+        return False
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+def _install_sigterm(flag_path: Path) -> None:
+    """Workers: turn SIGTERM into a preemption request when we own the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # Ray Train runs the loop in a thread; the driver relays SIGTERM instead
+
+    def handler(signum, frame):
+        flag_path.touch()
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -90,8 +157,10 @@ def train_loop(config: dict[str, Any]) -> None:
     from deepspeed.utils import logger as ds_logger
 
     from pipeline.tracking import TrackerSpec, log_lineage_paths, make_tracker
+    from training.checkpoint import Checkpoints, rng_state, set_rng_state
+    from training.ema import EMA
     from training.flow import drop_captions, flow_loss
-    from training.loader import LoaderStats, batches
+    from training.loader import ClipStream, Loader
     from training.model import ModelConfig
     from training.text import Tokenizer
     from training.zero import DeepSpeedConfig, build_ds_config
@@ -104,92 +173,143 @@ def train_loop(config: dict[str, Any]) -> None:
     dcfg: DeepSpeedConfig = from_dict(DeepSpeedConfig, config["deepspeed"])
     out = Path(config["out_dir"])
     device = ray.train.torch.get_device()
+    _install_sigterm(out / PREEMPT)
 
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
     model = mcfg.build().to(device)
     micro = micro_batch_size(tcfg, world, dcfg.grad_accum)
     ds_config = build_ds_config(dcfg, micro, tcfg.precision)
-    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tcfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                           config=ds_config, dist_init_required=False)
+                                           model_parameters=params, config=ds_config,
+                                           dist_init_required=False)
     dtype = torch.bfloat16 if tcfg.precision == "bf16" else torch.float32
-
-    tracker = make_tracker(TrackerSpec(**config["tracker"]), rank)
-    tokenizer = Tokenizer(mcfg.text.max_length)
-    stats = LoaderStats()
-    data = batches(config["train_shards"], batch_size=micro, num_frames=tcfg.num_frames,
-                   size=(tcfg.height, tcfg.width), rank=rank, world=world, seed=tcfg.seed,
-                   stats=stats)
     gen = torch.Generator(device="cpu").manual_seed(tcfg.seed * 1000 + rank)
+
+    ckpts = Checkpoints(out / "checkpoints", tcfg.keep_checkpoints)
+    with full_params(engine, dcfg.zero_stage) as named:
+        ema = EMA(named, tcfg.ema_decay) if rank == 0 else None
+    start, loader_state = 0, None
+    tag = ckpts.latest()
+    if tag is not None:
+        start, rank_state, ema_state = ckpts.load(engine, tag, rank)
+        set_rng_state(rank_state["rng"], gen)
+        loader_state = rank_state["loader"]
+        if ema is not None and ema_state is not None:
+            ema.load_state_dict(ema_state)
+        if rank == 0:
+            print(f"resumed from {tag} at step {start}", flush=True)
+
+    stream = ClipStream(config["train_shards"], batch_size=micro, num_frames=tcfg.num_frames,
+                        size=(tcfg.height, tcfg.width), rank=rank, world=world, seed=tcfg.seed,
+                        cfg=tcfg.data,
+                        state=Loader.restore_state(loader_state, tcfg.data.num_workers))
+    data = Loader(stream)
+    spec = TrackerSpec(**config["tracker"])
+    tracker = make_tracker(spec, rank)
+    tokenizer = Tokenizer(mcfg.text.max_length)
+    guard = NonFiniteGuard(tcfg.max_nonfinite)
     patch = mcfg.dit.patch_size
     tokens_per_sample = (tcfg.num_frames // patch[0]) * (tcfg.height // patch[1]) * (
         tcfg.width // patch[2])
-    history: list[dict] = []
+    samples_per_step = micro * world * dcfg.grad_accum
+
+    def save(step: int) -> None:
+        ckpts.save(engine, step, {"rng": rng_state(gen), "loader": data.state_dict()},
+                   ema.state_dict() if ema is not None else None)
+
     t_start = time.time()
-    for step in range(tcfg.steps):
+    history: list[dict] = []
+    step = start
+    for step in range(start, tcfg.steps):
+        preempt = torch.tensor(float((out / PREEMPT).exists()), device=device)
+        dist.all_reduce(preempt)
+        if preempt.item() > 0:
+            save(step)
+            if rank == 0:
+                print(f"preempted: checkpoint at step {step}", flush=True)
+                tracker.summary({"preempted_at": step})
+                tracker.finish()
+            dist.barrier()
+            return
         t0 = time.time()
         wait = 0.0
         losses, per_t = [], []
         for _ in range(dcfg.grad_accum):
             tw = time.time()
-            video, captions = next(data)  # (B, 3, T, H, W)
+            video, captions, _keys = next(data)  # (B, 3, T, H, W)
             wait += time.time() - tw
             video = video.to(device, dtype)
             ids, mask = tokenizer(drop_captions(captions, tcfg.flow, gen))  # (B, L)
             ids, mask = ids.to(device), mask.to(device)
             loss, per_sample, t = flow_loss(lambda x, tt: engine(x, tt, ids, mask),
                                             video, tcfg.flow, generator=gen)
+            finite = torch.isfinite(loss.detach()).float()
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if not guard.check(bool(finite.item()), step):
+                continue  # every rank skips backward and step together
             engine.backward(loss)
             engine.step()
             losses.append(loss.detach().float())
             per_t.append((t.detach().cpu(), per_sample.detach().float().cpu()))
+        if (step + 1) % tcfg.ema_every == 0:
+            with full_params(engine, dcfg.zero_stage) as named:
+                if ema is not None:
+                    ema.update(named)
         step_time = time.time() - t0
-        loss_mean = torch.stack(losses).mean().to(device)  # ()
-        dist.all_reduce(loss_mean)  # SUM: gloo has no AVG
-        loss_mean /= world
-        if not torch.isfinite(loss_mean):
-            raise FloatingPointError(f"non-finite loss at step {step}")
+        loss_sum = torch.stack(losses).sum() if losses else torch.zeros(())
+        stats = torch.tensor([float(loss_sum), float(len(losses))], device=device)
+        dist.all_reduce(stats)  # SUM: gloo has no AVG
+        if (step + 1) % tcfg.ckpt_every == 0 and step + 1 < tcfg.steps:
+            save(step + 1)
         if rank == 0 and (step % tcfg.log_every == 0 or step == tcfg.steps - 1):
-            ts = torch.cat([a for a, _ in per_t])  # (B,)
-            ls = torch.cat([b for _, b in per_t])  # (B,)
             m = {
-                "train/loss": float(loss_mean),
+                "train/loss": float(stats[0] / stats[1]) if stats[1] > 0 else float("nan"),
                 "train/lr": float(engine.get_lr()[0]),
                 "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
                 "train/step_time_s": step_time,
                 "train/data_wait_s": wait,
-                "train/samples_per_s": micro * world * dcfg.grad_accum / step_time,
-                "train/tokens_per_s": tokens_per_sample * micro * world * dcfg.grad_accum
-                / step_time,
-                "train/skipped_samples": stats.skipped,
-                "train/epoch": stats.epochs,
+                "train/compute_s": step_time - wait,
+                "train/samples_per_s": samples_per_step / step_time,
+                "train/tokens_per_s": tokens_per_sample * samples_per_step / step_time,
+                "train/skipped_samples": data.skipped_total,
+                "train/nonfinite_steps": guard.total,
+                "train/epoch": data.epochs,
+                "train/peak_memory_bytes": peak_memory_bytes(device),
             }
-            for lo, hi in ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0)):
-                sel = (ts >= lo) & (ts < hi)
-                if sel.any():
-                    m[f"train/loss_t{lo:.2f}-{hi:.2f}"] = float(ls[sel].mean())
+            if per_t:
+                ts = torch.cat([a for a, _ in per_t])  # (B,)
+                ls = torch.cat([b for _, b in per_t])  # (B,)
+                for lo, hi in ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0)):
+                    sel = (ts >= lo) & (ts < hi)
+                    if sel.any():
+                        m[f"train/loss_t{lo:.2f}-{hi:.2f}"] = float(ls[sel].mean())
             tracker.log(m, step=step)
             history.append({"step": step, **m})
             print(f"step {step:5d} loss {m['train/loss']:.4f} "
                   f"{m['train/samples_per_s']:.1f} samples/s", flush=True)
 
-    engine.save_checkpoint(str(out / "checkpoints"), tag=f"step{tcfg.steps:08d}")
-    sd = consolidated_state_dict(engine, dcfg.zero_stage)
+    save(tcfg.steps)
+    with full_params(engine, dcfg.zero_stage) as named:
+        sd = {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
     run_ids: list = [None] * world
     dist.all_gather_object(run_ids, os.environ.get("SPACETIME_RUN_ID"))
     if rank == 0:
         torch.save(sd, out / "model.pt")
+        torch.save(ema.shadow, out / "model_ema.pt")
         (out / "model_config.json").write_text(json.dumps(config["model"], indent=2))
         (out / "train_config.json").write_text(json.dumps(config["train"], indent=2))
-        summary = {"final_loss": history[-1]["train/loss"], "steps": tcfg.steps,
-                   "train_seconds": time.time() - t_start, "skipped_samples": stats.skipped,
-                   "world_size": world, "micro_batch": micro, "zero_stage": dcfg.zero_stage,
-                   "run_ids_seen": run_ids}
+        summary = {"final_loss": history[-1]["train/loss"] if history else None,
+                   "steps": tcfg.steps, "resumed_from_step": start,
+                   "train_seconds": time.time() - t_start, "skipped_samples": data.skipped_total,
+                   "nonfinite_steps": guard.total, "world_size": world, "micro_batch": micro,
+                   "zero_stage": dcfg.zero_stage, "run_ids_seen": run_ids}
         tracker.summary(summary)
         log_lineage_paths(tracker, config["stage"], config["stage_hash"], str(out),
                           config["inputs"])
-        result = {**summary, "tracking": tracker.info(), "history": history}
+        result = {**summary, "tracking": tracker.info()}
         tracker.finish()
         (out / "train_result.json").write_text(json.dumps(result, indent=2))
     dist.barrier()
@@ -198,11 +318,13 @@ def train_loop(config: dict[str, Any]) -> None:
 def run_training(*, train_cfg: TrainConfig, model_cfg, ds_cfg, cluster, out_dir: Path,
                  train_shards: list[str], tracker_spec, stage: str, stage_hash: str,
                  inputs: dict[str, str]) -> dict:
-    """Driver side: start the workers, wait, return rank 0's result."""
-    from ray.train import RunConfig, ScalingConfig
+    """Driver side: start the workers, relay SIGTERM, wait, return rank 0's result."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     out_dir = Path(out_dir).resolve()
+    (out_dir / PREEMPT).unlink(missing_ok=True)
+    (out_dir / "train_result.json").unlink(missing_ok=True)
     config = {
         "train": asdict(train_cfg), "model": asdict(model_cfg), "deepspeed": asdict(ds_cfg),
         "out_dir": str(out_dir), "train_shards": train_shards, "tracker": asdict(tracker_spec),
@@ -214,8 +336,22 @@ def run_training(*, train_cfg: TrainConfig, model_cfg, ds_cfg, cluster, out_dir:
         scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
                                      resources_per_worker={"CPU": cluster.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
-        run_config=RunConfig(storage_path=str(out_dir / "ray_train"), name="train"),
+        run_config=RunConfig(storage_path=str(out_dir / "ray_train"), name="train",
+                             failure_config=FailureConfig(max_failures=train_cfg.max_failures)),
     )
-    trainer.fit()
-    return json.loads((out_dir / "train_result.json").read_text())
-
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, lambda s, f: (out_dir / PREEMPT).touch())
+    try:
+        trainer.fit()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    result = out_dir / "train_result.json"
+    if not result.exists():
+        if (out_dir / PREEMPT).exists():
+            (out_dir / PREEMPT).unlink()
+            raise Preempted(f"training was preempted; checkpoint in {out_dir / 'checkpoints'}; "
+                            "run the stage again to resume")
+        raise RuntimeError("training finished without a result file")
+    return json.loads(result.read_text())
