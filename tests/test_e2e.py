@@ -198,3 +198,42 @@ def test_a_real_stage_that_raises_is_failed_and_redone(run1):
     states = {n: s["state"] for n, s in lineage_of(r, run1["root"])["stages"].items()}
     assert states["shard"] == "done" and states["curate"] == "cached"
     assert (shard_dir / "_SUCCESS.json").exists()
+
+
+def test_sigterm_checkpoints_then_the_rerun_resumes(run1):
+    """Preemption: SIGTERM to `spacetime run` -> every rank checkpoints, the stage stops as
+    failed; the next run resumes training from that checkpoint and finishes the graph."""
+    import signal
+    import time
+
+    cwd = run1["cwd"]
+    overrides = ["experiment=tiny", "train.steps=60", "train.ckpt_every=1000"]
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+    env["SPACETIME_RUN_ID"] = ""
+    log = cwd / "preempt.log"
+    with open(log, "w") as f:
+        p = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", *overrides], cwd=cwd,
+                             env=env, stdout=f, stderr=subprocess.STDOUT)
+    train_dir, deadline = None, time.time() + 400
+    while p.poll() is None and time.time() < deadline:
+        text = log.read_text()
+        if train_dir is None and "[train] running -> " in text:
+            train_dir = Path(text.split("[train] running -> ")[1].split()[0])
+        metrics = train_dir / "metrics.jsonl" if train_dir else None
+        if metrics is not None and metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            p.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.2)
+    assert p.wait(timeout=400) == 1, log.read_text()[-3000:]
+    assert train_dir is not None and not (train_dir / "_SUCCESS.json").exists()
+    assert "preempted" in json.loads((train_dir / "_FAILED.json").read_text())["error"]
+    tag = (train_dir / "checkpoints" / "latest").read_text().strip()
+    step = json.loads((train_dir / "checkpoints" / tag / "_COMPLETE.json").read_text())["step"]
+    assert 3 <= step < 60
+
+    r = spacetime("run", *overrides, cwd=cwd)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((train_dir / "train_result.json").read_text())
+    assert res["resumed_from_step"] == step and res["steps"] == 60
+    states = {n: s["state"] for n, s in lineage_of(r, run1["root"])["stages"].items()}
+    assert states["train"] == "done" and states["eval"] == "done"

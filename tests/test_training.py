@@ -25,7 +25,7 @@ from data.video_io import read_frames
 from pipeline.tracking import TrackerSpec
 from training.checkpoint import COMPLETE, Checkpoints
 from training.ema import EMA
-from training.loader import ClipStream, LoaderConfig, Loader
+from training.loader import Bucket, ClipStream, Loader, LoaderConfig
 from training.model import ModelConfig
 from training.trainer import NonFiniteGuard, TrainConfig, run_training
 from training.zero import DeepSpeedConfig
@@ -77,7 +77,7 @@ def replace_cfg(stream: ClipStream, nw: int) -> ClipStream:
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_each_sample_once_per_epoch_across_ranks(shards, num_workers):
     def stream(rank):
-        return ClipStream(shards, batch_size=1, num_frames=NUM_FRAMES, size=SIZE, rank=rank,
+        return ClipStream(shards, buckets=[Bucket(NUM_FRAMES, *SIZE, 1)], rank=rank,
                           world=2, seed=0, cfg=LoaderConfig(shuffle_buffer=4))
 
     k0, k1 = epoch_keys(stream(0), num_workers), epoch_keys(stream(1), num_workers)
@@ -87,18 +87,19 @@ def test_each_sample_once_per_epoch_across_ranks(shards, num_workers):
 
 
 def test_corrupt_sample_is_skipped_and_counted(shards):
-    loader = Loader(ClipStream(shards, batch_size=4, num_frames=NUM_FRAMES, size=SIZE, rank=0,
+    loader = Loader(ClipStream(shards, buckets=[Bucket(NUM_FRAMES, *SIZE, 4)], rank=0,
                                world=1, seed=0))
-    for _ in range(12):  # two epochs
+    for _ in range(12):  # two epochs (23 good samples: the last batch of an epoch has 3)
         video, captions, keys = next(loader)
-        assert video.shape == (4, 3, NUM_FRAMES, *SIZE) and len(captions) == 4
+        assert video.shape[1:] == (3, NUM_FRAMES, *SIZE) and len(captions) == len(video)
         assert torch.isfinite(video).all() and video.min() >= -1 and video.max() <= 1
     assert loader.skipped_total >= 1
 
 
 def test_loader_resumes_exactly(shards):
     def make(state=None):
-        return Loader(ClipStream(shards, batch_size=3, num_frames=NUM_FRAMES, size=SIZE,
+        return Loader(ClipStream(shards, buckets=[Bucket(NUM_FRAMES, *SIZE, 3),
+                                                  Bucket(4, 16, 32, 2)],
                                  rank=1, world=2, seed=5, cfg=LoaderConfig(shuffle_buffer=5),
                                  state=state))
 
@@ -122,8 +123,8 @@ def test_loader_resizes_and_crops_keeping_aspect(tmp_path):
     write_shard(str(tmp_path / "s.tar"), [{"__key__": "k", "mp4": mp4, "txt": "bar",
                                           "json": {"start": 0, "end": 10, "fps": 8.0,
                                                    "width": 64, "height": 32}}])
-    loader = Loader(ClipStream([str(tmp_path / "s.tar")], batch_size=1, num_frames=4,
-                               size=(16, 16), rank=0, world=1, seed=0))
+    loader = Loader(ClipStream([str(tmp_path / "s.tar")], buckets=[Bucket(4, 16, 16, 1)],
+                               rank=0, world=1, seed=0))
     video, _, _ = next(loader)  # (1, 3, 4, 16, 16)
     col = video[0, :, 0].mean(dim=(0, 1))  # (16,) brightness per column
     assert video.shape == (1, 3, 4, 16, 16)
@@ -281,3 +282,56 @@ def test_killed_worker_resumes_and_matches_uninterrupted_run(ray_local, shards, 
     assert sorted(a) == sorted(b) == list(range(16))
     for step in a:  # same seed, same data order, same optimizer state: the same curve
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), step
+
+
+@pytest.fixture(scope="module")
+def mixed_shards(tmp_path_factory) -> list[str]:
+    """Square (32x32) and wide (32x64) clips, interleaved over 2 shards."""
+    from data.synthetic import caption, render, sample_spec
+    from data.video_io import encode_mp4
+
+    root = tmp_path_factory.mktemp("mixed")
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(16):
+        spec = sample_spec(rng)
+        h, w = (32, 64) if i % 2 else (32, 32)
+        mp4 = encode_mp4(render(spec, 12, h, w), fps=8)
+        samples.append({"__key__": f"clip{i:03d}", "mp4": mp4, "txt": caption(spec),
+                        "json": {"start": 0, "end": 12, "fps": 8.0, "width": w, "height": h}})
+    urls = []
+    for j in range(2):
+        write_shard(str(root / f"m-{j}.tar"), samples[j::2][:4] + samples[8 + j::2][:4])
+        urls.append(str(root / f"m-{j}.tar"))
+    return urls
+
+
+BUCKETS = [Bucket(8, 16, 16, 3), Bucket(4, 16, 32, 2)]
+
+
+def test_buckets_give_one_shape_per_batch_by_aspect_ratio(mixed_shards):
+    loader = Loader(ClipStream(mixed_shards, buckets=BUCKETS, rank=0, world=1, seed=0))
+    shapes = {}
+    for _ in range(8):
+        video, _, keys = next(loader)
+        for k in keys:
+            shapes.setdefault(int(k[4:]) % 2, set()).add(tuple(video.shape[1:]))
+    assert shapes[0] == {(3, 8, 16, 16)}  # square clips: the square bucket
+    assert shapes[1] == {(3, 4, 16, 32)}  # wide clips: the wide bucket
+
+
+def test_loader_resumes_exactly_with_partly_filled_buckets(mixed_shards):
+    def make(state=None):
+        return Loader(ClipStream(mixed_shards, buckets=BUCKETS, rank=0, world=1, seed=2,
+                                 cfg=LoaderConfig(shuffle_buffer=3), state=state))
+
+    a = make()
+    for _ in range(3):
+        next(a)
+    saved = a.state_dict()
+    assert any(p["pending"] for p in saved["positions"].values())  # something is waiting
+    b = make(Loader.restore_state(json.loads(json.dumps(saved)), 0))
+    for _ in range(10):  # across epoch boundaries and flushes
+        va, ca, ka = next(a)
+        vb, cb, kb = next(b)
+        assert ka == kb and ca == cb and torch.equal(va, vb)

@@ -10,11 +10,15 @@ Order: raw (undecoded) samples go through a shuffle buffer driven by an RNG seed
 ``(seed, epoch, g)``; a sample's clip window is drawn from an RNG seeded by ``(seed, epoch,
 key)``, so it does not depend on order. Decoding happens only when a batch is assembled.
 
-State (saved with checkpoints): per reader, ``(epoch, consumed)`` = how many raw samples it
-has taken out of its shuffle buffer in that epoch. Restoring replays the buffer without
-decoding up to that point, so the batches after a restore are exactly the batches an
-uninterrupted run would have produced (granularity: one batch). Corrupt samples are skipped
-and counted, never fatal; the batch is filled from the next samples.
+Buckets: every batch has one (frames, height, width) shape; samples go to the bucket of the
+closest aspect ratio that their clip can fill, each bucket with its own batch size.
+
+State (saved with checkpoints): per reader, the epoch, how many raw samples it has taken out
+of its shuffle buffer in that epoch, and the keys waiting in partly filled buckets. Restoring
+replays the buffer without decoding (except the waiting samples) up to that point, so the
+batches after a restore are exactly the batches an uninterrupted run would have produced
+(granularity: one batch). Corrupt samples are skipped and counted, never fatal; the batch is
+filled from the next samples.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import numpy as np
@@ -31,10 +35,21 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 
 @dataclass
+class Bucket:
+    num_frames: int
+    height: int
+    width: int
+    batch_size: int  # per rank
+
+
+@dataclass
 class LoaderConfig:
     target_fps: Optional[float] = None  # sample frames at this rate; None keeps the clip's fps
     shuffle_buffer: int = 64  # raw samples per reader
     num_workers: int = 0  # DataLoader worker processes per rank
+    # Shapes to batch by; empty: one bucket of train.num_frames x height x width at the
+    # micro batch size.
+    buckets: list[Bucket] = field(default_factory=list)
 
 
 def _seed(*parts) -> int:
@@ -92,17 +107,24 @@ def decode_sample(sample: dict, num_frames: int, size: tuple[int, int],
 
 
 class ClipStream(IterableDataset):
-    """Endless batches ``(video (B, 3, T, H, W), captions, reader_state)`` for one rank."""
+    """Endless batches ``(video (B, 3, T, H, W), captions, reader_state)`` for one rank.
 
-    def __init__(self, urls: list[str], *, batch_size: int, num_frames: int,
-                 size: tuple[int, int], rank: int, world: int, seed: int,
-                 cfg: LoaderConfig | None = None, state: dict | None = None):
+    Buckets: each sample goes to the bucket of the closest aspect ratio among those whose
+    frame count its clip can fill (at the target fps); a batch is emitted when its bucket holds
+    the bucket's batch size, so every batch has one shape. At the end of an epoch the partly
+    filled buckets are emitted as smaller batches, so no sample waits across epochs.
+    """
+
+    def __init__(self, urls: list[str], *, buckets: list[Bucket], rank: int, world: int,
+                 seed: int, cfg: LoaderConfig | None = None, state: dict | None = None):
         if not urls:
             raise ValueError("no training shards")
-        self.urls, self.batch_size, self.num_frames = list(urls), batch_size, num_frames
-        self.size, self.rank, self.world, self.seed = tuple(size), rank, world, seed
+        if not buckets:
+            raise ValueError("no buckets")
+        self.urls, self.buckets = list(urls), list(buckets)
+        self.rank, self.world, self.seed = rank, world, seed
         self.cfg = cfg or LoaderConfig()
-        self.state = dict(state or {})  # reader g -> (epoch, consumed)
+        self.state = dict(state or {})  # reader g -> {"epoch", "consumed", "pending"}
 
     def _reader(self) -> tuple[int, int]:
         info = get_worker_info()
@@ -132,34 +154,67 @@ class ClipStream(IterableDataset):
         while buf:
             yield buf.pop(rng.randrange(len(buf)))
 
+    def assign(self, sample: dict) -> int:
+        """The bucket of a sample, from its metadata alone (no decoding)."""
+        meta = sample.get("json") or {}
+        if not {"start", "end", "fps", "width", "height"} <= meta.keys():
+            return 0  # no metadata: the first bucket; decode_sample probes the file
+        n, fps = meta["end"] - meta["start"], float(meta["fps"])
+        stride = max(1, round(fps / self.cfg.target_fps)) if self.cfg.target_fps else 1
+        aspect = math.log(meta["width"] / meta["height"])
+        fits = [i for i, b in enumerate(self.buckets) if (b.num_frames - 1) * stride + 1 <= n]
+        if not fits:  # too short for every bucket: the one needing fewest frames
+            return min(range(len(self.buckets)), key=lambda i: self.buckets[i].num_frames)
+        return min(fits, key=lambda i: (abs(math.log(self.buckets[i].width
+                                                     / self.buckets[i].height) - aspect),
+                                        -self.buckets[i].num_frames))
+
+    def _decode(self, s: dict, b: int, epoch: int):
+        bk = self.buckets[b]
+        key = s.get("__key__", "?")
+        v, cap = decode_sample(s, bk.num_frames, (bk.height, bk.width), self.cfg.target_fps,
+                               random.Random(_seed(self.seed, epoch, key)))
+        return v, cap, key  # (3, T, H, W)
+
     def __iter__(self):
         g, G = self._reader()
-        epoch, skip = self.state.get(g, (0, 0))
-        batch: list[tuple[torch.Tensor, str, str]] = []
+        st = self.state.get(g) or {"epoch": 0, "consumed": 0, "pending": {}}
+        epoch, skip = st["epoch"], st["consumed"]
+        restore = {k: int(b) for b, keys in st.get("pending", {}).items() for k in keys}
         skipped = 0
         while True:
             consumed = 0
+            held: dict[int, list] = {i: [] for i in range(len(self.buckets))}
+
+            def emit(b: int):
+                items, held[b] = held[b], []
+                return (torch.stack([x[0] for x in items]),  # (B, 3, T, H, W)
+                        [x[1] for x in items],
+                        {"reader": g, "epoch": epoch, "consumed": consumed, "skipped": skipped,
+                         "keys": [x[2] for x in items],
+                         "pending": {str(i): [x[2] for x in v] for i, v in held.items() if v}})
+
             for s in self._shuffled(g, G, epoch):
                 consumed += 1
-                if consumed <= skip:
-                    continue  # fast-forward to the restored position without decoding
                 key = s.get("__key__", "?")
+                if consumed <= skip:  # fast-forward without decoding, refilling the buckets
+                    if key in restore:
+                        held[restore[key]].append(self._decode(s, restore[key], epoch))
+                    continue
+                b = self.assign(s)
                 try:
-                    v, cap = decode_sample(s, self.num_frames, self.size, self.cfg.target_fps,
-                                           random.Random(_seed(self.seed, epoch, key)))
+                    held[b].append(self._decode(s, b, epoch))
                 except Exception:  # noqa: BLE001 - a corrupt sample is skipped and counted
                     skipped += 1
                     continue
-                batch.append((v, cap, key))
-                if len(batch) == self.batch_size:
-                    yield (torch.stack([b[0] for b in batch]),  # (B, 3, T, H, W)
-                           [b[1] for b in batch],
-                           {"reader": g, "epoch": epoch, "consumed": consumed,
-                            "skipped": skipped, "keys": [b[2] for b in batch]})
-                    batch = []
+                if len(held[b]) == self.buckets[b].batch_size:
+                    yield emit(b)
             if consumed == 0:
                 raise RuntimeError(f"reader {g}: no samples in {len(self.urls)} shards")
-            epoch, skip = epoch + 1, 0
+            for b in range(len(self.buckets)):  # end of epoch: flush partial buckets
+                if held[b]:
+                    yield emit(b)
+            epoch, skip, restore = epoch + 1, 0, {}
 
 
 class Loader:
@@ -170,7 +225,7 @@ class Loader:
         nw = stream.cfg.num_workers
         self.dl = DataLoader(stream, batch_size=None, num_workers=nw,
                              persistent_workers=nw > 0, prefetch_factor=2 if nw else None)
-        self.positions: dict[int, tuple[int, int]] = dict(stream.state)
+        self.positions: dict[int, dict] = dict(stream.state)
         self.skipped: dict[int, int] = {}
         self.epochs = 0
         self.last: dict = {}  # reader state of the latest batch
@@ -179,9 +234,9 @@ class Loader:
     def __next__(self) -> tuple[torch.Tensor, list[str], list[str]]:
         video, captions, st = next(self._it)
         self.last = st
-        self.positions[st["reader"]] = (st["epoch"], st["consumed"])
+        self.positions[st["reader"]] = {k: st[k] for k in ("epoch", "consumed", "pending")}
         self.skipped[st["reader"]] = st["skipped"]
-        self.epochs = max(e for e, _ in self.positions.values())
+        self.epochs = max(p["epoch"] for p in self.positions.values())
         return video, captions, st["keys"]
 
     @property
@@ -189,7 +244,7 @@ class Loader:
         return sum(self.skipped.values())
 
     def state_dict(self) -> dict:
-        return {"positions": {str(k): list(v) for k, v in self.positions.items()},
+        return {"positions": {str(k): v for k, v in self.positions.items()},
                 "num_workers": self.stream.cfg.num_workers}
 
     @staticmethod
@@ -199,4 +254,4 @@ class Loader:
         if d.get("num_workers") != num_workers:
             raise ValueError("the loader position was saved with "
                              f"{d.get('num_workers')} workers per rank, not {num_workers}")
-        return {int(k): tuple(v) for k, v in d["positions"].items()}
+        return {int(k): v for k, v in d["positions"].items()}

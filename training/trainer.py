@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from training.flow import FlowConfig
-from training.loader import LoaderConfig
+from training.loader import Bucket, LoaderConfig
 
 PREEMPT = "PREEMPT"
 
@@ -88,6 +88,11 @@ def micro_batch_size(cfg: TrainConfig, world: int, grad_accum: int) -> int:
             f"workers ({world}) x deepspeed.grad_accum ({grad_accum})"
         )
     return per
+
+
+def buckets_of(cfg: TrainConfig, micro: int) -> list[Bucket]:
+    """The loader's buckets: the configured ones, or one of the train shape at the micro batch."""
+    return list(cfg.data.buckets) or [Bucket(cfg.num_frames, cfg.height, cfg.width, micro)]
 
 
 class full_params:
@@ -202,19 +207,15 @@ def train_loop(config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"resumed from {tag} at step {start}", flush=True)
 
-    stream = ClipStream(config["train_shards"], batch_size=micro, num_frames=tcfg.num_frames,
-                        size=(tcfg.height, tcfg.width), rank=rank, world=world, seed=tcfg.seed,
-                        cfg=tcfg.data,
+    stream = ClipStream(config["train_shards"], buckets=buckets_of(tcfg, micro), rank=rank,
+                        world=world, seed=tcfg.seed, cfg=tcfg.data,
                         state=Loader.restore_state(loader_state, tcfg.data.num_workers))
     data = Loader(stream)
     spec = TrackerSpec(**config["tracker"])
     tracker = make_tracker(spec, rank)
     tokenizer = Tokenizer(mcfg.text.max_length)
     guard = NonFiniteGuard(tcfg.max_nonfinite)
-    patch = mcfg.dit.patch_size
-    tokens_per_sample = (tcfg.num_frames // patch[0]) * (tcfg.height // patch[1]) * (
-        tcfg.width // patch[2])
-    samples_per_step = micro * world * dcfg.grad_accum
+    pt, ph, pw = mcfg.dit.patch_size
 
     def save(step: int) -> None:
         ckpts.save(engine, step, {"rng": rng_state(gen), "loader": data.state_dict()},
@@ -235,12 +236,14 @@ def train_loop(config: dict[str, Any]) -> None:
             dist.barrier()
             return
         t0 = time.time()
-        wait = 0.0
+        wait, n_samples, n_tokens = 0.0, 0, 0
         losses, per_t = [], []
         for _ in range(dcfg.grad_accum):
             tw = time.time()
             video, captions, _keys = next(data)  # (B, 3, T, H, W)
             wait += time.time() - tw
+            B, _, T, H, W = video.shape
+            n_samples, n_tokens = n_samples + B, n_tokens + B * (T // pt) * (H // ph) * (W // pw)
             video = video.to(device, dtype)
             ids, mask = tokenizer(drop_captions(captions, tcfg.flow, gen))  # (B, L)
             ids, mask = ids.to(device), mask.to(device)
@@ -260,8 +263,9 @@ def train_loop(config: dict[str, Any]) -> None:
                     ema.update(named)
         step_time = time.time() - t0
         loss_sum = torch.stack(losses).sum() if losses else torch.zeros(())
-        stats = torch.tensor([float(loss_sum), float(len(losses))], device=device)
-        dist.all_reduce(stats)  # SUM: gloo has no AVG
+        stats = torch.tensor([float(loss_sum), float(len(losses)), n_samples, n_tokens],
+                             device=device, dtype=torch.float64)
+        dist.all_reduce(stats)  # SUM over ranks (gloo has no AVG)
         if (step + 1) % tcfg.ckpt_every == 0 and step + 1 < tcfg.steps:
             save(step + 1)
         if rank == 0 and (step % tcfg.log_every == 0 or step == tcfg.steps - 1):
@@ -272,8 +276,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 "train/step_time_s": step_time,
                 "train/data_wait_s": wait,
                 "train/compute_s": step_time - wait,
-                "train/samples_per_s": samples_per_step / step_time,
-                "train/tokens_per_s": tokens_per_sample * samples_per_step / step_time,
+                "train/samples_per_s": float(stats[2]) / step_time,
+                "train/tokens_per_s": float(stats[3]) / step_time,
                 "train/skipped_samples": data.skipped_total,
                 "train/nonfinite_steps": guard.total,
                 "train/epoch": data.epochs,
