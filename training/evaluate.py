@@ -57,7 +57,7 @@ def validation_loss(model, tokenizer, shards: list[str], cfg: EvalConfig, num_fr
                     size: tuple[int, int], target_fps: float | None, device) -> dict[str, float]:
     from data.shards import read_shards
     from training.flow import FlowConfig, flow_loss
-    from training.loader import decode_sample
+    from training.loader import decode_sample, normalize
 
     clips = []
     for s in read_shards(shards):
@@ -73,7 +73,7 @@ def validation_loss(model, tokenizer, shards: list[str], cfg: EvalConfig, num_fr
     per_t: dict[float, list[float]] = {t: [] for t in cfg.val_timesteps}
     for i in range(0, len(clips), cfg.batch_size):
         chunk = clips[i : i + cfg.batch_size]
-        x0 = torch.stack([c[0] for c in chunk]).to(device)  # (B, 3, T, H, W)
+        x0 = normalize(torch.stack([c[0] for c in chunk]).to(device))  # (B, 3, T, H, W)
         ids, mask = tokenizer([c[1] for c in chunk])
         ids, mask = ids.to(device), mask.to(device)
         for t in cfg.val_timesteps:

@@ -57,9 +57,15 @@ def _seed(*parts) -> int:
 
 
 def to_tensor(frames: np.ndarray) -> torch.Tensor:
-    """(T, H, W, 3) uint8 -> (3, T, H, W) float in [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).float().div_(127.5).sub_(1.0)
-    return x.permute(3, 0, 1, 2).contiguous()  # (3, T, H, W)
+    """(T, H, W, 3) uint8 -> (3, T, H, W) uint8. Batches stay uint8 (4x smaller to move);
+    `normalize` turns them into model inputs on the device."""
+    # numpy, single-threaded: torch's parallel copy stalls when loader and trainer share cores
+    return torch.from_numpy(np.ascontiguousarray(frames.transpose(3, 0, 1, 2)))  # (3, T, H, W)
+
+
+def normalize(video: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 video (..., 3, T, H, W) -> dtype in [-1, 1]."""
+    return video.to(dtype).div_(127.5).sub_(1.0)
 
 
 def clip_window(n: int, num_frames: int, stride: int, rng: random.Random | None) -> list[int]:
@@ -84,7 +90,7 @@ def resize_crop_size(h: int, w: int, size: tuple[int, int]) -> tuple[int, int]:
 def decode_sample(sample: dict, num_frames: int, size: tuple[int, int],
                   target_fps: float | None, rng: random.Random | None
                   ) -> tuple[torch.Tensor, str]:
-    """One WebDataset sample -> ((3, T, H, W) in [-1, 1], caption)."""
+    """One WebDataset sample -> ((3, T, H, W) uint8, caption)."""
     from data.video_io import probe, read_frames
 
     meta = sample.get("json") or {}
@@ -107,7 +113,7 @@ def decode_sample(sample: dict, num_frames: int, size: tuple[int, int],
 
 
 class ClipStream(IterableDataset):
-    """Endless batches ``(video (B, 3, T, H, W), captions, reader_state)`` for one rank.
+    """Endless batches ``(video (B, 3, T, H, W) uint8, captions, reader_state)`` for one rank.
 
     Buckets: each sample goes to the bucket of the closest aspect ratio among those whose
     frame count its clip can fill (at the target fps); a batch is emitted when its bucket holds

@@ -165,7 +165,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from training.checkpoint import Checkpoints, rng_state, set_rng_state
     from training.ema import EMA
     from training.flow import drop_captions, flow_loss
-    from training.loader import ClipStream, Loader
+    from training.loader import ClipStream, Loader, normalize
     from training.model import ModelConfig
     from training.text import Tokenizer
     from training.zero import DeepSpeedConfig, build_ds_config
@@ -244,7 +244,7 @@ def train_loop(config: dict[str, Any]) -> None:
             wait += time.time() - tw
             B, _, T, H, W = video.shape
             n_samples, n_tokens = n_samples + B, n_tokens + B * (T // pt) * (H // ph) * (W // pw)
-            video = video.to(device, dtype)
+            video = normalize(video.to(device, non_blocking=True), dtype)  # (B, 3, T, H, W)
             ids, mask = tokenizer(drop_captions(captions, tcfg.flow, gen))  # (B, L)
             ids, mask = ids.to(device), mask.to(device)
             loss, per_sample, t = flow_loss(lambda x, tt: engine(x, tt, ids, mask),

@@ -18,6 +18,10 @@ class DeepSpeedConfig:
     grad_accum: int = 1
     offload_optimizer: bool = False  # ZeRO-Offload of optimizer states to CPU
     offload_param: bool = False  # ZeRO-3 parameter offload to CPU
+    # Communication bucket size in elements (reduce / all-gather / ZeRO-3 prefetch).
+    # DeepSpeed's default (5e8) allocates GBs of buffers per rank, far more than small models
+    # need; raise it on large GPU runs for fewer, larger collectives.
+    bucket_elements: int = 50_000_000
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -34,7 +38,14 @@ def build_ds_config(cfg: DeepSpeedConfig, micro_batch: int, precision: str) -> d
         raise ValueError(f"deepspeed.zero_stage must be 0-3, got {cfg.zero_stage}")
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"train.precision must be fp32 or bf16, got '{precision}'")
+    b = int(cfg.bucket_elements)
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.zero_stage in (1, 2):
+        zero.update(reduce_bucket_size=b, allgather_bucket_size=b)
+    if cfg.zero_stage == 3:
+        zero.update(reduce_bucket_size=b, stage3_prefetch_bucket_size=b,
+                    stage3_param_persistence_threshold=min(b, 100_000),
+                    stage3_max_live_parameters=b, stage3_max_reuse_distance=b)
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     if cfg.offload_param:
