@@ -132,7 +132,7 @@ class JsonlTracker(Tracker):
 
 class WandbTracker(Tracker):
     def __init__(self, *, mode: str, project: str, entity: str | None, dir: str, group: str,
-                 job_type: str, name: str, config: dict, tags: list[str]):
+                 job_type: str, name: str, config: dict, tags: list[str], run_id: str):
         import wandb
 
         self._wandb = wandb
@@ -141,6 +141,7 @@ class WandbTracker(Tracker):
         self.run = wandb.init(
             mode=mode, project=project, entity=entity, dir=dir, group=group, job_type=job_type,
             name=name, config=config, tags=tags, reinit="create_new",
+            id=run_id, resume="allow",  # a restarted training worker group continues the run
             settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
         )
 
@@ -240,6 +241,7 @@ class TrackerSpec:
     config: dict
     tags: list[str]
     jsonl: Optional[str]
+    run_id: Optional[str] = None  # the W&B run id: stable per stage execution
 
 
 def make_tracker(spec: TrackerSpec, rank: int = 0) -> Tracker:
@@ -253,7 +255,8 @@ def make_tracker(spec: TrackerSpec, rank: int = 0) -> Tracker:
     if mode != "disabled":
         parts.append(WandbTracker(mode=mode, project=spec.project, entity=spec.entity,
                                   dir=spec.dir, group=spec.group, job_type=spec.job_type,
-                                  name=spec.name, config=spec.config, tags=spec.tags))
+                                  name=spec.name, config=spec.config, tags=spec.tags,
+                                  run_id=spec.run_id or f"{spec.name}-{spec.group}"))
     return Tee(*parts) if len(parts) != 1 else parts[0]
 
 
