@@ -4,11 +4,20 @@
     spacetime status [overrides...]                               the graph's state for a config
     spacetime params [overrides...]                               parameter counts of the presets
 
+On a Ray cluster (pipeline/submit.py) and before one (pipeline/plan.py):
+
+    spacetime submit [--address ADDR] [--only/--from STAGE] [--follow] [overrides...]
+    spacetime jobs [--address ADDR]                               submitted jobs and their runs
+    spacetime logs JOB [--address ADDR] [--follow]                a job's output
+    spacetime stop JOB [--address ADDR]                           stop a job
+    spacetime plan [--json] [overrides...]                        tokens, memory, time and cost
+
 Hydra's own flags work after the subcommand (``spacetime run --cfg job``, ``--help``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import secrets
@@ -17,7 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-SUBCOMMANDS = ("run", "status", "params")
+CLUSTER_COMMANDS = ("submit", "jobs", "logs", "stop", "plan")  # parse their own flags
+SUBCOMMANDS = ("run", "status", "params", *CLUSTER_COMMANDS)
 USAGE = __doc__
 
 
@@ -29,6 +39,8 @@ def parse_argv(argv: list[str]) -> tuple[str, dict, list[str]]:
     elif argv and not argv[0].startswith("-") and "=" not in argv[0]:
         raise SystemExit(f"spacetime: unknown command '{argv[0]}'; commands: "
                          f"{', '.join(SUBCOMMANDS)}\n\n{USAGE}")
+    if cmd in CLUSTER_COMMANDS:
+        return cmd, {}, list(argv)
     flags: dict = {"only": None, "from_": None}
     rest: list[str] = []
     it = iter(argv)
@@ -57,6 +69,8 @@ def git_commit(repo: Path) -> dict:
         return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
                                timeout=10).stdout.strip()
 
+    if not (repo / ".git").exists():  # e.g. a submitted job's shipped working directory
+        return {"commit": None, "dirty": None}
     try:
         return {"commit": git("rev-parse", "HEAD") or None,
                 "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
@@ -87,12 +101,14 @@ def preflight(cfg) -> None:
             raise SystemExit("spacetime: source.kind=directory needs source.path")
         if not Path(src.path).is_dir():
             raise SystemExit(f"spacetime: source.path '{src.path}' is not a directory")
-    micro_batch_size(cfg.train, cfg.cluster.num_workers, cfg.deepspeed.grad_accum)
+    from training.trainer import buckets_of
+
+    micro = micro_batch_size(cfg.train, cfg.cluster.num_workers, cfg.deepspeed.grad_accum)
     pt, ph, pw = cfg.model.dit.patch_size
-    t = cfg.train
-    if t.num_frames % pt or t.height % ph or t.width % pw:
-        raise SystemExit(f"spacetime: train shape {t.num_frames}x{t.height}x{t.width} is not "
-                         f"divisible by model.dit.patch_size {list(cfg.model.dit.patch_size)}")
+    for b in buckets_of(cfg.train, micro):
+        if b.num_frames % pt or b.height % ph or b.width % pw:
+            raise SystemExit(f"spacetime: train shape {b.num_frames}x{b.height}x{b.width} is "
+                             f"not divisible by model.dit.patch_size {list(cfg.model.dit.patch_size)}")
     from pipeline.tracking import resolve_mode
 
     resolve_mode(cfg.tracking.mode)
@@ -128,6 +144,8 @@ def cmd_run(graph, cfg, cfg_dict, flags) -> int:
     repo = Path(__file__).resolve().parent.parent
     extra = {"git": git_commit(repo), "versions": versions(), "argv": sys.argv[1:],
              "host": platform.node()}
+    if os.environ.get("SPACETIME_SUBMIT"):  # set by `spacetime submit`: the submitter's commit
+        extra["submit"] = json.loads(os.environ["SPACETIME_SUBMIT"])
     try:
         plan = graph.plan(cfg_dict, flags["only"], flags["from_"])
     except GraphError as e:
@@ -167,12 +185,21 @@ def cmd_run(graph, cfg, cfg_dict, flags) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    cmd, flags, rest = parse_argv(sys.argv[1:] if argv is None else argv)
+    if cmd == "plan":
+        from pipeline.plan import main as plan_main
+
+        sys.exit(plan_main(rest))
+    if cmd in CLUSTER_COMMANDS:
+        from pipeline.submit import main as submit_main
+
+        sys.exit(submit_main(cmd, rest))
+
     import hydra
     from omegaconf import DictConfig
 
     from pipeline.config import CONF_DIR, register, to_dict, to_object
 
-    cmd, flags, rest = parse_argv(sys.argv[1:] if argv is None else argv)
     register()
     sys.argv = [sys.argv[0], *rest]
     outcome = {"code": 0}

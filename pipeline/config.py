@@ -37,6 +37,9 @@ class ClusterConfig:
     use_gpu: bool = False
     cpus_per_worker: int = 1
     curate_concurrency: int = 2  # parallel curation tasks
+    # Peak FLOP/s of one training worker for MFU (e.g. 989 for an H100 in bf16); unset: each
+    # run measures the worker's dense matmul rate and uses that.
+    peak_tflops_per_worker: Optional[float] = None
     dashboard_host: str = "127.0.0.1"  # keep the Ray dashboard on loopback
 
 

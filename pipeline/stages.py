@@ -28,8 +28,14 @@ def ensure_ray(ctx: StageContext) -> None:
     for k in ("WANDB_MODE", "HF_HUB_OFFLINE"):  # never the API key: workers inherit the env
         if k in os.environ:
             env[k] = os.environ[k]
+    # Inside a submitted Ray job the job's runtime env already sets some of these; Ray refuses
+    # to override a job's variables, so send only what differs.
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    job_env = job.get("runtime_env", {}).get("env_vars", {})
+    env = {k: v for k, v in env.items() if job_env.get(k) != v}
     ray.init(address=cluster.address, dashboard_host=cluster.dashboard_host,
-             runtime_env={"env_vars": env}, log_to_driver=True, configure_logging=False)
+             runtime_env={"env_vars": env} if env else None, log_to_driver=True,
+             configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = True
 
 

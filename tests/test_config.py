@@ -97,7 +97,7 @@ def test_preflight_rejects_indivisible_batch():
 
 def test_cli_surface_is_frozen():
     # Changing the surface is deliberate: update this test with the README.
-    assert SUBCOMMANDS == ("run", "status", "params")
+    assert SUBCOMMANDS == ("run", "status", "params", "submit", "jobs", "logs", "stop", "plan")
     assert parse_argv(["run", "--only", "train", "train.lr=1"]) == (
         "run", {"only": "train", "from_": None}, ["train.lr=1"])
     assert parse_argv(["--from=eval"]) == ("run", {"only": None, "from_": "eval"}, [])
@@ -107,6 +107,16 @@ def test_cli_surface_is_frozen():
         parse_argv(["status", "--only", "train"])
     with pytest.raises(SystemExit):
         parse_argv(["frobnicate"])
+    # The cluster commands own their flags (pipeline/submit.py; plan's inputs are conf/plan/).
+    from pipeline.submit import parse_args
+
+    assert parse_argv(["submit", "--only", "train", "a=1"]) == (
+        "submit", {}, ["--only", "train", "a=1"])
+    assert parse_args("submit", ["--address", "h:1", "--from", "train", "--follow", "a=1"]) == {
+        "address": "h:1", "only": None, "from_": "train", "follow": True, "job": None,
+        "overrides": ["a=1"]}
+    assert parse_args("logs", ["j", "--follow"])["job"] == "j"
+    assert parse_args("stop", ["j"])["job"] == "j" and parse_args("jobs", [])["job"] is None
 
 
 def run_cli(*args, cwd):

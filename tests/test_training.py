@@ -176,7 +176,7 @@ def ray_local():
 
 
 class Cluster:
-    num_workers, use_gpu, cpus_per_worker = 2, False, 1
+    num_workers, use_gpu, cpus_per_worker, peak_tflops_per_worker = 2, False, 1, None
 
 
 def train(shards, out: Path, *, zero: int, steps: int = 16, ckpt_every: int = 100,
@@ -216,6 +216,12 @@ def falling(ls: dict[int, float]) -> bool:
 
 def test_zero2_trains_with_falling_loss(baseline):
     assert falling(losses(baseline))
+    recs = [json.loads(s) for s in (baseline / "metrics.jsonl").read_text().splitlines()]
+    m = next(r["metrics"] for r in recs if r["kind"] == "metrics")
+    assert 0 < m["train/mfu"] < 1.5 and m["train/tflops_per_worker"] > 0
+    assert m["train/compute_s"] + m["train/data_wait_s"] == pytest.approx(
+        m["train/step_time_s"])
+    assert m["train/peak_memory_bytes"] > 0
     res = json.loads((baseline / "train_result.json").read_text())
     assert res["zero_stage"] == 2 and res["world_size"] == 2 and res["skipped_samples"] >= 0
 

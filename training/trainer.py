@@ -215,7 +215,13 @@ def train_loop(config: dict[str, Any]) -> None:
     tracker = make_tracker(spec, rank)
     tokenizer = Tokenizer(mcfg.text.max_length)
     guard = NonFiniteGuard(tcfg.max_nonfinite)
-    pt, ph, pw = mcfg.dit.patch_size
+    from training.flops import matmul_flops_per_s, token_grid, train_flops
+
+    text_len = mcfg.text.max_length
+    # MFU's denominator: the worker's peak FLOP/s from the cluster config, or (unset, e.g. on a
+    # CPU) this worker's measured dense matmul rate in the training precision.
+    peak = config.get("peak_flops_per_worker") or (
+        matmul_flops_per_s(n=1024, seconds=0.5, dtype=dtype, device=device) if rank == 0 else 0.0)
 
     def save(step: int) -> None:
         ckpts.save(engine, step, {"rng": rng_state(gen), "loader": data.state_dict()},
@@ -236,14 +242,16 @@ def train_loop(config: dict[str, Any]) -> None:
             dist.barrier()
             return
         t0 = time.time()
-        wait, n_samples, n_tokens = 0.0, 0, 0
+        wait, n_samples, n_tokens, n_flops = 0.0, 0, 0, 0
         losses, per_t = [], []
         for _ in range(dcfg.grad_accum):
             tw = time.time()
             video, captions, _keys = next(data)  # (B, 3, T, H, W)
             wait += time.time() - tw
             B, _, T, H, W = video.shape
-            n_samples, n_tokens = n_samples + B, n_tokens + B * (T // pt) * (H // ph) * (W // pw)
+            grid = token_grid(mcfg.dit, (T, H, W))
+            n_samples, n_tokens = n_samples + B, n_tokens + B * math.prod(grid)
+            n_flops += B * train_flops(mcfg.dit, grid, text_len)
             video = normalize(video.to(device, non_blocking=True), dtype)  # (B, 3, T, H, W)
             ids, mask = tokenizer(drop_captions(captions, tcfg.flow, gen))  # (B, L)
             ids, mask = ids.to(device), mask.to(device)
@@ -263,7 +271,7 @@ def train_loop(config: dict[str, Any]) -> None:
                     ema.update(named)
         step_time = time.time() - t0
         loss_sum = torch.stack(losses).sum() if losses else torch.zeros(())
-        stats = torch.tensor([float(loss_sum), float(len(losses)), n_samples, n_tokens],
+        stats = torch.tensor([float(loss_sum), float(len(losses)), n_samples, n_tokens, n_flops],
                              device=device, dtype=torch.float64)
         dist.all_reduce(stats)  # SUM over ranks (gloo has no AVG)
         if (step + 1) % tcfg.ckpt_every == 0 and step + 1 < tcfg.steps:
@@ -278,6 +286,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 "train/compute_s": step_time - wait,
                 "train/samples_per_s": float(stats[2]) / step_time,
                 "train/tokens_per_s": float(stats[3]) / step_time,
+                "train/tflops_per_worker": float(stats[4]) / step_time / world / 1e12,
+                "train/mfu": float(stats[4]) / step_time / world / peak,
                 "train/skipped_samples": data.skipped_total,
                 "train/nonfinite_steps": guard.total,
                 "train/epoch": data.epochs,
@@ -333,6 +343,7 @@ def run_training(*, train_cfg: TrainConfig, model_cfg, ds_cfg, cluster, out_dir:
         "train": asdict(train_cfg), "model": asdict(model_cfg), "deepspeed": asdict(ds_cfg),
         "out_dir": str(out_dir), "train_shards": train_shards, "tracker": asdict(tracker_spec),
         "stage": stage, "stage_hash": stage_hash, "inputs": inputs,
+        "peak_flops_per_worker": (cluster.peak_tflops_per_worker or 0) * 1e12,
     }
     trainer = TorchTrainer(
         train_loop,

@@ -1,0 +1,380 @@
+"""Run the graph on a Ray cluster through Ray's Job Submission API, and watch it.
+
+    spacetime submit [--address ADDR] [--only STAGE | --from STAGE] [--follow] [overrides...]
+    spacetime jobs   [--address ADDR]
+    spacetime logs JOB [--address ADDR] [--follow]
+    spacetime stop JOB [--address ADDR]
+
+ADDR is the HTTP address of the Ray dashboard, where the job API lives: ``--address``, else
+``RAY_API_SERVER_ADDRESS``, else ``RAY_ADDRESS`` when it is an http(s) URL, else
+``http://127.0.0.1:8265``, which is where an SSH tunnel or ``kubectl port-forward`` puts it
+(every template in cluster/ keeps the dashboard on loopback or behind a token). A cluster with
+Ray token authentication needs ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN`` (or
+``RAY_AUTH_TOKEN_PATH``) in the submitter's environment; Ray's client sends it as a header.
+
+A submission is ``python -m pipeline.cli run [--only/--from STAGE] overrides...`` with:
+
+- ``working_dir``: this checkout (without .git, .venv, outputs, wandb and what .gitignore
+  excludes), so the job runs the submitter's code, uncommitted changes included;
+- ``env_vars``: ``SPACETIME_RUN_ID`` (made here, so the job id, the run id, the W&B group and
+  ``<run.root>/runs/<run_id>/`` are known before the job starts), ``SPACETIME_SUBMIT`` (the
+  submitter's git commit, dirty files and a digest of their changes, who, when, the job id;
+  ``spacetime run`` copies it into lineage.json and every stage's info.json), the non-secret
+  W&B settings the submitter has set, and ``RAY_OVERRIDE_JOB_RUNTIME_ENV=1`` (the driver's own
+  ``ray.init`` adds the same run id; Ray refuses the duplicate key otherwise);
+- never ``WANDB_API_KEY`` or any other secret. Ray writes every ``env_vars`` value in plain
+  text to each node's ``runtime_env_agent.log`` and serves it to anyone who can read the job
+  API (ray-project/ray#39502). The key reaches the cluster through its own secret store,
+  filled from the submitter's environment without a file (cluster/README.md, "W&B key").
+
+The job id is ``spacetime-<run id>``; ``logs``/``stop`` accept either.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+JOB_PREFIX = "spacetime-"
+# Never shipped, whatever the .gitignore says (gitignore-style patterns, as Ray reads them).
+EXCLUDES = [".git", ".venv", "venv", "outputs", "wandb", "*.egg-info", "__pycache__",
+            ".pytest_cache", "*.pyc"]
+# Environment passed through to the job when the submitter has set it: settings, not secrets.
+PASS_THROUGH = ("WANDB_ENTITY", "WANDB_PROJECT", "WANDB_MODE", "WANDB_BASE_URL", "HF_HUB_OFFLINE")
+USAGE = __doc__
+
+
+class SubmitError(Exception):
+    """A problem to report in one line (exit code 2), before or instead of a traceback."""
+
+
+# ----- arguments --------------------------------------------------------------------------
+def parse_args(cmd: str, argv: list[str]) -> dict[str, Any]:
+    """Our flags for each command; everything else of `submit` is a Hydra override."""
+    out: dict[str, Any] = {"address": None, "only": None, "from_": None, "follow": False,
+                           "job": None, "overrides": []}
+    it = iter(argv)
+    for a in it:
+        key, val = (a.split("=", 1) + [None])[:2] if a.startswith("--") else (a, None)
+        if key in ("--address", "--only", "--from"):
+            if val is None:
+                val = next(it, None)
+            if not val or val.startswith("-"):
+                raise SubmitError(f"{key} needs a value")
+            if key != "--address" and cmd != "submit":
+                raise SubmitError(f"{key} belongs to 'submit'")
+            out[{"--address": "address", "--only": "only", "--from": "from_"}[key]] = val
+        elif a == "--follow" and cmd in ("submit", "logs"):
+            out["follow"] = True
+        elif a in ("-h", "--help"):
+            out["help"] = True
+        elif a.startswith("-"):
+            raise SubmitError(f"unknown option '{a}' for '{cmd}'")
+        elif cmd == "submit":
+            if "=" not in a:
+                raise SubmitError(f"'{a}' is not an override (key=value or group=option)")
+            out["overrides"].append(a)
+        elif cmd in ("logs", "stop") and out["job"] is None:
+            out["job"] = a
+        else:
+            raise SubmitError(f"unexpected argument '{a}' for '{cmd}'")
+    if cmd in ("logs", "stop") and not out["job"] and not out.get("help"):
+        raise SubmitError(f"'{cmd}' needs a job id (see `spacetime jobs`)")
+    if out["only"] and out["from_"]:
+        raise SubmitError("use either --only or --from, not both")
+    return out
+
+
+def resolve_address(flag: str | None) -> str:
+    addr = flag or os.environ.get("RAY_API_SERVER_ADDRESS") or ""
+    if not addr:
+        env = os.environ.get("RAY_ADDRESS", "")
+        addr = env if env.startswith(("http://", "https://")) else DEFAULT_ADDRESS
+    if "://" not in addr:
+        addr = "http://" + addr
+    return addr.rstrip("/")
+
+
+# ----- what the submitter has -------------------------------------------------------------
+def _git(*args: str) -> bytes:
+    r = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, timeout=30)
+    if r.returncode != 0:
+        raise OSError(r.stderr.decode(errors="replace").strip())
+    return r.stdout
+
+
+def git_state() -> dict[str, Any]:
+    """The submitter's commit and what of the shipped tree differs from it.
+
+    `changed` lists tracked files that differ from HEAD and untracked files that are not
+    ignored (both ship with the working dir); `diff_sha256` is a digest of exactly those
+    changes (the diff against HEAD plus the untracked files' contents), so two runs can be
+    told apart without storing the diff itself (it may contain anything).
+    """
+    try:
+        commit = _git("rev-parse", "HEAD").decode().strip()
+        tracked = _git("diff", "HEAD", "--name-only", "-z").decode().split("\0")
+        untracked = _git("ls-files", "--others", "--exclude-standard", "-z").decode().split("\0")
+        tracked, untracked = [f for f in tracked if f], [f for f in untracked if f]
+        h = hashlib.sha256(_git("diff", "HEAD", "--binary"))
+        for f in sorted(untracked):
+            p = REPO / f
+            if p.is_file():
+                h.update(f.encode() + b"\0" + p.read_bytes())
+    except (OSError, subprocess.SubprocessError) as e:
+        return {"commit": None, "dirty": None, "error": str(e)[:200]}
+    changed = sorted(set(tracked) | set(untracked))
+    return {"commit": commit, "dirty": bool(changed), "changed": changed[:100],
+            "changed_count": len(changed), "diff_sha256": h.hexdigest() if changed else None}
+
+
+def compose_run_config(overrides: list[str]) -> Any:
+    """The run config the job will see, composed here so a typo fails before submitting."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from pipeline.config import CONF_DIR, register, to_object
+
+    register()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            dcfg = compose("config", overrides=overrides)
+        return to_object(dcfg)
+    except Exception as e:  # composition and the component configs' own checks
+        cause = e.__cause__ or e
+        raise SubmitError(f"invalid config: {type(e).__name__}: {e}"
+                          + (f" ({cause})" if cause is not e else "")) from None
+
+
+def check_run_root(root: str) -> None:
+    if "://" in root:
+        raise SubmitError(
+            f"run.root={root}: the graph reads and writes run.root as a filesystem path on "
+            f"every node; mount the bucket there (cluster/README.md, 'Storage') and pass "
+            f"the mount path")
+    if not Path(root).is_absolute():
+        raise SubmitError(
+            f"run.root={root!r} is relative: on the cluster it would resolve inside the job's "
+            f"temporary copy of the working directory and vanish with it. Pass storage every "
+            f"node sees, e.g. run.root=/shared/spacetime")
+
+
+def check_stage(name: str | None) -> None:
+    if name is None:
+        return
+    from pipeline.stages import STAGES
+
+    names = [s.name for s in STAGES]
+    if name not in names:
+        raise SubmitError(f"unknown stage '{name}'; stages are: {', '.join(names)}")
+
+
+def new_run_id() -> str:
+    from pipeline.cli import new_run_id as make
+
+    return make()
+
+
+# ----- the client -------------------------------------------------------------------------
+def client(address: str):
+    import logging
+
+    from ray.job_submission import JobSubmissionClient
+
+    for name, level in (("ray.dashboard.modules", logging.WARNING),  # upload/websocket chatter
+                        ("ray._private.runtime_env", logging.ERROR)):  # ".git is now ignored"
+        logging.getLogger(name).setLevel(level)
+    try:
+        return JobSubmissionClient(address)
+    except Exception as e:  # noqa: BLE001 - ConnectionError, AuthenticationError, ...
+        raise SubmitError(explain(e, address)) from None
+
+
+def explain(e: Exception, address: str) -> str:
+    text = str(e)
+    if type(e).__name__ == "AuthenticationError" or "401" in text or "403" in text:
+        return (f"the Ray job API at {address} refused the request ({text.splitlines()[0]}). "
+                f"It uses token authentication: export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
+                f"(or RAY_AUTH_TOKEN_PATH) as given by whoever runs the cluster")
+    if isinstance(e, ConnectionError) or "Failed to connect" in text or "Connection" in text:
+        return (f"cannot reach the Ray job API at {address}. Is the tunnel up? "
+                f"(ssh -N -L 8265:127.0.0.1:8265 <head>, or kubectl port-forward "
+                f"svc/<cluster>-head-svc 8265:8265; see cluster/README.md)")
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def find_job(c, job: str) -> str:
+    """Accept a job id or a run id; returns the job id."""
+    for candidate in (job, JOB_PREFIX + job):
+        try:
+            c.get_job_info(candidate)
+            return candidate
+        except RuntimeError:
+            continue
+    raise SubmitError(f"no job '{job}' at this address (see `spacetime jobs`)")
+
+
+# ----- commands ---------------------------------------------------------------------------
+def build_submission(overrides: list[str], only: str | None, from_: str | None,
+                     address: str, run_id: str | None = None) -> dict[str, Any]:
+    """Everything `submit` sends, without sending it (tests read this)."""
+    cfg = compose_run_config(overrides)
+    check_run_root(cfg.run.root)
+    check_stage(only)
+    check_stage(from_)
+    run_id = run_id or new_run_id()
+    job_id = JOB_PREFIX + run_id
+    git = git_state()
+    stage_flags = ["--only", only] if only else ["--from", from_] if from_ else []
+    entrypoint = shlex.join(["python", "-m", "pipeline.cli", "run", *stage_flags, *overrides])
+    submitted = {"job_id": job_id, "address": address, "time": time.time(),
+                 "user": getpass.getuser(), "host": platform.node(), "git": git,
+                 "argv": ["submit", *stage_flags, *overrides]}
+    env = {k: os.environ[k] for k in PASS_THROUGH if os.environ.get(k)}
+    env.update({"SPACETIME_RUN_ID": run_id, "SPACETIME_SUBMIT": json.dumps(submitted),
+                "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"})
+    metadata = {"spacetime_run_id": run_id, "spacetime_commit": git.get("commit") or "",
+                "spacetime_dirty": str(git.get("dirty")).lower(),
+                "spacetime_args": shlex.join([*stage_flags, *overrides]),
+                "spacetime_run_root": cfg.run.root, "spacetime_submitter":
+                f"{submitted['user']}@{submitted['host']}"}
+    return {"entrypoint": entrypoint, "submission_id": job_id, "metadata": metadata,
+            "runtime_env": {"working_dir": str(REPO), "excludes": list(EXCLUDES),
+                            "env_vars": env},
+            "run_id": run_id, "run_root": cfg.run.root, "git": git, "cluster": cfg.cluster}
+
+
+def cmd_submit(args: dict) -> int:
+    address = resolve_address(args["address"])
+    sub = build_submission(args["overrides"], args["only"], args["from_"], address)
+    c = client(address)
+    try:
+        job_id = c.submit_job(entrypoint=sub["entrypoint"], submission_id=sub["submission_id"],
+                              runtime_env=sub["runtime_env"], metadata=sub["metadata"])
+    except Exception as e:  # noqa: BLE001
+        raise SubmitError(f"submission failed: {explain(e, address)}") from None
+    git, at = sub["git"], ("" if address == DEFAULT_ADDRESS else f" --address {address}")
+    commit = (git.get("commit") or "unknown")[:12]
+    if git.get("dirty"):
+        commit += (f" + {git['changed_count']} uncommitted file(s), shipped and recorded "
+                   f"(digest {git['diff_sha256'][:12]}); commit them for a reproducible run")
+    print(f"submitted job {job_id} to {address}")
+    print(f"  run id  : {sub['run_id']}")
+    print(f"  commit  : {commit}")
+    print(f"  command : {sub['entrypoint']}")
+    cl = sub["cluster"]
+    hint = ")" if cl.use_gpu else ", add cluster=ray for one GPU each)"
+    print(f"  workers : {cl.num_workers} training workers on {'GPU' if cl.use_gpu else 'CPU'} "
+          f"(cluster={cl.name}{hint}")
+    print(f"  lineage : {sub['run_root']}/runs/{sub['run_id']}/lineage.json (cluster storage)")
+    if os.environ.get("WANDB_API_KEY"):
+        print("  wandb   : WANDB_API_KEY is not sent with the job (Ray would log it); runs are "
+              "online if the cluster's nodes have the key (cluster/README.md, 'W&B key')")
+    print(f"follow  : spacetime logs {job_id} --follow{at}")
+    print(f"status  : spacetime jobs{at}")
+    print(f"stop    : spacetime stop {job_id}{at}")
+    sys.stdout.flush()
+    if args["follow"]:
+        return follow(c, job_id)
+    return 0
+
+
+def follow(c, job_id: str) -> int:
+    import asyncio
+
+    async def tail():
+        async for chunk in c.tail_job_logs(job_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+    try:
+        asyncio.run(tail())
+    except KeyboardInterrupt:
+        print(f"\n(stopped following; the job goes on: spacetime stop {job_id})")
+        return 130
+    status = wait_terminal(c, job_id, timeout=60)
+    print(f"job {job_id}: {status}", file=sys.stderr)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def wait_terminal(c, job_id: str, timeout: float) -> str:
+    deadline = time.time() + timeout
+    while True:
+        status = c.get_job_status(job_id)
+        if status.is_terminal() or time.time() > deadline:
+            return str(status.value)
+        time.sleep(1)
+
+
+def _when(t_ms: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t_ms / 1000)) if t_ms else "-"
+
+
+def cmd_jobs(args: dict) -> int:
+    address = resolve_address(args["address"])
+    c = client(address)
+    try:
+        jobs = sorted(c.list_jobs(), key=lambda j: j.start_time or 0)
+    except Exception as e:  # noqa: BLE001
+        raise SubmitError(explain(e, address)) from None
+    print(f"{'JOB':<36} {'STATUS':<10} {'STARTED':<19} {'DURATION':>9}  RUN / WHAT")
+    now = time.time() * 1000
+    for j in jobs:
+        md = j.metadata or {}
+        job = j.submission_id or j.job_id or "-"
+        dur = ((j.end_time or now) - j.start_time) / 1000 if j.start_time else None
+        what = (f"{md['spacetime_run_id']}  {md.get('spacetime_args', '')}".rstrip()
+                if "spacetime_run_id" in md else j.entrypoint)
+        print(f"{job:<36} {j.status.value:<10} {_when(j.start_time):<19} "
+              f"{(f'{dur:.0f}s' if dur is not None else '-'):>9}  {what}")
+    return 0
+
+
+def cmd_logs(args: dict) -> int:
+    address = resolve_address(args["address"])
+    c = client(address)
+    job_id = find_job(c, args["job"])
+    if args["follow"]:
+        return follow(c, job_id)
+    sys.stdout.write(c.get_job_logs(job_id))
+    return 0
+
+
+def cmd_stop(args: dict) -> int:
+    address = resolve_address(args["address"])
+    c = client(address)
+    job_id = find_job(c, args["job"])
+    if c.get_job_status(job_id).is_terminal():
+        print(f"job {job_id} already {c.get_job_status(job_id).value}")
+        return 0
+    c.stop_job(job_id)
+    status = wait_terminal(c, job_id, timeout=60)
+    print(f"job {job_id}: {status}")
+    return 0 if status == "STOPPED" else 1
+
+
+COMMANDS = {"submit": cmd_submit, "jobs": cmd_jobs, "logs": cmd_logs, "stop": cmd_stop}
+
+
+def main(cmd: str, argv: list[str]) -> int:
+    try:
+        args = parse_args(cmd, argv)
+        if args.get("help"):
+            print(USAGE)
+            return 0
+        return COMMANDS[cmd](args)
+    except SubmitError as e:
+        print(f"spacetime {cmd}: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,278 @@
+"""The cost planner (`spacetime plan`, pipeline/plan.py): its figures against hand-computed
+cases, against published figures (DiT, Open-Sora), and against the model itself (the FLOPs
+function, the parameter count, and activation memory measured with autograd)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from pipeline.plan import (
+    ACT_BYTES_PER_TOKEN,
+    GIB,
+    GPUSpec,
+    MemorySpec,
+    PlanConfig,
+    PlanError,
+    SampleSpec,
+    TrainSpec,
+    VAESpec,
+    VideoSpec,
+    activation_bytes,
+    format_plan,
+    latent_grid,
+    make_plan,
+    register,
+    run_cost,
+    state_bytes,
+    token_grid,
+)
+from training.dit import DiT, DiTConfig, count_params
+from training.flops import forward_flops
+
+REPO = Path(__file__).resolve().parent.parent
+PLAN_CONF = REPO / "conf" / "plan"
+register()
+
+
+def compose_plan(overrides=()) -> PlanConfig:
+    with initialize_config_dir(str(PLAN_CONF), version_base="1.3"):
+        return OmegaConf.to_object(compose("config", overrides=list(overrides)))
+
+
+def hand_forward_flops(D, depth, M, Dt, P, N, L) -> int:
+    """Our own count of the DiT forward (full attention), from training/dit.py's modules:
+    2 FLOPs per multiply-add, matmuls only."""
+    embed = 2 * N * P * D + 2 * (256 * D + D * D) + 2 * Dt * D  # x_embed, t MLP, text pool
+    block = (2 * D * 6 * D  # adaLN on the conditioning vector (once per sample)
+             + 2 * N * D * 3 * D + 2 * N * D * D  # qkv, out proj
+             + 2 * 2 * N * N * D  # Q K^T and A V over all heads
+             + 2 * N * D * D + 2 * L * Dt * 2 * D + 2 * N * D * D + 2 * 2 * N * L * D  # cross
+             + 2 * N * D * M * 2)  # MLP
+    final = 2 * D * 2 * D + 2 * N * D * P
+    return embed + depth * block + final
+
+
+# ----- tokens -----------------------------------------------------------------------------
+def test_tokens_hand_computed():
+    v = VideoSpec(seconds=4, fps=24, height=720, width=1280)
+    assert latent_grid(v, VAESpec(4, 8, 16)) == (24, 90, 160)  # 96 frames / 4, 720 / 8, 1280 / 8
+    assert latent_grid(v, VAESpec(4, 8, 16, causal=True)) == (25, 90, 160)  # 1 + ceil(95 / 4)
+    assert token_grid((24, 90, 160), [1, 2, 2]) == (24, 45, 80)  # 86,400 tokens
+    assert latent_grid(VideoSpec(2, 8, 32, 32), VAESpec(1, 1, 3)) == (16, 32, 32)  # pixel space
+    p = make_plan(replace(PlanConfig(), video=VideoSpec(4, 24, 1080, 1920)))
+    assert p["tokens"]["latent_grid"] == [24, 135, 240]
+    assert p["tokens"]["token_grid"] == [24, 68, 120] and p["tokens"]["padded"]  # 135 -> 68 x 2
+
+
+# ----- FLOPs ------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset,grid,L", [("tiny", (2, 4, 4), 8), ("xl", (24, 45, 80), 300),
+                                           ("3b", (4, 16, 16), 77)])
+def test_forward_flops_function_matches_hand_count(preset, grid, L):
+    cfg = DiTConfig.from_preset(preset, patch_size=[1, 2, 2], in_channels=16, text_dim=4096)
+    N = math.prod(grid)
+    assert forward_flops(cfg, grid, L) == hand_forward_flops(
+        cfg.hidden_size, cfg.depth, cfg.mlp_hidden, cfg.text_dim, cfg.patch_dim, N, L)
+
+
+@pytest.mark.parametrize("image_side,gmacs", [(256, 119), (512, 525)])
+def test_flops_against_published_dit_xl2(image_side, gmacs):
+    """DiT-XL/2 forward Gflops as published (facebookresearch/DiT README: 119 at 256x256, 525
+    at 512x512; the paper's Table 4 gives 118.6), counted in multiply-adds. DiT conditions by
+    adaLN only; ours adds text cross-attention, removed here by hand before comparing."""
+    D, depth, L = 1152, 28, 1
+    cfg = DiTConfig.from_preset("xl", patch_size=[1, 2, 2], in_channels=4, text_dim=D)
+    side = image_side // 8 // 2  # SD VAE /8, patch 2
+    grid, N = (1, side, side), side * side
+    cross = depth * (2 * N * D * D + 2 * L * D * 2 * D + 2 * N * D * D + 4 * N * L * D) + 2 * D * D
+    macs = (forward_flops(cfg, grid, L) - cross) / 2
+    assert macs == pytest.approx(gmacs * 1e9, rel=0.005)
+
+
+def test_params_against_published_dit_xl2():
+    """DiT-XL/2 has 675M parameters (Peebles & Xie 2023). Ours = DiT-XL/2 + cross-attention
+    + QK-norm + a text pool, - DiT's class table and learned-sigma output channels."""
+    D, depth = 1152, 28
+    cfg = DiTConfig.from_preset("xl", patch_size=[1, 2, 2], in_channels=4, text_dim=D)
+    lin = lambda i, o: i * o + o  # noqa: E731
+    qk = 2 * cfg.head_dim
+    cross = depth * (2 * D + lin(D, D) + lin(D, 2 * D) + lin(D, D) + qk) + lin(D, D)
+    dit_xl2 = count_params(cfg) - cross - depth * qk + 1001 * D + (D * 16 + 16)
+    assert dit_xl2 == pytest.approx(675e6, rel=0.002)
+
+
+def test_plan_uses_the_model_flops_and_params():
+    cfg = PlanConfig()
+    p = make_plan(cfg)
+    dit = DiTConfig.from_preset("xl", patch_size=[1, 2, 2], in_channels=16, text_dim=4096)
+    fwd = forward_flops(dit, (24, 45, 80), 300)
+    c = p["compute"]
+    assert c["forward_flops_per_sample"] == fwd
+    assert c["train_flops_per_sample"] == 3 * fwd
+    assert c["hardware_flops_per_sample"] == 4 * fwd  # checkpointing recomputes the forward
+    assert c["train_flops_per_step"] == 3 * fwd * 256
+    assert p["model"]["params"] == count_params(dit)
+
+
+# ----- time and cost ----------------------------------------------------------------------
+def test_time_and_cost_hand_computed():
+    gpu = GPUSpec("test", bf16_tflops=1000.0, memory_gib=80, usd_per_hour=2.0)
+    cfg = PlanConfig(model="small", gpu=gpu, num_gpus=8, video=VideoSpec(2, 8, 64, 64),
+                     vae=VAESpec(1, 1, 3), patch_size=[1, 4, 4], text_dim=384, text_len=32,
+                     train=TrainSpec(steps=1000, global_batch_size=64, micro_batch_size=2,
+                                     mfu=0.5),
+                     sample=SampleSpec(steps=20, cfg=True, mfu=0.25))
+    p = make_plan(cfg)
+    dit = DiTConfig.from_preset("small", patch_size=[1, 4, 4], in_channels=3, text_dim=384)
+    fwd = forward_flops(dit, (16, 16, 16), 32)
+    step_s = 3 * fwd * 64 / (8 * 1000e12 * 0.5)
+    assert p["compute"]["grad_accum"] == 4  # 64 = 2 x 8 x 4
+    assert p["compute"]["step_time_s"] == pytest.approx(step_s)
+    assert p["run"]["gpu_hours"] == pytest.approx(1000 * step_s * 8 / 3600)
+    assert p["run"]["usd"] == pytest.approx(1000 * step_s * 8 / 3600 * 2.0)
+    assert p["run"]["wall_days"] == pytest.approx(1000 * step_s / 86400)
+    clip_s = 20 * 2 * fwd / (1000e12 * 0.25)
+    assert p["generation"]["gpu_s_per_clip"] == pytest.approx(clip_s)
+    assert p["generation"]["gpu_s_per_minute"] == pytest.approx(clip_s * 30)  # 2 s clips
+    assert p["generation"]["usd_per_minute"] == pytest.approx(clip_s * 30 / 3600 * 2.0)
+    no_cfg = make_plan(replace(cfg, sample=SampleSpec(steps=20, cfg=False, mfu=0.25)))
+    assert no_cfg["generation"]["gpu_s_per_clip"] == pytest.approx(clip_s / 2)
+
+
+def test_gpu_hour_accounting_against_published_runs():
+    """Open-Sora 2.0 (arXiv 2503.09642): its 256px stage ran 85k iterations on 224 GPUs for
+    2240 GPU-days, costed at $107.5k, i.e. $2.00 per GPU-hour. Open-Sora 1.2
+    (docs/report_03.md): 35k H100 GPU-hours, 12x8 GPUs, ~70k steps, "about 2 weeks"."""
+    step = 2240 * 86400 / (224 * 85_000)
+    r = run_cost(85_000, step, 224, 2.00)
+    assert r["gpu_hours"] == pytest.approx(2240 * 24)
+    assert r["usd"] == pytest.approx(107_500, rel=0.001)
+    r = run_cost(70_000, 35_000 * 3600 / (70_000 * 96), 96, 1.0)
+    assert r["gpu_hours"] == pytest.approx(35_000)
+    assert 12 <= r["wall_days"] <= 16  # 35k GPU-hours on 96 GPUs is ~15 days: "about 2 weeks"
+
+
+# ----- memory -----------------------------------------------------------------------------
+def test_zero_state_memory_hand_computed():
+    psi, n = 1_000_000_000, 8
+    expect = {0: (2, 2, 12), 1: (2, 2, 12 / n), 2: (2, 2 / n, 12 / n), 3: (2 / n, 2 / n, 12 / n)}
+    for stage, (pb, gb, ob) in expect.items():
+        s = state_bytes(psi, "bf16", stage, n)
+        assert (s["params"], s["grads"], s["optimizer"]) == pytest.approx(
+            (pb * psi, gb * psi, ob * psi)), stage
+    assert sum(state_bytes(psi, "fp32", 0, n).values()) == 16 * psi  # 4 + 4 + 8
+    assert sum(state_bytes(psi, "bf16", 0, n).values()) == 16 * psi  # 2 + 2 + 12 (ZeRO, K=12)
+
+
+def test_memory_totals_and_fit():
+    base = PlanConfig(model="3b", gpu=compose_plan(["gpu=a100_40gb"]).gpu, num_gpus=8,
+                      video=VideoSpec(2, 24, 256, 256), zero_stage=0)
+    p = make_plan(base)
+    psi = p["model"]["params"]
+    m = p["memory_gib"]
+    assert m["params"] * GIB == pytest.approx(2 * psi)
+    assert m["optimizer"] * GIB == pytest.approx(12 * psi)
+    assert not p["fits"]  # 16 bytes x 3.7B params alone exceed 40 GiB
+    z3 = make_plan(replace(base, zero_stage=3))
+    assert z3["memory_gib"]["optimizer"] == pytest.approx(m["optimizer"] / 8)
+    assert z3["memory_gib"]["zero3_gathered"] > 0
+    assert z3["fits"] and z3["max_micro_batch_that_fits"] >= 1
+    parts = ("params", "grads", "optimizer", "zero3_gathered", "frozen", "overhead",
+             "activations_ckpt")
+    assert z3["memory_gib"]["total"] == pytest.approx(sum(z3["memory_gib"][k] for k in parts))
+    sp = make_plan(replace(base, zero_stage=3, sequence_parallel=2))
+    assert sp["memory_gib"]["activations_ckpt"] < z3["memory_gib"]["activations_ckpt"] * 0.51
+    frozen = make_plan(replace(base, zero_stage=3, memory=MemorySpec(frozen_params=4.7e9)))
+    assert frozen["memory_gib"]["frozen"] == pytest.approx(2 * 4.7e9 / GIB)
+
+
+def _saved_bytes(cfg: DiTConfig, grid, dtype=torch.bfloat16, L: int = 8) -> int:
+    """Bytes autograd saves for backward in one forward (parameters excluded)."""
+    torch.manual_seed(0)
+    model = DiT(cfg).to(dtype).train()
+    pt, ph, pw = cfg.patch_size
+    x = torch.randn(1, cfg.in_channels, grid[0] * pt, grid[1] * ph, grid[2] * pw, dtype=dtype)
+    text = torch.randn(1, L, cfg.text_dim, dtype=dtype)
+    params = {p.data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            s = t.untyped_storage()
+            storages[s.data_ptr()] = max(storages.get(s.data_ptr(), 0), s.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x, torch.rand(1, dtype=dtype), text, torch.ones(1, L, dtype=torch.bool))
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("preset,attention,precision", [
+    ("tiny", "full", "bf16"), ("small", "full", "bf16"), ("small", "factorised", "bf16"),
+    ("tiny", "factorised", "fp32")])
+def test_activation_model_matches_autograd(preset, attention, precision):
+    """The planner's activation bytes against what autograd actually keeps for this DiT (bf16:
+    the whole model in bf16, as DeepSpeed's bf16 mode runs it)."""
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    grid = (2, 16, 16)
+    cfg = DiTConfig.from_preset(preset, patch_size=[1, 2, 2], in_channels=4, text_dim=64,
+                                depth=3, attention=attention)
+    measured = _saved_bytes(cfg, grid, dtype)
+    assert activation_bytes(cfg, math.prod(grid), precision, False) == pytest.approx(
+        measured, rel=0.05)
+    stored = _saved_bytes(replace(cfg, grad_checkpointing=True), grid, dtype)
+    a, b = ACT_BYTES_PER_TOKEN[attention][precision]  # the recompute comes in backward
+    one_block = (a * cfg.hidden_size + b * cfg.mlp_hidden) * math.prod(grid)
+    assert activation_bytes(cfg, math.prod(grid), precision, True) - one_block == pytest.approx(
+        stored, rel=0.15)
+
+
+# ----- validation, config tree and CLI ----------------------------------------------------
+def test_invalid_inputs_are_named():
+    with pytest.raises(PlanError, match="global_batch_size"):
+        make_plan(replace(PlanConfig(), train=TrainSpec(global_batch_size=100)))
+    with pytest.raises(PlanError, match="heads"):
+        make_plan(replace(PlanConfig(), sequence_parallel=3, num_gpus=63,
+                          train=TrainSpec(global_batch_size=21)))
+    with pytest.raises(PlanError, match="train.mfu"):
+        make_plan(replace(PlanConfig(), train=TrainSpec(mfu=1.5)))
+    with pytest.raises(PlanError, match="zero_stage"):
+        make_plan(replace(PlanConfig(), zero_stage=4))
+
+
+def test_every_gpu_option_composes_with_a_stated_source():
+    options = sorted(p.stem for p in (PLAN_CONF / "gpu").glob("*.yaml"))
+    assert {"h100", "a100_80gb"} <= set(options)
+    for opt in options:
+        g = compose_plan([f"gpu={opt}"]).gpu
+        assert g.bf16_tflops > 0 and g.memory_gib > 0 and g.usd_per_hour > 0 and g.source, opt
+    assert compose_plan([]).gpu.name == GPUSpec().name  # the schema default is the h100 file
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "plan", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_plan_reports_and_checks():
+    r = run_cli("model=small", "gpu=a100_80gb", "num_gpus=8", "video.seconds=2",
+                "train.global_batch_size=64", "--json")
+    assert r.returncode == 0, r.stderr
+    p = json.loads(r.stdout)
+    assert p["inputs"]["gpu"]["name"] == "A100 SXM 80GB" and p["compute"]["data_parallel"] == 8
+    text = format_plan(p)
+    for word in ("tokens per clip", "GPU-hours", "per minute", "FITS", "checkpointing"):
+        assert word in text
+    r = run_cli("gpu=b300")
+    assert r.returncode != 0 and "gpu/b300" in r.stderr and "h100" in r.stderr
+    r = run_cli("zero_stage=2", "train.mfu=2.0")
+    assert r.returncode == 2 and "train.mfu" in r.stderr
