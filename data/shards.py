@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
+from webdataset.gopen import gopen_schemes
 
 SHARD_MTIME = 0.0  # fixed tar member mtime, for reproducible shard bytes
 
@@ -47,6 +48,19 @@ def write_shard(path: str | os.PathLike, samples: Iterable[dict]) -> int:
         if os.path.exists(tmp):
             os.remove(tmp)
     return os.path.getsize(path)
+
+
+def _fsspec_open(url, mode="rb", bufsize=8192, **kw):
+    """WebDataset opener for any fsspec URL (s3://, gs://, az://, memory://, ...)."""
+    import fsspec
+
+    return fsspec.open(url, mode).open()
+
+
+# Schemes WebDataset has no handler of its own for go through fsspec (its built-ins: pipe:,
+# http(s):// via curl, gs:// via gsutil, ...). Remote filesystems need their fsspec package
+# (s3fs, gcsfs, adlfs) installed on the workers.
+gopen_schemes["__default__"] = _fsspec_open
 
 
 def _all_urls(urls):
