@@ -125,12 +125,11 @@ def cmd_status(graph, cfg_dict) -> int:
 
 
 def cmd_params(cfg) -> int:
-    from training.dit import PRESETS, DiTConfig, count_params
+    from training.dit import PRESETS, count_params
 
     base = cfg.model.dit
     for name in PRESETS:
-        c = DiTConfig.from_preset(name, patch_size=list(base.patch_size),
-                                  in_channels=base.in_channels, text_dim=base.text_dim)
+        c = base.with_preset(name)  # keeps attention/adaLN variants, patch, channels
         print(f"{name:<6} {count_params(c) / 1e6:10.2f}M")
     return 0
 

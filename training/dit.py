@@ -5,12 +5,30 @@ Data flow (shapes for one batch):
     x (B, C, T, H, W) --patchify--> (B, N, pt*ph*pw*C) --x_embed--> tokens (B, N, D)
     t (B,) --sinusoid(1000 t)--> MLP --+
     text (B, L, Dt), text_mask (B, L) --masked mean--> Linear --+--> c (B, D)   adaLN conditioning
-    positions of the (T', H', W') token grid --> 3D RoPE (cos, sin) (N, hd/2)
+    positions of the (T', H', W') token grid --> 3D RoPE rotations (N, 1, hd/2) complex
     tokens --[DiTBlock x depth]--> FinalLayer --> (B, N, pt*ph*pw*C) --unpatchify--> v (B, C, T, H, W)
 
-A DiTBlock is: adaLN-Zero self-attention over all spacetime tokens (RoPE, QK-RMSNorm),
-cross-attention to the text tokens (padding masked out), adaLN-Zero MLP. Every residual
-branch is zero-initialised, so each block is exactly the identity at init.
+A DiTBlock is: adaLN-Zero self-attention, cross-attention to the text tokens (padding masked
+out), adaLN-Zero MLP. Every residual branch is zero-initialised, so each block is exactly the
+identity at init. The adaLN shift/scale/gate come from (``DiTConfig.adaln``):
+
+- ``block`` (DiT): each block has its own Linear(D, m D) of c; m D^2 parameters per block.
+- ``single`` (PixArt-alpha's adaLN-single, as in Wan): one shared Linear(D, m D) of c for all
+  blocks, plus a learned (m, D) offset per block; ~25% fewer parameters at equal FLOPs.
+
+Self-attention is one of (``DiTConfig.attention``):
+
+- ``full``: one attention over all N = T'H'W' spacetime tokens (cost ~ N^2).
+- ``factorised``: spatial attention among the H'W' tokens of each frame, then temporal
+  attention among the T' tokens at each spatial position, each with its own adaLN-Zero gate
+  (cost ~ N (H'W' + T')). Same RoPE: within a frame the temporal rotation cancels, and vice versa.
+
+Packing (``pack_clips`` + ``DiT.forward_packed``): several clips of different (T, H, W) laid end
+to end in one sequence (or a few rows of at most ``max_tokens``), with block-diagonal masks so
+that each clip's tokens attend only to their own clip and caption, and per-clip timestep and
+text conditioning. Each clip's output equals its unpacked forward (up to float rounding).
+The masks are dense (R, 1, N, N) booleans handed to SDPA, so packing saves padding, not
+attention compute; a varlen/flex kernel is the next step for long packed rows.
 
 The module is pure: no distributed calls, logging or I/O. Parallelism and precision are
 applied from outside (training/).
@@ -19,7 +37,8 @@ applied from outside (training/).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -35,6 +54,8 @@ PRESETS: dict[str, dict] = {
     "xl": dict(hidden_size=1152, depth=28, num_heads=16),
     "3b": dict(hidden_size=2304, depth=32, num_heads=18),  # ~3.4B params (4.0B with text_dim=4096)
 }
+ATTENTIONS = ("full", "factorised")
+ADALNS = ("block", "single")
 
 FREQ_EMBED_DIM = 256  # width of the sinusoidal timestep features
 TIMESTEP_SCALE = 1000.0  # t in [0, 1] is scaled to [0, 1000] before the sinusoid
@@ -49,8 +70,9 @@ def _check_preset(name: str) -> None:
 class DiTConfig:
     """Config of the DiT. `preset` is a label; the size fields below are what is built.
 
-    Use `DiTConfig.from_preset("small", depth=6)` to fill the size fields from a preset.
-    Constructing `DiTConfig(preset="small")` directly keeps the (tiny) field defaults.
+    Use `DiTConfig.from_preset("small", depth=6)` to fill the size fields from a preset, or
+    `cfg.with_preset("base")` to resize a config and keep its other options. Constructing
+    `DiTConfig(preset="small")` directly keeps the (tiny) field defaults.
     """
 
     preset: str = "tiny"
@@ -60,13 +82,19 @@ class DiTConfig:
     depth: int = 4
     num_heads: int = 4
     mlp_ratio: float = 4.0
-    text_dim: int = 128  # width of the text tokens cross-attended to
+    text_dim: int = 128  # width of the text tokens cross-attended to (= the text encoder's width)
     qk_norm: bool = True
+    attention: str = "full"  # full | factorised (spatial then temporal), see the module docstring
+    adaln: str = "block"  # block (a modulation Linear per block, DiT) | single (one shared, PixArt-alpha / Wan)
     grad_checkpointing: bool = False
     rope_theta: float = 10000.0
 
     def __post_init__(self) -> None:
         _check_preset(self.preset)
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"unknown attention {self.attention!r} (model.dit.attention); valid: {', '.join(ATTENTIONS)}")
+        if self.adaln not in ADALNS:
+            raise ValueError(f"unknown adaln {self.adaln!r} (model.dit.adaln); valid: {', '.join(ADALNS)}")
         if len(self.patch_size) != 3 or any(int(p) < 1 for p in self.patch_size):
             raise ValueError(f"patch_size must be 3 positive ints (pt, ph, pw), got {self.patch_size}")
         if self.hidden_size % self.num_heads != 0:
@@ -84,6 +112,11 @@ class DiTConfig:
             raise ValueError(f"unknown DiTConfig fields: {sorted(unknown)}")
         return cls(**{"preset": name, **PRESETS[name], **overrides})
 
+    def with_preset(self, name: str) -> "DiTConfig":
+        """This config resized to preset `name`; every non-size option is kept."""
+        _check_preset(name)
+        return replace(self, preset=name, **PRESETS[name])
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
@@ -96,6 +129,11 @@ class DiTConfig:
     @property
     def mlp_hidden(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def num_modulations(self) -> int:
+        """adaLN outputs per block: (shift, scale, gate) per residual branch with a gate."""
+        return 9 if self.attention == "factorised" else 6
 
     def build(self) -> "DiT":
         return DiT(self)
@@ -166,12 +204,104 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 10000.0)
     return angles.cos(), angles.sin()
 
 
+def rope_freqs(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """Unit complex rotations for positions (..., N, 3) -> (..., N, 1, hd/2) complex64.
+
+    Shaped to broadcast over the heads of q/k laid out as (B, N, H, hd), as the DiT uses them.
+    """
+    cos, sin = rope_cos_sin(positions, head_dim, theta)  # (..., N, hd/2)
+    return torch.complex(cos, sin).unsqueeze(-2)  # (..., N, 1, hd/2)
+
+
+def rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (..., hd) by complex freqs broadcastable to (..., hd/2).
+
+    One complex multiply in float32 (fewer passes over memory than cos/sin arithmetic);
+    returns float32, the caller casts.
+    """
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # (..., hd/2) complex
+    return torch.view_as_real(xc * freqs).flatten(-2)  # (..., hd) float32
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x (B, H, N, hd) by angles cos/sin broadcastable to (B, H, N, hd/2)."""
-    xf = x.float().unflatten(-1, (-1, 2))  # (B, H, N, hd/2, 2)
-    x1, x2 = xf[..., 0], xf[..., 1]  # (B, H, N, hd/2)
-    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, H, N, hd/2, 2)
-    return out.flatten(-2).type_as(x)  # (B, H, N, hd)
+    """Rotate interleaved pairs of x (..., N, hd) by angles cos/sin broadcastable to (..., N, hd/2)."""
+    return rotate(x, torch.complex(cos, sin)).type_as(x)  # (..., N, hd)
+
+
+# --------------------------------------------------------------------------------------
+# Packing several clips into one sequence
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class PackedClips:
+    """K clips of different (T, H, W), patchified and laid end to end in R rows of N tokens.
+
+    Made by `pack_clips`; consumed by `DiT.forward_packed` and `unpack`.
+    """
+
+    tokens: torch.Tensor  # (R, N, P*C) patchified clips, zero padding at the end of each row
+    positions: torch.Tensor  # (R, N, 3) float (t, h, w) of each token inside its own clip
+    clip: torch.Tensor  # (R, N) long: index of the token's clip, -1 for padding
+    row_clips: torch.Tensor  # (R, Kmax) long: the clips in each row, -1 padded
+    grids: list[tuple[int, int, int]]  # (T', H', W') per clip
+    rows: list[int]  # row of each clip
+    offsets: list[int]  # first token of each clip in its row
+    patch: tuple[int, int, int]
+
+    @property
+    def num_clips(self) -> int:
+        return len(self.grids)
+
+
+def pack_clips(videos: Sequence[torch.Tensor], patch, max_tokens: Optional[int] = None) -> PackedClips:
+    """Pack clips (C, T_i, H_i, W_i) into rows; first fit in the given order.
+
+    max_tokens None: one row holding every clip. Otherwise each row holds at most max_tokens
+    tokens and a clip never spans two rows. Rows are zero padded to the longest row.
+    """
+    if not videos:
+        raise ValueError("pack_clips needs at least one clip")
+    patch = tuple(int(p) for p in patch)
+    channels = {v.shape[0] for v in videos}
+    if len(channels) != 1 or any(v.ndim != 4 for v in videos):
+        raise ValueError(f"clips must be (C, T, H, W) with one C, got {[tuple(v.shape) for v in videos]}")
+    grids = [patch_grid(tuple(v.shape[1:]), patch) for v in videos]
+    sizes = [math.prod(g) for g in grids]
+    fill: list[int] = []  # tokens used per row
+    rows, offsets = [], []
+    for k, n in enumerate(sizes):
+        if max_tokens is not None and n > max_tokens:
+            raise ValueError(f"clip {k} has {n} tokens (grid {grids[k]}) > max_tokens {max_tokens}")
+        r = next((i for i, used in enumerate(fill) if max_tokens is None or used + n <= max_tokens), len(fill))
+        if r == len(fill):
+            fill.append(0)
+        rows.append(r)
+        offsets.append(fill[r])
+        fill[r] += n
+    R, N = len(fill), max(fill)
+    ref = videos[0]
+    tokens = ref.new_zeros(R, N, math.prod(patch) * ref.shape[0])  # (R, N, P*C)
+    positions = torch.zeros(R, N, 3, device=ref.device)  # (R, N, 3)
+    clip = torch.full((R, N), -1, dtype=torch.long, device=ref.device)  # (R, N)
+    per_row: list[list[int]] = [[] for _ in range(R)]
+    for k, (v, g, r, o, n) in enumerate(zip(videos, grids, rows, offsets, sizes)):
+        tokens[r, o : o + n] = patchify(v.unsqueeze(0), patch)[0]  # (n, P*C)
+        positions[r, o : o + n] = grid_positions(g, ref.device)  # (n, 3)
+        clip[r, o : o + n] = k
+        per_row[r].append(k)
+    kmax = max(len(p) for p in per_row)
+    row_clips = torch.tensor([p + [-1] * (kmax - len(p)) for p in per_row], dtype=torch.long, device=ref.device)  # (R, Kmax)
+    return PackedClips(tokens, positions, clip, row_clips, grids, rows, offsets, patch)
+
+
+def unpack(tokens: torch.Tensor, packed: PackedClips) -> list[torch.Tensor]:
+    """(R, N, P*C) packed tokens -> list of K clips (C, T_i, H_i, W_i)."""
+    out = []
+    for g, r, o in zip(packed.grids, packed.rows, packed.offsets):
+        n = math.prod(g)
+        out.append(unpatchify(tokens[r : r + 1, o : o + n], packed.patch, g)[0])  # (C, T, H, W)
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -179,8 +309,34 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # --------------------------------------------------------------------------------------
 
 
+class Layout(NamedTuple):
+    """Where every token sits and whom it may attend to; made once per forward, shared by all blocks.
+
+    Unpacked (one clip per batch row): `grid` is set, masks are None, conditioning is per row.
+    Packed: `grid` is None, boolean masks (R, 1, N, N) keep attention inside a clip (and a
+    frame / a spatial position when factorised), `token_clip` maps tokens to their clip's
+    conditioning.
+    """
+
+    rope: torch.Tensor  # complex rotations (rope_freqs) broadcastable to (B, N, H, hd/2)
+    grid: Optional[tuple[int, int, int]] = None  # (T', H', W') when unpacked
+    rope_spatial: Optional[torch.Tensor] = None  # (H'W', 1, hd/2): factorised, unpacked
+    rope_temporal: Optional[torch.Tensor] = None  # (T', 1, hd/2): factorised, unpacked
+    mask: Optional[torch.Tensor] = None  # (R, 1, N, N) same clip (packed)
+    mask_spatial: Optional[torch.Tensor] = None  # (R, 1, N, N) same clip and frame (packed, factorised)
+    mask_temporal: Optional[torch.Tensor] = None  # (R, 1, N, N) same clip and (h, w) (packed, factorised)
+    token_clip: Optional[torch.Tensor] = None  # (R, N) long: clip of each token (packed; padding -> 0)
+
+
+def per_token(mod: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Per-sample (B, k*D) or per-clip (K, k*D) modulation -> broadcastable to tokens."""
+    if layout.token_clip is None:
+        return mod.unsqueeze(1)  # (B, 1, k*D)
+    return mod[layout.token_clip]  # (R, N, k*D)
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)  # (B, N, D)
+    return x * (1 + scale) + shift  # (B, N, D); shift/scale (B, 1, D) or (B, N, D)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = FREQ_EMBED_DIM, max_period: float = 10000.0) -> torch.Tensor:
@@ -211,8 +367,15 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # (B, N, D)
 
 
+def norm_fp32(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """QK-RMSNorm (or identity) computed in float32 whatever the weight / autocast dtype."""
+    if isinstance(norm, nn.RMSNorm):
+        return F.rms_norm(x.float(), norm.normalized_shape, norm.weight.float(), norm.eps)  # (..., hd)
+    return x.float()
+
+
 class SelfAttention(nn.Module):
-    """Full attention over all spacetime tokens, with 3D RoPE and optional QK-RMSNorm."""
+    """Attention among the tokens of each row of x, with 3D RoPE, optional QK-RMSNorm and mask."""
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool):
         super().__init__()
@@ -223,20 +386,24 @@ class SelfAttention(nn.Module):
         self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # x (B, N, D); rope complex, broadcastable to (B, N, H, hd/2); mask (B, 1, N, N) bool or None
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)  # (B, N, 3, H, hd)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, hd)
-        q, k = self.q_norm(q), self.k_norm(k)  # (B, H, N, hd)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # (B, H, N, hd)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, hd)
+        q, k, v = qkv.unbind(2)  # each (B, N, H, hd)
+        q = rotate(norm_fp32(self.q_norm, q), rope).to(v.dtype)  # (B, N, H, hd)
+        k = rotate(norm_fp32(self.k_norm, k), rope).to(v.dtype)  # (B, N, H, hd)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask)  # (B, H, N, hd)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
 
 
 class CrossAttention(nn.Module):
     """Video tokens attend to text tokens; padded text tokens are masked out.
 
-    A sample whose mask is all False gets a zero cross-attention output (instead of NaN).
+    text_mask is (B, L) (every token of a row sees the same caption) or (B, N, L) (packed
+    clips: each token sees only its own clip's caption). A token that sees no text token gets
+    a zero cross-attention output (instead of NaN).
     """
 
     def __init__(self, dim: int, text_dim: int, num_heads: int, qk_norm: bool):
@@ -253,37 +420,84 @@ class CrossAttention(nn.Module):
         B, N, D = x.shape
         L = text.shape[1]
         hd = D // self.num_heads
-        q = self.q(x).reshape(B, N, self.num_heads, hd).transpose(1, 2)  # (B, H, N, hd)
-        kv = self.kv(text).reshape(B, L, 2, self.num_heads, hd)  # (B, L, 2, H, hd)
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, hd)
-        q, k = self.q_norm(q), self.k_norm(k)  # (B, H, N, hd), (B, H, L, hd)
-        has_text = text_mask.any(dim=-1)  # (B,)
-        safe_mask = text_mask | ~has_text[:, None]  # (B, L) never an all-False row
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe_mask[:, None, None, :])  # (B, H, N, hd)
-        out = out * has_text[:, None, None, None].to(out.dtype)  # (B, H, N, hd)
+        q = self.q(x).reshape(B, N, self.num_heads, hd)  # (B, N, H, hd)
+        k, v = self.kv(text).reshape(B, L, 2, self.num_heads, hd).unbind(2)  # each (B, L, H, hd)
+        q = norm_fp32(self.q_norm, q).to(v.dtype).transpose(1, 2)  # (B, H, N, hd)
+        k = norm_fp32(self.k_norm, k).to(v.dtype).transpose(1, 2)  # (B, H, L, hd)
+        v = v.transpose(1, 2)  # (B, H, L, hd)
+        mask = text_mask if text_mask.ndim == 3 else text_mask[:, None, :]  # (B, N or 1, L)
+        has_text = mask.any(dim=-1, keepdim=True)  # (B, N or 1, 1)
+        safe_mask = mask | ~has_text  # (B, N or 1, L) never an all-False row
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe_mask[:, None])  # (B, H, N, hd)
+        out = out * has_text[:, None].to(out.dtype)  # (B, H, N, hd)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
 
 
 class DiTBlock(nn.Module):
-    """adaLN-Zero self-attention -> cross-attention -> adaLN-Zero MLP. Identity at init."""
+    """adaLN-Zero self-attention (full, or spatial then temporal) -> cross-attention -> adaLN-Zero MLP.
+
+    Identity at init (the adaLN gates and the cross-attention output projection start at 0).
+    """
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         D = cfg.hidden_size
         self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
-        self.attn = SelfAttention(D, cfg.num_heads, cfg.qk_norm)
+        self.attn = SelfAttention(D, cfg.num_heads, cfg.qk_norm)  # full, or spatial when factorised
+        if cfg.attention == "factorised":
+            self.norm_temporal = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+            self.temporal_attn = SelfAttention(D, cfg.num_heads, cfg.qk_norm)
+        else:
+            self.temporal_attn = None
         self.norm_cross = nn.LayerNorm(D, eps=1e-6)
         self.cross_attn = CrossAttention(D, cfg.text_dim, cfg.num_heads, cfg.qk_norm)
         self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(D, cfg.mlp_hidden)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+        self.num_modulations = cfg.num_modulations
+        if cfg.adaln == "block":
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, cfg.num_modulations * D))
+        else:  # the shared DiT.adaLN_single output arrives as c; this block adds its own offsets
+            self.adaLN_modulation = None
+            self.modulation_table = nn.Parameter(torch.zeros(cfg.num_modulations * D))
 
-    def forward(self, x, c, text, text_mask, rope):
-        # x (B, N, D), c (B, D), text (B, L, Dt), text_mask (B, L)
-        shift_sa, scale_sa, gate_sa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)  # each (B, D)
-        x = x + gate_sa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_sa, scale_sa), rope)  # (B, N, D)
+    def modulation(self, c: torch.Tensor) -> torch.Tensor:
+        """c (B, D) (block), or the shared modulation (B, m*D) (single) -> this block's (B, m*D)."""
+        if self.adaLN_modulation is not None:
+            return self.adaLN_modulation(c)  # (B, m*D)
+        return c + self.modulation_table  # (B, m*D)
+
+    def spatial(self, h: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """Attention within each frame: (B, N, D) -> (B, N, D)."""
+        if layout.grid is None:
+            return self.attn(h, layout.rope, layout.mask_spatial)  # (R, N, D)
+        B, N, D = h.shape
+        gt, gh, gw = layout.grid
+        out = self.attn(h.reshape(B * gt, gh * gw, D), layout.rope_spatial)  # (B*T', H'W', D)
+        return out.reshape(B, N, D)  # (B, N, D)
+
+    def temporal(self, h: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """Attention across frames at each spatial position: (B, N, D) -> (B, N, D)."""
+        if layout.grid is None:
+            return self.temporal_attn(h, layout.rope, layout.mask_temporal)  # (R, N, D)
+        B, N, D = h.shape
+        gt, gh, gw = layout.grid
+        h = h.reshape(B, gt, gh * gw, D).transpose(1, 2).reshape(B * gh * gw, gt, D)  # (B*H'W', T', D)
+        out = self.temporal_attn(h, layout.rope_temporal)  # (B*H'W', T', D)
+        return out.reshape(B, gh * gw, gt, D).transpose(1, 2).reshape(B, N, D)  # (B, N, D)
+
+    def forward(self, x, c, text, text_mask, layout: Layout):
+        # x (B, N, D), c (B, D) or per clip (K, D) [(.., m*D) with adaln=single], text (B, L, Dt),
+        # text_mask (B, L) or (B, N, L)
+        mod = per_token(self.modulation(c), layout).chunk(self.num_modulations, dim=-1)  # each (B, 1 or N, D)
+        if self.temporal_attn is None:
+            shift_sa, scale_sa, gate_sa, shift_mlp, scale_mlp, gate_mlp = mod
+            x = x + gate_sa * self.attn(modulate(self.norm1(x), shift_sa, scale_sa), layout.rope, layout.mask)  # (B, N, D)
+        else:
+            shift_s, scale_s, gate_s, shift_t, scale_t, gate_t, shift_mlp, scale_mlp, gate_mlp = mod
+            x = x + gate_s * self.spatial(modulate(self.norm1(x), shift_s, scale_s), layout)  # (B, N, D)
+            x = x + gate_t * self.temporal(modulate(self.norm_temporal(x), shift_t, scale_t), layout)  # (B, N, D)
         x = x + self.cross_attn(self.norm_cross(x), text, text_mask)  # (B, N, D)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, N, D)
+        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, N, D)
         return x
 
 
@@ -294,8 +508,8 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
         self.linear = nn.Linear(hidden_size, out_dim)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)  # each (B, D)
+    def forward(self, x: torch.Tensor, c: torch.Tensor, layout: Layout) -> torch.Tensor:
+        shift, scale = per_token(self.adaLN_modulation(c), layout).chunk(2, dim=-1)  # each (B, 1 or N, D)
         return self.linear(modulate(self.norm(x), shift, scale))  # (B, N, P*C)
 
 
@@ -313,6 +527,8 @@ class DiT(nn.Module):
         self.x_embed = nn.Linear(cfg.patch_dim, D)  # == Conv3d(kernel=stride=patch) on patchified tokens
         self.t_embed = TimestepEmbedder(D)
         self.text_pool = nn.Linear(cfg.text_dim, D)
+        if cfg.adaln == "single":
+            self.adaLN_single = nn.Sequential(nn.SiLU(), nn.Linear(D, cfg.num_modulations * D))
         self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.depth)])
         self.final = FinalLayer(D, cfg.patch_dim)
         self.initialize_weights()
@@ -328,8 +544,10 @@ class DiT(nn.Module):
         for lin in (self.t_embed.mlp[0], self.t_embed.mlp[2]):
             nn.init.normal_(lin.weight, std=0.02)
         zero = [self.final.adaLN_modulation[-1], self.final.linear]
+        if self.cfg.adaln == "single":  # the per-block tables start at zero too
+            zero.append(self.adaLN_single[-1])
         for block in self.blocks:
-            zero += [block.adaLN_modulation[-1], block.cross_attn.proj]
+            zero += [block.cross_attn.proj] + ([block.adaLN_modulation[-1]] if block.adaLN_modulation is not None else [])
         for lin in zero:  # adaLN-Zero: every residual branch and the output start at 0
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
@@ -340,23 +558,88 @@ class DiT(nn.Module):
         pooled = (text * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)  # (B, Dt)
         return self.t_embed(t) + self.text_pool(pooled)  # (B, D)
 
+    def grid_layout(self, grid: tuple[int, int, int], device=None) -> Layout:
+        """Layout of a batch of clips that all have the token grid (T', H', W')."""
+        hd, theta = self.cfg.head_dim, self.cfg.rope_theta
+        gt, gh, gw = grid
+        rope = rope_freqs(grid_positions(grid, device), hd, theta)  # (N, 1, hd/2)
+        if self.cfg.attention == "full":
+            return Layout(rope=rope, grid=grid)
+        return Layout(
+            rope=rope,
+            grid=grid,
+            rope_spatial=rope_freqs(grid_positions((1, gh, gw), device), hd, theta),  # (H'W', 1, hd/2)
+            rope_temporal=rope_freqs(grid_positions((gt, 1, 1), device), hd, theta),  # (T', 1, hd/2)
+        )
+
+    def packed_layout(self, packed: PackedClips) -> Layout:
+        """Block-diagonal layout of packed clips: attention never crosses a clip boundary."""
+        rope = rope_freqs(packed.positions, self.cfg.head_dim, self.cfg.rope_theta)  # (R, N, 1, hd/2)
+        clip, pos = packed.clip, packed.positions  # (R, N), (R, N, 3)
+        same = clip[:, :, None] == clip[:, None, :]  # (R, N, N); padding only sees padding
+        layout = dict(rope=rope, token_clip=clip.clamp(min=0))
+        if self.cfg.attention == "full":
+            layout["mask"] = same[:, None]  # (R, 1, N, N)
+        else:
+            eq = pos[:, :, None, :] == pos[:, None, :, :]  # (R, N, N, 3)
+            layout["mask_spatial"] = (same & eq[..., 0])[:, None]  # (R, 1, N, N) same frame
+            layout["mask_temporal"] = (same & eq[..., 1] & eq[..., 2])[:, None]  # (R, 1, N, N) same (h, w)
+        return Layout(**layout)
+
+    def trunk(self, tokens, c, text, text_mask, layout: Layout) -> torch.Tensor:
+        """DiT blocks and the final layer: tokens (B, N, D), c (B, D) -> (B, N, P*C)."""
+        c_blocks = self.adaLN_single(c) if self.cfg.adaln == "single" else c  # (B, m*D) or (B, D)
+        for block in self.blocks:
+            if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
+                tokens = checkpoint(block, tokens, c_blocks, text, text_mask, layout, use_reentrant=False)  # (B, N, D)
+            else:
+                tokens = block(tokens, c_blocks, text, text_mask, layout)  # (B, N, D)
+        return self.final(tokens, c, layout)  # (B, N, P*C)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """x (B, C, T, H, W), t (B,) in [0, 1], text (B, L, Dt), text_mask (B, L) bool -> velocity (B, C, T, H, W)."""
         B, C, T, H, W = x.shape
         if t.ndim == 0:
             t = t.expand(B)
         grid = patch_grid((T, H, W), self.patch)
-        tokens = self.x_embed(patchify(x, self.patch))  # (B, N, D)
-        rope = rope_cos_sin(grid_positions(grid, x.device), self.cfg.head_dim, self.cfg.rope_theta)  # 2x (N, hd/2)
-        c = self.condition(t, text, text_mask)  # (B, D)
         text_mask = text_mask.bool()
-        for block in self.blocks:
-            if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, c, text, text_mask, rope, use_reentrant=False)  # (B, N, D)
-            else:
-                tokens = block(tokens, c, text, text_mask, rope)  # (B, N, D)
-        out = self.final(tokens, c)  # (B, N, P*C)
+        tokens = self.x_embed(patchify(x, self.patch))  # (B, N, D)
+        c = self.condition(t, text, text_mask)  # (B, D)
+        out = self.trunk(tokens, c, text, text_mask, self.grid_layout(grid, x.device))  # (B, N, P*C)
         return unpatchify(out, self.patch, grid)  # (B, C, T, H, W)
+
+    def forward_packed(self, packed: PackedClips, t: torch.Tensor, text: torch.Tensor,
+                       text_mask: torch.Tensor) -> list[torch.Tensor]:
+        """K packed clips, t (K,), text (K, L, Dt), text_mask (K, L) -> K velocities (C, T_i, H_i, W_i).
+
+        Clip k's output equals forward(clip_k[None], t[k:k+1], text[k:k+1], text_mask[k:k+1]).
+        """
+        K = packed.num_clips
+        if t.ndim == 0:
+            t = t.expand(K)
+        if t.shape[0] != K or text.shape[0] != K or text_mask.shape[0] != K:
+            raise ValueError(f"{K} packed clips need K timesteps and captions; got t {tuple(t.shape)}, text {tuple(text.shape)}")
+        text_mask = text_mask.bool()
+        tokens = self.x_embed(packed.tokens)  # (R, N, D)
+        c = self.condition(t, text, text_mask)  # (K, D)
+        row_text, row_mask = packed_text(packed, text, text_mask)  # (R, Kmax*L, Dt), (R, N, Kmax*L)
+        out = self.trunk(tokens, c, row_text, row_mask, self.packed_layout(packed))  # (R, N, P*C)
+        return unpack(out, packed)
+
+
+def packed_text(packed: PackedClips, text: torch.Tensor, text_mask: torch.Tensor):
+    """Captions of each row's clips side by side, and which token may see which caption token.
+
+    text (K, L, Dt), text_mask (K, L) -> row_text (R, Kmax*L, Dt), row_mask (R, N, Kmax*L) bool.
+    """
+    K, L, Dt = text.shape
+    R, kmax = packed.row_clips.shape
+    idx = packed.row_clips.clamp(min=0)  # (R, Kmax)
+    row_text = text[idx].reshape(R, kmax * L, Dt)  # (R, Kmax*L, Dt)
+    slot_clip = packed.row_clips[:, :, None].expand(R, kmax, L).reshape(R, kmax * L)  # (R, Kmax*L)
+    slot_ok = text_mask[idx].reshape(R, kmax * L) & (slot_clip >= 0)  # (R, Kmax*L)
+    row_mask = (packed.clip[:, :, None] == slot_clip[:, None, :]) & slot_ok[:, None, :]  # (R, N, Kmax*L)
+    return row_text, row_mask
 
 
 def count_params(cfg: DiTConfig) -> int:
@@ -366,7 +649,11 @@ def count_params(cfg: DiTConfig) -> int:
     qk = 2 * hd if cfg.qk_norm else 0
     embed = lin(P, D) + lin(FREQ_EMBED_DIM, D) + lin(D, D) + lin(Dt, D)
     self_attn = lin(D, 3 * D) + lin(D, D) + qk
+    n_self = 2 if cfg.attention == "factorised" else 1  # spatial + temporal
     cross_attn = 2 * D + lin(D, D) + lin(Dt, 2 * D) + lin(D, D) + qk  # norm_cross affine + q, kv, proj
-    block = lin(D, 6 * D) + self_attn + cross_attn + lin(D, M) + lin(M, D)
+    mD = cfg.num_modulations * D
+    modulation = lin(D, mD) if cfg.adaln == "block" else mD  # per block: a Linear, or an offset table
+    shared = lin(D, mD) if cfg.adaln == "single" else 0  # adaLN-single's shared Linear
+    block = modulation + n_self * self_attn + cross_attn + lin(D, M) + lin(M, D)
     final = lin(D, 2 * D) + lin(D, P)
-    return embed + cfg.depth * block + final
+    return embed + shared + cfg.depth * block + final

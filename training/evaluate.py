@@ -8,6 +8,7 @@ comparable across runs and checkpoints of the same data.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def load_model(train_dir: Path, device: torch.device, use_ema: bool = True):
     ema_path = train_dir / "model_ema.pt"
     if use_ema and ema_path.exists():
         ema = torch.load(ema_path, map_location="cpu", weights_only=True)
-        missing = set(dict(model.named_parameters())) - set(ema)
+        missing = {k for k, p in model.named_parameters() if p.requires_grad} - set(ema)
         if missing:
             raise KeyError(f"EMA weights lack {sorted(missing)[:3]}")
         sd.update(ema)
@@ -109,18 +110,22 @@ def sample_videos(model, tokenizer, prompts: list[str], cfg: EvalConfig, shape: 
 def evaluate(cfg: EvalConfig, train_dir: Path, val_shards: list[str], out_dir: Path,
              tracker) -> dict:
     from data.video_io import write_mp4
-    from training.text import Tokenizer
+    from training.flops import token_grid
+    from training.flow import FlowConfig, shift_for
+    from training.trainer import from_dict
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, mcfg = load_model(train_dir, device, cfg.use_ema)
     tcfg = json.loads((train_dir / "train_config.json").read_text())
     size = (tcfg["height"], tcfg["width"])
-    tokenizer = Tokenizer(mcfg.text.max_length)
+    tokenizer = mcfg.text.build_tokenizer()
     metrics = validation_loss(model, tokenizer, val_shards, cfg, tcfg["num_frames"], size,
                               tcfg["data"]["target_fps"], device)
     videos = sample_videos(model, tokenizer, list(cfg.prompts), cfg,
                            (mcfg.dit.in_channels, tcfg["num_frames"], *size),
-                           tcfg["flow"]["shift"], device)  # (N, T, H, W, 3)
+                           shift_for(from_dict(FlowConfig, tcfg["flow"]), math.prod(
+                               token_grid(mcfg.dit, (tcfg["num_frames"], *size)))),
+                           device)  # (N, T, H, W, 3)
     sample_dir = out_dir / "samples"
     sample_dir.mkdir(parents=True, exist_ok=True)
     rows = []

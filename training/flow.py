@@ -6,8 +6,18 @@ Convention (SD3 / Flux style):
 Sampling integrates dx/dt = v from t = 1 down to t = 0.
 
 Timestep shift (applied both when sampling training timesteps and in the sampler schedule):
-    t' = shift * t / (1 + (shift - 1) * t)
-shift > 1 spends more steps/samples at high noise; later made resolution dependent.
+    t' = s * t / (1 + (s - 1) * t)
+s > 1 spends more steps/samples at high noise. Larger and longer clips need more of it: at
+the same noise level, averaging over more correlated pixels recovers more of the signal, so
+a clip of N tokens is "less noisy" than a small one at the same t (SD3: resolution-dependent
+shifting of timestep schedules). With ``shift_mode: tokens`` the shift grows with the clip's
+token count N = T'H'W' (after patchify):
+    s(N) = shift * (N / shift_base_tokens) ** shift_exponent
+i.e. log s is linear in log N. shift_exponent = 0.5 is SD3's sqrt(m / n) rule and Open-Sora's
+sqrt(resolution ratio) * sqrt(frames ratio); shift_max caps it. `shift` is the value at
+``shift_base_tokens``. The default ``shift_mode: constant`` uses s = shift everywhere (the
+previous behaviour, identical numbers). ``shift_for(cfg, N)`` gives the shift for N tokens;
+the sampler must be given the same value (``euler_sample(..., shift=shift_for(cfg, N))``).
 
 All functions are pure (no logging or I/O); randomness only through an explicit torch.Generator.
 """
@@ -20,6 +30,7 @@ from typing import Callable
 import torch
 
 TIMESTEP_SAMPLINGS = ("logit_normal", "uniform")
+SHIFT_MODES = ("constant", "tokens")
 
 
 @dataclass
@@ -27,7 +38,11 @@ class FlowConfig:
     timestep_sampling: str = "logit_normal"  # or "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
-    shift: float = 1.0
+    shift: float = 1.0  # the shift (constant), or the shift at shift_base_tokens (tokens)
+    shift_mode: str = "constant"  # constant | tokens: s(N) = shift * (N / shift_base_tokens) ** shift_exponent
+    shift_base_tokens: int = 1024  # token count (T'H'W' after patchify) at which s = shift
+    shift_exponent: float = 0.5  # 0.5: SD3 / Open-Sora sqrt rule
+    shift_max: float = 0.0  # cap on s(N); 0 = no cap
     caption_dropout: float = 0.1  # probability a training caption is replaced by "" (for CFG)
 
     def __post_init__(self) -> None:
@@ -35,6 +50,12 @@ class FlowConfig:
             raise ValueError(f"unknown timestep_sampling {self.timestep_sampling!r}; valid: {', '.join(TIMESTEP_SAMPLINGS)}")
         if self.shift <= 0:
             raise ValueError(f"shift must be > 0, got {self.shift}")
+        if self.shift_mode not in SHIFT_MODES:
+            raise ValueError(f"unknown shift_mode {self.shift_mode!r} (flow.shift_mode); valid: {', '.join(SHIFT_MODES)}")
+        if self.shift_base_tokens < 1:
+            raise ValueError(f"shift_base_tokens must be >= 1, got {self.shift_base_tokens}")
+        if self.shift_max < 0:
+            raise ValueError(f"shift_max must be >= 0 (0 = no cap), got {self.shift_max}")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
 
@@ -45,22 +66,50 @@ def _gen_device(generator: torch.Generator | None, device) -> torch.device:
     return generator.device if generator is not None else torch.device("cpu")
 
 
-def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
-    """t' = shift * t / (1 + (shift - 1) * t); monotone, keeps 0 -> 0 and 1 -> 1."""
-    if shift == 1.0:
+def shift_for(cfg: FlowConfig, num_tokens: int | torch.Tensor | None = None) -> float | torch.Tensor:
+    """The timestep shift for clips of `num_tokens` tokens (an int, or (B,) for mixed sizes).
+
+    constant: cfg.shift (num_tokens is ignored). tokens: cfg.shift * (N / base) ** exponent,
+    capped at cfg.shift_max when that is > 0.
+    """
+    if cfg.shift_mode == "constant":
+        return float(cfg.shift)
+    if num_tokens is None:
+        raise ValueError("flow.shift_mode=tokens needs the clip's token count (num_tokens = T'*H'*W' after patchify)")
+    if isinstance(num_tokens, torch.Tensor):
+        s = cfg.shift * (num_tokens.double() / cfg.shift_base_tokens) ** cfg.shift_exponent  # (B,)
+        return (s.clamp(max=cfg.shift_max) if cfg.shift_max > 0 else s).float()  # (B,)
+    s = cfg.shift * (num_tokens / cfg.shift_base_tokens) ** cfg.shift_exponent
+    return min(s, cfg.shift_max) if cfg.shift_max > 0 else s
+
+
+def shift_timesteps(t: torch.Tensor, shift: float | torch.Tensor) -> torch.Tensor:
+    """t' = shift * t / (1 + (shift - 1) * t); monotone, keeps 0 -> 0 and 1 -> 1.
+
+    shift: a float, or a tensor broadcastable to t (one shift per sample).
+    """
+    if not isinstance(shift, torch.Tensor) and shift == 1.0:
         return t
+    if isinstance(shift, torch.Tensor):
+        shift = shift.to(t.device, t.dtype)
     return shift * t / (1 + (shift - 1) * t)  # (B,)
 
 
-def sample_timesteps(cfg: FlowConfig, batch: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-    """Training timesteps t (B,) in (0, 1), sampled per cfg and then shifted."""
+def sample_timesteps(
+    cfg: FlowConfig,
+    batch: int,
+    generator: torch.Generator | None = None,
+    device=None,
+    num_tokens: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Training timesteps t (B,) in (0, 1), sampled per cfg and then shifted by shift_for(cfg, num_tokens)."""
     device = _gen_device(generator, device)
     if cfg.timestep_sampling == "logit_normal":
         u = torch.randn(batch, generator=generator, device=device) * cfg.logit_std + cfg.logit_mean  # (B,)
         t = torch.sigmoid(u)  # (B,)
     else:
         t = torch.rand(batch, generator=generator, device=device)  # (B,)
-    return shift_timesteps(t, cfg.shift)  # (B,)
+    return shift_timesteps(t, shift_for(cfg, num_tokens))  # (B,)
 
 
 def flow_loss(
@@ -70,16 +119,18 @@ def flow_loss(
     generator: torch.Generator | None = None,
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    num_tokens: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rectified-flow MSE. model_fn(x_t (B, ...), t (B,)) -> v_pred (B, ...).
 
     `t` and `noise` may be given to fix them (tests, loss-parity checks); otherwise they are
-    drawn from `generator`. Returns (loss scalar, per-sample loss (B,), t (B,)); the loss is
+    drawn from `generator`. `num_tokens` (the clips' T'H'W') sets the shift when
+    cfg.shift_mode == "tokens". Returns (loss scalar, per-sample loss (B,), t (B,)); the loss is
     computed in float32 and averaged over all non-batch dims.
     """
     B = x0.shape[0]
     if t is None:
-        t = sample_timesteps(cfg, B, generator, device=x0.device)  # (B,)
+        t = sample_timesteps(cfg, B, generator, device=x0.device, num_tokens=num_tokens)  # (B,)
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)  # (B, C, T, H, W)
     t = t.to(x0.device)
@@ -117,6 +168,8 @@ def euler_sample(
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Integrate dx/dt = v from t = 1 (noise) to t = 0 with `steps` Euler steps -> x0 `shape`.
+
+    `shift` must be the one training used for this clip size: ``shift_for(flow_cfg, T'*H'*W')``.
 
     model_fn(x (B, ...), t (B,), cond: bool) -> v (B, ...): one callable, with cond=True for
     the text-conditioned prediction and cond=False for the unconditional (empty caption) one;

@@ -1,23 +1,44 @@
 """The trainable text-to-video model: a text encoder feeding a spacetime-patch DiT.
 
+    captions --tokenize--> ids, mask --text_encoder--> text (B, L, Dt), text_mask (B, L)
+    x_t (B, C, T, H, W), t (B,), text, text_mask --dit--> velocity (B, C, T, H, W)
+
+The DiT's ``text_dim`` must equal the encoder's output width (``model.dit.text_dim`` ==
+``model.text.dim`` == the encoder's width; checked with an error naming the keys). Frozen
+encoders (open_clip, t5) have no trainable parameters: build the optimizer from
+``trainable_parameters()``.
+
 Pure ``nn.Module`` (no distributed calls, logging or I/O): DeepSpeed wraps it from outside.
+The text-embedding cache, which may touch disk, is passed in by the caller
+(``encode_captions(captions, cache=cfg.text.build_cache())``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from training.dit import DiTConfig
-from training.text import TextEncoderConfig
+from training.dit import DiTConfig, PackedClips
+from training.text import TextEmbeddingCache, TextEncoderConfig, encode_captions
 
 
 @dataclass
 class ModelConfig:
     dit: DiTConfig = field(default_factory=DiTConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        if self.dit.text_dim != self.text.dim:
+            raise ValueError(
+                f"model.dit.text_dim ({self.dit.text_dim}) must equal model.text.dim ({self.text.dim}), "
+                f"the width of the {self.text.kind} text encoder's tokens"
+            )
 
     def build(self) -> "TextToVideo":
         return TextToVideo(self)
@@ -26,18 +47,56 @@ class ModelConfig:
 class TextToVideo(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.dit.text_dim != cfg.text.dim:
-            raise ValueError(
-                f"model.dit.text_dim ({cfg.dit.text_dim}) must equal model.text.dim ({cfg.text.dim})"
-            )
+        cfg.check()
         self.cfg = cfg
         self.text_encoder = cfg.text.build()
+        if self.text_encoder.out_dim != cfg.dit.text_dim:
+            raise ValueError(
+                f"model.dit.text_dim ({cfg.dit.text_dim}) must equal the output width of the text encoder "
+                f"model.text (kind={cfg.text.kind}, name={cfg.text.name}): {self.text_encoder.out_dim}"
+            )
         self.dit = cfg.dit.build()
+        self._tokenizer = None  # built on first use (not a module; nothing to save)
+
+    @property
+    def tokenizer(self):
+        """The encoder's own tokenizer: captions -> ids (B, L), mask (B, L)."""
+        if self._tokenizer is None:
+            self._tokenizer = self.cfg.text.build_tokenizer()
+        return self._tokenizer
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer gets: everything but a frozen text encoder."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.tokenizer(captions)  # (B, L), (B, L)
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor):
         return self.text_encoder(ids, mask)  # (B, L, Dt), (B, L)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor):
-        """x_t (B, C, T, H, W), t (B,), ids/mask (B, L) -> velocity (B, C, T, H, W)."""
-        text, text_mask = self.encode_text(ids, mask)  # (B, L, Dt), (B, L)
+    def encode_captions(self, captions: list[str], cache: Optional[TextEmbeddingCache] = None):
+        """captions -> text (B, L, Dt), text_mask (B, L); a cache (frozen encoders) skips repeats."""
+        return encode_captions(self.text_encoder, self.tokenizer, captions, cache)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, ids: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None, *, text: Optional[torch.Tensor] = None,
+                text_mask: Optional[torch.Tensor] = None):
+        """x_t (B, C, T, H, W), t (B,), and either ids/mask (B, L) or encoded text (B, L, Dt) /
+        text_mask (B, L) -> velocity (B, C, T, H, W)."""
+        text, text_mask = self._text(ids, mask, text, text_mask)  # (B, L, Dt), (B, L)
         return self.dit(x_t, t, text, text_mask)  # (B, C, T, H, W)
+
+    def forward_packed(self, packed: PackedClips, t: torch.Tensor, ids: Optional[torch.Tensor] = None,
+                       mask: Optional[torch.Tensor] = None, *, text: Optional[torch.Tensor] = None,
+                       text_mask: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+        """K clips packed by `training.dit.pack_clips`, t (K,), one caption per clip -> K velocities."""
+        text, text_mask = self._text(ids, mask, text, text_mask)  # (K, L, Dt), (K, L)
+        return self.dit.forward_packed(packed, t, text, text_mask)
+
+    def _text(self, ids, mask, text, text_mask):
+        if (ids is None) == (text is None):
+            raise ValueError("pass either ids/mask (token ids) or text/text_mask (encoded text), not both")
+        if text is None:
+            return self.encode_text(ids, mask)  # (B, L, Dt), (B, L)
+        return text, text_mask

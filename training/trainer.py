@@ -110,7 +110,7 @@ class full_params:
             self._ctx = deepspeed.zero.GatheredParameters(list(module.parameters()),
                                                           modifier_rank=None)
             self._ctx.__enter__()
-        return dict(module.named_parameters())
+        return {k: p for k, p in module.named_parameters() if p.requires_grad}  # not frozen ones
 
     def __exit__(self, *exc):
         if self._ctx is not None:
@@ -167,7 +167,6 @@ def train_loop(config: dict[str, Any]) -> None:
     from training.flow import drop_captions, flow_loss
     from training.loader import ClipStream, Loader, normalize
     from training.model import ModelConfig
-    from training.text import Tokenizer
     from training.zero import DeepSpeedConfig, build_ds_config
 
     ds_logger.setLevel("WARNING")
@@ -184,7 +183,7 @@ def train_loop(config: dict[str, Any]) -> None:
     model = mcfg.build().to(device)
     micro = micro_batch_size(tcfg, world, dcfg.grad_accum)
     ds_config = build_ds_config(dcfg, micro, tcfg.precision)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = model.trainable_parameters()  # a frozen text encoder is not optimised
     opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tcfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
@@ -213,7 +212,7 @@ def train_loop(config: dict[str, Any]) -> None:
     data = Loader(stream)
     spec = TrackerSpec(**config["tracker"])
     tracker = make_tracker(spec, rank)
-    tokenizer = Tokenizer(mcfg.text.max_length)
+    tokenizer = mcfg.text.build_tokenizer()  # the text encoder's own (CLIP BPE, T5, ...)
     guard = NonFiniteGuard(tcfg.max_nonfinite)
     from training.flops import matmul_flops_per_s, token_grid, train_flops
 
@@ -256,7 +255,8 @@ def train_loop(config: dict[str, Any]) -> None:
             ids, mask = tokenizer(drop_captions(captions, tcfg.flow, gen))  # (B, L)
             ids, mask = ids.to(device), mask.to(device)
             loss, per_sample, t = flow_loss(lambda x, tt: engine(x, tt, ids, mask),
-                                            video, tcfg.flow, generator=gen)
+                                            video, tcfg.flow, generator=gen,
+                                            num_tokens=math.prod(grid))
             finite = torch.isfinite(loss.detach()).float()
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
             if not guard.check(bool(finite.item()), step):
