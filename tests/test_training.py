@@ -180,7 +180,7 @@ class Cluster:
 
 
 def train(shards, out: Path, *, zero: int, steps: int = 16, ckpt_every: int = 100,
-          max_failures: int = 0) -> dict:
+          max_failures: int = 0, offload: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     tcfg = TrainConfig(steps=steps, global_batch_size=4, lr=3e-3, warmup_steps=1, log_every=1,
                        ckpt_every=ckpt_every, max_failures=max_failures, seed=1,
@@ -191,7 +191,7 @@ def train(shards, out: Path, *, zero: int, steps: int = 16, ckpt_every: int = 10
                        jsonl=str(out / "metrics.jsonl"))
     mcfg = ModelConfig()
     mcfg.dit.patch_size = [2, 4, 4]
-    return run_training(train_cfg=tcfg, model_cfg=mcfg, ds_cfg=DeepSpeedConfig(zero_stage=zero),
+    return run_training(train_cfg=tcfg, model_cfg=mcfg, ds_cfg=DeepSpeedConfig(zero_stage=zero, offload_optimizer=offload),
                         cluster=Cluster(), out_dir=out, train_shards=shards,
                         tracker_spec=spec, stage="train", stage_hash="0" * 64, inputs={})
 
@@ -226,9 +226,9 @@ def test_zero2_trains_with_falling_loss(baseline):
     assert res["zero_stage"] == 2 and res["world_size"] == 2 and res["skipped_samples"] >= 0
 
 
-@pytest.mark.parametrize("zero", [1, 3])
-def test_zero_stage_trains_with_falling_loss(ray_local, shards, tmp_path, zero):
-    res = train(shards, tmp_path, zero=zero)
+@pytest.mark.parametrize("zero,offload", [(1, False), (3, False), (2, True)])
+def test_zero_stage_trains_with_falling_loss(ray_local, shards, tmp_path, zero, offload):
+    res = train(shards, tmp_path, zero=zero, offload=offload)
     assert res["zero_stage"] == zero
     assert falling(losses(tmp_path))
     if zero == 3:

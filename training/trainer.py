@@ -184,7 +184,13 @@ def train_loop(config: dict[str, Any]) -> None:
     micro = micro_batch_size(tcfg, world, dcfg.grad_accum)
     ds_config = build_ds_config(dcfg, micro, tcfg.precision)
     params = model.trainable_parameters()  # a frozen text encoder is not optimised
-    opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    if dcfg.offload_optimizer:  # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed's CPU Adam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        opt = DeepSpeedCPUAdam(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
+                               adamw_mode=True)
+    else:
+        opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tcfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                            model_parameters=params, config=ds_config,
