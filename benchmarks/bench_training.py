@@ -2,7 +2,9 @@
 
 (a) Per-rank bytes of parameters + gradients + optimizer states under ZeRO 0/1/2/3 with 2 ranks
     (gloo) for a medium preset. Measured as the bytes of every distinct tensor storage alive in
-    the rank after an optimizer step (activations are freed by then). Target: ZeRO-3 <= 0.55x
+    the rank right after the last backward (gradients exist, optimizer states exist since the
+    first step), minus what was alive before the model was built; communication buckets are
+    set small (1e6 elements) so they do not hide the partitioning. Target: ZeRO-3 <= 0.55x
     ZeRO-0.
 (b) Loader samples/s against raw decord decoding of the same clips (same windows, same
     resize). Target: >= 0.8x.
@@ -58,7 +60,7 @@ def model_and_batch(preset: str, seed: int = 0):
 
 
 def _worker(rank: int, world: int, port: int, preset: str, steps: int, stage: int,
-            out: str) -> None:
+            out: str, precision: str = "fp32") -> None:
     """One ZeRO stage (or plain DDP when stage < 0) in fresh processes, so nothing leaks
     between measurements."""
     import warnings
@@ -81,17 +83,24 @@ def _worker(rank: int, world: int, port: int, preset: str, steps: int, stage: in
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         engine, *_ = deepspeed.initialize(
             model=model, optimizer=opt, dist_init_required=False,
-            config=build_ds_config(DeepSpeedConfig(zero_stage=stage), 2, "fp32"))
+            config=build_ds_config(DeepSpeedConfig(zero_stage=stage, bucket_elements=10**6),
+                                   2, precision))
+        if precision == "bf16":
+            x = x.to(torch.bfloat16)
         times = []
-        for _ in range(steps):
+        for i in range(steps):
             t0 = time.perf_counter()
             loss = engine(x, t, ids, mask).pow(2).mean()
             engine.backward(loss)
+            if i == steps - 1:  # params + grads + optimizer states all alive here
+                t_pause = time.perf_counter()
+                del loss
+                gc.collect()
+                res["memory"] = alive_tensor_bytes() - base
+                t0 += time.perf_counter() - t_pause
             engine.step()
             times.append(time.perf_counter() - t0)
-        del loss
         gc.collect()
-        res["memory"] = alive_tensor_bytes() - base
         res["step_s"] = sorted(times[1:])[len(times[1:]) // 2]
         if rank == 0:
             Path(out).write_text(json.dumps(res))
@@ -111,8 +120,7 @@ def _worker(rank: int, world: int, port: int, preset: str, steps: int, stage: in
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
-    gc.collect()
-    res["memory"] = alive_tensor_bytes() - base
+    res["memory"] = 0
     res["step_s"] = sorted(times[1:])[len(times[1:]) // 2]
     if rank == 0:
         Path(out).write_text(json.dumps(res))
@@ -120,13 +128,14 @@ def _worker(rank: int, world: int, port: int, preset: str, steps: int, stage: in
     dist.destroy_process_group()
 
 
-def bench_zero(preset: str, steps: int) -> dict:
+def bench_zero(preset: str, steps: int, precision: str = "fp32", stages=(-1, 0, 1, 2, 3)) -> dict:
     res = {}
-    for stage in (-1, 0, 1, 2, 3):
+    for stage in stages:
         with tempfile.TemporaryDirectory() as d:
             out = str(Path(d) / "res.json")
             port = 29500 + (os.getpid() + stage) % 1000
-            mp.spawn(_worker, args=(2, port, preset, steps, stage, out), nprocs=2, join=True)
+            mp.spawn(_worker, args=(2, port, preset, steps, stage, out, precision), nprocs=2,
+                     join=True)
             res["ddp" if stage < 0 else f"zero{stage}"] = json.loads(Path(out).read_text())
     return res
 
@@ -188,11 +197,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     args = ap.parse_args()
     z = bench_zero(args.preset, args.steps)
-    mem = {s: z[f"zero{s}"]["memory"] for s in (0, 1, 2, 3)}
+    zb = bench_zero(args.preset, 3, "bf16", stages=(0, 1, 2, 3))
     print(f"(a) per-rank bytes of params+grads+optimizer states, preset {args.preset}, 2 ranks")
-    for s in (0, 1, 2, 3):
-        print(f"    ZeRO-{s}: {mem[s] / 2**20:8.1f} MiB   {mem[s] / mem[0]:.2f}x ZeRO-0")
-    print(f"    target ZeRO-3 <= 0.55x: {'met' if mem[3] / mem[0] <= 0.55 else 'MISSED'}")
+    for name, res in (("fp32", z), ("bf16", zb)):
+        mem = {s: res[f"zero{s}"]["memory"] for s in (0, 1, 2, 3)}
+        for s in (0, 1, 2, 3):
+            print(f"    {name} ZeRO-{s}: {mem[s] / 2**20:8.1f} MiB   {mem[s] / mem[0]:.2f}x ZeRO-0")
+        print(f"    {name}: target ZeRO-3 <= 0.55x: "
+              f"{'met' if mem[3] / mem[0] <= 0.55 else 'MISSED'}")
     lo = bench_loader()
     print(f"(b) loader {lo['loader_samples_per_s']:.1f} samples/s vs decord floor "
           f"{lo['decode_floor_samples_per_s']:.1f}: {lo['ratio']:.2f}x "
