@@ -22,12 +22,7 @@ GRIDS = [(2, 4, 4), (4, 8, 6), (1, 8, 8)]  # (T', H', W') after patchify
 TEXT_LEN = 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def counted_forward_flops(model: DiT, grid, text_len: int, batch: int = 2, math_sdpa: bool = False) -> int:

@@ -47,13 +47,7 @@ VARIANTS = [(a, ad) for a in ATTENTIONS for ad in ADALNS]  # (attention, adaln)
 VARIANT_IDS = [f"{a}-{ad}" for a, ad in VARIANTS]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest single-threaded, and the CI machine's 2 cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def perturb(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch.nn.Module:

@@ -28,12 +28,7 @@ CAPTIONS = ["", "a red car driving on the road", "a blue dog runs", "a red car d
 T5_WORDS = ["<pad>", "</s>", "<unk>"] + "a red car driving on the road blue dog runs".split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture
