@@ -127,10 +127,14 @@ def cmd_status(graph, cfg_dict) -> int:
 def cmd_params(cfg) -> int:
     from training.dit import PRESETS, count_params
 
-    base = cfg.model.dit
+    from dataclasses import replace
+
+    base = cfg.model.dit  # the chosen model's options (attention, patch, channels, text width)
+    print(f"{'preset':<7} {'adaln=block':>12} {'adaln=single':>13}   (DiT parameters)")
     for name in PRESETS:
-        c = base.with_preset(name)  # keeps attention/adaLN variants, patch, channels
-        print(f"{name:<6} {count_params(c) / 1e6:10.2f}M")
+        c = base.with_preset(name)
+        counts = [count_params(replace(c, adaln=a)) / 1e6 for a in ("block", "single")]
+        print(f"{name:<7} {counts[0]:11.2f}M {counts[1]:12.2f}M")
     return 0
 
 
