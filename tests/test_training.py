@@ -180,7 +180,7 @@ class Cluster:
 
 
 def train(shards, out: Path, *, zero: int, steps: int = 16, ckpt_every: int = 100,
-          max_failures: int = 0, offload: bool = False) -> dict:
+          max_failures: int = 0, offload: bool = False, mcfg: ModelConfig | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     tcfg = TrainConfig(steps=steps, global_batch_size=4, lr=3e-3, warmup_steps=1, log_every=1,
                        ckpt_every=ckpt_every, max_failures=max_failures, seed=1,
@@ -189,8 +189,9 @@ def train(shards, out: Path, *, zero: int, steps: int = 16, ckpt_every: int = 10
     spec = TrackerSpec(mode="disabled", project="t", entity=None, dir=str(out), group="g",
                        job_type="train", name="train", config={}, tags=[],
                        jsonl=str(out / "metrics.jsonl"))
-    mcfg = ModelConfig()
-    mcfg.dit.patch_size = [2, 4, 4]
+    if mcfg is None:
+        mcfg = ModelConfig()
+        mcfg.dit.patch_size = [2, 4, 4]
     return run_training(train_cfg=tcfg, model_cfg=mcfg, ds_cfg=DeepSpeedConfig(zero_stage=zero, offload_optimizer=offload),
                         cluster=Cluster(), out_dir=out, train_shards=shards,
                         tracker_spec=spec, stage="train", stage_hash="0" * 64, inputs={})
@@ -341,3 +342,21 @@ def test_loader_resumes_exactly_with_partly_filled_buckets(mixed_shards):
         va, ca, ka = next(a)
         vb, cb, kb = next(b)
         assert ka == kb and ca == cb and torch.equal(va, vb)
+
+
+def test_frozen_open_clip_encoder_trains_through_the_embedding_cache(ray_local, shards, tmp_path):
+    """A frozen text tower (tiny random open_clip, no download) under ZeRO-2: its embeddings
+    come from the cache, it gets no optimizer state, and the DiT still learns."""
+    from test_text import write_open_clip_dir
+    from training.dit import DiTConfig
+    from training.text import TextEncoderConfig
+
+    name = write_open_clip_dir(tmp_path / "clip")
+    mcfg = ModelConfig(dit=DiTConfig(patch_size=[2, 4, 4], text_dim=64),
+                       text=TextEncoderConfig(kind="open_clip", name=name, dim=64,
+                                              max_length=16, cache_size=1024))
+    res = train(shards, tmp_path / "out", zero=2, mcfg=mcfg)
+    assert falling(losses(tmp_path / "out"))
+    ema = torch.load(tmp_path / "out" / "model_ema.pt", weights_only=True)
+    assert ema and not any(k.startswith("text_encoder.") for k in ema)  # frozen: no EMA
+    assert res["zero_stage"] == 2

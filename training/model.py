@@ -98,5 +98,6 @@ class TextToVideo(nn.Module):
         if (ids is None) == (text is None):
             raise ValueError("pass either ids/mask (token ids) or text/text_mask (encoded text), not both")
         if text is None:
-            return self.encode_text(ids, mask)  # (B, L, Dt), (B, L)
-        return text, text_mask
+            text, text_mask = self.encode_text(ids, mask)  # (B, L, Dt), (B, L)
+        # frozen encoders return float32; the DiT may hold bf16 weights (DeepSpeed bf16)
+        return text.to(self.dit.x_embed.weight.dtype), text_mask

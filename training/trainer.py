@@ -219,6 +219,10 @@ def train_loop(config: dict[str, Any]) -> None:
     spec = TrackerSpec(**config["tracker"])
     tracker = make_tracker(spec, rank)
     tokenizer = mcfg.text.build_tokenizer()  # the text encoder's own (CLIP BPE, T5, ...)
+    # A frozen encoder's embeddings are cached (encoded once per distinct caption) outside the
+    # engine; under ZeRO-3 its weights are partitioned, so it runs inside the engine instead.
+    frozen = not any(p.requires_grad for p in engine.module.text_encoder.parameters())
+    cache = mcfg.text.build_cache() if frozen and dcfg.zero_stage < 3 else None
     guard = NonFiniteGuard(tcfg.max_nonfinite)
     from training.flops import matmul_flops_per_s, token_grid, train_flops
 
@@ -258,10 +262,19 @@ def train_loop(config: dict[str, Any]) -> None:
             n_samples, n_tokens = n_samples + B, n_tokens + B * math.prod(grid)
             n_flops += B * train_flops(mcfg.dit, grid, text_len)
             video = normalize(video.to(device, non_blocking=True), dtype)  # (B, 3, T, H, W)
-            ids, mask = tokenizer(drop_captions(captions, tcfg.flow, gen))  # (B, L)
-            ids, mask = ids.to(device), mask.to(device)
-            loss, per_sample, t = flow_loss(lambda x, tt: engine(x, tt, ids, mask),
-                                            video, tcfg.flow, generator=gen,
+            captions = drop_captions(captions, tcfg.flow, gen)
+            if cache is not None:
+                with torch.no_grad():
+                    text, tmask = engine.module.encode_captions(captions, cache)  # (B, L, Dt)
+
+                def fwd(x, tt, text=text, tmask=tmask):
+                    return engine(x, tt, text=text, text_mask=tmask)
+            else:
+                ids, mask = tokenizer(captions)  # (B, L)
+
+                def fwd(x, tt, ids=ids.to(device), mask=mask.to(device)):
+                    return engine(x, tt, ids, mask)
+            loss, per_sample, t = flow_loss(fwd, video, tcfg.flow, generator=gen,
                                             num_tokens=math.prod(grid))
             finite = torch.isfinite(loss.detach()).float()
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
