@@ -107,9 +107,8 @@ def _task(row: dict, cfg: dict) -> list[dict]:
     item = json.loads(row["item"])
     try:
         clips, rejects = curate_video(item, CurateConfig(**cfg))
-    except Exception as e:  # noqa: BLE001 - a bug on one file must not lose the others
+    except Exception:  # noqa: BLE001 - a bug on one file must not lose the others
         clips, rejects = [], [reject(item, "curate", "error", traceback.format_exc(limit=3))]
-        del e
     return [{"kind": "clip", "rec": json.dumps(c)} for c in clips] + [
         {"kind": "reject", "rec": json.dumps(r)} for r in rejects
     ]
