@@ -1,0 +1,476 @@
+"""Probing untrusted video files without letting one hang or exhaust a worker.
+
+`Prober` runs the probe in a long-lived child process (`python -m data.probe`) and talks to
+it over a pipe, one JSON line per file. The parent enforces a wall-clock timeout per file:
+on timeout the child is killed and a fresh one starts for the next file. The child limits
+its own address space (`RLIMIT_AS`), so a file that makes FFmpeg allocate without bound
+fails inside the child (a reject) instead of taking the worker's memory. Reusing the child
+keeps the cost per file to one pipe round trip (~1 ms) instead of a process start with
+PyAV's import (~130 ms); `shared_prober(cfg)` gives one child per worker process, which is
+what Ray task pools want.
+
+What the child does for one file, cheapest checks first, so a hostile file is refused
+before any expensive work:
+1. `stat`: missing, empty, or more bytes than `max_bytes` (a sparse 64 GiB file costs
+   nothing to refuse).
+2. Sniff the first 4 KiB: text (an HTML error page or an HLS playlist saved as `.mp4`) is
+   `mislabelled`. FFmpeg is never shown text, and it is only allowed the `file` protocol,
+   so a playlist cannot make it open URLs or other local files.
+3. Open with FFmpeg: no video stream (audio-only) -> `no_video_stream`; an image demuxer
+   (a PNG named `.mp4`) -> `mislabelled`; a codec FFmpeg has no decoder for, or one outside
+   `allowed_codecs` -> `unsupported_codec`.
+4. Caps from the container's own metadata, before reading any packet: frame size
+   (`low_resolution`, `high_resolution`) and declared duration (`too_long`). The caps hold
+   even when the header lies: no frame is decoded before step 6.
+5. Demux (no decoding) every video packet: counts the frames actually present (an index
+   promising more is `truncated`), and gives the timestamps from which fps, variable frame
+   rate and the true duration come. Demuxing stops as soon as the timestamps pass
+   `max_seconds` or the packet count passes `max_seconds * max_fps`, so a file whose
+   metadata understates its length is still `too_long` after bounded work.
+6. Decode the first frame (one thread): proves the stream decodes (`decode_failed`
+   otherwise) and gives the rotation from the display matrix, which PyAV exposes on frames
+   only.
+
+A file whose extension disagrees with its content (an mp4 named `.mkv`) is kept: FFmpeg
+and decord both go by content. `ext_mismatch` in the info records it. A file that opens
+but is not a video (text, an image) is `mislabelled`.
+
+The parent never interprets file bytes itself; everything that touches the file runs in
+the child, including `stat` and `open` (a stalled network mount, or in tests a FIFO, blocks
+right there and is caught by the timeout).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import select
+import stat
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+# Every reason a probe can reject a file with (stable: dashboards and tests key on them).
+REASONS = (
+    "not_found",  # the path does not exist (listed, then gone)
+    "empty_file",  # zero bytes
+    "too_large",  # more than max_bytes
+    "mislabelled",  # not a video at all: text or a still image under a video name
+    "unreadable",  # FFmpeg cannot open it (random bytes, an mp4 cut before its index, ...)
+    "no_video_stream",  # audio-only or data-only container
+    "unsupported_codec",  # no decoder, or not in allowed_codecs
+    "low_resolution",  # shortest side < min_side
+    "high_resolution",  # longest side > max_side or pixels > max_pixels
+    "too_long",  # declared or demuxed duration > max_seconds
+    "too_short",  # duration < min_seconds
+    "truncated",  # opens, but fewer frames present than indexed, or none
+    "decode_failed",  # the first frame does not decode
+    "timeout",  # the probe took longer than timeout_s (killed)
+    "probe_failed",  # the prober crashed or raised (a bug or an FFmpeg crash)
+)
+
+# Extension -> the FFmpeg demuxer its content should open with (for `ext_mismatch` only).
+_EXT_DEMUXER = {
+    ".mp4": "mov,mp4,m4a,3gp,3g2,mj2", ".m4v": "mov,mp4,m4a,3gp,3g2,mj2",
+    ".mov": "mov,mp4,m4a,3gp,3g2,mj2", ".3gp": "mov,mp4,m4a,3gp,3g2,mj2",
+    ".mkv": "matroska,webm", ".webm": "matroska,webm", ".avi": "avi", ".ts": "mpegts",
+    ".flv": "flv", ".mpg": "mpeg", ".mpeg": "mpeg", ".gif": "gif",
+}
+_SNIFF_BYTES = 4096
+
+
+@dataclass
+class ProbeConfig:
+    """Limits for one probe. Sizes are checked from metadata before any decoding."""
+
+    timeout_s: float = 10.0  # wall clock per file; the child is killed past it
+    startup_timeout_s: float = 60.0  # the child's start (imports); not charged to a file
+    max_memory_mb: int = 2048  # the child's address-space limit (RLIMIT_AS); 0 = none
+    max_bytes: int = 16 * 2**30
+    min_side: int = 32  # shortest side, pixels
+    max_side: int = 4096  # longest side, pixels
+    max_pixels: int = 4096 * 2304  # width * height
+    min_seconds: float = 1.0
+    max_seconds: float = 600.0
+    max_fps: float = 240.0  # demuxing stops past max_seconds * max_fps packets
+    allowed_codecs: Optional[list[str]] = None  # FFmpeg decoder names; None = any decodable
+    decode_first_frame: bool = True  # proves decodability and gives the rotation
+
+    def build(self) -> Prober:
+        return Prober(self)
+
+
+class Reject(Exception):
+    """A file refused by the probe: `reason` is one of REASONS."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
+# ----- the probe itself (runs in the child) -------------------------------------------------
+def _looks_like_text(head: bytes) -> bool:
+    """UTF-8 without NULs and almost all printable: no video container starts like that
+    (mp4, mkv, avi, ts, flv and ogg headers all hold NULs or bytes invalid in UTF-8)."""
+    if b"\x00" in head:
+        return False
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:  # only a multi-byte character cut at the end is allowed
+            return False
+        text = head[: e.start].decode("utf-8")
+    printable = sum(c.isprintable() or c in "\r\n\t" for c in text)
+    return printable >= 0.95 * max(1, len(text))
+
+
+def _timing(ts: list[int], tb: float) -> dict:
+    """Frame timing from packet timestamps (any order; B-frames reorder them).
+
+    A stream is variable-frame-rate when some gap between consecutive frames differs from
+    the median gap by more than one tick (timestamp rounding) plus 2%.
+    """
+    ts = sorted(set(ts))
+    gaps = [b - a for a, b in zip(ts[:-1], ts[1:])]
+    if not gaps:
+        return {}
+    gaps_sorted = sorted(gaps)
+    median = gaps_sorted[len(gaps) // 2]
+    tol = 1 + 0.02 * median
+    vfr = gaps_sorted[-1] - median > tol or median - gaps_sorted[0] > tol
+    span = (ts[-1] - ts[0]) * tb
+    return {
+        "fps": (len(ts) - 1) / span if vfr else 1.0 / (median * tb),
+        "fps_min": 1.0 / (gaps_sorted[-1] * tb),
+        "fps_max": 1.0 / (gaps_sorted[0] * tb),
+        "vfr": vfr,
+        "duration": span + median * tb,  # the last frame lasts a typical gap
+    }
+
+
+def probe_file(path: str, cfg: ProbeConfig) -> dict:
+    """Probe one file in this process; raises Reject. Runs in the prober child: call it
+    directly only on trusted files (see the module docstring for the order of checks)."""
+    import av
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise Reject("not_found", path) from None
+    except OSError as e:
+        raise Reject("unreadable", f"stat: {e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise Reject("unreadable", "a directory")
+    if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+        raise Reject("empty_file")
+    if st.st_size > cfg.max_bytes:
+        raise Reject("too_large", f"{st.st_size} bytes > {cfg.max_bytes}")
+    try:
+        with open(path, "rb") as f:  # blocks on a FIFO or a stalled mount: the parent's timeout
+            head = f.read(_SNIFF_BYTES)
+    except OSError as e:
+        raise Reject("unreadable", f"read: {e}") from None
+    if not head:
+        raise Reject("empty_file")
+    if _looks_like_text(head):
+        raise Reject("mislabelled", f"text, not a video: {head[:40]!r}")
+    try:
+        container = av.open(path, options={"protocol_whitelist": "file"})
+    except av.FFmpegError as e:
+        raise Reject("unreadable", str(e)[:300]) from None
+    with container:
+        fmt = container.format.name
+        ext = os.path.splitext(path)[1].lower()
+        audio = container.streams.audio
+        if fmt == "image2" or fmt.endswith("_pipe"):
+            raise Reject("mislabelled", f"a still image ({fmt}), not a video")
+        if not container.streams.video:
+            kinds = sorted({s.type for s in container.streams}) or ["none"]
+            raise Reject("no_video_stream", f"streams: {', '.join(kinds)}")
+        stream = container.streams.video[0]
+        cc = stream.codec_context
+        if cc is None:  # FFmpeg knows no decoder for this stream
+            raise Reject("unsupported_codec", "FFmpeg has no decoder for this stream")
+        codec = cc.name
+        if cfg.allowed_codecs is not None and codec not in cfg.allowed_codecs:
+            raise Reject("unsupported_codec", f"{codec} not in {list(cfg.allowed_codecs)}")
+        w, h = cc.width, cc.height
+        if w <= 0 or h <= 0:
+            raise Reject("unreadable", f"no frame size ({w}x{h})")
+        if min(w, h) < cfg.min_side:
+            raise Reject("low_resolution", f"{w}x{h}, shortest side < {cfg.min_side}")
+        if max(w, h) > cfg.max_side or w * h > cfg.max_pixels:
+            raise Reject("high_resolution", f"{w}x{h} > max side {cfg.max_side} or "
+                                            f"{cfg.max_pixels} pixels")
+        tb = float(stream.time_base) if stream.time_base else 0.0
+        declared = None
+        if stream.duration is not None and tb:
+            declared = stream.duration * tb
+        elif container.duration is not None:
+            declared = container.duration / av.time_base
+        if declared is not None and declared > cfg.max_seconds:
+            raise Reject("too_long", f"declared {declared:.1f}s > {cfg.max_seconds}s")
+
+        # Demux (and decode only the first frame); bounded by the caps whatever the header says.
+        max_packets = math.ceil(cfg.max_seconds * cfg.max_fps) + 1
+        if cfg.decode_first_frame:
+            cc.thread_count = 1
+        first_frame, decode_error = None, None
+        ts: list[int] = []
+        present = 0
+        t_min = t_max = None
+        try:
+            for packet in container.demux(stream):
+                if cfg.decode_first_frame and first_frame is None and decode_error is None:
+                    try:
+                        frames = stream.decode(packet)  # packet None (flush) at the end
+                        first_frame = frames[0] if frames else None
+                    except av.FFmpegError as e:
+                        decode_error = str(e)
+                if not packet.size:
+                    continue
+                present += 1
+                t = packet.pts if packet.pts is not None else packet.dts
+                if t is not None:
+                    ts.append(t)
+                    t_min = t if t_min is None else min(t_min, t)
+                    t_max = t if t_max is None else max(t_max, t)
+                    if (t_max - t_min) * tb > cfg.max_seconds:
+                        raise Reject("too_long", f"timestamps pass {cfg.max_seconds}s")
+                if present > max_packets:
+                    raise Reject("too_long", f"more than {max_packets} frames")
+        except av.FFmpegError as e:
+            if present == 0:
+                raise Reject("unreadable", f"demux: {str(e)[:300]}") from None
+            raise Reject("truncated",
+                         f"demux stopped after {present} frames: {str(e)[:200]}") from None
+        indexed = stream.frames
+        if present == 0 or (indexed > 0 and present < indexed):
+            raise Reject("truncated", f"{present} of {indexed} frames present")
+
+        timing = _timing(ts, tb) if tb else {}
+        if not timing:
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            fps = float(rate) if rate else 0.0
+            if declared is None:
+                declared = present / fps if fps else 0.0
+            timing = {"fps": fps, "fps_min": fps, "fps_max": fps, "vfr": False,
+                      "duration": declared}
+        if timing["duration"] < cfg.min_seconds:
+            raise Reject("too_short", f"{timing['duration']:.2f}s < {cfg.min_seconds}s")
+
+        rotation = None
+        if cfg.decode_first_frame:
+            if first_frame is None and decode_error is None:
+                try:
+                    frames = stream.decode(None)  # flush: frames held back by decoder delay
+                    first_frame = frames[0] if frames else None
+                except av.FFmpegError as e:
+                    decode_error = str(e)
+            if first_frame is None:
+                raise Reject("decode_failed", (decode_error or "no frame decoded")[:300])
+            rotation = int(first_frame.rotation) % 360
+        turned = rotation in (90, 270)
+        return {
+            "container": fmt,
+            "codec": codec,
+            "pix_fmt": cc.format.name if cc.format is not None else None,
+            "width": w,
+            "height": h,
+            "rotation": rotation,  # display matrix, degrees counter-clockwise; None: not read
+            "display_width": h if turned else w,
+            "display_height": w if turned else h,
+            "num_frames": present,
+            **timing,  # fps, fps_min, fps_max, vfr, duration
+            "has_audio": bool(audio),
+            "audio_codec": (audio[0].codec_context.name
+                            if audio and audio[0].codec_context else None),
+            "size_bytes": st.st_size,
+            "ext_mismatch": ext in _EXT_DEMUXER and _EXT_DEMUXER[ext] != fmt,
+        }
+
+
+def _serve(cfg: ProbeConfig, out_fd: int) -> None:
+    """The child's loop: one JSON request line in on stdin, one JSON reply line out."""
+    import av.logging
+
+    av.logging.set_level(None)  # FFmpeg's complaints about bad files are expected here
+    out = os.fdopen(out_fd, "w", buffering=1)
+    out.write('{"ready": true}\n')
+    for line in sys.stdin:
+        path = json.loads(line)["path"]
+        try:
+            reply: dict[str, Any] = {"info": probe_file(path, cfg)}
+        except Reject as e:
+            reply = {"reject": [e.reason, e.detail]}
+        except MemoryError:
+            reply = {"reject": ["probe_failed", f"out of memory (limit {cfg.max_memory_mb} MB)"]}
+        except Exception as e:  # noqa: BLE001 - a bug must not end the prober
+            reply = {"reject": ["probe_failed", f"{type(e).__name__}: {e}"[:300]]}
+        out.write(json.dumps(reply) + "\n")
+
+
+def _watch_parent() -> None:
+    """Exit when the parent dies, even while the main thread is stuck in a blocking open."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _child_main(cfg_json: str) -> None:
+    import resource
+
+    cfg = ProbeConfig(**json.loads(cfg_json))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if cfg.max_memory_mb:
+        limit = cfg.max_memory_mb * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    # The protocol gets its own fd; anything a library prints to stdout goes to stderr.
+    out_fd = os.dup(1)
+    os.dup2(2, 1)
+    _watch_parent()
+    _serve(cfg, out_fd)
+
+
+# ----- the parent side ----------------------------------------------------------------------
+class Prober:
+    """A reusable probe child with a per-file timeout; `probe(path)` never raises for a bad
+    file. Use as a context manager, or call `close()`; restarts its child after a timeout or
+    a crash."""
+
+    def __init__(self, cfg: ProbeConfig | None = None):
+        self.cfg = cfg or ProbeConfig()
+        self._proc: subprocess.Popen | None = None
+        self._buf = b""
+        self.starts = 0  # children started: 1 + restarts after timeouts and crashes
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> Prober:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def probe(self, path: str | os.PathLike) -> tuple[dict | None, tuple[str, str] | None]:
+        """-> (info, None) for a usable video, or (None, (reason, detail))."""
+        with self._lock:  # one request at a time on the pipe (Ray may run tasks in threads)
+            return self._probe(os.path.abspath(path))
+
+    def _probe(self, path: str) -> tuple[dict | None, tuple[str, str] | None]:
+        self._ensure_started()
+        t0 = time.monotonic()
+        try:
+            self._proc.stdin.write((json.dumps({"path": path}) + "\n").encode())
+            self._proc.stdin.flush()
+            reply = self._read_line(t0 + self.cfg.timeout_s)
+        except TimeoutError:
+            self._kill()
+            return None, ("timeout", f"no answer in {self.cfg.timeout_s}s")
+        except (BrokenPipeError, EOFError):
+            code = self._kill()
+            return None, ("probe_failed", f"prober died (exit code {code})")
+        reply = json.loads(reply)
+        if "reject" in reply:
+            return None, tuple(reply["reject"])
+        return {**reply["info"], "probe_ms": round(1000 * (time.monotonic() - t0), 2)}, None
+
+    def close(self) -> None:
+        if self._proc is not None:
+            try:
+                self._proc.stdin.close()
+                self._proc.wait(timeout=2)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+            self._kill()
+
+    # internals
+    def _ensure_started(self) -> None:
+        if self._proc is not None:
+            return
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "data.probe", json.dumps(asdict(self.cfg))],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+        )
+        self._buf = b""
+        self.starts += 1
+        try:
+            ready = self._read_line(time.monotonic() + self.cfg.startup_timeout_s)
+        except (TimeoutError, EOFError) as e:
+            self._kill()
+            raise RuntimeError(f"the probe process did not start: {e!r}") from e
+        assert json.loads(ready) == {"ready": True}, ready
+
+    def _read_line(self, deadline: float) -> bytes:
+        fd = self._proc.stdout.fileno()
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise TimeoutError
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                raise EOFError
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line
+
+    def _kill(self) -> int | None:
+        """Kill the child (if alive) and forget it; the next probe starts a new one."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.kill()
+            try:  # a child stuck in uninterruptible I/O may not die at once: do not wait on it
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        for f in (proc.stdin, proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+        return proc.returncode
+
+
+@functools.lru_cache(maxsize=4)
+def _shared(cfg_json: str) -> Prober:
+    import atexit
+
+    prober = Prober(ProbeConfig(**json.loads(cfg_json)))
+    atexit.register(prober.close)
+    return prober
+
+
+def shared_prober(cfg: ProbeConfig) -> Prober:
+    """One prober per process and config, kept for the life of the process: Ray reuses
+    worker processes across tasks, so a task pool pays the child's start once per worker.
+    (The one deliberate per-process cache in the project.)"""
+    return _shared(json.dumps(asdict(cfg), sort_keys=True))
+
+
+def safe_probe(path: str | os.PathLike, cfg: ProbeConfig | None = None,
+               prober: Prober | None = None) -> tuple[dict | None, tuple[str, str] | None]:
+    """Probe one file in a separate process with a timeout and caps.
+
+    -> (info, None) or (None, (reason, detail)), reason one of REASONS; never raises for a
+    bad file. Uses `prober` if given, else this process's shared prober for `cfg`."""
+    if prober is None:
+        prober = shared_prober(cfg or ProbeConfig())
+    return prober.probe(path)
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1])
