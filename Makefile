@@ -2,8 +2,9 @@
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
+CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: demo test status clean
+.PHONY: demo test status clean chromium
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
@@ -15,8 +16,19 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed  ## the whole graph on the embedded default (synthetic source, local Ray, W&B offline)
 	$(VENV)/bin/spacetime run $(ARGS)
 
-test: $(VENV)/.installed  ## the test suite
+test: $(VENV)/.installed chromium  ## the test suite
 	$(PY) -m pytest -q $(ARGS)
+
+# The report test opens the page in headless Chromium (Debian's build decodes H.264). Installed
+# when missing and we are root (CI); otherwise that one test is skipped and says why.
+chromium:
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -qq --no-install-recommends chromium >/dev/null \
+	      || { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; \
+	  else echo "note: $(CHROMIUM) missing (not root): the report's browser test is skipped"; fi; \
+	fi
 
 status: $(VENV)/.installed
 	$(VENV)/bin/spacetime status $(ARGS)

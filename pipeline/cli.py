@@ -3,6 +3,7 @@
     spacetime run [--only STAGE | --from STAGE] [overrides...]   run what is missing (or force)
     spacetime status [overrides...]                               the graph's state for a config
     spacetime params [overrides...]                               parameter counts of the presets
+    spacetime report [RUN_ID] [--embed-videos] [overrides...]     the run's static HTML page
 
 On a Ray cluster (pipeline/submit.py) and before one (pipeline/plan.py):
 
@@ -27,7 +28,7 @@ import time
 from pathlib import Path
 
 CLUSTER_COMMANDS = ("submit", "jobs", "logs", "stop", "plan")  # parse their own flags
-SUBCOMMANDS = ("run", "status", "params", *CLUSTER_COMMANDS)
+SUBCOMMANDS = ("run", "status", "params", "report", *CLUSTER_COMMANDS)
 USAGE = __doc__
 
 
@@ -41,6 +42,8 @@ def parse_argv(argv: list[str]) -> tuple[str, dict, list[str]]:
                          f"{', '.join(SUBCOMMANDS)}\n\n{USAGE}")
     if cmd in CLUSTER_COMMANDS:
         return cmd, {}, list(argv)
+    if cmd == "report":
+        return cmd, *parse_report_argv(argv)
     flags: dict = {"only": None, "from_": None}
     rest: list[str] = []
     it = iter(argv)
@@ -58,6 +61,21 @@ def parse_argv(argv: list[str]) -> tuple[str, dict, list[str]]:
     if cmd != "run" and (flags["only"] or flags["from_"]):
         raise SystemExit("spacetime: --only/--from belong to 'run'")
     return cmd, flags, rest
+
+
+def parse_report_argv(argv: list[str]) -> tuple[dict, list[str]]:
+    """`report [RUN_ID] [--embed-videos] [overrides...]`: the run id only as the first argument,
+    so a Hydra flag's value (`--cfg job`) is never taken for one."""
+    flags: dict = {"run_id": None, "embed_videos": False}
+    rest: list[str] = []
+    for i, a in enumerate(argv):
+        if a == "--embed-videos":
+            flags["embed_videos"] = True
+        elif i == 0 and not a.startswith("-") and "=" not in a:
+            flags["run_id"] = a
+        else:
+            rest.append(a)
+    return flags, rest
 
 
 def new_run_id() -> str:
@@ -135,6 +153,19 @@ def cmd_params(cfg) -> int:
         c = base.with_preset(name)
         counts = [count_params(replace(c, adaln=a)) / 1e6 for a in ("block", "single")]
         print(f"{name:<7} {counts[0]:11.2f}M {counts[1]:12.2f}M")
+    return 0
+
+
+def cmd_report(root: str, flags: dict) -> int:
+    from pipeline.report import EMBED_VIDEOS_MAX_BYTES, ReportConfig, ReportError, write_report
+
+    cfg = ReportConfig(run_id=flags["run_id"],
+                       embed_videos_max_bytes=EMBED_VIDEOS_MAX_BYTES if flags["embed_videos"] else 0)
+    try:
+        path = write_report(root, cfg)
+    except ReportError as e:
+        raise SystemExit(f"spacetime: {e}") from None
+    print(path)
     return 0
 
 
@@ -217,6 +248,9 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"spacetime: invalid config: {e}") from None
         if cmd == "params":
             outcome["code"] = cmd_params(cfg)
+            return
+        if cmd == "report":
+            outcome["code"] = cmd_report(cfg.run.root, flags)
             return
         cfg_dict = to_dict(dcfg)
         graph = build_graph(cfg.run.root)

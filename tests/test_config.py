@@ -97,7 +97,8 @@ def test_preflight_rejects_indivisible_batch():
 
 def test_cli_surface_is_frozen():
     # Changing the surface is deliberate: update this test with the README.
-    assert SUBCOMMANDS == ("run", "status", "params", "submit", "jobs", "logs", "stop", "plan")
+    assert SUBCOMMANDS == ("run", "status", "params", "report", "submit", "jobs", "logs", "stop",
+                           "plan")
     assert parse_argv(["run", "--only", "train", "train.lr=1"]) == (
         "run", {"only": "train", "from_": None}, ["train.lr=1"])
     assert parse_argv(["--from=eval"]) == ("run", {"only": None, "from_": "eval"}, [])
@@ -105,6 +106,12 @@ def test_cli_surface_is_frozen():
         "status", {"only": None, "from_": None}, ["experiment=tiny"])
     with pytest.raises(SystemExit):
         parse_argv(["status", "--only", "train"])
+    # report: a run id only as its first argument (so `--cfg job` keeps its value).
+    assert parse_argv(["report"]) == ("report", {"run_id": None, "embed_videos": False}, [])
+    assert parse_argv(["report", "20260101-000000-ab12", "--embed-videos", "run.root=x"]) == (
+        "report", {"run_id": "20260101-000000-ab12", "embed_videos": True}, ["run.root=x"])
+    assert parse_argv(["report", "--cfg", "job"]) == (
+        "report", {"run_id": None, "embed_videos": False}, ["--cfg", "job"])
     with pytest.raises(SystemExit):
         parse_argv(["frobnicate"])
     # The cluster commands own their flags (pipeline/submit.py; plan's inputs are conf/plan/).
