@@ -15,10 +15,23 @@ Each stage writes into ``<root>/stages/<name>-<hash12>/``. The directory explain
 
 A stage that crashes leaves no ``_SUCCESS.json``; the next run wipes the partial directory and
 redoes it. Each ``spacetime run`` also writes ``<root>/runs/<run_id>/lineage.json``.
+
+``root`` is a local (or shared) directory, or an object-store URL (``s3://bucket/prefix``,
+``gs://...``; see :mod:`pipeline.storage`). With a URL the same layout lives in the bucket: the
+graph keeps its state there (markers, info, lineage, latest) and a stage still reads and writes
+local files. It runs in a staging directory ``<local_cache>/<scheme>/<bucket/prefix>/stages/
+<name>-<hash12>/``, and on success its files are uploaded first, ``info.json`` next and
+``_SUCCESS.json`` last, each marker in one atomic PUT, so nothing in the bucket looks complete
+before it is. Upstream outputs are downloaded into the same cache when the cached copy is not
+the one the bucket's ``_SUCCESS.json`` names (the copy carries that marker, written last).
+``StageContext.input_urls`` gives stages the upstream locations in the bucket, to stream large
+data (shards) from there instead. A resumable stage whose staging directory is empty (a new
+machine) starts from what its last attempt uploaded: it uploads its files when it fails.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -30,10 +43,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from pipeline.storage import URL, Store, local_root, read_json, write_json_atomic
+
 SUCCESS = "_SUCCESS.json"
 FAILED = "_FAILED.json"
 RUNNING = "_RUNNING.json"
 INFO = "info.json"
+# In the local copy of a URL root's output: what it is a copy of, while files are missing.
+FETCHING = "_FETCHING.json"
+PARTIAL = "_PARTIAL.json"  # the patterns a complete copy left out (streamed files)
+MARKERS = frozenset({SUCCESS, FAILED, RUNNING, FETCHING, PARTIAL})
 
 
 class GraphError(Exception):
@@ -58,6 +77,9 @@ class Stage:
     version: bump when the stage's code changes what it writes.
     resumable: an unfinished output (crash, preemption) is kept for the stage to resume from,
         instead of being wiped; a forced rerun (--only/--from) still starts clean.
+    stream: fnmatch patterns of upstream files (relative to an input's directory, e.g.
+        ``"shards/*"``) the stage reads from ``ctx.input_urls`` instead of ``ctx.inputs``;
+        with a URL root they are not downloaded.
     """
 
     name: str
@@ -68,16 +90,7 @@ class Stage:
     version: int = 1
     resumable: bool = False
     description: str = ""
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+    stream: tuple[str, ...] = ()
 
 
 def _drop(d: dict, dotted: str) -> None:
@@ -96,7 +109,13 @@ def stable_hash(obj: Any) -> str:
 
 @dataclass
 class StageContext:
-    """What a running stage sees: its config sections, its inputs and its output directory."""
+    """What a running stage sees: its config sections, its inputs and its output directory.
+
+    ``out_dir`` and ``inputs`` are always local directories. ``out_url`` and ``input_urls`` are
+    where they live in the run's storage: the same paths (as strings) for a local root, URLs in
+    the bucket for a URL root (stream big inputs from there; files written to ``out_url``
+    directly are part of the output too).
+    """
 
     stage: Stage
     run_id: str
@@ -107,6 +126,12 @@ class StageContext:
     cfg: Any  # the whole typed config; read it through section()
     tracker_factory: Callable[["StageContext"], Any] | None = None
     _tracker: Any = field(default=None, repr=False)
+    input_urls: dict[str, str] = field(default_factory=dict)
+    out_url: str = ""
+
+    def __post_init__(self):
+        self.out_url = self.out_url or str(self.out_dir)
+        self.input_urls = self.input_urls or {k: str(v) for k, v in self.inputs.items()}
 
     # Sections any stage may read without hashing them: they cannot change outputs.
     UNHASHED = ("run", "tracking", "cluster")
@@ -137,13 +162,18 @@ class StageStatus:
     name: str
     state: str  # done | cached | pending | stale | failed | running
     hash: str
-    path: Path
+    path: Path | URL
     duration_s: float | None = None
     detail: str = ""
 
 
 class Graph:
-    def __init__(self, stages: list[Stage], root: str | Path):
+    """stages: the nodes. root: a directory or URL for outputs and run records. local_cache:
+    where a URL root's stages run and its outputs are cached (default $TMPDIR/spacetime-cache).
+    """
+
+    def __init__(self, stages: list[Stage], root: str | Path,
+                 local_cache: str | Path | None = None):
         self.stages = {s.name: s for s in stages}
         if len(self.stages) != len(stages):
             raise GraphError("duplicate stage names")
@@ -152,7 +182,10 @@ class Graph:
                 if i not in self.stages:
                     raise GraphError(f"stage '{s.name}' has unknown input '{i}'")
         self.order = self._toposort()
-        self.root = Path(root).absolute()  # workers in other directories read these paths
+        self.store = Store(root)
+        # Workers in other directories read these paths: a local root is made absolute.
+        self.root = URL(self.store.url) if self.store.remote else Path(self.store.path)
+        self.local_root = local_root(self.store, local_cache)
 
     def _toposort(self) -> list[str]:
         order, seen, visiting = [], set(), set()
@@ -217,40 +250,50 @@ class Graph:
             )
         return out
 
-    def stage_dir(self, name: str, h: str) -> Path:
-        return self.root / "stages" / f"{name}-{h[:12]}"
+    @staticmethod
+    def stage_key(name: str, h: str) -> str:
+        return f"stages/{name}-{h[:12]}"
+
+    def stage_dir(self, name: str, h: str) -> Path | URL:
+        """Where a stage's output lives in the run's storage (a Path, or a URL)."""
+        return self.root / self.stage_key(name, h)
+
+    def local_dir(self, name: str, h: str) -> Path:
+        """Where a stage runs and its output is read locally (stage_dir for a local root)."""
+        return self.local_root / self.stage_key(name, h)
 
     # ----- status -----------------------------------------------------------------------
     def status(self, cfg: Mapping) -> list[StageStatus]:
         hashes = self.hashes(cfg)
-        latest = latest_run(self.root)
+        st = self.store
+        latest = latest_run(st)
         executed = set()
         if latest is not None:
             executed = {n for n, r in latest.get("stages", {}).items() if r.get("state") == "done"}
+        stage_dirs = st.list("stages")
         rows = []
         for n in self.order:
-            d = self.stage_dir(n, hashes[n])
-            row = StageStatus(n, "pending", hashes[n], d)
-            if (d / SUCCESS).exists():
-                ok = read_json(d / SUCCESS)
+            key = self.stage_key(n, hashes[n])
+            row = StageStatus(n, "pending", hashes[n], self.stage_dir(n, hashes[n]))
+            if st.exists(f"{key}/{SUCCESS}"):
+                ok = st.read_json(f"{key}/{SUCCESS}")
                 row.duration_s = ok.get("duration_s")
                 same_run = latest is not None and ok.get("run_id") == latest.get("run_id")
                 row.state = "done" if (same_run and n in executed) else "cached"
-            elif (d / RUNNING).exists() and _alive(read_json(d / RUNNING)):
+            elif st.exists(f"{key}/{RUNNING}") and _alive(st.read_json(f"{key}/{RUNNING}")):
                 row.state = "running"
-            elif (d / FAILED).exists() or (d / RUNNING).exists():
+            elif st.exists(f"{key}/{FAILED}") or st.exists(f"{key}/{RUNNING}"):
                 row.state = "failed"
-                if (d / FAILED).exists():
-                    row.detail = read_json(d / FAILED).get("error", "")
+                if st.exists(f"{key}/{FAILED}"):
+                    row.detail = st.read_json(f"{key}/{FAILED}").get("error", "")
                 else:
                     row.detail = "interrupted (process gone, no completion marker)"
             else:
-                others = [
-                    p for p in (self.root / "stages").glob(f"{n}-*") if (p / SUCCESS).exists()
-                ]
+                others = [d for d in stage_dirs
+                          if d.startswith(f"{n}-") and st.exists(f"stages/{d}/{SUCCESS}")]
                 if others:
                     row.state = "stale"
-                    row.detail = f"config or upstream changed since {max(others).name}"
+                    row.detail = f"config or upstream changed since {max(others)}"
             rows.append(row)
         return rows
 
@@ -262,7 +305,8 @@ class Graph:
         if only and from_:
             raise GraphError("use either --only or --from, not both")
         hashes = self.hashes(cfg)
-        complete = {n: (self.stage_dir(n, hashes[n]) / SUCCESS).exists() for n in self.order}
+        complete = {n: self.store.exists(f"{self.stage_key(n, hashes[n])}/{SUCCESS}")
+                    for n in self.order}
         forced: set[str] = set()
         targets = set(self.order)
         if only:
@@ -295,8 +339,7 @@ class Graph:
         """Run the plan. Returns the lineage record (also written under runs/<run_id>/)."""
         plan = self.plan(cfg_dict, only, from_)
         hashes = self.hashes(cfg_dict)
-        run_dir = self.root / "runs" / run_id
-        run_dir.mkdir(parents=True, exist_ok=True)
+        lineage_key = f"runs/{run_id}/lineage.json"
         lineage: dict[str, Any] = {
             "run_id": run_id,
             "started": time.time(),
@@ -317,23 +360,26 @@ class Graph:
                 rec["state"] = "blocked" if failure is not None and plan[n] == "run" else "skipped"
             elif plan[n] == "cached":
                 rec["state"] = "cached"
-                rec["duration_s"] = read_json(d / SUCCESS).get("duration_s")
+                rec["duration_s"] = self.store.read_json(
+                    f"{self.stage_key(n, hashes[n])}/{SUCCESS}").get("duration_s")
                 log(f"[{n}] cached  {d}")
             else:
                 log(f"[{n}] running -> {d}")
                 ctx = StageContext(
                     stage=s,
                     run_id=run_id,
-                    out_dir=d,
-                    inputs={i: self.stage_dir(i, hashes[i]) for i in s.inputs},
+                    out_dir=self.local_dir(n, hashes[n]),
+                    inputs={i: self.local_dir(i, hashes[i]) for i in s.inputs},
                     stage_hash=hashes[n],
                     hashed_config=self.hashed_config(n, cfg_dict),
                     cfg=cfg,
                     tracker_factory=tracker_factory,
+                    input_urls={i: str(self.stage_dir(i, hashes[i])) for i in s.inputs},
+                    out_url=str(d),
                 )
                 try:
-                    result = self._execute(ctx, extra_info or {}, forced=plan[n] == "run"
-                                           and n in self._forced(only, from_))
+                    result = self._execute(ctx, extra_info or {}, hashes,
+                                           forced=n in self._forced(only, from_))
                     rec.update(state="done", **result)
                     log(f"[{n}] done in {result['duration_s']:.1f}s")
                 except StageFailed as e:
@@ -341,11 +387,11 @@ class Graph:
                     rec.update(state="failed", error=str(e.cause))
                     log(f"[{n}] FAILED: {e.cause!r} (see {d / FAILED})")
             lineage["stages"][n] = rec
-            write_json_atomic(run_dir / "lineage.json", lineage)
+            self.store.write_json_atomic(lineage_key, lineage)
         lineage["finished"] = time.time()
         lineage["ok"] = failure is None
-        write_json_atomic(run_dir / "lineage.json", lineage)
-        write_json_atomic(self.root / "runs" / "latest.json", {"run_id": run_id})
+        self.store.write_json_atomic(lineage_key, lineage)
+        self.store.write_json_atomic("runs/latest.json", {"run_id": run_id})
         if failure is not None:
             raise failure
         return lineage
@@ -355,19 +401,35 @@ class Graph:
             return {only}
         return set(self.downstream(from_)) if from_ else set()
 
-    def _execute(self, ctx: StageContext, extra_info: Mapping[str, Any], forced: bool) -> dict:
+    def _execute(self, ctx: StageContext, extra_info: Mapping[str, Any],
+                 hashes: Mapping[str, str], forced: bool) -> dict:
+        st, remote = self.store, self.store.remote
+        key = self.stage_key(ctx.stage.name, ctx.stage_hash)
         d = ctx.out_dir
-        for i, p in ctx.inputs.items():
-            if not (p / SUCCESS).exists():
-                raise GraphError(f"input '{i}' of stage '{ctx.stage.name}' is not complete: {p}")
-        # Remove the marker first: from here on the directory is not complete.
-        (d / SUCCESS).unlink(missing_ok=True)
-        if d.exists() and (forced or not ctx.stage.resumable):
-            shutil.rmtree(d)
+        input_keys = {i: self.stage_key(i, hashes[i]) for i in ctx.stage.inputs}
+        for i, k in input_keys.items():
+            if not st.exists(f"{k}/{SUCCESS}"):
+                raise GraphError(f"input '{i}' of stage '{ctx.stage.name}' is not complete: "
+                                 f"{ctx.input_urls[i]}")
+        # Remove the marker first: from here on the output is not complete.
+        st.rm(f"{key}/{SUCCESS}")
+        fresh = forced or not ctx.stage.resumable
+        if fresh:
+            st.rm(key)
+        if remote:
+            for m in MARKERS:
+                (d / m).unlink(missing_ok=True)
+            if fresh:
+                shutil.rmtree(d, ignore_errors=True)
+            elif not (d.is_dir() and any(d.iterdir())):  # resume on a new machine
+                st.get_dir(key, d, select=lambda f: f not in MARKERS and f != INFO)
+            for i, k in input_keys.items():
+                self._fetch(k, ctx.inputs[i], ctx.stage.stream)
         d.mkdir(parents=True, exist_ok=True)
-        (d / FAILED).unlink(missing_ok=True)
-        write_json_atomic(
-            d / RUNNING, {"pid": os.getpid(), "host": socket.gethostname(), "run_id": ctx.run_id}
+        st.rm(f"{key}/{FAILED}")
+        st.write_json_atomic(
+            f"{key}/{RUNNING}",
+            {"pid": os.getpid(), "host": socket.gethostname(), "run_id": ctx.run_id},
         )
         info = {
             "stage": ctx.stage.name,
@@ -376,13 +438,13 @@ class Graph:
             "run_id": ctx.run_id,
             "config": ctx.hashed_config,
             "excluded_from_hash": list(ctx.stage.exclude),
-            "inputs": {i: str(p) for i, p in ctx.inputs.items()},
+            "inputs": dict(ctx.input_urls),
             "input_hashes": {
-                i: read_json(p / SUCCESS).get("hash") for i, p in ctx.inputs.items()
+                i: st.read_json(f"{k}/{SUCCESS}").get("hash") for i, k in input_keys.items()
             },
             **extra_info,
         }
-        write_json_atomic(d / INFO, info)
+        st.write_json_atomic(f"{key}/{INFO}", info)
         t0 = time.time()
         try:
             result = dict(ctx.stage.fn(ctx) or {})
@@ -398,29 +460,68 @@ class Graph:
                     ctx._tracker.finish(exit_code=1)
                 except Exception:  # noqa: BLE001
                     pass
-            write_json_atomic(
-                d / FAILED,
-                {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
-                 "run_id": ctx.run_id},
-            )
-            (d / RUNNING).unlink(missing_ok=True)
+            failed = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
+                      "run_id": ctx.run_id}
+            if remote and ctx.stage.resumable:  # what the next attempt, anywhere, resumes from
+                try:
+                    st.put_dir(d, key, select=lambda f: f not in MARKERS and f != INFO)
+                except Exception as up:  # noqa: BLE001 - the stage's own error comes first
+                    failed["upload_error"] = f"{type(up).__name__}: {up}"
+            st.write_json_atomic(f"{key}/{FAILED}", failed)
+            st.rm(f"{key}/{RUNNING}")
             raise StageFailed(ctx.stage.name, e) from e
         duration = time.time() - t0
         info.update(started=t0, duration_s=duration, result=result)
-        write_json_atomic(d / INFO, info)
-        write_json_atomic(
-            d / SUCCESS, {"hash": ctx.stage_hash, "run_id": ctx.run_id, "duration_s": duration}
-        )
-        (d / RUNNING).unlink(missing_ok=True)
+        ok = {"hash": ctx.stage_hash, "run_id": ctx.run_id, "duration_s": duration}
+        if remote:  # files first, then info.json, then the marker
+            st.put_dir(d, key, select=lambda f: f not in MARKERS and f != INFO)
+            write_json_atomic(d / INFO, info)
+        st.write_json_atomic(f"{key}/{INFO}", info)
+        st.write_json_atomic(f"{key}/{SUCCESS}", ok)
+        if remote:
+            # The local copy is that output, or (if the stage wrote files to out_url directly)
+            # a part of it that a later download completes.
+            whole = not st.missing(key, d, select=lambda f: f not in MARKERS)
+            write_json_atomic(d / (SUCCESS if whole else FETCHING), ok)
+        st.rm(f"{key}/{RUNNING}")
         return {"duration_s": duration, "result": result}
 
+    def _fetch(self, key: str, local: Path, stream: tuple[str, ...] = ()) -> None:
+        """Make ``local`` a copy of the complete output at ``key`` (a URL root's upstream),
+        leaving out the files matching ``stream``.
 
-def latest_run(root: Path) -> dict | None:
-    p = Path(root) / "runs" / "latest.json"
-    if not p.exists():
+        The copy is identified by the ``_SUCCESS.json`` it was made from (written last): kept
+        if it matches the bucket's and left out nothing now needed, completed if it or an
+        unfinished download is of the same output, else replaced.
+        """
+        ok = self.store.read_json(f"{key}/{SUCCESS}")
+        done, pending, partial = local / SUCCESS, local / FETCHING, local / PARTIAL
+        if done.exists() and read_json(done) == ok:
+            left_out = read_json(partial) if partial.exists() else []
+            if set(left_out) <= set(stream):
+                return
+        elif local.exists() and not (pending.exists() and read_json(pending) == ok):
+            shutil.rmtree(local)
+        local.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(pending, ok)
+        self.store.get_dir(key, local, select=lambda f: f not in MARKERS
+                           and not any(fnmatch.fnmatch(f, p) for p in stream))
+        if self.store.read_json(f"{key}/{SUCCESS}") != ok:
+            raise GraphError(f"{self.store.url_of(key)} was rewritten while being downloaded")
+        if stream:
+            write_json_atomic(partial, sorted(stream))
+        else:
+            partial.unlink(missing_ok=True)
+        write_json_atomic(done, ok)
+        pending.unlink()
+
+
+def latest_run(root: str | Path | Store) -> dict | None:
+    st = root if isinstance(root, Store) else Store(root)
+    if not st.exists("runs/latest.json"):
         return None
-    lin = Path(root) / "runs" / read_json(p)["run_id"] / "lineage.json"
-    return read_json(lin) if lin.exists() else None
+    lin = f"runs/{st.read_json('runs/latest.json')['run_id']}/lineage.json"
+    return st.read_json(lin) if st.exists(lin) else None
 
 
 def _alive(running: dict) -> bool:

@@ -20,8 +20,8 @@ A submission is ``python -m pipeline.cli run [--only/--from STAGE] overrides...`
   ``<run.root>/runs/<run_id>/`` are known before the job starts), ``SPACETIME_SUBMIT`` (the
   submitter's git commit, dirty files and a digest of their changes, who, when, the job id;
   ``spacetime run`` copies it into lineage.json and every stage's info.json), the non-secret
-  W&B settings the submitter has set, and ``RAY_OVERRIDE_JOB_RUNTIME_ENV=1`` (the driver's own
-  ``ray.init`` adds the same run id; Ray refuses the duplicate key otherwise);
+  W&B settings the submitter has set (the driver's own ``ray.init`` sends only variables that
+  differ from the job's, so Ray never sees a conflicting key);
 - never ``WANDB_API_KEY`` or any other secret. Ray writes every ``env_vars`` value in plain
   text to each node's ``runtime_env_agent.log`` and serves it to anyone who can read the job
   API (ray-project/ray#39502). The key reaches the cluster through its own secret store,
@@ -243,8 +243,7 @@ def build_submission(overrides: list[str], only: str | None, from_: str | None,
                  "user": getpass.getuser(), "host": platform.node(), "git": git,
                  "argv": ["submit", *stage_flags, *overrides]}
     env = {k: os.environ[k] for k in PASS_THROUGH if os.environ.get(k)}
-    env.update({"SPACETIME_RUN_ID": run_id, "SPACETIME_SUBMIT": json.dumps(submitted),
-                "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"})
+    env.update({"SPACETIME_RUN_ID": run_id, "SPACETIME_SUBMIT": json.dumps(submitted)})
     metadata = {"spacetime_run_id": run_id, "spacetime_commit": git.get("commit") or "",
                 "spacetime_dirty": str(git.get("dirty")).lower(),
                 "spacetime_args": shlex.join([*stage_flags, *overrides]),

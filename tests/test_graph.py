@@ -193,3 +193,18 @@ def test_stage_cannot_read_unhashed_section(tmp_path):
     cfg = {"a": {}, "b": {}}
     with pytest.raises(StageFailed, match="not in its hash"):
         graph.run(cfg, cfg, "r", log=lambda s: None)
+
+
+def test_local_root_gives_stages_their_paths_as_urls(tmp_path):
+    seen = {}
+
+    def b(ctx):
+        seen.update(out_url=ctx.out_url, out_dir=ctx.out_dir, urls=ctx.input_urls,
+                    inputs=ctx.inputs)
+
+    graph = Graph([Stage("a", lambda ctx: None), Stage("b", b, inputs=("a",))], tmp_path / "r")
+    graph.run({}, {}, "r", log=lambda s: None)
+    assert graph.local_root == graph.root == tmp_path / "r"  # no staging, no cache
+    assert seen["out_url"] == str(seen["out_dir"])
+    assert seen["out_dir"].parent == tmp_path / "r" / "stages"
+    assert seen["urls"] == {"a": str(seen["inputs"]["a"])}

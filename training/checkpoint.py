@@ -14,6 +14,18 @@ Layout under ``<train output>/checkpoints/``::
 A tag without ``_COMPLETE.json`` was interrupted while saving and is never taken as the
 latest. ``latest`` is replaced atomically, and only after ``_COMPLETE.json`` exists, so
 DeepSpeed's own tools (``zero_to_fp32.py``) read the same tag we resume from.
+
+**Mirror.** With ``mirror`` (a URL such as ``s3://bucket/run/stages/train-<hash>/checkpoints``,
+or a path) every tag is also copied there, so training survives losing the machine and its
+disk. The protocol extends the one above: once every rank's files are on disk, each rank
+uploads the files it wrote (its ``rank<r>_state.pt`` and ZeRO partition ``*pp_rank_<r>_*``;
+rank 0 the rest), a barrier, then rank 0 writes the mirror's ``_COMPLETE.json`` and ``latest``
+(in that order, each one atomic PUT) and prunes the mirror as it prunes the local directory;
+only then the local ``_COMPLETE.json``. So a ``_COMPLETE.json``, local or mirrored, means every
+rank's files are in the mirror. :meth:`restore` resumes from the mirror's newest complete tag,
+downloading what this disk lacks (all of the tag's files: DeepSpeed's ZeRO loader reads every
+rank's partition); every rank reads the same mirror, so all ranks pick the same tag even when
+their disks differ. Local tags newer than it are dropped.
 """
 
 from __future__ import annotations
@@ -21,12 +33,29 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
 import torch
 
 COMPLETE = "_COMPLETE.json"
+_OWNER = re.compile(r"(?:^|_)pp_rank_(\d+)_|^rank(\d+)_state\.pt$")
+
+
+def owner_of(filename: str) -> int:
+    """The rank that writes (and mirrors) a checkpoint file: the dp rank in DeepSpeed's ZeRO
+    partition names and in ours, rank 0 for everything else."""
+    m = _OWNER.search(filename)
+    return int(m.group(1) or m.group(2)) if m else 0
+
+
+def _doomed(tags: list[str], complete: list[str], keep: int) -> list[str]:
+    """Tags pruning removes: complete ones beyond the newest `keep`, partial ones older than
+    the newest complete tag (a newer partial one may still be being written)."""
+    newest = complete[-1] if complete else ""
+    kept = set(complete[-keep:])
+    return [t for t in tags if t not in kept and (t in complete or t < newest)]
 
 
 def tag_of(step: int) -> str:
@@ -34,11 +63,19 @@ def tag_of(step: int) -> str:
 
 
 class Checkpoints:
-    def __init__(self, root: str | Path, keep: int):
+    """root: the local checkpoint directory. keep: complete tags kept. mirror: optional URL (or
+    path) every complete tag is copied to, and restored from when this disk lacks it."""
+
+    def __init__(self, root: str | Path, keep: int, mirror: str | None = None):
         if keep < 1:
             raise ValueError(f"train.keep_checkpoints must be >= 1, got {keep}")
         self.root = Path(root)
         self.keep = keep
+        self.mirror = None
+        if mirror:
+            from pipeline.storage import Store
+
+            self.mirror = Store(mirror)
 
     def complete_tags(self) -> list[str]:
         if not self.root.exists():
@@ -61,9 +98,19 @@ class Checkpoints:
         if rank == 0 and ema_state is not None:
             torch.save(ema_state, self.root / tag / "ema.pt")
         dist.barrier()  # every rank's files are on disk
+        complete = {"step": step, "world_size": dist.get_world_size()}
+        if self.mirror is not None:
+            self.mirror.put_dir(self.root / tag, tag,
+                                select=lambda f: f != COMPLETE and owner_of(f) == rank)
+            dist.barrier()  # every rank's files are in the mirror
+            if rank == 0:
+                self._publish(tag, complete)
+            else:  # a disk of its own holds only this rank's files of older tags: drop them
+                for p in self.root.glob("step*"):
+                    if p.name < tag and not (p / COMPLETE).exists():
+                        shutil.rmtree(p, ignore_errors=True)
         if rank == 0:
-            (self.root / tag / COMPLETE).write_text(json.dumps(
-                {"step": step, "world_size": dist.get_world_size()}))
+            (self.root / tag / COMPLETE).write_text(json.dumps(complete))
             tmp = self.root / ".latest.tmp"
             tmp.write_text(tag)
             os.replace(tmp, self.root / "latest")
@@ -73,13 +120,54 @@ class Checkpoints:
 
     def prune(self) -> None:
         """Keep the newest `keep` complete tags; drop older complete and stale partial ones."""
-        complete = self.complete_tags()
-        newest = complete[-1] if complete else ""
+        tags = [p.name for p in self.root.glob("step*")]
+        for t in _doomed(tags, self.complete_tags(), self.keep):
+            shutil.rmtree(self.root / t, ignore_errors=True)
+
+    # ----- the mirror --------------------------------------------------------------------
+    def _publish(self, tag: str, complete: dict) -> None:
+        """Rank 0, once every rank's files of `tag` are mirrored: mark it complete there, point
+        `latest` at it (last), prune the mirror."""
+        m = self.mirror
+        script = self.root / "zero_to_fp32.py"
+        if script.exists() and not m.exists(script.name):
+            m.put_file(script, script.name)
+        m.write_json_atomic(f"{tag}/{COMPLETE}", complete)
+        m.write_bytes_atomic("latest", tag.encode())
+        tags = [t for t in m.list() if t.startswith("step")]
+        for t in _doomed(tags, self.mirror_tags(), self.keep):
+            m.rm(t)
+
+    def mirror_tags(self) -> list[str]:
+        """Complete tags in the mirror, oldest first."""
+        if self.mirror is None:
+            return []
+        return [t for t in self.mirror.list() if t.startswith("step")
+                and self.mirror.exists(f"{t}/{COMPLETE}")]
+
+    def restore(self) -> str | None:
+        """The tag to resume from, complete on this disk; None to start afresh.
+
+        Without a mirror (or with an empty one) that is :meth:`latest`. With one it is the
+        mirror's newest complete tag, downloaded first if this disk lacks any of its files.
+        Every rank calls it; ranks sharing a disk may download at once (files land by rename).
+        """
+        remote = self.mirror_tags()
+        if not remote:
+            return self.latest()
+        tag = remote[-1]
         for p in self.root.glob("step*"):
-            if p.name in complete[-self.keep:]:
-                continue
-            if p.name in complete or p.name < newest:
+            if p.name > tag:  # saved after the mirror's newest: not on every rank's disk
                 shutil.rmtree(p, ignore_errors=True)
+        if not (self.root / tag / COMPLETE).exists():
+            self.mirror.get_dir(tag, self.root / tag, select=lambda f: f != COMPLETE)
+            script = self.root / "zero_to_fp32.py"
+            if not script.exists() and self.mirror.exists(script.name):
+                self.mirror.get_file(script.name, script)
+            _write_atomic(self.root / tag / COMPLETE,
+                          json.dumps(self.mirror.read_json(f"{tag}/{COMPLETE}")))
+        _write_atomic(self.root / "latest", tag)
+        return tag
 
     # ----- loading -----------------------------------------------------------------------
     def load(self, engine, tag: str, rank: int) -> tuple[int, dict, dict | None]:
@@ -91,6 +179,12 @@ class Checkpoints:
         ema = (torch.load(ema_path, map_location="cpu", weights_only=True)
                if rank == 0 and ema_path.exists() else None)
         return int(client["step"]), rank_state, ema
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def rng_state(gen: torch.Generator) -> dict:
