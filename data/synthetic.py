@@ -57,7 +57,7 @@ SPEEDS = (1, 2, 3)  # pixels per frame
 NUMBER_WORDS = ("zero", "one", "two", "three")
 
 EXPECTED = (  # bad kind -> the label curation should give it
-    ("zero_byte", "unreadable"),  # empty file
+    ("zero_byte", "empty_file"),  # empty file
     ("truncated", "unreadable"),  # a valid mp4 cut to half its bytes
     ("random_bytes", "unreadable"),  # random bytes named .mp4
     ("frozen", "low_motion"),  # valid, every frame identical

@@ -1,6 +1,6 @@
 """`spacetime`: run and inspect the graph. Arguments after the subcommand are Hydra overrides.
 
-    spacetime run [--only STAGE | --from STAGE] [overrides...]   run what is missing (or force)
+    spacetime run [--only S | --from S | --until S] [overrides...]  run what is missing (or force)
     spacetime status [overrides...]                               the graph's state for a config
     spacetime params [overrides...]                               parameter counts of the presets
     spacetime report [RUN_ID] [--embed-videos] [overrides...]     the run's static HTML page
@@ -44,22 +44,23 @@ def parse_argv(argv: list[str]) -> tuple[str, dict, list[str]]:
         return cmd, {}, list(argv)
     if cmd == "report":
         return cmd, *parse_report_argv(argv)
-    flags: dict = {"only": None, "from_": None}
+    flags: dict = {"only": None, "from_": None, "until": None}
+    names = {"--only": "only", "--from": "from_", "--until": "until"}
     rest: list[str] = []
     it = iter(argv)
     for a in it:
-        if a in ("--only", "--from"):
+        if a in names:
             val = next(it, None)
             if val is None or val.startswith("-"):
                 raise SystemExit(f"spacetime: {a} needs a stage name")
-            flags["only" if a == "--only" else "from_"] = val
-        elif a.startswith("--only=") or a.startswith("--from="):
-            k, v = a[2:].split("=", 1)
-            flags["only" if k == "only" else "from_"] = v
+            flags[names[a]] = val
+        elif a.split("=", 1)[0] in names:
+            k, v = a.split("=", 1)
+            flags[names[k]] = v
         else:
             rest.append(a)
-    if cmd != "run" and (flags["only"] or flags["from_"]):
-        raise SystemExit("spacetime: --only/--from belong to 'run'")
+    if cmd != "run" and any(flags.values()):
+        raise SystemExit("spacetime: --only/--from/--until belong to 'run'")
     return cmd, flags, rest
 
 
@@ -181,7 +182,7 @@ def cmd_run(graph, cfg, cfg_dict, flags) -> int:
     if os.environ.get("SPACETIME_SUBMIT"):  # set by `spacetime submit`: the submitter's commit
         extra["submit"] = json.loads(os.environ["SPACETIME_SUBMIT"])
     try:
-        plan = graph.plan(cfg_dict, flags["only"], flags["from_"])
+        plan = graph.plan(cfg_dict, flags["only"], flags["from_"], flags["until"])
     except GraphError as e:
         raise SystemExit(f"spacetime: {e}") from None
     print(f"run {run_id}: " + ", ".join(f"{n}={a}" for n, a in plan.items()))
@@ -193,6 +194,7 @@ def cmd_run(graph, cfg, cfg_dict, flags) -> int:
     code = 0
     try:
         lineage = graph.run(cfg, cfg_dict, run_id, only=flags["only"], from_=flags["from_"],
+                            until=flags["until"],
                             tracker_factory=tracker_factory, extra_info=extra)
     except StageFailed as e:
         print(f"spacetime: {e}", file=sys.stderr)

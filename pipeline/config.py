@@ -15,9 +15,16 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from data.probe import ProbeConfig
 from data.synthetic import SourceConfig
+from pipeline.caption import CaptionConfig
 from pipeline.curate import CurateConfig
+from pipeline.dedup import DedupConfig
+from pipeline.embed import EmbedConfig
+from pipeline.ingest import IngestConfig
+from pipeline.scores import ScoreConfig
 from pipeline.shard import ShardConfig
+from pipeline.shots import ShotConfig
 from pipeline.tracking import TrackingConfig
 from training.evaluate import EvalConfig
 from training.model import ModelConfig
@@ -54,7 +61,14 @@ class RunSection:
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     source: SourceConfig = field(default_factory=SourceConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    shots: ShotConfig = field(default_factory=ShotConfig)
+    scores: ScoreConfig = field(default_factory=ScoreConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -66,7 +80,14 @@ class RunConfig:
 
 GROUPS = {
     "source": SourceConfig,
+    "ingest": IngestConfig,
+    "probe": ProbeConfig,
+    "shots": ShotConfig,
+    "scores": ScoreConfig,
     "curate": CurateConfig,
+    "embed": EmbedConfig,
+    "dedup": DedupConfig,
+    "caption": CaptionConfig,
     "shard": ShardConfig,
     "model": ModelConfig,
     "train": TrainConfig,

@@ -1,12 +1,17 @@
-"""Curation on Ray: probe every input, split it into shots, score and filter the shots.
+"""Curation on Ray: the ``curate`` stage (fetch, probe, split into shots, CPU scores and
+filters) and the ``filter`` stage (model scores, global near-duplicates).
 
-Every input video ends either as one or more kept clips or in the rejects with a reason; clips
-that a filter drops are rejects too (stage ``filter``), so ``inputs = kept sources + rejected
-sources`` and ``clips = kept + filtered`` always hold. Clips stay spans ``(source, start, end)``
-here; the shard stage cuts and re-encodes them.
+    source manifest --curate--> clips (spans + scores) + rejects --filter--> fewer clips
+                                                                  --caption--> --shard-->
 
-The work runs as a Ray Data pipeline (one task per video, ``cluster.curate_concurrency`` at a
-time), so it streams with backpressure and runs unchanged on a multi-node cluster.
+Every input ends either as one or more clips or in the rejects with the stage and reason that
+stopped it; a clip that a filter drops is a reject too (with its span), so at every stage
+``inputs = kept sources + rejected sources`` and ``clips = kept + filtered`` hold, and
+`account` checks it. Clips stay spans ``(source, start, end)`` until the shard stage cuts them.
+
+The ``curate`` stage decodes each video once, at ``curate.frame_long_side`` pixels (aspect
+kept), and splits and scores those frames. It runs as resumable parts (`pipeline.parts`): a
+killed driver loses only the groups in flight.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from __future__ import annotations
 import json
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,25 +29,19 @@ import numpy as np
 
 @dataclass
 class CurateConfig:
-    min_seconds: float = 1.0
-    max_seconds: float = 600.0
-    min_side: int = 32  # shortest side in pixels
-    max_side: int = 4096
-    score_size: int = 32  # frames are scored at score_size x score_size
-    cut_threshold: float = 30.0  # mean abs difference (0-255) between frames that marks a cut
-    min_clip_frames: int = 8
-    min_motion: float = 0.5  # mean abs frame difference (0-255) below which a clip is frozen
-    max_motion: float = 60.0  # above: jitter / noise
+    frame_long_side: int = 160  # videos are decoded at this long side for splitting and scoring
+    group_size: int = 4  # videos per part: the unit of progress a killed driver can lose
+    model_scores: bool = False  # run the `embed` section's open_clip scorer in the filter stage
+    fetch_cache: str = "cache/fetch"  # remote inputs are fetched here (relative: under run.root)
+
+
+REJECT_SCHEMA = {"source_id": "string", "path": "string", "stage": "string", "reason": "string",
+                 "detail": "string", "start": "int64", "end": "int64"}
 
 
 def reject(item: dict, stage: str, reason: str, detail: str = "", start=None, end=None) -> dict:
-    return {"source_id": item["id"], "path": item["path"], "stage": stage, "reason": reason,
-            "detail": detail, "start": start, "end": end}
-
-
-def find_cuts(diffs: np.ndarray, threshold: float) -> list[int]:
-    """diffs: (T-1,) mean abs difference between frame i and i+1. Returns first frames of shots."""
-    return [int(i) + 1 for i in np.flatnonzero(diffs > threshold)]
+    return {"source_id": item["id"], "path": item.get("url") or item.get("path"), "stage": stage,
+            "reason": reason, "detail": detail, "start": start, "end": end}
 
 
 def shot_caption(item: dict, start: int, end: int) -> str:
@@ -53,130 +53,214 @@ def shot_caption(item: dict, start: int, end: int) -> str:
     return item.get("caption") or ""
 
 
-def curate_video(item: dict, cfg: CurateConfig) -> tuple[list[dict], list[dict]]:
-    """Probe, split and score one input. Returns (clips, rejects). Never raises for bad input."""
-    from data.video_io import VideoError, probe, read_frames
+def decode_size(width: int, height: int, long_side: int) -> tuple[int, int]:
+    """(h, w) with the long side at most `long_side`, aspect kept, both even."""
+    s = min(1.0, long_side / max(width, height))
+    return max(2, round(height * s / 2) * 2), max(2, round(width * s / 2) * 2)
 
-    path = item["abs_path"]
+
+@dataclass
+class CurateConfigs:
+    """Everything a curate worker needs, in one picklable bundle."""
+
+    ingest: Any
+    probe: Any
+    shots: Any
+    scores: Any
+    curate: CurateConfig
+    cache_dir: str
+
+
+def curate_video(item: dict, c: CurateConfigs, blocklist) -> list[dict]:
+    """Fetch, probe, split and score one input -> records {"kind": clip|reject, ...}.
+    Never raises for a bad input."""
+    from data.probe import safe_probe
+    from data.video_io import read_frames
+    from pipeline.dedup import thumbnail_embeddings
+    from pipeline.ingest import fetch_item
+    from pipeline.scores import apply_filters, cpu_scores
+    from pipeline.shots import split_shots
+
+    out: list[dict] = []
+    got, why = fetch_item(item, c.ingest, blocklist, c.cache_dir, max_bytes=c.probe.max_bytes)
+    if why:
+        return [{"kind": "reject", **reject(item, "ingest", *why)}]
+    path = got["local_path"]
+    info, why = safe_probe(path, c.probe)
+    if why:
+        return [{"kind": "reject", **reject(item, "probe", *why)}]
+    t0 = time.perf_counter()
     try:
-        p = probe(path)
-    except VideoError as e:
-        return [], [reject(item, "probe", "unreadable", f"{e.reason}: {e}")]
-    except Exception as e:  # noqa: BLE001 - a hostile file must not stop the run
-        return [], [reject(item, "probe", "unreadable", f"{type(e).__name__}: {e}")]
-    if p.duration < cfg.min_seconds:
-        return [], [reject(item, "probe", "too_short", f"{p.duration:.2f}s < {cfg.min_seconds}s")]
-    if p.duration > cfg.max_seconds:
-        return [], [reject(item, "probe", "too_long", f"{p.duration:.2f}s > {cfg.max_seconds}s")]
-    if min(p.width, p.height) < cfg.min_side:
-        return [], [reject(item, "probe", "low_resolution", f"{p.width}x{p.height}")]
-    if max(p.width, p.height) > cfg.max_side:
-        return [], [reject(item, "probe", "high_resolution", f"{p.width}x{p.height}")]
-    try:
-        frames = read_frames(path, size=(cfg.score_size, cfg.score_size))  # (T, s, s, 3) uint8
-    except Exception as e:  # noqa: BLE001
-        return [], [reject(item, "decode", "decode_failed", f"{type(e).__name__}: {e}")]
-    x = frames.astype(np.float32)  # (T, s, s, 3)
-    diffs = np.abs(x[1:] - x[:-1]).mean(axis=(1, 2, 3))  # (T-1,)
-    bounds = [0, *find_cuts(diffs, cfg.cut_threshold), len(frames)]
-    clips, rejects = [], []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        inner = diffs[start : end - 1]  # differences inside the shot, not across its cut
-        motion = float(inner.mean()) if len(inner) else 0.0
-        scores = {"motion": motion, "num_frames": end - start, "seconds": (end - start) / p.fps}
-        if end - start < cfg.min_clip_frames:
-            reason, detail = "too_short", f"{end - start} frames < {cfg.min_clip_frames}"
-        elif motion < cfg.min_motion:
-            reason, detail = "low_motion", f"motion {motion:.3f} < {cfg.min_motion}"
-        elif motion > cfg.max_motion:
-            reason, detail = "high_motion", f"motion {motion:.3f} > {cfg.max_motion}"
-        else:
-            clips.append({
-                "clip_id": f"{item['id']}-{start:06d}-{end:06d}", "source_id": item["id"],
-                "path": item["path"], "abs_path": path, "start": start, "end": end,
-                "fps": p.fps, "width": p.width, "height": p.height,
-                "caption": shot_caption(item, start, end), "scores": scores,
-                "source": item.get("meta", {}),
-            })
+        frames = read_frames(path, size=decode_size(info["width"], info["height"],
+                                                    c.curate.frame_long_side))  # (T, h, w, 3)
+    except Exception as e:  # noqa: BLE001 - the probe passed but the decoder did not
+        return [{"kind": "reject", **reject(item, "decode", "decode_failed",
+                                            f"{type(e).__name__}: {e}"[:500])}]
+    decode_s = time.perf_counter() - t0
+    fps = float(info["fps"])
+    split = split_shots(frames, fps, c.shots)
+    out.append({"kind": "video", "source_id": item["id"], "seconds": len(frames) / fps,
+                "decode_s": decode_s, "cuts": split.cuts})
+    for start, end in split.too_short:
+        out.append({"kind": "reject", **reject(item, "split", "too_short",
+                                               f"{end - start} frames < {split.min_len}",
+                                               start, end)})
+    meta = {"width": info["width"], "height": info["height"]}
+    for (start, end), windowed in zip(split.clips, split.windowed):
+        span = frames[start:end]  # (t, h, w, 3)
+        scores = cpu_scores(span, fps, meta, c.scores)
+        scores["windowed"] = bool(windowed)
+        failed = apply_filters(scores, c.scores)
+        if failed:
+            out.append({"kind": "reject", **reject(item, "filter", failed[0], failed[1],
+                                                   start, end), "scores": scores})
             continue
-        rejects.append(reject(item, "filter", reason, json.dumps(scores), start, end))
-    return clips, rejects
+        keyframes = span[np.linspace(0, len(span) - 1, 4).round().astype(int)]  # (4, h, w, 3)
+        out.append({
+            "kind": "clip",
+            "clip_id": f"{item['id']}-{start:06d}-{end:06d}", "source_id": item["id"],
+            "path": item["url"], "abs_path": path, "start": start, "end": end, "fps": fps,
+            "width": info["width"], "height": info["height"],
+            "caption": shot_caption(item, start, end), "scores": scores,
+            "source": {"license": item.get("license"), "source_url": item.get("source_url"),
+                       **(item.get("meta") or {})},
+            "source_frames": info["num_frames"], "source_bytes": info["size_bytes"],
+            "codec": info["codec"], "container": info["container"],
+            "thumb": thumbnail_embeddings([keyframes])[0].round(5).tolist(),
+        })
+    return out
 
 
-def _task(row: dict, cfg: dict) -> list[dict]:
-    item = json.loads(row["item"])
-    try:
-        clips, rejects = curate_video(item, CurateConfig(**cfg))
-    except Exception:  # noqa: BLE001 - a bug on one file must not lose the others
-        clips, rejects = [], [reject(item, "curate", "error", traceback.format_exc(limit=3))]
-    return [{"kind": "clip", "rec": json.dumps(c)} for c in clips] + [
-        {"kind": "reject", "rec": json.dumps(r)} for r in rejects
-    ]
+def curate_group(items: list[dict], c: CurateConfigs) -> list[dict]:
+    """A Ray task: one group of inputs. A bug on one input is recorded, not fatal."""
+    import cv2
+
+    cv2.setNumThreads(1)  # Ray gives this task one CPU
+    blocklist = c.ingest.blocklist.build()
+    out = []
+    for item in items:
+        try:
+            out += curate_video(item, c, blocklist)
+        except Exception:  # noqa: BLE001 - a bug on one file must not lose the others
+            out.append({"kind": "reject", **reject(item, "curate", "error",
+                                                   traceback.format_exc(limit=3))})
+    return out
 
 
-def run_curation(items: list[dict], cfg: CurateConfig, concurrency: int, log=print
-                 ) -> tuple[list[dict], list[dict]]:
-    """items: dicts with id, path (relative), abs_path, optional caption/shots/meta."""
-    import ray
+def run_curate(items: list[dict], c: CurateConfigs, out: Path, concurrency: int, log=print
+               ) -> tuple[list[dict], list[dict], list[dict]]:
+    """-> (clips, rejects, per-video records), all sorted."""
+    from pipeline.parts import read_parts, run_parts
 
-    cfg_d = asdict(cfg)
-    ds = ray.data.from_items([{"item": json.dumps(i)} for i in items])
-    # Ray Data retries tasks lost to worker or node failures by itself.
-    ds = ds.flat_map(_task, fn_kwargs={"cfg": cfg_d}, num_cpus=1,
-                     compute=ray.data.TaskPoolStrategy(size=concurrency))
-    t0 = time.time()
-    rows = ds.take_all()
-    clips = [json.loads(r["rec"]) for r in rows if r["kind"] == "clip"]
-    rejects = [json.loads(r["rec"]) for r in rows if r["kind"] == "reject"]
-    clips.sort(key=lambda c: c["clip_id"])
+    run_parts(items, partial(curate_group, c=c), out / "parts", group_size=c.curate.group_size,
+              concurrency=concurrency, log=log, name="curate")
+    clips, rejects, videos = [], [], []
+    for r in read_parts(out / "parts"):
+        {"clip": clips, "reject": rejects, "video": videos}[r.pop("kind")].append(r)
+    clips.sort(key=lambda r: r["clip_id"])
     rejects.sort(key=lambda r: (r["source_id"], r["start"] or -1))
-    log(f"curated {len(items)} videos in {time.time() - t0:.1f}s: {len(clips)} clips kept, "
-        f"{len(rejects)} rejects")
-    return clips, rejects
+    return clips, rejects, videos
 
 
-def account(items: list[dict], clips: list[dict], rejects: list[dict]) -> dict[str, Any]:
+# ----- the filter stage: model scores and global dedup ---------------------------------------
+def clip_keyframes(clip: dict, k: int, long_side: int) -> np.ndarray:
+    from data.video_io import read_frames
+
+    idx = np.linspace(clip["start"], clip["end"] - 1, k).round().astype(int).tolist()
+    return read_frames(clip["abs_path"], indices=idx,
+                       size=decode_size(clip["width"], clip["height"], long_side))  # (k, h, w, 3)
+
+
+class ModelScorer:
+    """Built once per actor: open_clip embeddings, aesthetics and caption similarity."""
+
+    def __init__(self, embed_cfg, frame_long_side: int):
+        self.scorer = embed_cfg.build()
+        self.long_side = frame_long_side
+
+    def __call__(self, clips: list[dict]) -> list[dict]:
+        ok, out = [], []
+        for c in clips:
+            try:
+                ok.append((c, clip_keyframes(c, 4, self.long_side)))
+            except Exception as e:  # noqa: BLE001
+                out.append({"clip_id": c["clip_id"], "error": f"{type(e).__name__}: {e}"[:300]})
+        if ok:
+            res = self.scorer({"frames": [f for _, f in ok],
+                               "caption": [c["caption"] for c, _ in ok]})
+            for i, (c, _) in enumerate(ok):
+                rec = {"clip_id": c["clip_id"], "embedding": np.asarray(
+                    res["embedding"][i], np.float32).round(5).tolist()}
+                for k in ("aesthetic", "clip_score"):
+                    if k in res:
+                        rec[k] = float(res[k][i])
+                out.append(rec)
+        return out
+
+
+def run_model_scores(clips: list[dict], embed_cfg, long_side: int, out: Path, concurrency: int,
+                     num_gpus: float, log=print) -> dict[str, dict]:
+    from pipeline.parts import read_parts, run_parts
+
+    run_parts([{k: c[k] for k in ("clip_id", "abs_path", "start", "end", "width", "height",
+                                  "caption")} for c in clips],
+              None, out / "parts", group_size=16, concurrency=concurrency, num_gpus=num_gpus,
+              actor_factory=partial(ModelScorer, embed_cfg, long_side), log=log,
+              name="model scores")
+    return {r["clip_id"]: r for r in read_parts(out / "parts")}
+
+
+# ----- accounting ----------------------------------------------------------------------------
+def account(source_ids: set[str], clips: list[dict], rejects: list[dict]) -> dict[str, Any]:
     """Conservation check: every input is kept or rejected; raises if one went missing."""
-    ids = {i["id"] for i in items}
     kept = {c["source_id"] for c in clips}
-    rejected_whole = {r["source_id"] for r in rejects if r["start"] is None}
-    filtered_only = {r["source_id"] for r in rejects} - kept - rejected_whole
-    missing = ids - kept - rejected_whole - filtered_only
+    seen = kept | {r["source_id"] for r in rejects}
+    missing = source_ids - seen
     if missing:
         raise RuntimeError(f"curation lost {len(missing)} inputs: {sorted(missing)[:5]}")
+    extra = seen - source_ids
+    if extra:
+        raise RuntimeError(f"curation produced unknown sources: {sorted(extra)[:5]}")
     reasons: dict[str, int] = {}
     for r in rejects:
         reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
     return {
-        "inputs": len(ids),
+        "inputs": len(source_ids),
         "kept_sources": len(kept),
-        "rejected_sources": len(ids - kept),
+        "rejected_sources": len(source_ids - kept),
         "clips_kept": len(clips),
         "clips_filtered": sum(1 for r in rejects if r["start"] is not None),
         "reject_reasons": reasons,
-        "kept_seconds": float(sum(c["scores"]["seconds"] for c in clips)),
+        "kept_seconds": float(sum(clip_seconds(c) for c in clips)),
     }
+
+
+def clip_seconds(c: dict) -> float:
+    return (c["end"] - c["start"]) / c["fps"]
 
 
 def write_outputs(out: Path, clips: list[dict], rejects: list[dict], stats: dict) -> None:
     from data.shards import write_parquet
 
-    write_parquet([{**c, "scores": json.dumps(c["scores"]), "source": json.dumps(c["source"])}
-                   for c in clips], out / "clips.parquet")
-    write_parquet(rejects, out / "rejects.parquet", schema=REJECT_SCHEMA)
+    write_parquet([{**c, "scores": json.dumps(c["scores"]), "source": json.dumps(c["source"]),
+                    "thumb": json.dumps(c.get("thumb"))} for c in clips], out / "clips.parquet")
+    write_parquet([{k: r.get(k) for k in REJECT_SCHEMA} for r in rejects],
+                  out / "rejects.parquet", schema=REJECT_SCHEMA)
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
 
 
-REJECT_SCHEMA = {"source_id": "string", "path": "string", "stage": "string", "reason": "string",
-                 "detail": "string", "start": "int64", "end": "int64"}
+def read_clips(stage_dir: Path) -> list[dict]:
+    from data.shards import read_parquet
+
+    clips = read_parquet(stage_dir / "clips.parquet")
+    for c in clips:
+        for k in ("scores", "source", "thumb"):
+            if isinstance(c.get(k), str):
+                c[k] = json.loads(c[k])
+    return clips
 
 
-def load_items(source_dir: Path) -> list[dict]:
-    """The source stage's manifest.jsonl, with absolute paths added."""
-    items = []
-    for line in (source_dir / "manifest.jsonl").read_text().splitlines():
-        if line.strip():
-            it = json.loads(line)
-            it["abs_path"] = str((source_dir / it["path"]).resolve())
-            items.append(it)
-    return items
+def read_rejects(stage_dir: Path) -> list[dict]:
+    from data.shards import read_parquet
+
+    return read_parquet(stage_dir / "rejects.parquet")

@@ -298,12 +298,17 @@ class Graph:
         return rows
 
     # ----- execution --------------------------------------------------------------------
-    def plan(self, cfg: Mapping, only: str | None = None, from_: str | None = None) -> dict[str, str]:
-        """Decide for each stage: 'run' (forced or missing), 'cached', or 'skip'."""
-        self.check_stage(only)
-        self.check_stage(from_)
-        if only and from_:
-            raise GraphError("use either --only or --from, not both")
+    def plan(self, cfg: Mapping, only: str | None = None, from_: str | None = None,
+             until: str | None = None) -> dict[str, str]:
+        """Decide for each stage: 'run' (forced or missing), 'cached', or 'skip'.
+
+        only: force one stage (and run what is missing upstream); from_: force a stage and
+        everything downstream; until: run what is missing up to a stage, forcing nothing (so
+        an unfinished resumable stage resumes)."""
+        for s in (only, from_, until):
+            self.check_stage(s)
+        if sum(x is not None for x in (only, from_, until)) > 1:
+            raise GraphError("use one of --only, --from and --until")
         hashes = self.hashes(cfg)
         complete = {n: self.store.exists(f"{self.stage_key(n, hashes[n])}/{SUCCESS}")
                     for n in self.order}
@@ -314,6 +319,8 @@ class Graph:
         elif from_:
             forced = set(self.downstream(from_))
             targets = forced | set(self.upstream(from_))
+        elif until:
+            targets = {until, *self.upstream(until)}
         plan: dict[str, str] = {}
         for n in self.order:
             if n not in targets:
@@ -332,12 +339,13 @@ class Graph:
         *,
         only: str | None = None,
         from_: str | None = None,
+        until: str | None = None,
         tracker_factory: Callable[[StageContext], Any] | None = None,
         extra_info: Mapping[str, Any] | None = None,
         log: Callable[[str], None] = print,
     ) -> dict:
         """Run the plan. Returns the lineage record (also written under runs/<run_id>/)."""
-        plan = self.plan(cfg_dict, only, from_)
+        plan = self.plan(cfg_dict, only, from_, until)
         hashes = self.hashes(cfg_dict)
         lineage_key = f"runs/{run_id}/lineage.json"
         lineage: dict[str, Any] = {

@@ -8,14 +8,12 @@ upstream stages' output directories, and writes into its own output directory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
 
 from pipeline.graph import Graph, Stage, StageContext
-
-VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
-
 
 def ensure_ray(ctx: StageContext) -> None:
     """Start (or join) Ray once per process, passing the run id to every worker."""
@@ -41,79 +39,231 @@ def ensure_ray(ctx: StageContext) -> None:
 
 # ----- source -------------------------------------------------------------------------------
 def source_stage(ctx: StageContext) -> dict:
+    """The inputs as a manifest (manifest.jsonl): generated (synthetic) or listed (ingest)."""
+    from pipeline.ingest import list_inputs
+
     cfg = ctx.section("source")
     if cfg.kind == "synthetic":
         from data.synthetic import generate
 
         rows = generate(cfg, ctx.out_dir)
-    elif cfg.kind == "directory":
-        root = Path(cfg.path).resolve()
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS)
-        rows = []
-        for i, p in enumerate(files):
-            cap = p.with_suffix(".txt")
-            rows.append({"id": f"{p.stem}-{i:06d}", "path": str(p),
-                         "caption": cap.read_text().strip() if cap.exists() else ""})
-        with open(ctx.out_dir / "manifest.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        items = [{"id": r["id"], "url": str((ctx.out_dir / r["path"]).resolve()),
+                  "caption": r["caption"], "license": "synthetic", "source_url": None,
+                  "shots": r["shots"],
+                  "meta": {"synthetic": {k: r[k] for k in ("bad_kind", "expected", "cuts")}}}
+                 for r in rows]
+    elif cfg.kind in ("ingest", "directory"):  # directory: source.path, the older spelling
+        ing = ctx.section("ingest")
+        if cfg.kind == "directory":
+            ing = dataclasses.replace(ing, inputs=[cfg.path])
+        items = list_inputs(ing)
     else:
-        raise ValueError(f"unknown source.kind '{cfg.kind}'")
-    ctx.tracker.summary({"source/videos": len(rows)})
-    return {"videos": len(rows)}
+        raise ValueError(f"unknown source.kind '{cfg.kind}' (synthetic | ingest)")
+    with open(ctx.out_dir / "inputs.jsonl", "w") as f:
+        f.writelines(json.dumps(i) + "\n" for i in items)
+    ctx.tracker.summary({"source/videos": len(items)})
+    return {"videos": len(items)}
+
+
+def load_inputs(source_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (source_dir / "inputs.jsonl").read_text().splitlines()
+            if line.strip()]
+
+
+def _log_curation(ctx: StageContext, stats: dict, rejects: list[dict], clips: list[dict]) -> None:
+    from pipeline.funnel import histograms, render_png
+
+    stats["histograms"] = histograms(clips)
+    render_png(stats["funnel"], stats["histograms"], ctx.out_dir / "funnel.png")
+    t = ctx.tracker
+    name = ctx.stage.name
+    t.summary({f"{name}/{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
+    t.log({f"{name}/rejects/{k}": v for k, v in stats["reject_reasons"].items()})
+    t.log_table("funnel", ["step", "count", "unit", "hours"],
+                [[s["step"], s["count"], s["unit"], s["hours"]] for s in stats["funnel"]])
+    t.log_table("rejects", ["source_id", "stage", "reason", "detail"],
+                [[r["source_id"], r["stage"], r["reason"], r["detail"]] for r in rejects])
+    t.log_image("funnel", str(ctx.out_dir / "funnel.png"))
 
 
 # ----- curate -------------------------------------------------------------------------------
 def curate_stage(ctx: StageContext) -> dict:
-    from pipeline.curate import account, load_items, run_curation, write_outputs
+    """Fetch, probe, split into shots, CPU scores and filters: resumable parts on Ray."""
+    from pipeline.curate import CurateConfigs, account, clip_seconds, run_curate, write_outputs
+    from pipeline.funnel import step
 
     ensure_ray(ctx)
-    items = load_items(ctx.inputs["source"])
-    clips, rejects = run_curation(items, ctx.section("curate"),
-                                  ctx.section("cluster").curate_concurrency)
-    stats = account(items, clips, rejects)
+    items = load_inputs(ctx.inputs["source"])
+    cur = ctx.section("curate")
+    cache = Path(cur.fetch_cache)
+    if not cache.is_absolute():
+        cache = Path(ctx.section("run").root) / cache
+    c = CurateConfigs(ingest=ctx.section("ingest"), probe=ctx.section("probe"),
+                      shots=ctx.section("shots"), scores=ctx.section("scores"), curate=cur,
+                      cache_dir=str(cache))
+    clips, rejects, videos = run_curate(items, c, ctx.out_dir,
+                                        ctx.section("cluster").curate_concurrency)
+    stats = account({i["id"] for i in items}, clips, rejects)
+    probed = {r["source_id"] for r in rejects if r["stage"] in ("ingest", "probe")}
+    shot_spans = len(clips) + sum(r["stage"] in ("split", "filter") for r in rejects)
+    stats["funnel"] = [
+        step("inputs", len(items), 0, "videos"),
+        step("probed", len(items) - len(probed), sum(v["seconds"] for v in videos), "videos"),
+        step("shots", shot_spans, sum(v["seconds"] for v in videos), "clips"),
+        step("cpu filters", len(clips), sum(map(clip_seconds, clips)), "clips"),
+    ]
+    stats["decode_seconds"] = float(sum(v["decode_s"] for v in videos))
     write_outputs(ctx.out_dir, clips, rejects, stats)
-    t = ctx.tracker
-    t.summary({f"curate/{k}": v for k, v in stats.items() if not isinstance(v, dict)})
-    t.log({f"curate/rejects/{k}": v for k, v in stats["reject_reasons"].items()})
-    t.log_table("rejects", ["source_id", "stage", "reason", "detail"],
-                [[r["source_id"], r["stage"], r["reason"], r["detail"]] for r in rejects])
-    return stats
+    _log_curation(ctx, stats, rejects, clips)
+    (ctx.out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
+    return {k: v for k, v in stats.items() if isinstance(v, (int, float))}
+
+
+# ----- filter -------------------------------------------------------------------------------
+def filter_stage(ctx: StageContext) -> dict:
+    """Model scores (open_clip embeddings, aesthetics, caption similarity; actor pool) when
+    curate.model_scores, then near-duplicates across the whole dataset."""
+    import numpy as np
+
+    from pipeline.curate import (account, clip_seconds, read_clips, read_rejects, reject,
+                                 run_model_scores, write_outputs)
+    from pipeline.dedup import find_near_duplicates
+    from pipeline.funnel import step
+    from pipeline.scores import apply_filters
+
+    up = ctx.inputs["curate"]
+    clips, rejects = read_clips(up), read_rejects(up)
+    stats_up = json.loads((up / "stats.json").read_text())
+    funnel = list(stats_up["funnel"])
+    cur, cluster = ctx.section("curate"), ctx.section("cluster")
+    scores_cfg = ctx.section("scores")
+    emb = {c["clip_id"]: np.asarray(c["thumb"], np.float32) for c in clips}
+    if cur.model_scores:
+        ensure_ray(ctx)
+        gpus = 1.0 if cluster.use_gpu else 0.0
+        res = run_model_scores(clips, ctx.section("embed"), cur.frame_long_side, ctx.out_dir,
+                               cluster.curate_concurrency, gpus)
+        kept = []
+        for c in clips:
+            r = res[c["clip_id"]]
+            item = {"id": c["source_id"], "url": c["path"]}
+            if "error" in r:
+                rejects.append(reject(item, "filter", "decode_failed", r["error"],
+                                      c["start"], c["end"]))
+                continue
+            c["scores"].update({k: r[k] for k in ("aesthetic", "clip_score") if k in r})
+            emb[c["clip_id"]] = np.asarray(r["embedding"], np.float32)
+            failed = apply_filters(c["scores"], scores_cfg)
+            if failed:
+                rejects.append(reject(item, "filter", failed[0], failed[1], c["start"], c["end"]))
+            else:
+                kept.append(c)
+        clips = kept
+        funnel.append(step("model filters", len(clips), sum(map(clip_seconds, clips)), "clips"))
+    ids = [c["clip_id"] for c in clips]
+    prio = np.asarray([c["scores"].get("aesthetic", c["end"] - c["start"]) for c in clips],
+                      np.float64)
+    matrix = np.stack([emb[i] for i in ids]) if ids else np.zeros((0, 1), np.float32)
+    dropped = {d["clip_id"]: d for d in find_near_duplicates(ids, matrix, ctx.section("dedup"),
+                                                             prio)}
+    kept = []
+    for c in clips:
+        d = dropped.get(c["clip_id"])
+        if d:
+            rejects.append(reject({"id": c["source_id"], "url": c["path"]}, "dedup",
+                                  "near_duplicate", f"of {d['kept']} (cosine "
+                                  f"{d['similarity']:.4f})", c["start"], c["end"]))
+        else:
+            kept.append(c)
+    clips = kept
+    funnel.append(step("dedup", len(clips), sum(map(clip_seconds, clips)), "clips"))
+    stats = account({r["source_id"] for r in rejects} | {c["source_id"] for c in clips}, clips,
+                    rejects)
+    stats["inputs"] = stats_up["inputs"]
+    if stats["kept_sources"] + stats["rejected_sources"] != stats["inputs"]:
+        raise RuntimeError(f"filter lost sources: {stats}")
+    stats["funnel"] = funnel
+    write_outputs(ctx.out_dir, clips, rejects, stats)
+    _log_curation(ctx, stats, rejects, clips)
+    (ctx.out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
+    return {k: v for k, v in stats.items() if isinstance(v, (int, float))}
+
+
+# ----- caption ------------------------------------------------------------------------------
+def caption_stage(ctx: StageContext) -> dict:
+    from pipeline.caption import caption_clips
+    from pipeline.curate import account, clip_seconds, read_clips, read_rejects, write_outputs
+    from pipeline.funnel import step
+
+    up = ctx.inputs["filter"]
+    clips, rejects = read_clips(up), read_rejects(up)
+    stats_up = json.loads((up / "stats.json").read_text())
+    cfg = ctx.section("caption")
+    if cfg.kind == "vlm":
+        ensure_ray(ctx)
+    kept, failed = caption_clips(clips, cfg)
+    rejects += failed
+    stats = account({r["source_id"] for r in rejects} | {c["source_id"] for c in kept}, kept,
+                    rejects)
+    stats["inputs"] = stats_up["inputs"]
+    stats["funnel"] = stats_up["funnel"] + [
+        step("captioned", len(kept), sum(map(clip_seconds, kept)), "clips")]
+    stats["captioners"] = sorted({c["caption_source"] for c in kept})
+    write_outputs(ctx.out_dir, kept, rejects, stats)
+    ctx.tracker.log_table("captions", ["clip_id", "caption", "captioner"],
+                          [[c["clip_id"], c["caption"], c["caption_source"]] for c in kept[:200]])
+    ctx.tracker.summary({"caption/clips": len(kept), "caption/failed": len(failed)})
+    return {k: v for k, v in stats.items() if isinstance(v, (int, float))}
 
 
 # ----- shard --------------------------------------------------------------------------------
 def shard_stage(ctx: StageContext) -> dict:
-    from data.shards import read_parquet, write_parquet
-    from pipeline.curate import REJECT_SCHEMA
+    """Cut, encode and pack the captioned clips; resumable (finished shards are kept)."""
+    from data.shards import write_parquet
+    from pipeline.curate import REJECT_SCHEMA, account, read_clips, read_rejects
+    from pipeline.funnel import step
     from pipeline.shard import run_sharding
 
     ensure_ray(ctx)
-    cur = ctx.inputs["curate"]
-    clips = read_parquet(cur / "clips.parquet")
-    for c in clips:
-        c["scores"], c["source"] = json.loads(c["scores"]), json.loads(c["source"])
-    res = run_sharding(clips, ctx.section("shard"), ctx.out_dir)
-    rejects = read_parquet(cur / "rejects.parquet") + res["failed"]
+    up = ctx.inputs["caption"]
+    clips, rejects = read_clips(up), read_rejects(up)
+    stats_up = json.loads((up / "stats.json").read_text())
+    res = run_sharding(clips, ctx.section("shard"), ctx.out_dir,
+                       ctx.section("cluster").curate_concurrency)
     if len(res["rows"]) + len(res["failed"]) != len(clips):
         raise RuntimeError(f"sharding lost clips: {len(clips)} in, {len(res['rows'])} sharded, "
                            f"{len(res['failed'])} failed")
-    write_parquet(res["rows"], ctx.out_dir / "clips.parquet")
-    write_parquet(rejects, ctx.out_dir / "rejects.parquet", schema=REJECT_SCHEMA)
-    curate_stats = json.loads((cur / "stats.json").read_text())
-    stats = {
-        **curate_stats,
+    rejects += res["failed"]
+    sharded = {r["key"] for r in res["rows"]}
+    kept = [c for c in clips if c["clip_id"] in sharded]
+    stats = account({r["source_id"] for r in rejects} | {c["source_id"] for c in kept}, kept,
+                    rejects)
+    stats["inputs"] = stats_up["inputs"]
+    if stats["kept_sources"] + stats["rejected_sources"] != stats["inputs"]:
+        raise RuntimeError(f"sharding lost sources: {stats}")
+    secs = sum((c["end"] - c["start"]) / c["fps"] for c in kept)
+    stats.update({
+        "funnel": stats_up["funnel"] + [step("sharded", len(kept), secs, "clips")],
         "clips_sharded": len(res["rows"]),
         "clips_encode_failed": len(res["failed"]),
         "shards": {k: len(v) for k, v in res["shards"].items()},
-        "clips_per_split": {s: sum(r["split"] == s for r in res["rows"]) for s in ("train", "val")},
+        "shards_reused": res["reused"],
+        "clips_per_split": {s: sum(r["split"] == s for r in res["rows"])
+                            for s in ("train", "val")},
         "bytes": int(sum(r["bytes"] for r in res["rows"])),
-    }
+        "captioners": stats_up.get("captioners", []),
+    })
+    write_parquet(res["rows"], ctx.out_dir / "clips.parquet")
+    write_parquet([{k: r.get(k) for k in REJECT_SCHEMA} for r in rejects],
+                  ctx.out_dir / "rejects.parquet", schema=REJECT_SCHEMA)
+    _log_curation(ctx, stats, rejects, kept)
     (ctx.out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
     (ctx.out_dir / "index.json").write_text(json.dumps(
         {k: [f"shards/{n}" for n in v] for k, v in res["shards"].items()}, indent=2))
     ctx.tracker.summary({"shard/clips": stats["clips_sharded"], "shard/bytes": stats["bytes"],
                          "shard/train_shards": stats["shards"]["train"],
                          "shard/val_shards": stats["shards"]["val"]})
-    return stats
+    return {k: v for k, v in stats.items() if isinstance(v, (int, float))}
 
 
 def shard_urls(shard_dir: Path, split: str) -> list[str]:
@@ -142,27 +292,42 @@ def train_stage(ctx: StageContext) -> dict:
 
 # ----- eval ---------------------------------------------------------------------------------
 def eval_stage(ctx: StageContext) -> dict:
+    """Rerun alone with `spacetime run --only eval eval.checkpoint=200` or, for metric-vs-step
+    curves, `eval.steps=[100,200,300]` (the training stage must have kept those tags)."""
     from training.evaluate import evaluate
 
     res = evaluate(ctx.section("eval"), ctx.inputs["train"],
                    shard_urls(ctx.inputs["shard"], "val"), ctx.out_dir, ctx.tracker)
-    return {k: v for k, v in res.items() if k != "samples"}
+    return {"step": res["step"], "weights": res["weights"], "skipped": res["skipped"],
+            **res["checkpoints"][-1]["metrics"]}
 
 
 # Keys that cannot change a stage's output, excluded from its hash (listed, not implied).
 STAGES = [
-    Stage("source", source_stage, config_keys=("source",),
-          description="generate or list the raw input videos"),
-    Stage("curate", curate_stage, inputs=("source",), config_keys=("curate",),
-          description="probe, split into shots, score and filter on Ray"),
-    Stage("shard", shard_stage, inputs=("curate",), config_keys=("shard",),
-          exclude=("shard.max_retries",),
-          description="cut, re-encode and pack clips into WebDataset tars"),
+    Stage("source", source_stage, config_keys=("source", "ingest"), version=2,
+          exclude=("ingest.storage_options",),
+          description="generate the synthetic videos or list the inputs (dirs, URLs, manifests)"),
+    Stage("curate", curate_stage, inputs=("source",),
+          config_keys=("ingest", "probe", "shots", "scores", "curate"), version=2,
+          exclude=("ingest.storage_options", "probe.startup_timeout_s", "curate.group_size",
+                   "curate.fetch_cache"), resumable=True,
+          description="fetch, probe, split into shots, CPU scores and filters (Ray tasks)"),
+    Stage("filter", filter_stage, inputs=("curate",), config_keys=("curate", "embed", "scores",
+                                                                   "dedup"),
+          exclude=("curate.group_size", "curate.fetch_cache", "dedup.device", "dedup.block_size",
+                   "dedup.chunk_size", "embed.device"), resumable=True,
+          description="model scores (open_clip actor pool) and global near-duplicates"),
+    Stage("caption", caption_stage, inputs=("filter",), config_keys=("caption",),
+          exclude=("caption.concurrency", "caption.max_retries", "caption.num_gpus"),
+          description="pass source captions through or recaption with a VLM (actor pool)"),
+    Stage("shard", shard_stage, inputs=("caption",), config_keys=("shard",), version=2,
+          exclude=("shard.max_retries",), resumable=True,
+          description="cut, encode and pack clips into WebDataset tars"),
     Stage("train", train_stage, inputs=("shard",), config_keys=("model", "train", "deepspeed"),
           exclude=("train.log_every", "train.max_failures"), resumable=True,
           description="train the DiT with DeepSpeed ZeRO on Ray Train workers"),
-    Stage("eval", eval_stage, inputs=("train", "shard"), config_keys=("eval",),
-          description="validation loss and sampled videos"),
+    Stage("eval", eval_stage, inputs=("train", "shard"), config_keys=("eval",), version=2,
+          description="validation loss, sampled videos, probes, CLIP score and FVD"),
 ]
 
 

@@ -52,6 +52,8 @@ class Tracker:
 
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None: ...
 
+    def log_image(self, key: str, path: str, caption: str = "") -> None: ...
+
     def log_artifact(self, name: str, type: str, path: str) -> None: ...
 
     def use_artifact(self, name: str, type: str, path: str) -> None: ...
@@ -73,6 +75,7 @@ class MemoryTracker(Tracker):
         self.metrics: list[tuple[int | None, dict]] = []
         self.summaries: dict[str, Any] = {}
         self.videos: list[tuple[str, str, str]] = []
+        self.images: list[tuple[str, str, str]] = []
         self.tables: dict[str, tuple[list, list]] = {}
         self.artifacts: list[tuple[str, str, str]] = []
         self.used: list[tuple[str, str, str]] = []
@@ -89,6 +92,9 @@ class MemoryTracker(Tracker):
 
     def log_table(self, key, columns, rows):
         self.tables[key] = (columns, rows)
+
+    def log_image(self, key, path, caption=""):
+        self.images.append((key, str(path), caption))
 
     def log_artifact(self, name, type, path):
         self.artifacts.append((name, type, path))
@@ -122,6 +128,9 @@ class JsonlTracker(Tracker):
 
     def log_table(self, key, columns, rows):
         self._write("table", key=key, columns=columns, rows=rows)
+
+    def log_image(self, key, path, caption=""):
+        self._write("image", key=key, path=str(path), caption=caption)
 
     def log_artifact(self, name, type, path):
         self._write("artifact", name=name, type=type, path=str(path))
@@ -160,6 +169,9 @@ class WandbTracker(Tracker):
         data = [[self._wandb.Video(str(c), format="mp4") if isinstance(c, Path) else c for c in r]
                 for r in rows]
         self.run.log({key: self._wandb.Table(columns=cols, data=data)})
+
+    def log_image(self, key, path, caption=""):
+        self.run.log({key: self._wandb.Image(str(path), caption=caption)})
 
     def _reference(self, name, type, path):
         art = self._wandb.Artifact(name, type=type)
@@ -207,6 +219,10 @@ class Tee(Tracker):
     def log_table(self, key, columns, rows):
         for t in self.trackers:
             t.log_table(key, columns, rows)
+
+    def log_image(self, key, path, caption=""):
+        for t in self.trackers:
+            t.log_image(key, path, caption)
 
     def log_artifact(self, name, type, path):
         for t in self.trackers:

@@ -100,10 +100,12 @@ def test_cli_surface_is_frozen():
     assert SUBCOMMANDS == ("run", "status", "params", "report", "submit", "jobs", "logs", "stop",
                            "plan")
     assert parse_argv(["run", "--only", "train", "train.lr=1"]) == (
-        "run", {"only": "train", "from_": None}, ["train.lr=1"])
-    assert parse_argv(["--from=eval"]) == ("run", {"only": None, "from_": "eval"}, [])
+        "run", {"only": "train", "from_": None, "until": None}, ["train.lr=1"])
+    assert parse_argv(["--from=eval"]) == ("run", {"only": None, "from_": "eval", "until": None},
+                                           [])
+    assert parse_argv(["run", "--until", "shard"])[1]["until"] == "shard"
     assert parse_argv(["status", "experiment=tiny"]) == (
-        "status", {"only": None, "from_": None}, ["experiment=tiny"])
+        "status", {"only": None, "from_": None, "until": None}, ["experiment=tiny"])
     with pytest.raises(SystemExit):
         parse_argv(["status", "--only", "train"])
     # report: a run id only as its first argument (so `--cfg job` keeps its value).

@@ -19,6 +19,10 @@ from data.shards import read_parquet, read_shards
 from data.video_io import read_frames, read_frames_av
 
 
+STAGES = ["source", "curate", "filter", "caption", "shard", "train", "eval"]
+CURATION = dict.fromkeys(["source", "curate", "filter", "caption", "shard"], "cached")
+
+
 def spacetime(*args, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
     env["SPACETIME_RUN_ID"] = ""  # each call makes its own run id
@@ -46,7 +50,7 @@ def run1(tmp_path_factory):
 
 def test_every_stage_ran_and_explains_itself(run1):
     lin = run1["lineage"]
-    assert [n for n in lin["stages"]] == ["source", "curate", "shard", "train", "eval"]
+    assert [n for n in lin["stages"]] == STAGES
     assert all(s["state"] == "done" for s in lin["stages"].values())
     assert lin["git"]["commit"] and lin["versions"]["deepspeed"]
     for name, d in run1["dirs"].items():
@@ -132,15 +136,18 @@ def test_eval_wrote_val_loss_and_decodable_samples(run1):
 def test_wandb_offline_runs_one_per_stage_grouped_by_run_id(run1):
     lin = run1["lineage"]
     run_dirs = [Path(s["result"]["tracking"]["wandb_dir"]) for s in lin["stages"].values()]
-    assert len(set(run_dirs)) == 5
+    assert len(set(run_dirs)) == len(STAGES)
     for name, rd in zip(lin["stages"], run_dirs):
         assert rd.name.startswith("offline-run-")
         blob = next(rd.glob("run-*.wandb")).read_bytes()
         assert lin["run_id"].encode() in blob  # the group
         assert name.encode() in blob  # the job type
-    train_blob = next(run_dirs[3].glob("run-*.wandb")).read_bytes()
+    by_stage = dict(zip(lin["stages"], run_dirs))
+    train_blob = next(by_stage["train"].glob("run-*.wandb")).read_bytes()
     assert b"train/loss" in train_blob and b"train/grad_norm" in train_blob
-    eval_blob = next(run_dirs[4].glob("run-*.wandb")).read_bytes()
+    shard_blob = next(by_stage["shard"].glob("run-*.wandb")).read_bytes()
+    assert b"funnel" in shard_blob and b"rejects" in shard_blob
+    eval_blob = next(by_stage["eval"].glob("run-*.wandb")).read_bytes()
     assert b"val/loss" in eval_blob
 
 
@@ -156,29 +163,25 @@ def test_rerun_is_all_cached_then_a_training_override_reruns_train_and_eval(run1
     assert r.returncode == 0, r.stderr[-2000:]
     lin = lineage_of(r, run1["root"])
     states = {n: s["state"] for n, s in lin["stages"].items()}
-    assert states == {"source": "cached", "curate": "cached", "shard": "cached",
-                      "train": "done", "eval": "done"}
+    assert states == {**CURATION, "train": "done", "eval": "done"}
 
     def status(*overrides):
         r = spacetime("status", "experiment=tiny", *overrides, cwd=cwd)
         return {line.split()[0]: line.split()[1] for line in r.stdout.splitlines()[1:]}
 
-    assert status("train.lr=1e-3") == {"source": "cached", "curate": "cached",
-                                       "shard": "cached", "train": "done", "eval": "done"}
-    assert status() == dict.fromkeys(["source", "curate", "shard", "train", "eval"], "cached")
-    assert status("train.lr=5e-4") == {"source": "cached", "curate": "cached",
-                                       "shard": "cached", "train": "stale", "eval": "stale"}
+    assert status("train.lr=1e-3") == {**CURATION, "train": "done", "eval": "done"}
+    assert status() == dict.fromkeys(STAGES, "cached")
+    assert status("train.lr=5e-4") == {**CURATION, "train": "stale", "eval": "stale"}
 
     r = spacetime("run", "--only", "eval", "experiment=tiny", "train.lr=1e-3", cwd=cwd)
     lin = lineage_of(r, run1["root"])
     states = {n: s["state"] for n, s in lin["stages"].items()}
-    assert states == {"source": "cached", "curate": "cached", "shard": "cached",
-                      "train": "cached", "eval": "done"}
+    assert states == {**CURATION, "train": "cached", "eval": "done"}
 
 
 def test_a_real_stage_that_raises_is_failed_and_redone(run1):
     cwd = run1["cwd"]
-    clips = run1["dirs"]["curate"] / "clips.parquet"
+    clips = run1["dirs"]["caption"] / "clips.parquet"
     hidden = clips.with_name("clips.parquet.hidden")
     clips.rename(hidden)  # the shard stage will raise reading its input
     try:
@@ -191,12 +194,12 @@ def test_a_real_stage_that_raises_is_failed_and_redone(run1):
     assert "clips.parquet" in json.loads((shard_dir / "_FAILED.json").read_text())["error"]
     r = spacetime("status", "experiment=tiny", cwd=cwd)
     states = {line.split()[0]: line.split()[1] for line in r.stdout.splitlines()[1:]}
-    assert states["shard"] == "failed" and states["curate"] == "cached"
+    assert states["shard"] == "failed" and states["caption"] == "cached"
 
     r = spacetime("run", "experiment=tiny", cwd=cwd)  # shard is missing: redone, and so is
     assert r.returncode == 0                          # nothing else (same hashes downstream)
     states = {n: s["state"] for n, s in lineage_of(r, run1["root"])["stages"].items()}
-    assert states["shard"] == "done" and states["curate"] == "cached"
+    assert states["shard"] == "done" and states["caption"] == "cached"
     assert (shard_dir / "_SUCCESS.json").exists()
 
 

@@ -177,7 +177,7 @@ def test_bad_requests_fail_before_any_stage(setup):
     rec, graph, cfg, run, _ = setup
     with pytest.raises(GraphError, match="unknown stage 'x'; stages are: a, b, c, d"):
         run(only="x")
-    with pytest.raises(GraphError, match="either --only or --from"):
+    with pytest.raises(GraphError, match="one of --only, --from and --until"):
         run(only="a", from_="b")
     assert rec.calls == []
     with pytest.raises(GraphError, match="cycle"):
