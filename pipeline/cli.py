@@ -188,7 +188,7 @@ def cmd_run(graph, cfg, cfg_dict, flags) -> int:
     print(f"run {run_id}: " + ", ".join(f"{n}={a}" for n, a in plan.items()))
 
     def tracker_factory(ctx):
-        return make_tracker(spec_for(ctx, cfg.tracking, cfg.run.root))
+        return make_tracker(spec_for(ctx, cfg.tracking, cfg.run.root, cfg.run.local_cache))
 
     t0 = time.time()
     code = 0
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
             outcome["code"] = cmd_report(cfg.run.root, flags)
             return
         cfg_dict = to_dict(dcfg)
-        graph = build_graph(cfg.run.root)
+        graph = build_graph(cfg.run.root, cfg.run.local_cache)
         if cmd == "status":
             outcome["code"] = cmd_status(graph, cfg_dict)
             return

@@ -54,6 +54,9 @@ class ClusterConfig:
 class RunSection:
     name: str = "demo"  # experiment name; used for display and the W&B project tag
     root: str = "outputs"  # where stage outputs, run records and W&B files go (path or URL)
+    # A URL root (s3://, gs://): stages run in, and inputs are cached in, this local directory
+    # (default $TMPDIR/spacetime-cache); the bucket holds the outputs and the run state.
+    local_cache: Optional[str] = None
     id: Optional[str] = None  # set by `spacetime run`; SPACETIME_RUN_ID overrides
 
 

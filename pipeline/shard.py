@@ -129,10 +129,19 @@ META_KEYS = ("clip_id", "source_id", "path", "start", "end", "fps", "width", "he
              "caption", "caption_source", "scores", "source")
 
 
-def write_one_shard(path: str, clips: list[dict], cfg: ShardConfig) -> dict:
-    """Runs as a Ray task: the tar, then its sidecar. Returns the sidecar's content."""
+def write_one_shard(path: str, clips: list[dict], cfg: ShardConfig,
+                    upload_url: str | None = None) -> dict:
+    """Runs as a Ray task: the tar, then its sidecar. Returns the sidecar's content.
+
+    With `upload_url` (a bucket run root, where the driver's directory is not shared), the tar
+    is written to this node's temporary directory and uploaded to ``<upload_url>/shards/``."""
+    import tempfile
+
     from data.shards import write_shard
 
+    final = path
+    if upload_url:
+        path = str(Path(tempfile.mkdtemp(prefix="shard-")) / Path(final).name)
     samples, rows, failed = [], [], []
     for c in clips:
         try:
@@ -147,14 +156,26 @@ def write_one_shard(path: str, clips: list[dict], cfg: ShardConfig) -> dict:
         rows.append({"key": c["clip_id"], "shard": Path(path).name, "bytes": len(mp4)})
     nbytes = write_shard(path, samples) if samples else 0
     side = {"shard": Path(path).name, "rows": rows, "failed": failed, "bytes": nbytes}
-    tmp = f"{path}.rows.json.tmp"
-    Path(tmp).write_text(json.dumps(side))
-    os.replace(tmp, f"{path}.rows.json")
+    if upload_url:
+        from pipeline.storage import Store
+
+        if samples:
+            Store(upload_url).put_file(path, f"shards/{Path(path).name}")
+            os.remove(path)
+        os.rmdir(Path(path).parent)
+        return side
+    write_sidecar(final, side)
     return side
 
 
+def write_sidecar(path: str, side: dict) -> None:
+    tmp = f"{path}.rows.json.tmp"
+    Path(tmp).write_text(json.dumps(side))
+    os.replace(tmp, f"{path}.rows.json")
+
+
 def run_sharding(clips: list[dict], cfg: ShardConfig, out: Path, concurrency: int = 2,
-                 log=print) -> dict:
+                 log=print, upload_url: str | None = None) -> dict:
     import ray
 
     shard_dir = out / "shards"
@@ -166,12 +187,19 @@ def run_sharding(clips: list[dict], cfg: ShardConfig, out: Path, concurrency: in
     task = ray.remote(num_cpus=1, max_retries=cfg.max_retries)(write_one_shard)
     t0 = time.time()
     pending = [(name, group) for name, group in plan if name not in done]
-    refs = []
+    refs: list = []
+
+    def finish(ready) -> None:  # sidecars of uploaded shards are written here, by the driver
+        for side in ray.get(ready):
+            if upload_url:
+                write_sidecar(str(shard_dir / side["shard"]), side)
+
     for name, group in pending:  # at most 2 x concurrency in flight: backpressure
         if len(refs) >= 2 * concurrency:
-            _, refs = ray.wait(refs, num_returns=1)
-        refs.append(task.remote(str(shard_dir / name), group, cfg))
-    ray.get(refs)
+            ready, refs = ray.wait(refs, num_returns=1)
+            finish(ready)
+        refs.append(task.remote(str(shard_dir / name), group, cfg, upload_url))
+    finish(refs)
     log(f"shard: wrote {len(pending)} shards in {time.time() - t0:.1f}s, reused {len(done)}")
     by_key = {c["clip_id"]: c for c in clips}
     rows, failed, shards = [], [], {"train": [], "val": []}

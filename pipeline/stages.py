@@ -229,7 +229,8 @@ def shard_stage(ctx: StageContext) -> dict:
     clips, rejects = read_clips(up), read_rejects(up)
     stats_up = json.loads((up / "stats.json").read_text())
     res = run_sharding(clips, ctx.section("shard"), ctx.out_dir,
-                       ctx.section("cluster").curate_concurrency)
+                       ctx.section("cluster").curate_concurrency,
+                       upload_url=ctx.out_url if "://" in ctx.out_url else None)
     if len(res["rows"]) + len(res["failed"]) != len(clips):
         raise RuntimeError(f"sharding lost clips: {len(clips)} in, {len(res['rows'])} sharded, "
                            f"{len(res['failed'])} failed")
@@ -266,9 +267,14 @@ def shard_stage(ctx: StageContext) -> dict:
     return {k: v for k, v in stats.items() if isinstance(v, (int, float))}
 
 
-def shard_urls(shard_dir: Path, split: str) -> list[str]:
-    index = json.loads((shard_dir / "index.json").read_text())
-    return [str((shard_dir / p).resolve()) for p in index[split]]
+def shard_urls(ctx: StageContext, split: str) -> list[str]:
+    """The shard stage's tars of a split, by URL when the run root is a bucket (streamed from
+    there, never downloaded: the train and eval stages declare ``stream=("shards/*",)``)."""
+    index = json.loads((ctx.inputs["shard"] / "index.json").read_text())
+    base = ctx.input_urls["shard"]
+    if "://" not in base:
+        base = str(Path(base).resolve())
+    return [f"{base}/{p}" for p in index[split]]
 
 
 # ----- train --------------------------------------------------------------------------------
@@ -278,11 +284,12 @@ def train_stage(ctx: StageContext) -> dict:
 
     ensure_ray(ctx)
     run = ctx.section("run")
-    urls = shard_urls(ctx.inputs["shard"], "train")
+    urls = shard_urls(ctx, "train")
     res = run_training(
         train_cfg=ctx.section("train"), model_cfg=ctx.section("model"),
         ds_cfg=ctx.section("deepspeed"), cluster=ctx.section("cluster"), out_dir=ctx.out_dir,
-        train_shards=urls, tracker_spec=spec_for(ctx, ctx.section("tracking"), run.root),
+        train_shards=urls, tracker_spec=spec_for(ctx, ctx.section("tracking"), run.root,
+                                                 run.local_cache),
         stage=ctx.stage.name, stage_hash=ctx.stage_hash,
         inputs={k: str(v) for k, v in ctx.inputs.items()},
     )
@@ -297,7 +304,7 @@ def eval_stage(ctx: StageContext) -> dict:
     from training.evaluate import evaluate
 
     res = evaluate(ctx.section("eval"), ctx.inputs["train"],
-                   shard_urls(ctx.inputs["shard"], "val"), ctx.out_dir, ctx.tracker)
+                   shard_urls(ctx, "val"), ctx.out_dir, ctx.tracker)
     return {"step": res["step"], "weights": res["weights"], "skipped": res["skipped"],
             **res["checkpoints"][-1]["metrics"]}
 
@@ -325,11 +332,12 @@ STAGES = [
           description="cut, encode and pack clips into WebDataset tars"),
     Stage("train", train_stage, inputs=("shard",), config_keys=("model", "train", "deepspeed"),
           exclude=("train.log_every", "train.max_failures"), resumable=True,
+          stream=("shards/*",),
           description="train the DiT with DeepSpeed ZeRO on Ray Train workers"),
     Stage("eval", eval_stage, inputs=("train", "shard"), config_keys=("eval",), version=2,
           description="validation loss, sampled videos, probes, CLIP score and FVD"),
 ]
 
 
-def build_graph(root: str | Path) -> Graph:
-    return Graph(STAGES, root)
+def build_graph(root: str | Path, local_cache: str | None = None) -> Graph:
+    return Graph(STAGES, root, local_cache=local_cache)

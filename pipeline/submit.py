@@ -159,11 +159,10 @@ def compose_run_config(overrides: list[str]) -> Any:
 
 
 def check_run_root(root: str) -> None:
-    if "://" in root:
-        raise SubmitError(
-            f"run.root={root}: the graph reads and writes run.root as a filesystem path on "
-            f"every node; mount the bucket there (cluster/README.md, 'Storage') and pass "
-            f"the mount path")
+    from pipeline.storage import is_url
+
+    if is_url(root):  # a bucket: every node reaches it through fsspec
+        return
     if not Path(root).is_absolute():
         raise SubmitError(
             f"run.root={root!r} is relative: on the cluster it would resolve inside the job's "

@@ -276,13 +276,17 @@ def make_tracker(spec: TrackerSpec, rank: int = 0) -> Tracker:
     return Tee(*parts) if len(parts) != 1 else parts[0]
 
 
-def spec_for(ctx, tracking: TrackingConfig, root: str) -> TrackerSpec:
-    """The tracker spec of a stage execution (``ctx`` is a graph.StageContext)."""
+def spec_for(ctx, tracking: TrackingConfig, root: str, local_cache: str | None = None
+             ) -> TrackerSpec:
+    """The tracker spec of a stage execution (``ctx`` is a graph.StageContext). W&B writes
+    under the run root, or its local cache when the root is a bucket."""
+    from pipeline.storage import local_root
+
     return TrackerSpec(
         mode=tracking.mode,
         project=tracking.project,
         entity=tracking.entity,
-        dir=str(Path(tracking.dir or root).resolve()),  # wandb adds its own wandb/ subdir
+        dir=str(Path(tracking.dir or local_root(root, local_cache)).resolve()),  # + wandb/
         group=ctx.run_id,
         job_type=ctx.stage.name,
         name=f"{ctx.stage.name}-{ctx.stage_hash[:8]}",

@@ -281,11 +281,12 @@ def test_submission_is_checked_and_carries_no_secret(monkeypatch):
     assert {".git", ".venv", "outputs", "wandb"} <= set(renv["excludes"])
     env = renv["env_vars"]
     assert env["SPACETIME_RUN_ID"] == "20260101-000000-abcd" and env["WANDB_ENTITY"] == "my-team"
-    assert env["RAY_OVERRIDE_JOB_RUNTIME_ENV"] == "1"
+    assert "RAY_OVERRIDE_JOB_RUNTIME_ENV" not in env
     assert json.loads(env["SPACETIME_SUBMIT"])["git"]["commit"] == s["metadata"]["spacetime_commit"]
     assert SENTINEL not in json.dumps(s, default=str) and "WANDB_API_KEY" not in env
     assert EXCLUDES == renv["excludes"]
-    bad = {("run.root=outputs",): "relative", ("run.root=s3://bucket/x",): "mount",
+    build_submission(["run.root=s3://bucket/x"], None, None, "http://x")  # buckets are fine
+    bad = {("run.root=outputs",): "relative",
            ("run.root=/x", "train.lrr=1"): "lrr", ("run.root=/x", "model=enormous"): "enormous"}
     for overrides, word in bad.items():
         with pytest.raises(SubmitError, match=word):
