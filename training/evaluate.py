@@ -1,64 +1,204 @@
-"""Evaluation: validation loss at fixed timesteps and noise, and sampled videos as mp4.
+"""Evaluation of one checkpoint or a series: validation loss, samples, probes, CLIP score, FVD.
 
-The validation loss uses the first ``num_frames`` of every held-out clip, the timesteps in
-``val_timesteps`` (stratified, not sampled) and noise drawn from ``seed``, so the number is
-comparable across runs and checkpoints of the same data.
+    eval.checkpoint / eval.steps --resolve_checkpoints--> [CheckpointRef]
+    each: load_checkpoint -> validation_loss (held-out shards)
+                          -> sample_videos (fixed prompts, fixed noise) -> mp4s + grid.mp4
+                          -> probes (synthetic prompts) / CLIP score / FVD (when configured)
+    -> results.json, W&B (metrics per step, grid videos, a table of samples), stage summary
+
+Which weights: ``checkpoint: latest`` takes the training stage's final export (``model.pt``,
+``model_ema.pt``, the same weights as its last checkpoint tag); a step number takes the
+DeepSpeed tag ``checkpoints/stepNNNNNNNN`` (converted to fp32 by DeepSpeed's own
+``zero_to_fp32``, with the tag's ``ema.pt`` when ``use_ema``); a path takes a tag directory or
+a training output directory anywhere. ``steps: [...]`` evaluates a series of tags and logs every
+metric with the checkpoint's step as the x axis (metric-vs-step curves); keep them with
+``train.keep_checkpoints``.
+
+Comparable numbers: the validation loss uses the first ``num_frames`` of each held-out clip,
+the fixed timesteps ``val_timesteps`` (strata, not samples), and noise seeded per (clip,
+timestep), so the same clip always meets the same noise whatever the batch size or clip count.
+Samples are drawn from noise seeded per prompt index. Two checkpoints or two runs on the same
+data therefore differ only by their weights.
+
+Prompts: ``eval.prompts``, or (empty) ``num_prompts`` prompts in the synthetic source's caption
+format, balanced over colours and directions (``probes.synthetic_prompts``), which is what makes
+probe scores mean something. Probes run on every prompt that parses as a synthetic caption;
+CLIP score and FVD run when their model is configured and are reported as skipped (with the
+reason) otherwise, never silently absent.
+
+Output layout: the newest checkpoint of the run writes ``samples/sample-NN.mp4`` and
+``samples/grid.mp4``; earlier ones of a series write under ``samples/stepNNNNNNNN/``.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from training.checkpoint import COMPLETE
+from training.video_metrics import ClipScoreConfig, FVDConfig
+
 
 @dataclass
 class EvalConfig:
+    checkpoint: str = "latest"  # latest | a step number | a path (checkpoint tag or training output dir)
+    steps: list[int] = field(default_factory=list)  # a series of checkpoint steps; empty = just `checkpoint`
+    use_ema: bool = True  # evaluate the EMA weights (model_ema.pt / the tag's ema.pt) when present
     val_timesteps: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
     val_max_clips: int = 64
     batch_size: int = 8
     seed: int = 1234
-    prompts: list[str] = field(default_factory=lambda: [
-        "one red circle moving right on a black background",
-        "two blue squares moving up on a gray background",
-        "one yellow triangle moving left on a navy background",
-        "three green circles moving down on a black background",
-    ])
-    use_ema: bool = True  # evaluate the EMA weights (model_ema.pt) rather than the raw ones
+    prompts: list[str] = field(default_factory=list)  # empty: num_prompts synthetic prompts
+    num_prompts: int = 16
     sample_steps: int = 20
     cfg_scale: float = 3.0
     fps: float = 8.0
+    probes: bool = True  # probe samples of synthetic prompts (colour, shape, motion, count, flicker)
+    clip: ClipScoreConfig = field(default_factory=ClipScoreConfig)
+    fvd: FVDConfig = field(default_factory=FVDConfig)
 
 
-def load_model(train_dir: Path, device: torch.device, use_ema: bool = True):
-    """The trained model, with the EMA weights when asked (and present)."""
+# ----- which weights --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CheckpointRef:
+    """One set of weights to evaluate: a training output's final export or a DeepSpeed tag."""
+
+    step: int
+    path: Path  # the training output dir (kind "final") or the tag dir (kind "deepspeed")
+    kind: str  # final | deepspeed
+
+    @property
+    def train_dir(self) -> Path:
+        return self.path if self.kind == "final" else self.path.parent.parent
+
+
+def _step_of_tag(tag_dir: Path) -> int:
+    done = tag_dir / COMPLETE
+    if done.exists():
+        return int(json.loads(done.read_text())["step"])
+    digits = "".join(c for c in tag_dir.name if c.isdigit())
+    if not digits:
+        raise ValueError(f"cannot tell the step of checkpoint {tag_dir}")
+    return int(digits)
+
+
+def _final_step(train_dir: Path) -> int:
+    res = train_dir / "train_result.json"
+    if res.exists():
+        return int(json.loads(res.read_text())["steps"])
+    return int(train_configs(train_dir)[1]["steps"])
+
+
+def _tag_ref(train_dir: Path, step: int) -> CheckpointRef:
+    from training.checkpoint import tag_of
+
+    root = train_dir / "checkpoints"
+    tag = root / tag_of(step)
+    if not (tag / COMPLETE).exists():
+        have = sorted(p.name for p in root.glob("step*") if (p / COMPLETE).exists())
+        raise FileNotFoundError(
+            f"no complete checkpoint for step {step} in {root}; complete tags: {have or 'none'} "
+            f"(train.ckpt_every sets when tags are saved, train.keep_checkpoints how many are kept)")
+    return CheckpointRef(step, tag, "deepspeed")
+
+
+def resolve_checkpoints(cfg: EvalConfig, train_dir: Path) -> list[CheckpointRef]:
+    """The checkpoints `cfg` asks for, oldest first."""
+    train_dir = Path(train_dir)
+    if cfg.steps:
+        return [_tag_ref(train_dir, int(s)) for s in sorted(set(cfg.steps))]
+    ck = str(cfg.checkpoint).strip()
+    if ck == "latest":
+        return [CheckpointRef(_final_step(train_dir), train_dir, "final")]
+    if ck.isdigit():
+        return [_tag_ref(train_dir, int(ck))]
+    path = Path(ck).expanduser().resolve()
+    if (path / "model.pt").exists():
+        return [CheckpointRef(_final_step(path), path, "final")]
+    if (path / "mp_rank_00_model_states.pt").exists():
+        return [CheckpointRef(_step_of_tag(path), path, "deepspeed")]
+    raise FileNotFoundError(
+        f"eval.checkpoint={ck!r} is not 'latest', a step number, a training output directory "
+        f"(with model.pt) or a DeepSpeed checkpoint tag (with mp_rank_00_model_states.pt)")
+
+
+def train_configs(train_dir: Path) -> tuple:
+    """(ModelConfig, train config dict) of a training output: its exported json files, or the
+    resolved config in its info.json (a run still in progress has no exports yet). Fields the
+    TrainConfig lacks (e.g. an older file's) take their defaults; extra records the trainer
+    adds next to the config (e.g. ``latent``) are passed through."""
     from training.model import ModelConfig
-    from training.trainer import from_dict
+    from training.trainer import TrainConfig, from_dict
 
-    mcfg = from_dict(ModelConfig, json.loads((train_dir / "model_config.json").read_text()))
+    train_dir = Path(train_dir)
+    if (train_dir / "model_config.json").exists():
+        model = json.loads((train_dir / "model_config.json").read_text())
+        train = json.loads((train_dir / "train_config.json").read_text())
+    else:
+        info = json.loads((train_dir / "info.json").read_text())["config"]
+        model, train = info["model"], info["train"]
+    known = {f.name for f in fields(TrainConfig)}
+    typed = asdict(from_dict(TrainConfig, {k: v for k, v in train.items() if k in known}))
+    return from_dict(ModelConfig, model), {**train, **typed}
+
+
+def _deepspeed_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights of a DeepSpeed tag: DeepSpeed's zero_to_fp32 for ZeRO 1-3 (it merges every
+    rank's partitions); ZeRO-0 tags hold the whole module in the model-states file."""
+    if any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu",
+                        weights_only=False)  # DeepSpeed's own pickle (holds its config objects)
+    return {k: v.float() for k, v in states["module"].items()}
+
+
+def load_checkpoint(ref: CheckpointRef, device, use_ema: bool = True):
+    """-> (model in eval mode on `device`, ModelConfig, train config dict, "ema" | "raw")."""
+    mcfg, tcfg = train_configs(ref.train_dir)
     model = mcfg.build()
-    sd = torch.load(train_dir / "model.pt", map_location="cpu", weights_only=True)
-    ema_path = train_dir / "model_ema.pt"
-    if use_ema and ema_path.exists():
-        ema = torch.load(ema_path, map_location="cpu", weights_only=True)
+    if ref.kind == "final":
+        sd = torch.load(ref.path / "model.pt", map_location="cpu", weights_only=True)
+        ema_path = ref.path / "model_ema.pt"
+        ema = torch.load(ema_path, map_location="cpu", weights_only=True) if ema_path.exists() else None
+    else:
+        sd = _deepspeed_state_dict(ref.path)
+        ema_path = ref.path / "ema.pt"
+        ema = (torch.load(ema_path, map_location="cpu", weights_only=True)["shadow"]
+               if ema_path.exists() else None)
+    weights = "raw"
+    if use_ema and ema is not None:
         missing = {k for k, p in model.named_parameters() if p.requires_grad} - set(ema)
         if missing:
-            raise KeyError(f"EMA weights lack {sorted(missing)[:3]}")
-        sd.update(ema)
+            raise KeyError(f"EMA weights of {ref.path} lack {sorted(missing)[:3]}")
+        sd = {**sd, **ema}
+        weights = "ema"
     model.load_state_dict(sd)
-    return model.to(device).eval(), mcfg
+    return model.to(device).eval(), mcfg, tcfg, weights
 
 
-@torch.no_grad()
-def validation_loss(model, tokenizer, shards: list[str], cfg: EvalConfig, num_frames: int,
-                    size: tuple[int, int], target_fps: float | None, device) -> dict[str, float]:
+def load_model(train_dir: Path, device, use_ema: bool = True):
+    """The final weights of a training output (EMA when asked and present) -> (model, mcfg)."""
+    model, mcfg, _, _ = load_checkpoint(CheckpointRef(0, Path(train_dir), "final"), device, use_ema)
+    return model, mcfg
+
+
+# ----- validation loss ------------------------------------------------------------------------
+def _seeded(*key: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
+
+
+def load_val_clips(shards: list[str], max_clips: int, num_frames: int, size: tuple[int, int],
+                   target_fps: float | None) -> list[tuple[torch.Tensor, str]]:
+    """The first `max_clips` decodable held-out clips: [((3, T, H, W) uint8, caption)]."""
     from data.shards import read_shards
-    from training.flow import FlowConfig, flow_loss
-    from training.loader import decode_sample, normalize
+    from training.loader import decode_sample
 
     clips = []
     for s in read_shards(shards):
@@ -66,19 +206,29 @@ def validation_loss(model, tokenizer, shards: list[str], cfg: EvalConfig, num_fr
             clips.append(decode_sample(s, num_frames, size, target_fps, rng=None))
         except Exception:  # noqa: BLE001 - corrupt held-out clips are skipped
             continue
-        if len(clips) >= cfg.val_max_clips:
+        if len(clips) >= max_clips:
             break
     if not clips:
         raise RuntimeError("no decodable validation clips")
-    gen = torch.Generator().manual_seed(cfg.seed)
+    return clips
+
+
+@torch.no_grad()
+def validation_loss(model, tokenizer, clips, cfg: EvalConfig, device) -> dict[str, float]:
+    """Flow loss per fixed timestep over `clips` (from load_val_clips), noise seeded per
+    (clip index, timestep index) -> {"val/loss_t0.10": ..., "val/loss": mean, "val/clips": n}."""
+    from training.flow import FlowConfig, flow_loss
+    from training.loader import normalize
+
     per_t: dict[float, list[float]] = {t: [] for t in cfg.val_timesteps}
     for i in range(0, len(clips), cfg.batch_size):
         chunk = clips[i : i + cfg.batch_size]
         x0 = normalize(torch.stack([c[0] for c in chunk]).to(device))  # (B, 3, T, H, W)
         ids, mask = tokenizer([c[1] for c in chunk])
         ids, mask = ids.to(device), mask.to(device)
-        for t in cfg.val_timesteps:
-            noise = torch.randn(x0.shape, generator=gen).to(device)  # (B, 3, T, H, W)
+        for k, t in enumerate(cfg.val_timesteps):
+            noise = torch.stack([torch.randn(x0.shape[1:], generator=_seeded(cfg.seed, i + j, k))
+                                 for j in range(len(chunk))]).to(device)  # (B, 3, T, H, W)
             tt = torch.full((len(chunk),), float(t), device=device)  # (B,)
             _, per_sample, _ = flow_loss(lambda x, s: model(x, s, ids, mask), x0, FlowConfig(),
                                          t=tt, noise=noise)
@@ -89,55 +239,153 @@ def validation_loss(model, tokenizer, shards: list[str], cfg: EvalConfig, num_fr
     return out
 
 
+# ----- sampling -------------------------------------------------------------------------------
 @torch.no_grad()
 def sample_videos(model, tokenizer, prompts: list[str], cfg: EvalConfig, shape: tuple[int, ...],
                   shift: float, device) -> torch.Tensor:
-    """shape: (C, T, H, W). Returns uint8 videos (N, T, H, W, 3)."""
+    """shape: (C, T, H, W). Returns uint8 videos (N, T, H, W, 3); prompt i always starts from
+    the noise seeded by (cfg.seed, i), in batches of cfg.batch_size."""
     from training.flow import euler_sample, text_model_fn
 
-    ids, mask = tokenizer(prompts)
-    text, text_mask = model.encode_text(ids.to(device), mask.to(device))  # (N, L, Dt), (N, L)
     null_ids, null_mask = tokenizer([""])
-    null_text, null_mask = model.encode_text(null_ids.to(device), null_mask.to(device))
-    fn = text_model_fn(model.dit, text, text_mask, null_text, null_mask)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    noise = torch.randn((len(prompts), *shape), generator=gen).to(device)  # (N, C, T, H, W)
-    x = euler_sample(fn, noise.shape, cfg.sample_steps, cfg.cfg_scale, shift=shift, noise=noise)
-    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (N, C, T, H, W)
-    return x.permute(0, 2, 3, 4, 1).cpu()  # (N, T, H, W, C)
+    null_text, null_mask = model.encode_text(null_ids.to(device), null_mask.to(device))  # (1, L, Dt)
+    out = []
+    for i in range(0, len(prompts), cfg.batch_size):
+        chunk = prompts[i : i + cfg.batch_size]
+        ids, mask = tokenizer(chunk)
+        text, text_mask = model.encode_text(ids.to(device), mask.to(device))  # (B, L, Dt), (B, L)
+        fn = text_model_fn(model.dit, text, text_mask, null_text, null_mask)
+        noise = torch.stack([torch.randn(shape, generator=_seeded(cfg.seed, i + j))
+                             for j in range(len(chunk))]).to(device)  # (B, C, T, H, W)
+        x = euler_sample(fn, noise.shape, cfg.sample_steps, cfg.cfg_scale, shift=shift, noise=noise)
+        x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (B, C, T, H, W)
+        out.append(x.permute(0, 2, 3, 4, 1).cpu())  # (B, T, H, W, C)
+    return torch.cat(out)  # (N, T, H, W, C)
 
 
+# ----- the evaluation -------------------------------------------------------------------------
 def evaluate(cfg: EvalConfig, train_dir: Path, val_shards: list[str], out_dir: Path,
              tracker) -> dict:
-    from data.video_io import write_mp4
+    """Evaluate the checkpoints `cfg` names; write results.json and samples under `out_dir`,
+    log to `tracker`. Returns the results (see the module docstring for their layout)."""
+    from training.checkpoint import tag_of
+    from training.eval_report import sample_table
+    from training.probes import synthetic_prompts
+
+    out_dir = Path(out_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    refs = resolve_checkpoints(cfg, Path(train_dir))
+    prompts = list(cfg.prompts) or synthetic_prompts(cfg.num_prompts, cfg.seed)
+    skipped: dict[str, str] = {}
+    if not cfg.clip.name:
+        skipped["clip_score"] = "eval.clip.name is unset (an open_clip model name or local-dir:)"
+    if not cfg.fvd.path:
+        skipped["fvd"] = "eval.fvd.path is unset (VideoMAE directory / hub id, or I3D TorchScript file)"
+    if not cfg.probes:
+        skipped["probes"] = "eval.probes is false"
+    clip_scorer = cfg.clip.build(device) if cfg.clip.name else None
+    extractor = cfg.fvd.build(device) if cfg.fvd.path else None
+
+    _, tcfg = train_configs(refs[0].train_dir)
+    clips = load_val_clips(val_shards, max(cfg.val_max_clips, cfg.fvd.num_real if extractor else 0),
+                           tcfg["num_frames"], (tcfg["height"], tcfg["width"]),
+                           tcfg["data"]["target_fps"])
+    real_stats, n_real = None, 0
+    if extractor is not None:
+        from training.video_metrics import feature_stats
+
+        real = clips[: cfg.fvd.num_real]
+        n_real = len(real)
+        if len(real) < 2:
+            skipped["fvd"] = f"FVD needs at least 2 real clips; the held-out shards gave {len(real)}"
+        else:
+            real_stats = feature_stats(extractor(np.stack([c[0].permute(1, 2, 3, 0).numpy() for c in real])))
+
+    checkpoints = []
+    for n, ref in enumerate(refs):
+        model, mcfg, tcfg, weights = load_checkpoint(ref, device, cfg.use_ema)
+        metrics = validation_loss(model, mcfg.text.build_tokenizer(), clips[: cfg.val_max_clips], cfg, device)
+        videos = _sample(model, mcfg, tcfg, prompts, cfg, device)  # (N, T, H, W, 3)
+        del model
+        newest = n == len(refs) - 1  # the newest writes samples/, earlier ones samples/stepNNNNNNNN/
+        sample_dir = out_dir / "samples" if newest else out_dir / "samples" / tag_of(ref.step)
+        samples, shown, grid = write_samples(videos, prompts, sample_dir, out_dir, cfg.fps)
+        metrics.update(score_samples(samples, shown, cfg, clip_scorer, extractor, real_stats, skipped))
+        tracker.log(metrics, step=ref.step)
+        tracker.log_video("samples/grid", str(grid), caption=f"step {ref.step}: {len(prompts)} prompts",
+                          step=ref.step)
+        checkpoints.append({"step": ref.step, "checkpoint": str(ref.path), "kind": ref.kind,
+                            "weights": weights, "metrics": metrics,
+                            "grid": str(grid.relative_to(out_dir)), "samples": samples})
+
+    columns, rows = sample_table(checkpoints, out_dir)
+    tracker.log_table("samples", columns, rows)
+    final = checkpoints[-1]
+    tracker.summary({**final["metrics"], "eval/step": final["step"], "eval/checkpoints": len(checkpoints)})
+    results = {**final["metrics"], "step": final["step"], "weights": final["weights"],
+               "samples": final["samples"], "grid": final["grid"], "prompts": prompts,
+               "skipped": skipped, "fvd_real_clips": n_real, "checkpoints": checkpoints}
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _sample(model, mcfg, tcfg: dict, prompts: list[str], cfg: EvalConfig, device) -> np.ndarray:
+    """Samples at the training shape with the training's timestep shift -> (N, T, H, W, 3)."""
     from training.flops import token_grid
     from training.flow import FlowConfig, shift_for
     from training.trainer import from_dict
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, mcfg = load_model(train_dir, device, cfg.use_ema)
-    tcfg = json.loads((train_dir / "train_config.json").read_text())
-    size = (tcfg["height"], tcfg["width"])
-    tokenizer = mcfg.text.build_tokenizer()
-    metrics = validation_loss(model, tokenizer, val_shards, cfg, tcfg["num_frames"], size,
-                              tcfg["data"]["target_fps"], device)
-    videos = sample_videos(model, tokenizer, list(cfg.prompts), cfg,
-                           (mcfg.dit.in_channels, tcfg["num_frames"], *size),
-                           shift_for(from_dict(FlowConfig, tcfg["flow"]), math.prod(
-                               token_grid(mcfg.dit, (tcfg["num_frames"], *size)))),
-                           device)  # (N, T, H, W, 3)
-    sample_dir = out_dir / "samples"
+    shape = (tcfg["num_frames"], tcfg["height"], tcfg["width"])
+    shift = shift_for(from_dict(FlowConfig, tcfg["flow"]), math.prod(token_grid(mcfg.dit, shape)))
+    return sample_videos(model, mcfg.text.build_tokenizer(), prompts, cfg,
+                         (mcfg.dit.in_channels, *shape), shift, device).numpy()
+
+
+def write_samples(videos: np.ndarray, prompts: list[str], sample_dir: Path, out_dir: Path,
+                  fps: float) -> tuple[list[dict], list[np.ndarray], Path]:
+    """sample-NN.mp4 per video and grid.mp4 -> (sample records with paths relative to
+    out_dir, the videos as decoded back from their mp4s, the grid's path). Metrics are taken
+    on the decoded videos: what a viewer of the files sees."""
+    from data.video_io import read_frames, write_mp4
+    from training.eval_report import grid_video
+
     sample_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, (prompt, v) in enumerate(zip(cfg.prompts, videos)):
+    samples, shown = [], []
+    for i, (prompt, v) in enumerate(zip(prompts, videos)):
         path = sample_dir / f"sample-{i:02d}.mp4"
-        write_mp4(path, v.numpy(), fps=cfg.fps)
-        tracker.log_video(f"samples/{i:02d}", str(path), caption=prompt)
-        rows.append([i, prompt, path])
-    tracker.log_table("samples", ["index", "prompt", "video"], rows)
-    tracker.log(metrics)
-    tracker.summary(metrics)
-    results = {**metrics, "samples": [{"prompt": p, "path": str(r[2].relative_to(out_dir))}
-                                      for p, r in zip(cfg.prompts, rows)]}
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    return results
+        write_mp4(path, v, fps=fps)
+        shown.append(read_frames(path))  # (T, H, W, 3)
+        samples.append({"index": i, "prompt": prompt, "path": str(path.relative_to(out_dir))})
+    grid = sample_dir / "grid.mp4"
+    write_mp4(grid, grid_video(videos), fps=fps)
+    return samples, shown, grid
+
+
+def score_samples(samples: list[dict], shown: list[np.ndarray], cfg: EvalConfig, clip_scorer,
+                  extractor, real_stats, skipped: dict[str, str]) -> dict[str, float]:
+    """Probe results, CLIP score and FVD of one checkpoint's samples: aggregate metrics are
+    returned, per-sample results added to the sample records, reasons for skips to `skipped`."""
+    from training.probes import probe_scores, probe_video
+
+    metrics: dict[str, float] = {}
+    if cfg.probes:
+        for s, v in zip(samples, shown):
+            r = probe_video(v, s["prompt"])
+            s.update(probes=r["pass"], expected=r["expected"], measured=r["measured"])
+        metrics.update(probe_scores([s["probes"] for s in samples]))
+        if not metrics:
+            skipped["probes"] = "no prompt is a synthetic-source caption"
+    if clip_scorer is not None:
+        per = clip_scorer(np.stack(shown), [s["prompt"] for s in samples])  # (N,)
+        metrics["clip_score"] = float(per.mean())
+        for s, c in zip(samples, per):
+            s["clip_score"] = float(c)
+    if real_stats is not None:
+        if len(shown) < 2:
+            skipped["fvd"] = "FVD needs at least 2 generated clips (eval.prompts / num_prompts)"
+        else:
+            from training.video_metrics import fvd
+
+            metrics["fvd"] = fvd(real_stats, np.stack(shown), extractor)
+            metrics["fvd/fake_clips"] = len(shown)
+    return metrics
