@@ -33,6 +33,9 @@ class CurateConfig:
     group_size: int = 4  # videos per part: the unit of progress a killed driver can lose
     model_scores: bool = False  # run the `embed` section's open_clip scorer in the filter stage
     fetch_cache: str = "cache/fetch"  # remote inputs are fetched here (relative: under run.root)
+    # Clips are scored on frames sampled at about this rate, so motion between scored frames
+    # is measurable at any source fps (a slow object at 60 fps barely moves in one frame).
+    score_fps: float = 8.0
 
 
 REJECT_SCHEMA = {"source_id": "string", "path": "string", "stage": "string", "reason": "string",
@@ -108,8 +111,11 @@ def curate_video(item: dict, c: CurateConfigs, blocklist) -> list[dict]:
     meta = {"width": info["width"], "height": info["height"]}
     for (start, end), windowed in zip(split.clips, split.windowed):
         span = frames[start:end]  # (t, h, w, 3)
-        scores = cpu_scores(span, fps, meta, c.scores)
-        scores["windowed"] = bool(windowed)
+        stride = max(1, round(fps / c.curate.score_fps))
+        scores = cpu_scores(span[::stride], fps / stride, meta, c.scores)
+        scores.update(num_frames=end - start, windowed=bool(windowed))
+        if "seconds" in scores:
+            scores["seconds"] = (end - start) / fps
         failed = apply_filters(scores, c.scores)
         if failed:
             out.append({"kind": "reject", **reject(item, "filter", failed[0], failed[1],

@@ -81,6 +81,7 @@ class Bounds:
 
 
 STILL_DIFF = 0.3  # frame pairs differing by less (mean abs, 0-255) are still: codec noise, no motion
+STILL_MAX = 24  # ... unless some pixel changes by at least this much (a small moving object)
 JITTER_GRID = 4  # jitter compares the mean flow of 4 x 4 cells (regions moving apart stay apart)
 TEXT_MIN_SIZE = 96  # text is not scored on smaller frames (and is then absent from the scores)
 
@@ -200,7 +201,10 @@ def motion_scores(frames: np.ndarray, fps: float, size: int = 64, anchors: int =
     def flow(j: int) -> np.ndarray:
         if j not in flows:
             a, b = value[j], value[j + 1]
-            if cv2.absdiff(a, b).mean() < STILL_DIFF:  # a still pair: no flow to find
+            d = cv2.absdiff(a, b)
+            # Still: only codec noise. The max catches a small slow object that moves the
+            # frame's mean difference by less than noise does.
+            if d.mean() < STILL_DIFF and d.max() < STILL_MAX:
                 flows[j] = np.zeros((h, w, 2), np.float32)
                 residual.append(float(np.median(cv2.absdiff(a, b))))
                 return flows[j]
