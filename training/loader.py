@@ -1,5 +1,10 @@
 """Streams training clips from WebDataset shards: decode with decord, window, resize, batch.
 
+Two kinds of shards (``LoaderConfig.kind``): ``raw`` clip shards (mp4, decoded here; batches are
+uint8 video (B, 3, T, H, W)) and ``latent`` shards from ``training.latents`` (a stored latent
+per clip; batches are float32 latents (B, C, t, h, w), nothing to decode or normalise). Both go
+through the same readers, shuffle buffer, buckets and exact-resume state below.
+
 Readers: every (rank, loader worker) pair is one reader, ``g = rank * W + worker`` of
 ``G = world * W``. Each epoch the shard list is shuffled by ``(seed, epoch)``; with at least
 ``G`` shards, reader ``g`` takes shards ``g::G``, otherwise every reader reads all shards and
@@ -11,7 +16,9 @@ Order: raw (undecoded) samples go through a shuffle buffer driven by an RNG seed
 key)``, so it does not depend on order. Decoding happens only when a batch is assembled.
 
 Buckets: every batch has one (frames, height, width) shape; samples go to the bucket of the
-closest aspect ratio that their clip can fill, each bucket with its own batch size.
+closest aspect ratio that their clip can fill, each bucket with its own batch size. Latent
+samples were encoded at one pixel shape (their ``video_shape``) and go to the bucket of exactly
+that (frames, height, width); a latent that fits no bucket is skipped and counted.
 
 State (saved with checkpoints): per reader, the epoch, how many raw samples it has taken out
 of its shuffle buffer in that epoch, and the keys waiting in partly filled buckets. Restoring
@@ -42,14 +49,22 @@ class Bucket:
     batch_size: int  # per rank
 
 
+LOADER_KINDS = ("raw", "latent")
+
+
 @dataclass
 class LoaderConfig:
+    kind: str = "raw"  # raw: mp4 clip shards | latent: precomputed latent shards (training.latents)
     target_fps: Optional[float] = None  # sample frames at this rate; None keeps the clip's fps
     shuffle_buffer: int = 64  # raw samples per reader
     num_workers: int = 0  # DataLoader worker processes per rank
     # Shapes to batch by; empty: one bucket of train.num_frames x height x width at the
     # micro batch size.
     buckets: list[Bucket] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.kind not in LOADER_KINDS:
+            raise ValueError(f"unknown train.data.kind {self.kind!r}; valid: {', '.join(LOADER_KINDS)}")
 
 
 def _seed(*parts) -> int:
@@ -113,7 +128,8 @@ def decode_sample(sample: dict, num_frames: int, size: tuple[int, int],
 
 
 class ClipStream(IterableDataset):
-    """Endless batches ``(video (B, 3, T, H, W) uint8, captions, reader_state)`` for one rank.
+    """Endless batches ``(video (B, 3, T, H, W) uint8, captions, reader_state)`` for one rank
+    (kind=latent: ``(latents (B, C, t, h, w) float32, captions, reader_state)``).
 
     Buckets: each sample goes to the bucket of the closest aspect ratio among those whose
     frame count its clip can fill (at the target fps); a batch is emitted when its bucket holds
@@ -160,9 +176,13 @@ class ClipStream(IterableDataset):
         while buf:
             yield buf.pop(rng.randrange(len(buf)))
 
-    def assign(self, sample: dict) -> int:
-        """The bucket of a sample, from its metadata alone (no decoding)."""
+    def assign(self, sample: dict) -> int | None:
+        """The bucket of a sample, from its metadata alone (no decoding); None: no bucket fits."""
         meta = sample.get("json") or {}
+        if self.cfg.kind == "latent":  # encoded at one pixel shape: the bucket of exactly that shape
+            shape = list(meta.get("video_shape") or [])
+            return next((i for i, b in enumerate(self.buckets)
+                         if [b.num_frames, b.height, b.width] == shape), None)
         if not {"start", "end", "fps", "width", "height"} <= meta.keys():
             return 0  # no metadata: the first bucket; decode_sample probes the file
         n, fps = meta["end"] - meta["start"], float(meta["fps"])
@@ -175,7 +195,13 @@ class ClipStream(IterableDataset):
                                                      / self.buckets[i].height) - aspect),
                                         -self.buckets[i].num_frames))
 
-    def _decode(self, s: dict, b: int, epoch: int):
+    def _decode(self, s: dict, b: int | None, epoch: int):
+        if b is None:
+            raise ValueError(f"sample {s.get('__key__')!r} fits no bucket")
+        if self.cfg.kind == "latent":
+            from training.latents import decode_latent_sample
+
+            return decode_latent_sample(s)  # (C, t, h, w) float32, caption, key
         bk = self.buckets[b]
         key = s.get("__key__", "?")
         v, cap = decode_sample(s, bk.num_frames, (bk.height, bk.width), self.cfg.target_fps,
@@ -189,7 +215,7 @@ class ClipStream(IterableDataset):
         restore = {k: int(b) for b, keys in st.get("pending", {}).items() for k in keys}
         skipped = 0
         while True:
-            consumed = 0
+            consumed = emitted = 0
             held: dict[int, list] = {i: [] for i in range(len(self.buckets))}
 
             def emit(b: int):
@@ -207,19 +233,26 @@ class ClipStream(IterableDataset):
                     if key in restore:
                         held[restore[key]].append(self._decode(s, restore[key], epoch))
                     continue
-                b = self.assign(s)
                 try:
+                    b = self.assign(s)
                     held[b].append(self._decode(s, b, epoch))
-                except Exception:  # noqa: BLE001 - a corrupt sample is skipped and counted
+                except Exception:  # noqa: BLE001 - a corrupt (or bucketless) sample is skipped and counted
                     skipped += 1
                     continue
                 if len(held[b]) == self.buckets[b].batch_size:
+                    emitted += 1
                     yield emit(b)
             if consumed == 0:
                 raise RuntimeError(f"reader {g}: no samples in {len(self.urls)} shards")
             for b in range(len(self.buckets)):  # end of epoch: flush partial buckets
                 if held[b]:
+                    emitted += 1
                     yield emit(b)
+            if emitted == 0 and skip == 0:  # a whole epoch and not one usable sample: never loop on
+                raise RuntimeError(
+                    f"reader {g}: none of its {consumed} samples decoded or fit a bucket "
+                    f"(buckets (frames, height, width): "
+                    f"{[(b.num_frames, b.height, b.width) for b in self.buckets]}; kind={self.cfg.kind})")
             epoch, skip, restore = epoch + 1, 0, {}
 
 

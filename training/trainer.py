@@ -11,6 +11,13 @@ restart resumes from the latest complete checkpoint. Preemption: SIGTERM to the 
 worker, where the signal can be caught) writes ``PREEMPT`` in the output directory; at the next
 step boundary every rank saves a checkpoint and the stage stops as failed-but-resumable, and
 the next ``spacetime run`` continues from there.
+
+Latent training (``train.data.kind=latent``): the shards are latent shards from
+``training.latents`` and ``run_training`` gets their ``latent_space.json`` record; batches are
+latents used as they are (no ``normalize``), the DiT's ``model.dit.in_channels`` must equal the
+VAE's latent channels, and one bucket must have the clips' encoded (frames, height, width).
+The record is saved under ``latent`` in ``train_config.json`` so that evaluation decodes
+samples through the same VAE (``training.latent_space.load_latent_space(train_dir)``).
 """
 
 from __future__ import annotations
@@ -88,6 +95,34 @@ def micro_batch_size(cfg: TrainConfig, world: int, grad_accum: int) -> int:
             f"workers ({world}) x deepspeed.grad_accum ({grad_accum})"
         )
     return per
+
+
+def check_latent_data(tcfg: TrainConfig, mcfg, latent: dict | None) -> None:
+    """Latent training: the data, the DiT and the VAE must agree (errors name the keys)."""
+    if tcfg.data.kind != "latent":
+        if latent is not None:
+            raise ValueError("a latent space was given but train.data.kind is "
+                             f"{tcfg.data.kind!r}; set train.data.kind=latent to train on latent shards")
+        return
+    if latent is None:
+        raise ValueError("train.data.kind=latent needs the latent shards' record (latent_space.json of "
+                         "the precompute output): pass latent= to run_training")
+    C = int(latent["channels"])
+    if mcfg.dit.in_channels != C:
+        raise ValueError(f"model.dit.in_channels ({mcfg.dit.in_channels}) must equal the VAE's latent channels "
+                         f"({C}, latent.kind={latent['config']['kind']}, latent.path={latent['config']['path']}); "
+                         f"set model.dit.in_channels={C}")
+    shape = list(latent["video_shape"])
+    shapes = [[b.num_frames, b.height, b.width] for b in buckets_of(tcfg, 1)]
+    if shape not in shapes:
+        raise ValueError(f"the latent shards hold clips encoded at (frames, height, width)={tuple(shape)}, but "
+                         f"the training shapes are {[tuple(s) for s in shapes]}: set train.num_frames, "
+                         f"train.height, train.width (or train.data.buckets) to {tuple(shape)}")
+    lt, lh, lw = latent["latent_shape"][1:]
+    pt, ph, pw = mcfg.dit.patch_size
+    if lt % pt or lh % ph or lw % pw:
+        raise ValueError(f"latents of (t, h, w)=({lt}, {lh}, {lw}) are not divisible by model.dit.patch_size "
+                         f"{list(mcfg.dit.patch_size)}")
 
 
 def buckets_of(cfg: TrainConfig, micro: int) -> list[Bucket]:
@@ -175,6 +210,8 @@ def train_loop(config: dict[str, Any]) -> None:
     tcfg: TrainConfig = from_dict(TrainConfig, config["train"])
     mcfg: ModelConfig = from_dict(ModelConfig, config["model"])
     dcfg: DeepSpeedConfig = from_dict(DeepSpeedConfig, config["deepspeed"])
+    latent = config.get("latent")
+    check_latent_data(tcfg, mcfg, latent)
     out = Path(config["out_dir"])
     device = ray.train.torch.get_device()
     _install_sigterm(out / PREEMPT)
@@ -261,7 +298,10 @@ def train_loop(config: dict[str, Any]) -> None:
             grid = token_grid(mcfg.dit, (T, H, W))
             n_samples, n_tokens = n_samples + B, n_tokens + B * math.prod(grid)
             n_flops += B * train_flops(mcfg.dit, grid, text_len)
-            video = normalize(video.to(device, non_blocking=True), dtype)  # (B, 3, T, H, W)
+            if latent is None:
+                video = normalize(video.to(device, non_blocking=True), dtype)  # (B, 3, T, H, W)
+            else:  # latents are model inputs already
+                video = video.to(device, dtype, non_blocking=True)  # (B, C, t, h, w)
             captions = drop_captions(captions, tcfg.flow, gen)
             if cache is not None:
                 with torch.no_grad():
@@ -333,7 +373,7 @@ def train_loop(config: dict[str, Any]) -> None:
         torch.save(sd, out / "model.pt")
         torch.save(ema.shadow, out / "model_ema.pt")
         (out / "model_config.json").write_text(json.dumps(config["model"], indent=2))
-        (out / "train_config.json").write_text(json.dumps(config["train"], indent=2))
+        (out / "train_config.json").write_text(json.dumps({**config["train"], "latent": latent}, indent=2))
         summary = {"final_loss": history[-1]["train/loss"] if history else None,
                    "steps": tcfg.steps, "resumed_from_step": start,
                    "train_seconds": time.time() - t_start, "skipped_samples": data.skipped_total,
@@ -350,8 +390,11 @@ def train_loop(config: dict[str, Any]) -> None:
 
 def run_training(*, train_cfg: TrainConfig, model_cfg, ds_cfg, cluster, out_dir: Path,
                  train_shards: list[str], tracker_spec, stage: str, stage_hash: str,
-                 inputs: dict[str, str]) -> dict:
-    """Driver side: start the workers, relay SIGTERM, wait, return rank 0's result."""
+                 inputs: dict[str, str], latent: dict | None = None) -> dict:
+    """Driver side: start the workers, relay SIGTERM, wait, return rank 0's result.
+
+    latent: for train.data.kind=latent, the latent shards' record (their ``latent_space.json``)."""
+    check_latent_data(train_cfg, model_cfg, latent)  # before any worker starts
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -363,6 +406,7 @@ def run_training(*, train_cfg: TrainConfig, model_cfg, ds_cfg, cluster, out_dir:
         "out_dir": str(out_dir), "train_shards": train_shards, "tracker": asdict(tracker_spec),
         "stage": stage, "stage_hash": stage_hash, "inputs": inputs,
         "peak_flops_per_worker": (cluster.peak_tflops_per_worker or 0) * 1e12,
+        "latent": latent,
     }
     trainer = TorchTrainer(
         train_loop,

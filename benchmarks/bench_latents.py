@@ -1,0 +1,182 @@
+"""Latent-space benchmarks, in one run on this machine (not a test; prints ratios).
+
+(a) DiT training throughput on precomputed latents (latent shards through the latent loader)
+    against on-the-fly encoding (clip shards -> decode mp4 -> VAE encode -> the same DiT step),
+    same model, same clips, same batch, same steps, the two arms' steps interleaved so that a
+    shared machine's background load hits both alike. Target: >= 2x.
+(b) VAE encode (and decode) clips/s for the VAE presets, untiled and tiled, and the precompute
+    stage's clips/s end to end (read, decode, encode, write).
+
+Single process, plain AdamW on the DiT (no DeepSpeed: the DiT step is identical in both arms,
+only the input path differs). Weights are random: speed does not depend on them.
+
+    python benchmarks/bench_latents.py [--vae small] [--dit small] [--steps 8] [--frames 17] [--size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def make_shards(root: Path, n: int, frames: int, size: int) -> list[str]:
+    from data.shards import write_shard
+    from data.synthetic import caption, render, sample_spec
+    from data.video_io import encode_mp4
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(n):
+        spec = sample_spec(rng)
+        samples.append({"__key__": f"clip{i:04d}", "mp4": encode_mp4(render(spec, frames, size, size), fps=8),
+                        "txt": caption(spec),
+                        "json": {"start": 0, "end": frames, "fps": 8.0, "width": size, "height": size}})
+    root.mkdir(parents=True, exist_ok=True)
+    urls = []
+    for j in range(0, n, 8):
+        write_shard(root / f"train-{j // 8:06d}.tar", samples[j : j + 8])
+        urls.append(str(root / f"train-{j // 8:06d}.tar"))
+    return urls
+
+
+def save_vae(path: Path, preset: str) -> None:
+    from dataclasses import asdict
+
+    from training.vae import VAEConfig
+
+    torch.manual_seed(0)
+    vae = VAEConfig.from_preset(preset).build()
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(vae.state_dict(), path / "vae.pt")
+    (path / "vae_config.json").write_text(json.dumps(asdict(vae.cfg)))
+
+
+def dit_step_fn(dit_preset: str, channels: int):
+    from training.dit import DiTConfig
+    from training.flow import FlowConfig, flow_loss
+    from training.model import ModelConfig
+    from training.text import TextEncoderConfig
+
+    torch.manual_seed(0)
+    model = ModelConfig(dit=DiTConfig.from_preset(dit_preset, in_channels=channels, patch_size=[1, 2, 2]),
+                        text=TextEncoderConfig()).build()
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    tok = model.tokenizer
+
+    def step(x0: torch.Tensor, captions: list[str]) -> float:
+        ids, mask = tok(captions)
+        loss, _, _ = flow_loss(lambda x, t: model(x, t, ids, mask), x0, FlowConfig(), generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return step
+
+
+def interleaved(arms: dict, step, steps: int) -> dict:
+    """One step of each arm in turn (so background load on a shared machine hits both alike).
+    arms: name -> (loader, encode or None). Returns name -> samples/s and input-path share."""
+    from training.loader import normalize
+
+    def one(loader, encode):
+        td = time.time()
+        batch, caps, _ = next(loader)
+        x0 = encode(normalize(batch)) if encode else batch  # (B, C, t, h, w)
+        data = time.time() - td
+        step(x0, caps)
+        return len(batch), data
+
+    for loader, encode in arms.values():  # warm-up: first decode, allocator
+        one(loader, encode)
+    acc = {k: [0, 0.0, 0.0] for k in arms}  # samples, input s, wall s
+    for _ in range(steps):
+        for k, (loader, encode) in arms.items():
+            t0 = time.time()
+            n, data = one(loader, encode)
+            acc[k][0] += n
+            acc[k][1] += data
+            acc[k][2] += time.time() - t0
+    return {k: {"samples_per_s": n / w, "input_share": d / w} for k, (n, d, w) in acc.items()}
+
+
+def bench_encode(presets: list[str], frames: int, size: int, reps: int = 2) -> None:
+    from training.vae import VAEConfig
+
+    x = torch.rand(2, 3, frames, size, size) * 2 - 1
+    print(f"\n(b) VAE clips/s at {frames}x{size}x{size}, batch 2, {torch.get_num_threads()} threads")
+    for p in presets:
+        torch.manual_seed(0)
+        vae = VAEConfig.from_preset(p).build().eval()
+        with torch.no_grad():
+            z = vae.encode(x)
+            for name, kw in (("whole", {}), ("tiled", dict(tile=size // 2 + 16, overlap=16)),
+                             ("chunked", dict(chunk=1))):
+                t0 = time.time()
+                for _ in range(reps):
+                    vae.encode(x, **kw)
+                enc = 2 * reps / (time.time() - t0)
+                t0 = time.time()
+                for _ in range(reps):
+                    vae.decode(z, **kw)
+                dec = 2 * reps / (time.time() - t0)
+                print(f"  {p:6s} {name:8s} encode {enc:7.2f} clips/s   decode {dec:7.2f} clips/s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--vae", default="small")
+    ap.add_argument("--dit", default="small")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--frames", type=int, default=17)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--clips", type=int, default=24)
+    ap.add_argument("--chunk", type=int, default=0, help="latent frames per encode chunk (0: whole clip)")
+    args = ap.parse_args()
+
+    from training.latent_space import LatentConfig
+    from training.latents import precompute_latents
+    from training.loader import Bucket, ClipStream, Loader, LoaderConfig
+
+    root = Path(tempfile.mkdtemp(prefix="bench_latents_"))
+    urls = make_shards(root / "clips", args.clips, args.frames, args.size)
+    save_vae(root / "vae", args.vae)
+    cfg = LatentConfig(kind="ours", batch_size=args.batch, chunk_frames=args.chunk)  # both arms encode alike
+    t0 = time.time()
+    stats = precompute_latents(cfg, {"train": urls}, root / "latents", args.frames, (args.size, args.size), None,
+                               vae_dir=str(root / "vae"), log=lambda *a: None)
+    pre_s = time.time() - t0
+    lat_urls = [str(root / "latents" / p) for p in json.loads((root / "latents" / "index.json").read_text())["train"]]
+    space = cfg.build(vae_dir=str(root / "vae"))
+    bucket = [Bucket(args.frames, args.size, args.size, args.batch)]
+
+    def loader(kind: str, u: list[str]) -> Loader:
+        return Loader(ClipStream(u, buckets=bucket, rank=0, world=1, seed=0,
+                                 cfg=LoaderConfig(kind=kind, shuffle_buffer=16)))
+
+    step = dit_step_fn(args.dit, space.channels)
+    print(f"(a) DiT '{args.dit}' on VAE '{args.vae}' latents {stats['latent_shape']} of "
+          f"{args.frames}x{args.size}x{args.size} clips, batch {args.batch}, {args.steps} steps, "
+          f"{torch.get_num_threads()} threads")
+    res = interleaved({"fly": (loader("raw", urls), space.encode), "pre": (loader("latent", lat_urls), None)},
+                      step, args.steps)
+    fly, pre = res["fly"], res["pre"]
+    print(f"  on-the-fly encoding   {fly['samples_per_s']:7.2f} samples/s (input path {fly['input_share']:.0%} of step time)")
+    print(f"  precomputed latents   {pre['samples_per_s']:7.2f} samples/s (input path {pre['input_share']:.0%} of step time)")
+    ratio = pre["samples_per_s"] / fly["samples_per_s"]
+    print(f"  ratio {ratio:.2f}x (target >= 2x: {'met' if ratio >= 2 else 'missed'})")
+    print(f"  precompute: {stats['clips_in']} clips in {pre_s:.1f} s = {stats['clips_in'] / pre_s:.2f} clips/s "
+          f"end to end; {stats['bytes'] / stats['clips_in'] / 1024:.1f} KiB per clip")
+    bench_encode(["tiny", args.vae] if args.vae != "tiny" else ["tiny"], args.frames, args.size)
+
+
+if __name__ == "__main__":
+    main()

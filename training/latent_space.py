@@ -1,0 +1,232 @@
+"""The latent space the DiT is trained in: our causal VAE, a pretrained diffusers VAE, or none.
+
+    LatentConfig --build()--> LatentSpace
+    video (B, 3, T, H, W) in [-1, 1] --encode--> z (B, C, t, h, w), ~unit variance per channel
+    z --decode--> video (B, 3, T, H, W)
+
+Every latent space has the same surface: ``encode``, ``decode``, ``channels``, ``compression``
+(tc, hs, ws), ``latent_shape((T, H, W))`` and ``identity`` (a string naming the source,
+options and a fingerprint of the weights: latent shards record it, so latents made by one VAE
+are never decoded by another unnoticed). Latent spaces are frozen (no gradients, always in eval
+mode) and return float32 whatever their weights' precision.
+
+Kinds (``LatentConfig.kind``):
+
+- ``none``: the DiT works on pixels (no latent space; ``build`` refuses).
+- ``ours``: ``training.vae.VAE`` loaded from a VAE-training output directory (``vae.pt`` +
+  ``vae_config.json``, see ``training.vae_train``), given as ``path`` or by the graph's VAE
+  stage.
+- ``diffusers``: a diffusers video VAE (``AutoencoderKLWan``, ``AutoencoderKLCogVideoX``, ...)
+  from a hub id or a local directory (``path`` + ``subfolder``), see ``training.vae_pretrained``.
+
+The config also holds what latent shards hold and how they are written (the clip window
+``num_frames``/``height``/``width``/``target_fps``, ``batch_size``, ``clips_per_shard``,
+``store_dtype``): they belong to the latent data, so the precompute stage can hash this
+section alone; training checks that its shape matches the shards'.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+LATENT_KINDS = ("none", "ours", "diffusers")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+STORE_DTYPES = ("fp32", "fp16")
+
+
+@dataclass
+class LatentConfig:
+    kind: str = "none"  # none | ours | diffusers
+    path: Optional[str] = None  # ours: VAE-training output dir; diffusers: hub id or local dir
+    subfolder: Optional[str] = None  # diffusers: e.g. "vae" inside a pipeline repository
+    class_name: str = "auto"  # diffusers: AutoencoderKLWan | AutoencoderKLCogVideoX | auto (config.json)
+    revision: Optional[str] = None  # diffusers: hub revision (a commit hash pins the weights)
+    precision: str = "fp32"  # weights: fp32 | bf16 | fp16 (latents come out float32)
+    sample: bool = False  # encode to a posterior sample instead of its mean
+    seed: int = 0  # for sample=True
+    tile_size: int = 0  # spatial tiles of this many pixels (0: whole frames)
+    tile_overlap: int = 0  # pixels shared by neighbouring tiles
+    chunk_frames: int = 0  # ours: latent frames per temporal chunk (0: whole clip); diffusers chunk on their own
+    # latent shards: the window encoded per clip (in the YAML, interpolate these from train.*,
+    # e.g. num_frames: ${train.num_frames}, so the precompute stage hashes only these values)
+    num_frames: int = 9  # 1 + k * the VAE's temporal compression
+    height: int = 32
+    width: int = 32
+    target_fps: Optional[float] = None
+    batch_size: int = 4  # clips per encode call
+    clips_per_shard: int = 64
+    store_dtype: str = "fp32"  # fp32 | fp16 (halves the shards; ~1e-3 relative rounding)
+
+    def __post_init__(self) -> None:
+        if self.kind not in LATENT_KINDS:
+            raise ValueError(f"unknown latent kind {self.kind!r} (latent.kind); valid: {', '.join(LATENT_KINDS)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown latent.precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
+        if self.store_dtype not in STORE_DTYPES:
+            raise ValueError(f"unknown latent.store_dtype {self.store_dtype!r}; valid: {', '.join(STORE_DTYPES)}")
+        if self.kind == "diffusers" and not self.path:
+            raise ValueError("latent.kind=diffusers needs latent.path (a hub id or a local directory)")
+        if self.tile_size < 0 or not 0 <= self.tile_overlap < max(self.tile_size, 1):
+            raise ValueError(f"latent.tile_overlap ({self.tile_overlap}) must be in [0, latent.tile_size "
+                             f"({self.tile_size})); tile_size 0 turns tiling off")
+        if self.batch_size < 1 or self.clips_per_shard < 1:
+            raise ValueError("latent.batch_size and latent.clips_per_shard must be >= 1")
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind != "none"
+
+    def build(self, vae_dir: Optional[str] = None, device=None) -> "LatentSpace":
+        """The latent space. `vae_dir` (kind=ours) overrides `path`: the graph passes its VAE
+        stage's output directory. Weights are loaded, never trained."""
+        if self.kind == "none":
+            raise ValueError("latent.kind=none: the model works on pixels, there is no latent space to build")
+        if self.kind == "ours":
+            path = vae_dir or self.path
+            if not path:
+                raise ValueError("latent.kind=ours needs a trained VAE: latent.path (a VAE-training output "
+                                 "directory with vae.pt and vae_config.json) or the graph's vae stage")
+            space: LatentSpace = OurVAE(self, str(path))
+        else:
+            from training.vae_pretrained import PretrainedVAE
+
+            space = PretrainedVAE(self)
+        return space.to(device) if device is not None else space
+
+
+class LatentSpace(nn.Module):
+    """Base of the latent spaces: frozen, eval mode, float32 in and out.
+
+    Subclasses set `model`, `channels`, `compression`, call `_freeze()`, and implement
+    `_encode(video) -> z` and `_decode(z) -> video` on the model's device and dtype."""
+
+    def __init__(self, cfg: LatentConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.channels = 0
+        self.compression: tuple[int, int, int] = (1, 1, 1)
+        self.identity = ""
+
+    def _freeze(self, source: str) -> None:
+        """Cast, freeze, and fix `identity` (`source` names the architecture, e.g. a class)."""
+        from training.text import weights_fingerprint
+
+        self.to(PRECISIONS[self.cfg.precision])
+        self.requires_grad_(False)
+        self.train(False)
+        c = self.cfg
+        # not the path: the weights' fingerprint names them wherever they are stored
+        self.identity = (f"{c.kind}|{source}|{c.precision}|sample={c.sample}|tile={c.tile_size}/{c.tile_overlap}"
+                         f"|{weights_fingerprint(self)}")
+
+    def train(self, mode: bool = True) -> "LatentSpace":
+        return super().train(False)  # frozen: whatever the parent asks
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def latent_shape(self, shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        from training.vae import latent_shape
+
+        return latent_shape(tuple(shape), self.compression)
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """video (B, 3, T, H, W) in [-1, 1] -> normalised latents (B, C, t, h, w) float32."""
+        self.latent_shape(tuple(video.shape[2:]))  # a clear error for a wrong frame count
+        z = self._encode(video.to(self.device, self.dtype), generator)  # (B, C, t, h, w)
+        return z.float()
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """normalised latents (B, C, t, h, w) -> video (B, 3, T, H, W) float32, ~[-1, 1]."""
+        if z.shape[1] != self.channels:
+            raise ValueError(f"latents have {z.shape[1]} channels, this VAE {self.channels}")
+        return self._decode(z.to(self.device, torch.float32)).float()
+
+    def _encode(self, video: torch.Tensor, generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode_video(self, z: torch.Tensor) -> torch.Tensor:
+        """normalised latents (N, C, t, h, w) -> uint8 frames (N, T, H, W, 3) on the CPU, for mp4."""
+        x = self.decode(z)  # (N, 3, T, H, W)
+        x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (N, 3, T, H, W)
+        return x.permute(0, 2, 3, 4, 1).cpu()  # (N, T, H, W, 3)
+
+    def describe(self) -> dict:
+        """What a latent shard or a training run records to rebuild this latent space."""
+        return {"config": asdict(self.cfg), "channels": self.channels,
+                "compression": list(self.compression), "identity": self.identity}
+
+
+class OurVAE(LatentSpace):
+    """`training.vae.VAE` from a VAE-training output directory (vae.pt, vae_config.json)."""
+
+    def __init__(self, cfg: LatentConfig, path: str):
+        super().__init__(cfg)
+        from training.trainer import from_dict
+        from training.vae import VAEConfig
+
+        root = Path(path)
+        for f in ("vae.pt", "vae_config.json"):
+            if not (root / f).exists():
+                raise FileNotFoundError(f"{root / f} not found: latent.kind=ours needs a VAE-training output "
+                                        f"directory (vae.pt, vae_config.json)")
+        vcfg = from_dict(VAEConfig, json.loads((root / "vae_config.json").read_text()))
+        self.model = vcfg.build()
+        self.model.load_state_dict(torch.load(root / "vae.pt", map_location="cpu", weights_only=True))
+        self.cfg = LatentConfig(**{**asdict(cfg), "path": str(root.resolve())})  # what was loaded
+        self.channels, self.compression = vcfg.latent_channels, vcfg.compression
+        self._freeze(f"VAE-{vcfg.preset}")
+
+    def _opts(self) -> dict:
+        return dict(tile=self.cfg.tile_size, overlap=self.cfg.tile_overlap, chunk=self.cfg.chunk_frames)
+
+    def _encode(self, video, generator):
+        return self.model.encode(video, sample=self.cfg.sample, generator=generator, **self._opts())
+
+    def _decode(self, z):
+        return self.model.decode(z.to(self.dtype), **self._opts())
+
+
+def load_latent_space(source, device=None) -> Optional[LatentSpace]:
+    """The latent space a training run (or a latent-shard directory) used, or None for pixels.
+
+    `source`: a training output directory (its ``train_config.json`` has ``latent``), a latent
+    shard directory (``latent_space.json``), the recorded dict itself, or a `LatentConfig`."""
+    from training.trainer import from_dict
+
+    if isinstance(source, LatentConfig):
+        return source.build(device=device) if source.enabled else None
+    if isinstance(source, dict):
+        rec = source
+    else:
+        root = Path(source)
+        if (root / "latent_space.json").exists():
+            rec = json.loads((root / "latent_space.json").read_text())
+        else:
+            rec = json.loads((root / "train_config.json").read_text()).get("latent")
+        if rec is None:
+            return None
+    cfg = from_dict(LatentConfig, rec["config"] if "config" in rec else rec)
+    if not cfg.enabled:
+        return None
+    space = cfg.build(device=device)
+    if "identity" in rec and rec["identity"] != space.identity:
+        raise ValueError(f"the VAE at {cfg.path!r} is not the one the latents were made with: "
+                         f"recorded {rec['identity']!r}, loaded {space.identity!r}")
+    return space

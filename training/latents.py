@@ -1,0 +1,191 @@
+"""Latent shards: the curated clips encoded once through a VAE, for training without decoding.
+
+    clip shards (mp4) --decode_sample--> (3, T, H, W) uint8 --VAE--> latent (C, t, h, w)
+      --> shards/{train,val}-NNNNNN.tar with, per clip:
+            <key>.latent.npy   the normalised latent, float32 (or float16: latent.store_dtype)
+            <key>.txt          the caption
+            <key>.json         the clip's metadata + video_shape, latent_shape, the VAE identity
+            <key>.text.npy     optional: a frozen text encoder's real caption tokens (n, D)
+
+Each clip is encoded from its first window of ``num_frames`` frames at ``target_fps``
+(``decode_sample`` with no RNG), resized keeping the aspect ratio and centre-cropped to
+``size``: one fixed window per clip, where raw training draws a random window each epoch. The
+``.npy`` members are plain numpy files (loaded with ``allow_pickle=False``: no code runs on
+load), so any WebDataset reader can use them.
+
+The output directory mirrors the shard stage's: ``index.json`` (``{"train": [...], "val":
+[...]}`` relative paths), ``stats.json`` where clips in = encoded + failed for every split,
+with every failure listed with its key and reason, and ``latent_space.json`` (the VAE's
+config, identity, channels, compression, the shapes), which ``load_latent_space`` reads back.
+Shards are written atomically and the same inputs give the same shards, so the precompute can
+be rerun on its own at any time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+LATENT = "latent.npy"
+TEXT = "text.npy"
+STORE = {"fp32": np.float32, "fp16": np.float16}
+
+
+def npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
+def npy_load(b: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(b), allow_pickle=False)
+
+
+def decode_latent_sample(sample: dict) -> tuple[torch.Tensor, str, str]:
+    """One latent-shard sample (from `data.shards.read_shards`) -> (latent (C, t, h, w) float32,
+    caption, key)."""
+    raw = sample.get(LATENT)
+    if raw is None:
+        raise KeyError(f"sample {sample.get('__key__')!r} has no .{LATENT}: not a latent shard")
+    z = torch.from_numpy(npy_load(raw).astype(np.float32, copy=False))  # (C, t, h, w)
+    if z.ndim != 4:
+        raise ValueError(f"latent of {sample.get('__key__')!r} has shape {tuple(z.shape)}, expected (C, t, h, w)")
+    return z, sample.get("txt") or "", sample.get("__key__", "?")
+
+
+def latent_text(sample: dict) -> Optional[torch.Tensor]:
+    """The stored caption tokens (n, D) float32 of a latent sample, or None."""
+    raw = sample.get(TEXT)
+    return None if raw is None else torch.from_numpy(npy_load(raw).astype(np.float32, copy=False))
+
+
+def _seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
+
+
+def precompute_latents(latent_cfg, shard_urls_by_split: dict[str, list[str]], out_dir, num_frames: int,
+                       size: tuple[int, int], target_fps: Optional[float], text=None, *,
+                       vae_dir: Optional[str] = None, device=None, log=print) -> dict:
+    """Encode every clip of the given shards into latent shards under `out_dir`; return the stats.
+
+    latent_cfg: `training.latent_space.LatentConfig` (which VAE, how to encode, how to store).
+    shard_urls_by_split: e.g. {"train": [...], "val": [...]} (``pipeline.stages.shard_urls``).
+    text: optionally a frozen `training.text.TextEncoderConfig`; its caption tokens are stored.
+    vae_dir: for latent.kind=ours, the VAE-training output directory (else latent_cfg.path).
+    """
+    from data.shards import read_shards, write_shard
+    from training.loader import decode_sample, normalize
+
+    out = Path(out_dir)
+    shard_dir = out / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    for old in shard_dir.glob("*.tar"):  # a rerun replaces everything
+        old.unlink()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    space = latent_cfg.build(vae_dir=vae_dir, device=device)
+    video_shape = (int(num_frames), int(size[0]), int(size[1]))
+    lat_shape = (space.channels, *space.latent_shape(video_shape))
+    encoder = tokenizer = cache = None
+    if text is not None:
+        from training.text import encode_captions
+
+        if not text.frozen:
+            raise ValueError(f"storing text embeddings needs a frozen text encoder (model.text.kind open_clip "
+                             f"or t5), not {text.kind!r}: a trained encoder's embeddings go stale")
+        encoder, tokenizer, cache = text.build().to(device), text.build_tokenizer(), text.build_cache()
+    store = STORE[latent_cfg.store_dtype]
+    record = {**space.describe(), "video_shape": list(video_shape), "latent_shape": list(lat_shape),
+              "target_fps": target_fps, "store_dtype": latent_cfg.store_dtype,
+              "text": encoder.identity if encoder is not None else None}
+
+    t0 = time.time()
+    index: dict[str, list[str]] = {}
+    per_split: dict[str, dict] = {}
+    failed: list[dict] = []
+    total_bytes = 0
+    for split, urls in shard_urls_by_split.items():
+        names: list[str] = []
+        pending: list[dict] = []  # encoded samples waiting for their shard
+        n_in = n_ok = 0
+
+        def flush(final: bool = False) -> None:
+            nonlocal pending, total_bytes
+            while len(pending) >= latent_cfg.clips_per_shard or (final and pending):
+                name = f"{split}-{len(names):06d}.tar"
+                total_bytes += write_shard(shard_dir / name, pending[: latent_cfg.clips_per_shard])
+                names.append(f"shards/{name}")
+                pending = pending[latent_cfg.clips_per_shard :]
+
+        def encode(batch: list[tuple]) -> None:
+            nonlocal n_ok
+            video = normalize(torch.stack([b[1] for b in batch]).to(device))  # (B, 3, T, H, W)
+            keys = [b[0]["__key__"] for b in batch]
+            gen = torch.Generator().manual_seed(_seed(latent_cfg.seed, keys)) if latent_cfg.sample else None
+            z = space.encode(video, generator=gen).cpu()  # (B, C, t, h, w)
+            caps = [b[2] for b in batch]
+            if encoder is not None:
+                emb, emask = encode_captions(encoder, tokenizer, caps, cache)  # (B, L, D), (B, L)
+                emb, emask = emb.cpu(), emask.cpu()
+            for i, (s, _, cap) in enumerate(batch):
+                if not torch.isfinite(z[i]).all():
+                    failed.append({"key": keys[i], "split": split, "shard": Path(s["__url__"]).name,
+                                   "reason": "nonfinite_latent", "detail": ""})
+                    continue
+                meta = s.get("json") if isinstance(s.get("json"), dict) else {}
+                meta = {**meta, "video_shape": list(video_shape), "latent_shape": list(lat_shape),
+                        "target_fps": target_fps, "vae": space.identity,
+                        "source_shard": Path(s["__url__"]).name}
+                out_s = {"__key__": keys[i], LATENT: npy_bytes(z[i].numpy().astype(store)), "txt": cap,
+                         "json": meta}
+                if encoder is not None:
+                    out_s[TEXT] = npy_bytes(emb[i, emask[i]].numpy().astype(np.float32))  # (n, D)
+                    meta["text_encoder"] = encoder.identity
+                pending.append(out_s)
+                n_ok += 1
+            flush()
+
+        batch: list[tuple] = []
+        for s in read_shards(urls):
+            n_in += 1
+            try:
+                video, cap = decode_sample(s, num_frames, size, target_fps, rng=None)  # (3, T, H, W)
+            except Exception as e:  # noqa: BLE001 - one bad clip is recorded, never fatal
+                failed.append({"key": s.get("__key__", "?"), "split": split,
+                               "shard": Path(s.get("__url__", "?")).name, "reason": "decode_failed",
+                               "detail": f"{type(e).__name__}: {e}"})
+                continue
+            batch.append((s, video, cap))
+            if len(batch) == latent_cfg.batch_size:
+                encode(batch)
+                batch = []
+        if batch:
+            encode(batch)
+        flush(final=True)
+        index[split] = names
+        n_failed = sum(f["split"] == split for f in failed)
+        if n_in != n_ok + n_failed:
+            raise RuntimeError(f"precompute lost clips in {split}: {n_in} in, {n_ok} encoded, {n_failed} failed")
+        per_split[split] = {"clips_in": n_in, "encoded": n_ok, "failed": n_failed, "shards": len(names)}
+        log(f"latents {split}: {n_ok}/{n_in} clips encoded into {len(names)} shards, {n_failed} failed")
+
+    seconds = time.time() - t0
+    n_in = sum(v["clips_in"] for v in per_split.values())
+    n_ok = sum(v["encoded"] for v in per_split.values())
+    reasons: dict[str, int] = {}
+    for f in failed:
+        reasons[f["reason"]] = reasons.get(f["reason"], 0) + 1
+    stats = {"clips_in": n_in, "clips_encoded": n_ok, "clips_failed": len(failed), "per_split": per_split,
+             "fail_reasons": reasons, "failed": failed, "bytes": int(total_bytes), "seconds": seconds,
+             "clips_per_s": n_in / seconds if seconds > 0 else 0.0, "vae": space.identity,
+             "video_shape": list(video_shape), "latent_shape": list(lat_shape)}
+    (out / "index.json").write_text(json.dumps(index, indent=2))
+    (out / "latent_space.json").write_text(json.dumps(record, indent=2))
+    (out / "stats.json").write_text(json.dumps(stats, indent=2))
+    return stats
