@@ -99,6 +99,12 @@ def main() -> None:
         chance = f"{CHANCE[probe]:6.0%}" if probe in CHANCE else ""
         print(f"{probe:16s} {got:8.1%} {ceil:11.1%} {got / ceil if ceil else float('nan'):6.2f}x "
               f"{chance:>7s} {verdict}")
+    if len(res["checkpoints"]) > 1:
+        print("\nby checkpoint (eval.steps):  step  colour  direction  shape  count  all  val loss")
+        for ck in res["checkpoints"]:
+            m = ck["metrics"]
+            print(f"{'':28s} {ck['step']:5d} {m['probe/color']:7.1%} {m['probe/direction']:10.1%} "
+                  f"{m['probe/shape']:6.1%} {m['probe/count']:6.1%} {m['probe/all']:4.0%} {m['val/loss']:9.3f}")
     met = all(res[f"probe/{p}"] >= t for p, t in TARGETS.items()) and minutes <= TARGET_MINUTES
     print(f"\ntarget (colour >= 90%, direction >= 80%, <= {TARGET_MINUTES:.0f} min of training): "
           f"{'met' if met else 'missed'} ({minutes:.1f} min)")
