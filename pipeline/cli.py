@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> None:
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def entry(dcfg: DictConfig) -> None:
-        from pipeline.stages import build_graph
+        from pipeline.graph import GraphError
+        from pipeline.stages import graph_for
 
         try:
             cfg = to_object(dcfg)
@@ -255,7 +256,10 @@ def main(argv: list[str] | None = None) -> None:
             outcome["code"] = cmd_report(cfg.run.root, flags)
             return
         cfg_dict = to_dict(dcfg)
-        graph = build_graph(cfg.run.root, cfg.run.local_cache)
+        try:
+            graph = graph_for(cfg)
+        except GraphError as e:
+            raise SystemExit(f"spacetime: {e}") from None
         if cmd == "status":
             outcome["code"] = cmd_status(graph, cfg_dict)
             return

@@ -27,6 +27,8 @@ from pipeline.shard import ShardConfig
 from pipeline.shots import ShotConfig
 from pipeline.tracking import TrackingConfig
 from training.evaluate import EvalConfig
+from training.latent_space import LatentConfig
+from training.vae_train import VAETrainConfig
 from training.model import ModelConfig
 from training.trainer import TrainConfig
 from training.zero import DeepSpeedConfig
@@ -73,6 +75,8 @@ class RunConfig:
     dedup: DedupConfig = field(default_factory=DedupConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
+    vae: VAETrainConfig = field(default_factory=VAETrainConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -92,6 +96,8 @@ GROUPS = {
     "dedup": DedupConfig,
     "caption": CaptionConfig,
     "shard": ShardConfig,
+    "vae": VAETrainConfig,
+    "latent": LatentConfig,
     "model": ModelConfig,
     "train": TrainConfig,
     "deepspeed": DeepSpeedConfig,

@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from pipeline.graph import Graph, Stage, StageContext
+from pipeline.graph import Graph, GraphError, Stage, StageContext
 
 def ensure_ray(ctx: StageContext) -> None:
     """Start (or join) Ray once per process, passing the run id to every worker."""
@@ -267,14 +267,38 @@ def shard_stage(ctx: StageContext) -> dict:
     return {k: v for k, v in stats.items() if isinstance(v, (int, float))}
 
 
-def shard_urls(ctx: StageContext, split: str) -> list[str]:
-    """The shard stage's tars of a split, by URL when the run root is a bucket (streamed from
-    there, never downloaded: the train and eval stages declare ``stream=("shards/*",)``)."""
-    index = json.loads((ctx.inputs["shard"] / "index.json").read_text())
-    base = ctx.input_urls["shard"]
+def shard_urls(ctx: StageContext, split: str, stage: str = "shard") -> list[str]:
+    """A shard-writing stage's tars of a split, by URL when the run root is a bucket (streamed
+    from there, never downloaded: their readers declare ``stream=("shards/*",)``)."""
+    index = json.loads((ctx.inputs[stage] / "index.json").read_text())
+    base = ctx.input_urls[stage]
     if "://" not in base:
         base = str(Path(base).resolve())
     return [f"{base}/{p}" for p in index[split]]
+
+
+# ----- latent space (train.data.kind=latent) -------------------------------------------------
+def vae_stage(ctx: StageContext) -> dict:
+    """Train our causal video VAE on the curated shards (latent.kind=ours)."""
+    from training.vae_train import train_vae
+
+    res = train_vae(ctx.section("vae"), shard_urls(ctx, "train"), shard_urls(ctx, "val"),
+                    ctx.out_dir, ctx.tracker)
+    return {k: v for k, v in res.items() if not isinstance(v, (list, dict))}
+
+
+def precompute_stage(ctx: StageContext) -> dict:
+    """Encode the curated shards into latent shards once, so training never runs the VAE."""
+    from training.latents import precompute_latents
+
+    lat = ctx.section("latent")
+    stats = precompute_latents(
+        lat, {sp: shard_urls(ctx, sp) for sp in ("train", "val")}, ctx.out_dir, lat.num_frames,
+        (lat.height, lat.width), lat.target_fps,
+        vae_dir=str(ctx.inputs["vae"]) if lat.kind == "ours" else None)
+    ctx.tracker.summary({f"precompute/{k}": v for k, v in stats.items()
+                         if isinstance(v, (int, float))})
+    return {k: v for k, v in stats.items() if k != "failed"}
 
 
 # ----- train --------------------------------------------------------------------------------
@@ -284,14 +308,20 @@ def train_stage(ctx: StageContext) -> dict:
 
     ensure_ray(ctx)
     run = ctx.section("run")
-    urls = shard_urls(ctx, "train")
+    latent = None
+    if "precompute" in ctx.inputs:  # latent shards, and the VAE that made them
+        urls = shard_urls(ctx, "train", "precompute")
+        latent = json.loads((ctx.inputs["precompute"] / "latent_space.json").read_text())
+    else:
+        urls = shard_urls(ctx, "train")
     res = run_training(
         train_cfg=ctx.section("train"), model_cfg=ctx.section("model"),
         ds_cfg=ctx.section("deepspeed"), cluster=ctx.section("cluster"), out_dir=ctx.out_dir,
         train_shards=urls, tracker_spec=spec_for(ctx, ctx.section("tracking"), run.root,
                                                  run.local_cache),
         stage=ctx.stage.name, stage_hash=ctx.stage_hash,
-        inputs={k: str(v) for k, v in ctx.inputs.items()},
+        inputs={k: str(v) for k, v in ctx.inputs.items()}, latent=latent,
+        ckpt_mirror=f"{ctx.out_url}/checkpoints" if "://" in ctx.out_url else None,
     )
     res.pop("history", None)
     return res
@@ -339,5 +369,40 @@ STAGES = [
 ]
 
 
-def build_graph(root: str | Path, local_cache: str | None = None) -> Graph:
-    return Graph(STAGES, root, local_cache=local_cache)
+LATENT_STAGES = [
+    Stage("vae", vae_stage, inputs=("shard",), config_keys=("vae",), stream=("shards/*",),
+          exclude=("vae.log_every",),
+          description="train the causal video VAE on the curated shards"),
+    Stage("precompute", precompute_stage, inputs=("shard", "vae"), config_keys=("latent",),
+          stream=("shards/*",),
+          description="encode the curated shards into latent shards"),
+]
+
+
+def build_graph(root: str | Path, local_cache: str | None = None, *, data_kind: str = "raw",
+                latent_kind: str = "none") -> Graph:
+    """The graph for a config: with ``train.data.kind=latent`` the DiT trains on latent shards,
+    ``shard -> [vae ->] precompute -> train`` (the vae stage only for ``latent.kind=ours``)."""
+    if data_kind != "latent":
+        return Graph(STAGES, root, local_cache=local_cache)
+    if latent_kind == "none":
+        raise GraphError("train.data.kind=latent needs a VAE: set latent=ours (train one) or "
+                         "latent=diffusers latent.path=<hub id or directory>")
+    extra = [s for s in LATENT_STAGES if s.name != "vae" or latent_kind == "ours"]
+    if latent_kind != "ours":
+        extra = [dataclasses.replace(s, inputs=("shard",)) for s in extra]
+    stages = []
+    for s in STAGES:
+        if s.name == "train":
+            stages += extra
+            s = dataclasses.replace(s, inputs=("precompute",))
+        stages.append(s)
+    return Graph(stages, root, local_cache=local_cache)
+
+
+def graph_for(cfg) -> Graph:
+    """The graph of a (typed or dict) config."""
+    get = (lambda o, k: o[k]) if isinstance(cfg, dict) else getattr
+    run, train, latent = get(cfg, "run"), get(cfg, "train"), get(cfg, "latent")
+    return build_graph(get(run, "root"), get(run, "local_cache"),
+                       data_kind=get(get(train, "data"), "kind"), latent_kind=get(latent, "kind"))

@@ -173,9 +173,9 @@ def check_run_root(root: str) -> None:
 def check_stage(name: str | None) -> None:
     if name is None:
         return
-    from pipeline.stages import STAGES
+    from pipeline.stages import LATENT_STAGES, STAGES
 
-    names = [s.name for s in STAGES]
+    names = [s.name for s in [*STAGES, *LATENT_STAGES]]
     if name not in names:
         raise SubmitError(f"unknown stage '{name}'; stages are: {', '.join(names)}")
 

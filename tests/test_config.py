@@ -32,7 +32,8 @@ def test_every_group_option_composes(group):
     opts = options(group)
     assert opts, f"conf/{group} has no options"
     for opt in opts:
-        extra = ["source.path=/tmp"] if (group, opt) == ("source", "directory") else []
+        extra = {("source", "directory"): ["source.path=/tmp"],
+                 ("latent", "diffusers"): ["latent.path=/tmp"]}.get((group, opt), [])
         cfg = to_object(compose_cfg([f"{group}={opt}", *extra]))
         assert isinstance(cfg, RunConfig)
 

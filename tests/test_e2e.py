@@ -240,3 +240,34 @@ def test_sigterm_checkpoints_then_the_rerun_resumes(run1):
     assert res["resumed_from_step"] == step and res["steps"] == 60
     states = {n: s["state"] for n, s in lineage_of(r, run1["root"])["stages"].items()}
     assert states["train"] == "done" and states["eval"] == "done"
+
+
+def test_latent_experiment_reuses_curation_and_trains_on_vae_latents(run1):
+    """experiment=latent on the same root: curation is cached (same hashes), our VAE is
+    trained, the shards are encoded once into latent shards, the DiT trains on them (its
+    channels follow the VAE) and evaluation decodes its samples through the VAE."""
+    import webdataset as wds
+
+    cwd = run1["cwd"]
+    r = spacetime("run", "experiment=latent", "tracking=disabled", cwd=cwd)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lin = lineage_of(r, run1["root"])
+    states = {n: s["state"] for n, s in lin["stages"].items()}
+    assert states == {**CURATION, "vae": "done", "precompute": "done", "train": "done",
+                      "eval": "done"}
+    d = {n: Path(s["path"]) for n, s in lin["stages"].items()}
+    vae = json.loads((d["vae"] / "results.json").read_text())
+    assert vae["final"]["recon_loss"] < vae["step0"]["recon_loss"]
+    stats = json.loads((d["precompute"] / "stats.json").read_text())
+    shard_stats = json.loads((d["shard"] / "stats.json").read_text())
+    assert stats["clips_in"] == shard_stats["clips_sharded"] == stats["clips_encoded"]
+    index = json.loads((d["precompute"] / "index.json").read_text())
+    sample = next(iter(wds.WebDataset(str(d["precompute"] / index["train"][0]),
+                                      shardshuffle=False).decode()))
+    assert sample["latent.npy"].shape == (4, 3, 4, 4)  # (C, 1 + 8/4, 32/8, 32/8)
+    tcfg = json.loads((d["train"] / "train_config.json").read_text())
+    assert tcfg["latent"]["identity"] == stats["vae"]
+    res = json.loads((d["eval"] / "results.json").read_text())
+    assert 0 < res["val/loss"] < 10 and 0 < res["recon/psnr"] < 60
+    frames = read_frames(d["eval"] / res["samples"][0]["path"])
+    assert frames.shape == (9, 32, 32, 3)

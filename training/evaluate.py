@@ -214,9 +214,11 @@ def load_val_clips(shards: list[str], max_clips: int, num_frames: int, size: tup
 
 
 @torch.no_grad()
-def validation_loss(model, tokenizer, clips, cfg: EvalConfig, device) -> dict[str, float]:
+def validation_loss(model, tokenizer, clips, cfg: EvalConfig, device, space=None
+                    ) -> dict[str, float]:
     """Flow loss per fixed timestep over `clips` (from load_val_clips), noise seeded per
-    (clip index, timestep index) -> {"val/loss_t0.10": ..., "val/loss": mean, "val/clips": n}."""
+    (clip index, timestep index) -> {"val/loss_t0.10": ..., "val/loss": mean, "val/clips": n}.
+    With a latent `space` the clips are encoded (posterior mean) and the loss is in latents."""
     from training.flow import FlowConfig, flow_loss
     from training.loader import normalize
 
@@ -224,6 +226,8 @@ def validation_loss(model, tokenizer, clips, cfg: EvalConfig, device) -> dict[st
     for i in range(0, len(clips), cfg.batch_size):
         chunk = clips[i : i + cfg.batch_size]
         x0 = normalize(torch.stack([c[0] for c in chunk]).to(device))  # (B, 3, T, H, W)
+        if space is not None:
+            x0 = space.encode(x0).to(device)  # (B, C, t, h, w)
         ids, mask = tokenizer([c[1] for c in chunk])
         ids, mask = ids.to(device), mask.to(device)
         for k, t in enumerate(cfg.val_timesteps):
@@ -242,9 +246,10 @@ def validation_loss(model, tokenizer, clips, cfg: EvalConfig, device) -> dict[st
 # ----- sampling -------------------------------------------------------------------------------
 @torch.no_grad()
 def sample_videos(model, tokenizer, prompts: list[str], cfg: EvalConfig, shape: tuple[int, ...],
-                  shift: float, device) -> torch.Tensor:
-    """shape: (C, T, H, W). Returns uint8 videos (N, T, H, W, 3); prompt i always starts from
-    the noise seeded by (cfg.seed, i), in batches of cfg.batch_size."""
+                  shift: float, device, space=None) -> torch.Tensor:
+    """shape: (C, T, H, W) of what the DiT generates (latents when `space` is given, decoded
+    through it). Returns uint8 videos (N, T, H, W, 3); prompt i always starts from the noise
+    seeded by (cfg.seed, i), in batches of cfg.batch_size."""
     from training.flow import euler_sample, text_model_fn
 
     null_ids, null_mask = tokenizer([""])
@@ -258,6 +263,9 @@ def sample_videos(model, tokenizer, prompts: list[str], cfg: EvalConfig, shape: 
         noise = torch.stack([torch.randn(shape, generator=_seeded(cfg.seed, i + j))
                              for j in range(len(chunk))]).to(device)  # (B, C, T, H, W)
         x = euler_sample(fn, noise.shape, cfg.sample_steps, cfg.cfg_scale, shift=shift, noise=noise)
+        if space is not None:
+            out.append(space.decode_video(x))  # (B, T, H, W, 3) uint8
+            continue
         x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (B, C, T, H, W)
         out.append(x.permute(0, 2, 3, 4, 1).cpu())  # (B, T, H, W, C)
     return torch.cat(out)  # (N, T, H, W, C)
@@ -301,11 +309,23 @@ def evaluate(cfg: EvalConfig, train_dir: Path, val_shards: list[str], out_dir: P
         else:
             real_stats = feature_stats(extractor(np.stack([c[0].permute(1, 2, 3, 0).numpy() for c in real])))
 
+    from training.latent_space import load_latent_space
+
+    space = load_latent_space(tcfg["latent"], device) if tcfg.get("latent") else None
+    recon = {}
+    if space is not None:  # the VAE's own fidelity on the held-out clips
+        from training.recon_metrics import evaluate_reconstruction
+
+        recon = evaluate_reconstruction(space, val_shards, tcfg["num_frames"],
+                                        (tcfg["height"], tcfg["width"]),
+                                        tcfg["data"]["target_fps"], cfg.val_max_clips)
     checkpoints = []
     for n, ref in enumerate(refs):
         model, mcfg, tcfg, weights = load_checkpoint(ref, device, cfg.use_ema)
-        metrics = validation_loss(model, mcfg.text.build_tokenizer(), clips[: cfg.val_max_clips], cfg, device)
-        videos = _sample(model, mcfg, tcfg, prompts, cfg, device)  # (N, T, H, W, 3)
+        metrics = validation_loss(model, mcfg.text.build_tokenizer(), clips[: cfg.val_max_clips],
+                                  cfg, device, space)
+        metrics.update(recon)
+        videos = _sample(model, mcfg, tcfg, prompts, cfg, device, space)  # (N, T, H, W, 3)
         del model
         newest = n == len(refs) - 1  # the newest writes samples/, earlier ones samples/stepNNNNNNNN/
         sample_dir = out_dir / "samples" if newest else out_dir / "samples" / tag_of(ref.step)
@@ -329,16 +349,20 @@ def evaluate(cfg: EvalConfig, train_dir: Path, val_shards: list[str], out_dir: P
     return results
 
 
-def _sample(model, mcfg, tcfg: dict, prompts: list[str], cfg: EvalConfig, device) -> np.ndarray:
-    """Samples at the training shape with the training's timestep shift -> (N, T, H, W, 3)."""
+def _sample(model, mcfg, tcfg: dict, prompts: list[str], cfg: EvalConfig, device, space=None
+            ) -> np.ndarray:
+    """Samples at the training shape with the training's timestep shift -> (N, T, H, W, 3);
+    latent models sample latents of the encoded shape and decode them through `space`."""
     from training.flops import token_grid
     from training.flow import FlowConfig, shift_for
     from training.trainer import from_dict
 
     shape = (tcfg["num_frames"], tcfg["height"], tcfg["width"])
+    if space is not None:
+        shape = tuple(space.latent_shape(shape))
     shift = shift_for(from_dict(FlowConfig, tcfg["flow"]), math.prod(token_grid(mcfg.dit, shape)))
     return sample_videos(model, mcfg.text.build_tokenizer(), prompts, cfg,
-                         (mcfg.dit.in_channels, *shape), shift, device).numpy()
+                         (mcfg.dit.in_channels, *shape), shift, device, space).numpy()
 
 
 def write_samples(videos: np.ndarray, prompts: list[str], sample_dir: Path, out_dir: Path,

@@ -235,11 +235,12 @@ def train_loop(config: dict[str, Any]) -> None:
     dtype = torch.bfloat16 if tcfg.precision == "bf16" else torch.float32
     gen = torch.Generator(device="cpu").manual_seed(tcfg.seed * 1000 + rank)
 
-    ckpts = Checkpoints(out / "checkpoints", tcfg.keep_checkpoints)
+    ckpts = Checkpoints(out / "checkpoints", tcfg.keep_checkpoints,
+                        mirror=config.get("ckpt_mirror"))
     with full_params(engine, dcfg.zero_stage) as named:
         ema = EMA(named, tcfg.ema_decay) if rank == 0 else None
     start, loader_state = 0, None
-    tag = ckpts.latest()
+    tag = ckpts.restore()
     if tag is not None:
         start, rank_state, ema_state = ckpts.load(engine, tag, rank)
         set_rng_state(rank_state["rng"], gen)
@@ -385,15 +386,29 @@ def train_loop(config: dict[str, Any]) -> None:
         result = {**summary, "tracking": tracker.info()}
         tracker.finish()
         (out / "train_result.json").write_text(json.dumps(result, indent=2))
+        if config.get("ckpt_mirror"):  # rank 0 may run on a node that does not hold `out`
+            from pipeline.storage import Store
+
+            stage = Store(config["ckpt_mirror"].rsplit("/checkpoints", 1)[0])
+            for name in EXPORTS:
+                stage.put_file(out / name, name)
     dist.barrier()
+
+
+# What rank 0 writes into the stage output besides checkpoints (train_result.json last).
+EXPORTS = ("model.pt", "model_ema.pt", "model_config.json", "train_config.json",
+           "train_result.json")
 
 
 def run_training(*, train_cfg: TrainConfig, model_cfg, ds_cfg, cluster, out_dir: Path,
                  train_shards: list[str], tracker_spec, stage: str, stage_hash: str,
-                 inputs: dict[str, str], latent: dict | None = None) -> dict:
+                 inputs: dict[str, str], latent: dict | None = None,
+                 ckpt_mirror: str | None = None) -> dict:
     """Driver side: start the workers, relay SIGTERM, wait, return rank 0's result.
 
-    latent: for train.data.kind=latent, the latent shards' record (their ``latent_space.json``)."""
+    latent: for train.data.kind=latent, the latent shards' record (their ``latent_space.json``).
+    ckpt_mirror: a URL every checkpoint is uploaded to (a bucket run root), so workers on any
+    node, or a later run on another machine, resume from it."""
     check_latent_data(train_cfg, model_cfg, latent)  # before any worker starts
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -406,7 +421,7 @@ def run_training(*, train_cfg: TrainConfig, model_cfg, ds_cfg, cluster, out_dir:
         "out_dir": str(out_dir), "train_shards": train_shards, "tracker": asdict(tracker_spec),
         "stage": stage, "stage_hash": stage_hash, "inputs": inputs,
         "peak_flops_per_worker": (cluster.peak_tflops_per_worker or 0) * 1e12,
-        "latent": latent,
+        "latent": latent, "ckpt_mirror": ckpt_mirror,
     }
     trainer = TorchTrainer(
         train_loop,
@@ -426,6 +441,13 @@ def run_training(*, train_cfg: TrainConfig, model_cfg, ds_cfg, cluster, out_dir:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     result = out_dir / "train_result.json"
+    if not result.exists() and ckpt_mirror:  # rank 0 ran on another node: fetch its exports
+        from pipeline.storage import Store
+
+        stage = Store(ckpt_mirror.rsplit("/checkpoints", 1)[0])
+        if stage.exists("train_result.json"):
+            for name in EXPORTS:
+                stage.get_file(name, out_dir / name)
     if not result.exists():
         if (out_dir / PREEMPT).exists():
             (out_dir / PREEMPT).unlink()
