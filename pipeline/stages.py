@@ -96,8 +96,11 @@ def curate_stage(ctx: StageContext) -> dict:
     items = load_inputs(ctx.inputs["source"])
     cur = ctx.section("curate")
     cache = Path(cur.fetch_cache)
-    if not cache.is_absolute():
-        cache = Path(ctx.section("run").root) / cache
+    if not cache.is_absolute():  # under the run root, or its local cache for a bucket root
+        from pipeline.storage import local_root
+
+        run = ctx.section("run")
+        cache = local_root(run.root, run.local_cache) / cache
     c = CurateConfigs(ingest=ctx.section("ingest"), probe=ctx.section("probe"),
                       shots=ctx.section("shots"), scores=ctx.section("scores"), curate=cur,
                       cache_dir=str(cache))
