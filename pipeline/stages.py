@@ -350,7 +350,7 @@ STAGES = [
     Stage("curate", curate_stage, inputs=("source",),
           config_keys=("ingest", "probe", "shots", "scores", "curate"), version=2,
           exclude=("ingest.storage_options", "probe.startup_timeout_s", "curate.group_size",
-                   "curate.fetch_cache"), resumable=True,
+                   "curate.fetch_cache", "curate.model_scores"), resumable=True,
           description="fetch, probe, split into shots, CPU scores and filters (Ray tasks)"),
     Stage("filter", filter_stage, inputs=("curate",), config_keys=("curate", "embed", "scores",
                                                                    "dedup"),

@@ -216,3 +216,53 @@ def test_shard_plan_targets_bytes_and_is_deterministic():
     sizes = {name: len(g) for name, g in plan}
     assert max(sizes.values()) == 3  # 3 x 1000 bytes reaches the target
     assert sorted(c["clip_id"] for _, g in plan for c in g) == [c["clip_id"] for c in clips]
+
+
+def test_model_scores_and_vlm_captions_through_the_graph(inputs, run, tmp_path):
+    """curate.model_scores=true runs the open_clip actor pool (a tiny random model from a local
+    directory, with a LAION-format aesthetics head) in the filter stage; caption=vlm recaptions
+    with a tiny random Qwen2.5-VL from a local directory in the caption stage. The curate stage
+    is reused from the fixture's run (same hash)."""
+    import open_clip
+    import torch
+
+    from pipeline.curate import read_clips, read_rejects
+    from vlm_fixture import save_tiny_vlm
+
+    clip_dir = tmp_path / "clip"
+    clip_dir.mkdir()
+    (clip_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": {
+        "embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64,
+                                        "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2,
+                     "layers": 2}}}))
+    torch.manual_seed(0)
+    model = open_clip.create_model(f"local-dir:{clip_dir}")
+    torch.save(model.state_dict(), clip_dir / "open_clip_pytorch_model.bin")
+    head = {}
+    dims = [32, 64, 16, 8, 4, 1]
+    for idx, (a, b) in zip((0, 2, 4, 6, 7), zip(dims[:-1], dims[1:])):
+        head[f"layers.{idx}.weight"], head[f"layers.{idx}.bias"] = torch.randn(b, a), torch.randn(b)
+    torch.save(head, tmp_path / "head.pth")
+    vlm = save_tiny_vlm(tmp_path / "vlm")
+
+    r = spacetime("run", "--until", "caption", *overrides(inputs), "curate.model_scores=true",
+                  f"embed.model=local-dir:{clip_dir}", "embed.pretrained=null",
+                  f"embed.aesthetic_head={tmp_path / 'head.pth'}", "caption=vlm",
+                  f"caption.model={vlm}", "caption.max_new_tokens=6", "caption.batch_size=2",
+                  cwd=run["cwd"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "[curate] cached" in r.stdout
+    lin = json.loads((run["cwd"] / "outputs/runs/latest.json").read_text())
+    lineage = json.loads((run["cwd"] / f"outputs/runs/{lin['run_id']}/lineage.json").read_text())
+    d = {n: Path(s["path"]) for n, s in lineage["stages"].items()}
+    filtered = read_clips(d["filter"])
+    assert filtered and all({"aesthetic", "clip_score"} <= set(c["scores"]) for c in filtered)
+    captioned = read_clips(d["caption"])
+    rejects = read_rejects(d["caption"])
+    assert len(captioned) + sum(r["stage"] == "caption" for r in rejects) == len(filtered)
+    assert captioned and all(c["caption_source"].startswith("vlm:") and c["caption"].strip()
+                             for c in captioned)
+    stats = json.loads((d["caption"] / "stats.json").read_text())
+    assert stats["kept_sources"] + stats["rejected_sources"] == stats["inputs"]
+    assert [s["step"] for s in stats["funnel"]][-3:] == ["model filters", "dedup", "captioned"]
