@@ -133,6 +133,34 @@ def test_eval_wrote_val_loss_and_decodable_samples(run1):
         assert frames.shape == (8, 32, 32, 3)
 
 
+def test_the_report_renders_the_real_runs_files(run1):
+    """`spacetime report` on the run the graph really made (not a hand-made one): every
+    section has data, every video it plays is one eval wrote, and nothing is fetched from
+    anywhere but the page's own directory tree."""
+    import html
+    import re
+
+    lin = run1["lineage"]
+    r = spacetime("report", lin["run_id"], cwd=run1["cwd"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    page_path = Path(r.stdout.strip().splitlines()[-1])
+    page = page_path.read_text()
+    res = json.loads((run1["dirs"]["eval"] / "results.json").read_text())
+    stats = json.loads((run1["dirs"]["shard"] / "stats.json").read_text())
+    for s in stats["funnel"]:
+        assert html.escape(s["step"]) in page  # the funnel's steps
+    for s in res["samples"]:
+        assert html.escape(s["prompt"], quote=False) in page
+    videos = [html.unescape(v) for v in re.findall(r'<video [^>]*src="([^"]+)"', page)]
+    want = {(run1["dirs"]["eval"] / s["path"]).resolve() for s in res["samples"]}
+    assert want <= {(page_path.parent / v).resolve() for v in videos}
+    assert "color" in page and lin["git"]["commit"][:12] in page
+    assert lin["stages"]["train"]["hash"][:12] in page
+    assert "<svg" in page and "train/loss" in page
+    refs = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert refs and not [u for u in refs if re.match(r"[a-z]+://", u) or u.startswith("//")]
+
+
 def test_wandb_offline_runs_one_per_stage_grouped_by_run_id(run1):
     lin = run1["lineage"]
     run_dirs = [Path(s["result"]["tracking"]["wandb_dir"]) for s in lin["stages"].values()]

@@ -342,6 +342,11 @@ def test_numbers_compare_across_batch_sizes_and_export_paths(series, train_dir, 
                    tmp_path / "b", MemoryTracker())
     assert raw["weights"] == "raw" and raw["val/loss"] != pytest.approx(res["val/loss"], rel=1e-3)
     assert "probe/color" not in raw and "probes" in raw["skipped"]
+    # Noise is keyed by the timestep's value: dropping 0.3 leaves the loss at 0.7 unchanged.
+    one = evaluate(EvalConfig(**{**base, "val_timesteps": [0.7], "probes": False}), train_dir[0],
+                   val_shards, tmp_path / "c", MemoryTracker())
+    assert one["val/loss_t0.70"] == pytest.approx(res["val/loss_t0.70"], rel=1e-6)
+    assert "val/loss_t0.30" not in one
 
 
 def test_eval_config_composes_with_hydra_overrides():

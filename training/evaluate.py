@@ -217,7 +217,9 @@ def load_val_clips(shards: list[str], max_clips: int, num_frames: int, size: tup
 def validation_loss(model, tokenizer, clips, cfg: EvalConfig, device, space=None
                     ) -> dict[str, float]:
     """Flow loss per fixed timestep over `clips` (from load_val_clips), noise seeded per
-    (clip index, timestep index) -> {"val/loss_t0.10": ..., "val/loss": mean, "val/clips": n}.
+    (clip index, timestep value) -> {"val/loss_t0.10": ..., "val/loss": mean, "val/clips": n}.
+    Keyed by the timestep's value, not its position, so adding or removing a timestep leaves
+    the others' numbers unchanged.
     With a latent `space` the clips are encoded (posterior mean) and the loss is in latents."""
     from training.flow import FlowConfig, flow_loss
     from training.loader import normalize
@@ -230,8 +232,9 @@ def validation_loss(model, tokenizer, clips, cfg: EvalConfig, device, space=None
             x0 = space.encode(x0).to(device)  # (B, C, t, h, w)
         ids, mask = tokenizer([c[1] for c in chunk])
         ids, mask = ids.to(device), mask.to(device)
-        for k, t in enumerate(cfg.val_timesteps):
-            noise = torch.stack([torch.randn(x0.shape[1:], generator=_seeded(cfg.seed, i + j, k))
+        for t in cfg.val_timesteps:
+            key = round(float(t) * 10_000)  # the timestep's value in 1e-4 steps
+            noise = torch.stack([torch.randn(x0.shape[1:], generator=_seeded(cfg.seed, i + j, key))
                                  for j in range(len(chunk))]).to(device)  # (B, 3, T, H, W)
             tt = torch.full((len(chunk),), float(t), device=device)  # (B,)
             _, per_sample, _ = flow_loss(lambda x, s: model(x, s, ids, mask), x0, FlowConfig(),
