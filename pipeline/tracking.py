@@ -196,6 +196,11 @@ class WandbTracker(Tracker):
 
     def finish(self, exit_code=0):
         self.run.finish(exit_code=exit_code)
+        # wandb 0.31's finish() can return before its core service has written the run's
+        # transaction log (seen on a loaded machine: only the file header). teardown() waits
+        # for it, so a worker that exits right after, or a reader in this process, sees the
+        # whole run. A process holds one run at a time (one per stage execution, rank 0 only).
+        self._wandb.teardown()
 
 
 class Tee(Tracker):

@@ -71,3 +71,35 @@ def test_wandb_offline_run_is_written_with_group_and_job_type(tmp_path, monkeypa
     for needle in (b"run-123", b"train", b"train/loss", b"shard-ffffffffffff"):
         assert needle in blob, needle
     assert "WANDB_API_KEY" not in (tmp_path / "metrics.jsonl").read_text()
+
+
+def test_wandb_table_of_videos_beside_their_prompts(tmp_path, monkeypatch):
+    """The eval stage's samples table: Path cells become W&B videos. W&B keeps a logged table
+    with media as a run-table artifact: the table file plus every video, each cell naming
+    its video, which is what `wandb sync` uploads."""
+    import numpy as np
+
+    from data.video_io import write_mp4
+    from wandb_records import records_of
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    paths = []
+    for i, c in enumerate([(200, 30, 30), (30, 180, 60)]):
+        paths.append(tmp_path / f"sample-{i:02d}.mp4")
+        write_mp4(paths[-1], np.full((8, 32, 32, 3), c, np.uint8), fps=8)
+    t = make_tracker(spec(tmp_path, "offline"))
+    t.log_table("samples", ["step", "prompt", "video", "color"],
+                [[10, "one red circle", paths[0], True], [10, "two green squares", paths[1], False]])
+    run_dir = Path(t.info()["wandb_dir"])
+    t.finish()
+    (art,) = [r.artifact for r in records_of(run_dir, "artifact")]
+    assert art.type == "run_table" and art.name.endswith("-samples")
+    files = {e.path: Path(e.local_path) for e in art.manifest.contents}
+    table = json.loads(files.pop("samples.table.json").read_text())
+    assert table["columns"] == ["step", "prompt", "video", "color"]
+    assert [r[1] for r in table["data"]] == ["one red circle", "two green squares"]
+    cells = [r[2] for r in table["data"]]
+    assert [c["_type"] for c in cells] == ["video-file"] * 2
+    assert sorted(c["path"] for c in cells) == sorted(files)  # the two videos, nothing else
+    for c, src in zip(cells, paths):
+        assert files[c["path"]].read_bytes() == src.read_bytes()
