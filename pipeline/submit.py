@@ -1,7 +1,7 @@
 """Run the graph on a Ray cluster through Ray's Job Submission API, and watch it.
 
     spacetime submit [--address ADDR] [--only STAGE | --from STAGE] [--follow] [overrides...]
-    spacetime submit --replay RUN [--address ADDR] [--follow] [overrides...]
+    spacetime submit --replay RUN [--only/--from STAGE] [--address ADDR] [--follow] [overrides...]
     spacetime jobs   [--address ADDR]
     spacetime logs JOB [--address ADDR] [--follow]
     spacetime stop JOB [--address ADDR]
@@ -32,8 +32,9 @@ The job id is ``spacetime-<run id>``; ``logs``/``stop`` accept either.
 
 ``--replay RUN`` submits a recorded run again: RUN is its lineage.json (a path or URL) or its
 run id under ``run.root`` (given as an override, else the configured one). The replay has the
-run's stage selection (``--only``/``--from``/``--until``) and overrides, plus the overrides
-given here (which win, e.g. another ``run.root`` or ``cluster.*``). It is refused, with the
+run's stage selection (``--only``/``--from``/``--until``; an ``--only``/``--from`` given here
+replaces it: one stage of that run again) and overrides, plus the overrides given here (which
+win, e.g. another ``run.root`` or ``cluster.*``). It is refused, with the
 equivalent plain ``submit`` command, unless this checkout is the recorded commit with the same
 uncommitted changes (equal digest; none if the run had none) and every stage hash equals the
 recorded one. So a replay into the same ``run.root`` reruns only what the run forced.
@@ -103,8 +104,6 @@ def parse_args(cmd: str, argv: list[str]) -> dict[str, Any]:
         raise SubmitError(f"'{cmd}' needs a job id (see `spacetime jobs`)")
     if out["only"] and out["from_"]:
         raise SubmitError("use either --only or --from, not both")
-    if out["replay"] and (out["only"] or out["from_"]):
-        raise SubmitError("--replay submits the recorded stage selection; drop --only/--from")
     return out
 
 
@@ -341,11 +340,14 @@ def code_difference(recorded: dict, current: dict) -> str | None:
     return None
 
 
-def build_replay(ref: str, overrides: list[str], address: str,
-                 run_id: str | None = None) -> dict[str, Any]:
-    """The submission that reruns a recorded run (refused if it would not reproduce it)."""
+def build_replay(ref: str, overrides: list[str], address: str, run_id: str | None = None,
+                 only: str | None = None, from_: str | None = None) -> dict[str, Any]:
+    """The submission that reruns a recorded run (refused if it would not reproduce it);
+    `only`/`from_` replace the run's own stage selection."""
     lineage, where = load_lineage(ref, overrides)
     flags, recorded = recorded_invocation(lineage)
+    if only or from_:
+        flags = ["--only", only] if only else ["--from", from_]
     by_hand = shlex.join(["spacetime", "submit", *flags, *recorded, *overrides])
     orig = lineage.get("run_id", "?")
     git = git_state()
@@ -370,7 +372,8 @@ def build_replay(ref: str, overrides: list[str], address: str,
 def cmd_submit(args: dict) -> int:
     address = resolve_address(args["address"])
     if args["replay"]:
-        sub = build_replay(args["replay"], args["overrides"], address)
+        sub = build_replay(args["replay"], args["overrides"], address, only=args["only"],
+                           from_=args["from_"])
     else:
         sub = build_submission(args["overrides"], args["only"], args["from_"], address)
     c = client(address)

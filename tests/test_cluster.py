@@ -39,7 +39,7 @@ CLUSTER = REPO / "cluster"
 BIN = Path(sys.executable).parent
 MARK = "SPACETIME_TEST_RAY_HEAD"
 SENTINEL = "wandb-sentinel-" + secrets.token_hex(8)  # stands in for a W&B key
-NODE_KEY = "wandb-node-" + secrets.token_hex(8)  # the key the nodes have (`export` before `ray start`)
+NODE_KEY = "wandb-node-" + secrets.token_hex(8)  # the nodes' key (exported before `ray start`)
 
 
 # ----- a private Ray head -----------------------------------------------------------------
@@ -241,31 +241,25 @@ def test_jobs_and_logs_read_the_job(tiny_job, submitter_env):
     assert logs.returncode == 0 and f"run {tiny_job['run_id']} finished" in logs.stdout
 
 
-def test_one_stage_reruns_and_a_replay_reproduces_the_run(tiny_job, submitter_env):
-    """`submit --only source` into the finished run's root reruns source alone (the rest is
-    cached under the same hashes); `submit --replay RUN` of that run, found by its run id under
-    run.root, submits the same selection and overrides and gets the same stage hashes."""
+def test_a_replay_reproduces_the_run_and_reruns_one_stage(tiny_job, submitter_env):
+    """`submit --replay RUN --only source` into the finished run's root, RUN found by its run
+    id under run.root: the replay has the run's overrides and code, so every stage hash equals
+    the recorded one, and only source runs again (the rest is not even read)."""
     root, first = tiny_job["root"], lineage_of(tiny_job["root"], tiny_job["run_id"])
-    runs: list[dict] = []
-    for args in (["--only", "source", "experiment=tiny", "tracking=disabled", f"run.root={root}"],
-                 ["--replay", "<the --only run>", f"run.root={root}"]):
-        if runs:
-            args[1] = runs[0]["run_id"]
-        r = spacetime("submit", "--address", tiny_job["address"], "--follow", *args,
-                      env=submitter_env, cwd=tiny_job["cwd"], timeout=600)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-        runs.append(lineage_of(root, re.search(r"run id\s*:\s*(\S+)", r.stdout).group(1)))
-    assert f"replay  : of run {runs[0]['run_id']}" in r.stdout
-    only, replay = runs
-    hashes = [{n: rec["hash"] for n, rec in lin["stages"].items()} for lin in (first, *runs)]
-    assert hashes[0] == hashes[1] == hashes[2]
-    for lin in runs:
-        assert lin["stage_flags"] == ["--only", "source"], lin["stage_flags"]
-        assert {n: rec["state"] for n, rec in lin["stages"].items()} == {
-            n: "done" if n == "source" else "cached" for n in first["stages"]}
-    assert replay["argv"][:len(only["argv"])] == only["argv"]  # + the run.root given again
-    assert replay["submit"]["replay_of"]["run_id"] == only["run_id"]
-    assert replay["submit"]["git"] == only["submit"]["git"]
+    r = spacetime("submit", "--address", tiny_job["address"], "--follow", "--replay",
+                  tiny_job["run_id"], "--only", "source", f"run.root={root}",
+                  env=submitter_env, cwd=tiny_job["cwd"], timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert f"replay  : of run {tiny_job['run_id']}" in r.stdout
+    lin = lineage_of(root, re.search(r"run id\s*:\s*(\S+)", r.stdout).group(1))
+    assert {n: rec["hash"] for n, rec in lin["stages"].items()} == {
+        n: rec["hash"] for n, rec in first["stages"].items()}
+    assert lin["stage_flags"] == ["--only", "source"]
+    assert {n: rec["state"] for n, rec in lin["stages"].items()} == {
+        n: "done" if n == "source" else "skipped" for n in first["stages"]}
+    assert lin["argv"] == [*first["argv"], f"run.root={root}"]  # recorded, then given
+    assert lin["submit"]["replay_of"]["run_id"] == first["run_id"]
+    assert lin["submit"]["git"] == first["submit"]["git"]
 
 
 def test_the_wandb_key_reaches_jobs_from_the_nodes_and_is_never_written(tiny_job, ray_head):
@@ -360,6 +354,8 @@ def test_replay_needs_the_recorded_code_and_config(tmp_path):
     assert r["hashes"] == orig["hashes"] and r["run_root"] == "/fresh"
     assert json.loads(r["runtime_env"]["env_vars"]["SPACETIME_SUBMIT"])["replay_of"] == {
         "run_id": lineage["run_id"], "lineage": str(tmp_path / "lineage.json")}
+    assert build_replay(str(tmp_path / "lineage.json"), [], "http://x", from_="eval")[
+        "entrypoint"].startswith("python -m pipeline.cli run --from eval experiment=tiny")
     with pytest.raises(SubmitError, match=r"train, eval differ.*--only train"):
         replay(lineage, "train.lr=0.5")
     git = lineage["git"]
@@ -381,12 +377,12 @@ def test_submit_arguments():
     a = parse_args("submit", ["--address=h:1", "--from", "train", "--follow", "a=1", "b.c=2"])
     assert (a["address"], a["from_"], a["follow"], a["overrides"]) == (
         "h:1", "train", True, ["a=1", "b.c=2"])
-    a = parse_args("submit", ["--replay", "20260101-000000-abcd", "run.root=/x"])
-    assert (a["replay"], a["overrides"]) == ("20260101-000000-abcd", ["run.root=/x"])
+    a = parse_args("submit", ["--replay", "20260101-000000-abcd", "--only", "eval", "run.root=/x"])
+    assert (a["replay"], a["only"], a["overrides"]) == (
+        "20260101-000000-abcd", "eval", ["run.root=/x"])
     assert parse_args("logs", ["spacetime-x", "--follow"])["job"] == "spacetime-x"
     for cmd, argv, word in (("stop", [], "job id"),
                             ("submit", ["--only", "a", "--from", "b"], "either"),
-                            ("submit", ["--replay", "r", "--only", "train"], "recorded"),
                             ("logs", ["--replay", "r"], "belongs"),
                             ("jobs", ["--only", "train"], "belongs"),
                             ("submit", ["train"], "override"),
