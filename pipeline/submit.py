@@ -34,10 +34,10 @@ The job id is ``spacetime-<run id>``; ``logs``/``stop`` accept either.
 run id under ``run.root`` (given as an override, else the configured one). The replay has the
 run's stage selection (``--only``/``--from``/``--until``; an ``--only``/``--from`` given here
 replaces it: one stage of that run again) and overrides, plus the overrides given here (which
-win, e.g. another ``run.root`` or ``cluster.*``). It is refused, with the
-equivalent plain ``submit`` command, unless this checkout is the recorded commit with the same
-uncommitted changes (equal digest; none if the run had none) and every stage hash equals the
-recorded one. So a replay into the same ``run.root`` reruns only what the run forced.
+win, e.g. another ``run.root`` or ``cluster.*``). It is refused, with the equivalent plain
+``submit`` command, unless this checkout is the recorded commit with the same uncommitted
+changes (equal digest; none if the run had none) and every stage hash equals the recorded
+one. So a replay into the same ``run.root`` reruns only what the run forced.
 """
 
 from __future__ import annotations
