@@ -169,13 +169,16 @@ def probe(src: Source) -> VideoProbe:
 
 
 def read_frames(
-    src: Source, indices: list[int] | None = None, size: tuple[int, int] | None = None
+    src: Source, indices: list[int] | None = None, size: tuple[int, int] | None = None,
+    threads: int = 0,
 ) -> np.ndarray:
     """Decode frames with decord -> (T, H, W, 3) uint8 RGB.
 
     `indices` selects frames (default all); `size=(h, w)` resizes in decord's
-    scaler. Out-of-range indices raise IndexError (a caller bug); anything the
-    decoder rejects raises VideoError("decode_failed").
+    scaler. `threads`: decoder threads, 0 = FFmpeg's automatic count (about one
+    per core); a Ray task that holds one CPU passes 1. Out-of-range indices raise
+    IndexError (a caller bug); anything the decoder rejects raises
+    VideoError("decode_failed").
 
     decord 0.6 mis-strides frames of some output widths (16, 24, 48 and 72 px
     among the even widths 16..256): `reader[i]` comes back as (H, W, 4) or
@@ -185,7 +188,8 @@ def read_frames(
     """
     h, w = size if size is not None else (-1, -1)
     try:
-        reader = decord.VideoReader(_open_arg(src), ctx=decord.cpu(0), width=w, height=h)
+        reader = decord.VideoReader(_open_arg(src), ctx=decord.cpu(0), width=w, height=h,
+                                    num_threads=threads)
         n = len(reader)
         idx = list(range(n)) if indices is None else [int(i) for i in indices]
         if any(i < 0 or i >= n for i in idx):

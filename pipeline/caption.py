@@ -12,22 +12,31 @@ Three captioners, picked by ``CaptionConfig.kind``:
   rate in the temporal positions) instead of a grid of stills.
 - ``none``: empty captions (an unconditional dataset).
 
-Every clip leaves with ``caption``, ``caption_source`` (e.g. ``source:synthetic`` or
-``vlm:Qwen/Qwen2.5-VL-3B-Instruct@<revision>``) and, with ``keep_source_caption``,
-``source_caption``. A clip whose captioning fails is not lost: it comes back as a reject with
-reason ``caption_failed`` and the error in ``detail``.
+Every clip leaves with ``caption``, ``caption_source`` and, with ``keep_source_caption``,
+``source_caption``. ``caption_source`` is ``vlm:Qwen/Qwen2.5-VL-3B-Instruct@<revision>`` for a
+VLM caption, and for a passed-through one ``source:<origin>``: where the source stage found it
+(``synthetic``, ``manifest``, ``sidecar``: a ``.txt`` beside the video; the clip's
+``source.caption_origin``), or ``source:none`` when the source had no caption. A clip whose
+captioning fails is not lost: it comes back as a reject with reason ``caption_failed`` and the
+error in ``detail``.
 
-The VLM path is a two-operator Ray Data pipeline, so it streams with backpressure and runs
-unchanged on a multi-node cluster:
+The VLM path runs as resumable parts (`pipeline.parts.run_parts`): the clips are cut into groups
+of ``group_size``, and each group is one Ray Data row through two operators, so it streams with
+backpressure and runs unchanged on a multi-node cluster:
 
-    clips ──map (CPU tasks)──► sampled frames ──map_batches (actor pool)──► captions
-            decode num_frames                   VLMCaptioner: one model per actor,
-            per clip                            batched generate, GPUs when there are any
+    groups ──map (CPU tasks)──► sampled frames ──map_batches (actor pool)──► captions
+             decode num_frames                   CaptionGroup: one model per actor,
+             per clip                            batched generate, GPUs when there are any
+
+and the driver writes each group's captions to ``parts/part-NNNNNN.jsonl`` atomically as it
+arrives. A killed driver loses only the groups in flight: the graph keeps the caption stage's
+unfinished directory (``resumable=True``) and the rerun captions only the groups with no part.
 
 Decoding is a separate task stage so GPU actors never wait on video decoding. (On a CPU-only
 cluster both operators ask for the same resources and Ray Data fuses them, so each actor decodes
-its own clips: no frames cross the object store, and the CPUs were shared anyway.) Each actor
-loads the model once. Failures, by kind:
+its own clips: no frames cross the object store, and the CPUs were shared anyway.) The pool is
+sized by `pipeline.parts.actor_pool`: ``concurrency`` actors (default one per GPU), never more
+than the cluster's GPUs hold. Each actor loads the model once. Failures, by kind:
 
 - a worker or node dies: Ray Data restarts the actor (its default: without limit) and reruns the
   batches it held; lost decode tasks are rerun by Ray;
@@ -46,11 +55,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
+import tempfile
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Optional, Protocol
 
 import numpy as np
+
+from pipeline.parts import actor_pool, read_parts, run_parts
+from pipeline.parts import resolve_num_gpus  # noqa: F401 - part of this module's interface
 
 DEFAULT_PROMPT = ("Describe this video in one detailed paragraph: the main subjects and their "
                   "appearance, what they do and how they move, the setting, and the camera motion.")
@@ -67,7 +81,8 @@ class CaptionConfig:
     #                        then applies the model's own pixel budget
     max_new_tokens: int = 128
     batch_size: int = 4  # clips per generate call
-    concurrency: int = 1  # model actors
+    group_size: int = 16  # clips per part: the unit of progress a killed driver can lose
+    concurrency: Optional[int] = None  # model actors; None = one per GPU (1 without GPUs)
     num_gpus: Optional[float] = None  # per actor; None = 1 when the cluster has GPUs, else 0
     dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16
     keep_source_caption: bool = True  # keep the source's caption as source_caption
@@ -139,21 +154,21 @@ def decode_clip(row: dict, num_frames: int, frame_size: int) -> dict:
     try:
         idx = sample_indices(clip["start"], clip["end"], num_frames)
         size = frame_hw(clip["width"], clip["height"], frame_size)
-        frames = read_frames(clip["abs_path"], indices=idx, size=size)  # (T, h, w, 3) uint8
+        frames = read_frames(clip["abs_path"], indices=idx, size=size,
+                             threads=1)  # (T, h, w, 3) uint8; the task has one CPU
         out["frames"], out["shape"] = frames.tobytes(), list(frames.shape)
     except Exception as e:  # noqa: BLE001 - a bad file fails its clip, not the run
         out["error"] = f"decode: {type(e).__name__}: {e}"[:1000]
     return out
 
 
+def decode_group(clips: list[dict], num_frames: int, frame_size: int) -> list[dict]:
+    """`run_parts`' prepare step (a CPU task): a group of clips -> their `decode_clip` rows."""
+    return [decode_clip({"i": k, "clip": json.dumps(c)}, num_frames, frame_size)
+            for k, c in enumerate(clips)]
+
+
 # ----- the VLM ------------------------------------------------------------------------------
-def resolve_num_gpus(requested: float | None, cluster_resources: dict) -> float:
-    """GPUs per model actor: as configured, else one when the cluster has any GPU."""
-    if requested is not None:
-        return float(requested)
-    return 1.0 if cluster_resources.get("GPU", 0) > 0 else 0.0
-
-
 def model_version(model: str, revision: str | None, config) -> str:
     """What identifies the weights: the hub revision asked for, else the commit the hub served,
     else (a local directory) a hash of its config.json and its weight files' names and sizes.
@@ -256,6 +271,36 @@ def vlm_kwargs(cfg: CaptionConfig) -> dict:
             "dtype": cfg.dtype, "revision": cfg.revision}
 
 
+def as_batch(rows: list[dict]) -> dict[str, np.ndarray]:
+    """`decode_clip` rows -> the numpy batch `VLMCaptioner.__call__` takes."""
+    batch = {}
+    for k in ("clip", "frames", "shape", "error"):
+        col = np.empty(len(rows), dtype=object)
+        col[:] = [r[k] for r in rows]
+        batch[k] = col
+    batch["i"] = np.array([r["i"] for r in rows])
+    return batch
+
+
+class CaptionGroup:
+    """Built once per actor of `run_parts`' pool: the VLM. Called on one group of clips and
+    their decoded rows; captions them ``batch_size`` at a time."""
+
+    def __init__(self, kwargs: dict, batch_size: int):
+        self.captioner = VLMCaptioner(**kwargs)
+        self.batch_size = batch_size
+
+    def __call__(self, clips: list[dict], decoded: list[dict]) -> list[dict]:
+        out = []
+        for s in range(0, len(decoded), self.batch_size):
+            rows = decoded[s:s + self.batch_size]
+            res = self.captioner(as_batch(rows))
+            out += [{"clip_id": clips[r["i"]]["clip_id"], "caption": str(res["caption"][k]),
+                     "captioner": str(res["captioner"][k]), "error": str(res["error"][k])}
+                    for k, r in enumerate(rows)]
+        return out
+
+
 # ----- the stage ----------------------------------------------------------------------------
 def caption_reject(clip: dict, detail: str) -> dict:
     """A rejects row (curate's schema) for a clip whose captioning failed."""
@@ -271,59 +316,66 @@ def _with_caption(clip: dict, caption: str, captioner: str, keep_source: bool) -
     return out
 
 
-def caption_clips(clips: list[dict], cfg: CaptionConfig, log=print, origin: str = "manifest"
-                  ) -> tuple[list[dict], list[dict]]:
+def caption_clips(clips: list[dict], cfg: CaptionConfig, log=print, origin: str = "manifest",
+                  out_dir: str | Path | None = None) -> tuple[list[dict], list[dict]]:
     """Caption clips (curate's clip dicts). Returns (captioned clips in input order, rejects).
 
-    ``origin`` names the source captions' provenance in ``caption_source`` (``source:<origin>``),
-    e.g. the source kind. kind=vlm needs Ray initialised (``ray.init`` or a cluster address).
+    kind=source: ``caption_source`` is ``source:<origin>`` with the clip's own
+    ``source.caption_origin`` when it has one, else ``origin``; ``source:none`` for an empty
+    caption. kind=vlm needs Ray initialised (``ray.init`` or a cluster address); its parts go
+    to ``out_dir/parts`` (a stage's output: resumed when they exist), else to a temporary
+    directory.
     """
     if cfg.kind in ("source", "none"):
-        cap = SourceCaptioner(origin) if cfg.kind == "source" else NullCaptioner()
-        captions = cap.caption(clips)
-        return [_with_caption(c, t, cap.name, cfg.keep_source_caption)
-                for c, t in zip(clips, captions)], []
+        out = []
+        for c in clips:
+            if cfg.kind == "none":
+                cap = NullCaptioner()
+            else:
+                where = (c.get("source") or {}).get("caption_origin") or origin
+                cap = SourceCaptioner(where if c.get("caption") else "none")
+            out.append(_with_caption(c, cap.caption([c])[0], cap.name, cfg.keep_source_caption))
+        return out, []
     if cfg.kind != "vlm":
         raise ValueError(f"unknown caption.kind '{cfg.kind}'; choose source, vlm or none")
     if not clips:
         return [], []
-    rows = _run_vlm(clips, cfg, log)
+    if out_dir is None:
+        with tempfile.TemporaryDirectory(prefix="caption-") as tmp:
+            rows = _run_vlm(clips, cfg, log, Path(tmp))
+    else:
+        rows = _run_vlm(clips, cfg, log, Path(out_dir))
     kept, rejects = [], []
-    for k, clip in enumerate(clips):
-        r = rows[k]
+    for clip in clips:
+        r = rows[clip["clip_id"]]
         if r["error"]:
             rejects.append(caption_reject(clip, f"{r['captioner']}: {r['error']}"))
         else:
             kept.append(_with_caption(clip, r["caption"], r["captioner"], cfg.keep_source_caption))
-    log(f"captioned {len(kept)} clips with {rows[0]['captioner']}; {len(rejects)} failed")
+    log(f"captioned {len(kept)} clips with {rows[clips[0]['clip_id']]['captioner']}; "
+        f"{len(rejects)} failed")
     return kept, rejects
 
 
-def _run_vlm(clips: list[dict], cfg: CaptionConfig, log) -> dict[int, dict]:
+VLM_KEYS = ("clip_id", "abs_path", "start", "end", "fps", "width", "height")  # what it reads
+
+
+def _run_vlm(clips: list[dict], cfg: CaptionConfig, log, out_dir: Path) -> dict[str, dict]:
+    """-> {clip_id: {"caption", "captioner", "error"}}, as resumable parts in out_dir/parts."""
     import ray
 
-    num_gpus = resolve_num_gpus(cfg.num_gpus, ray.cluster_resources())
-    log(f"captioning {len(clips)} clips with {cfg.model}: {cfg.concurrency} actor(s), "
-        f"{num_gpus:g} GPU(s) each, batches of {cfg.batch_size}")
-    ds = ray.data.from_items([{"i": k, "clip": json.dumps(c)} for k, c in enumerate(clips)])
-    # This dataset's own context (later operators copy it), so no global setting changes.
-    ds.context.actor_init_retry_on_errors = cfg.max_retries > 0
-    ds.context.actor_init_max_retries = cfg.max_retries
-    ds = ds.map(decode_clip, fn_kwargs={"num_frames": cfg.num_frames, "frame_size": cfg.frame_size},
-                num_cpus=1)
-    ds = ds.map_batches(VLMCaptioner, fn_constructor_kwargs=vlm_kwargs(cfg),
-                        batch_size=cfg.batch_size, batch_format="numpy",
-                        concurrency=cfg.concurrency, num_cpus=1, num_gpus=num_gpus)
-    rows: dict[int, dict] = {}
-    t0, every = time.time(), max(1, len(clips) // 10)
-    for r in ds.iter_rows():  # streams: captions arrive while later clips still decode
-        rows[int(r["i"])] = {"caption": str(r["caption"]), "captioner": str(r["captioner"]),
-                             "error": str(r["error"])}
-        if len(rows) % every == 0 or len(rows) == len(clips):
-            dt = time.time() - t0
-            log(f"captioned {len(rows)}/{len(clips)} clips, {len(rows) / max(dt, 1e-9):.2f} "
-                "clips/s")
-    missing = set(range(len(clips))) - set(rows)
+    actors, num_gpus = actor_pool(cfg.concurrency, cfg.num_gpus, ray.cluster_resources(),
+                                  "caption")
+    log(f"captioning {len(clips)} clips with {cfg.model}: {actors} actor(s), "
+        f"{num_gpus:g} GPU(s) each, batches of {cfg.batch_size}, parts of {cfg.group_size}")
+    run_parts([{k: c[k] for k in VLM_KEYS} for c in clips], None, out_dir / "parts",
+              group_size=cfg.group_size, concurrency=actors, num_gpus=num_gpus,
+              actor_factory=partial(CaptionGroup, vlm_kwargs(cfg), cfg.batch_size),
+              prepare=partial(decode_group, num_frames=cfg.num_frames,
+                              frame_size=cfg.frame_size),
+              actor_init_retries=cfg.max_retries, log=log, name="caption", unit="clips")
+    rows = {r.pop("clip_id"): r for r in read_parts(out_dir / "parts")}
+    missing = {c["clip_id"] for c in clips} - set(rows)
     if missing:  # a bug, not a bad clip: the pipeline must return every row it was given
         raise RuntimeError(f"captioning lost {len(missing)} clips")
     return rows

@@ -22,12 +22,15 @@ import json
 import os
 import platform
 import secrets
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 CLUSTER_COMMANDS = ("submit", "jobs", "logs", "stop", "plan")  # parse their own flags
+# Credentials a run may take from its environment; lineage.json records which were present
+# (names only), so "why was W&B offline / why did S3 refuse" has an answer after the fact.
+SECRET_NAMES = ("WANDB_API_KEY", "HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                "GOOGLE_APPLICATION_CREDENTIALS", "RAY_AUTH_TOKEN")
 SUBCOMMANDS = ("run", "status", "params", "report", *CLUSTER_COMMANDS)
 USAGE = __doc__
 
@@ -84,17 +87,13 @@ def new_run_id() -> str:
 
 
 def git_commit(repo: Path) -> dict:
-    def git(*args):
-        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-
+    """The checkout's commit and a digest of its uncommitted changes (submit.git_state), so a
+    run can be replayed (`spacetime submit --replay`) only on the code it ran."""
     if not (repo / ".git").exists():  # e.g. a submitted job's shipped working directory
         return {"commit": None, "dirty": None}
-    try:
-        return {"commit": git("rev-parse", "HEAD") or None,
-                "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
+    from pipeline.submit import git_state
+
+    return git_state(repo)
 
 
 def versions() -> dict:
@@ -177,8 +176,11 @@ def cmd_run(graph, cfg, cfg_dict, flags) -> int:
     run_id = os.environ.get("SPACETIME_RUN_ID") or cfg.run.id or new_run_id()
     os.environ["SPACETIME_RUN_ID"] = run_id
     repo = Path(__file__).resolve().parent.parent
+    stage_flags = [f for flag, k in (("--only", "only"), ("--from", "from_"), ("--until", "until"))
+                   if flags[k] for f in (flag, flags[k])]
     extra = {"git": git_commit(repo), "versions": versions(), "argv": sys.argv[1:],
-             "host": platform.node()}
+             "stage_flags": stage_flags, "host": platform.node(),
+             "secrets_seen": sorted(k for k in SECRET_NAMES if os.environ.get(k))}
     if os.environ.get("SPACETIME_SUBMIT"):  # set by `spacetime submit`: the submitter's commit
         extra["submit"] = json.loads(os.environ["SPACETIME_SUBMIT"])
     try:

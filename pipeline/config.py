@@ -43,9 +43,11 @@ class ClusterConfig:
     name: str = "local"
     address: Optional[str] = None  # None: start a local Ray; "auto" or ray://host:port: join one
     num_workers: int = 2  # training workers (one per GPU on a GPU cluster)
-    use_gpu: bool = False
+    use_gpu: bool = False  # training workers; model actor pools follow the cluster's GPUs
     cpus_per_worker: int = 1
-    curate_concurrency: int = 2  # parallel curation tasks
+    # Parallel curation CPU tasks. Model actor pools are sized by embed.concurrency and
+    # caption.concurrency (default one per GPU), never by this.
+    curate_concurrency: int = 2
     # Peak FLOP/s of one training worker for MFU (e.g. 989 for an H100 in bf16); unset: each
     # run measures the worker's dense matmul rate and uses that.
     peak_tflops_per_worker: Optional[float] = None

@@ -95,7 +95,8 @@ def curate_video(item: dict, c: CurateConfigs, blocklist) -> list[dict]:
     t0 = time.perf_counter()
     try:
         frames = read_frames(path, size=decode_size(info["width"], info["height"],
-                                                    c.curate.frame_long_side))  # (T, h, w, 3)
+                                                    c.curate.frame_long_side),
+                             threads=1)  # (T, h, w, 3); the task holds one CPU
     except Exception as e:  # noqa: BLE001 - the probe passed but the decoder did not
         return [{"kind": "reject", **reject(item, "decode", "decode_failed",
                                             f"{type(e).__name__}: {e}"[:500])}]

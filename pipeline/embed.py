@@ -61,6 +61,10 @@ class EmbedConfig:
     frames_key: str = "frames"
     caption_key: str = "caption"
     keep_frames: bool = False  # frames are large: dropped from the output batch by default
+    # The filter stage's actor pool (curate.model_scores): sized apart from the CPU tasks'
+    # cluster.curate_concurrency, and never asking for more GPUs than the cluster has.
+    concurrency: Optional[int] = None  # scorer actors; None = one per GPU (1 without GPUs)
+    num_gpus: Optional[float] = None  # per actor; None = 1 when the cluster has GPUs, else 0
 
     def __post_init__(self) -> None:
         if self.aesthetic_activation not in ACTIVATIONS:

@@ -1,8 +1,9 @@
 """The curation funnel: how many clips (and hours) survive each step, and score histograms.
 
-Every curation stage appends its step to the funnel it got from upstream, so the shard stage's
-``stats.json`` holds the whole funnel. ``render_png`` draws the funnel and the histograms into
-one PNG for the stage output; the same numbers go to W&B as a table and to the run report.
+Every curation stage (curate, filter, caption, shard) appends its step to the funnel it got
+from upstream, so the shard stage's ``stats.json`` holds the whole funnel. ``render_png`` draws
+the funnel and the histograms into one PNG for each stage's output; the same numbers go to W&B
+(the funnel as a table, the histograms as W&B histograms) and to the run report.
 """
 
 from __future__ import annotations

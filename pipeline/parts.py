@@ -7,7 +7,13 @@ same groups); each group is one Ray Data row, processed by a task (CPU work) or 
 ``parts/part-NNNNNN.jsonl`` atomically as they stream in. When the stage runs again (the graph
 keeps a resumable stage's unfinished directory), groups whose part file exists are skipped,
 so finished work is not redone and, since a part is written whole or not at all, no record is
-duplicated or lost.
+duplicated or lost. ``parts/_groups.json`` records how the items were cut (group size and a
+digest of the items); parts cut another way (say ``curate.group_size`` changed, which is not in
+the stage hash) are discarded rather than mixed in.
+
+Model work can have a CPU step in front (``prepare``, e.g. decoding frames) run as tasks, so
+GPU actors never wait on decoding; its result travels to the actor with the group. Actor pools
+are sized by `actor_pool`: as configured, capped by the GPUs the cluster has.
 
 Records go back to the driver rather than being written by the workers, so the workers need no
 shared filesystem for this (only the bulky outputs, shards, are written where they run).
@@ -17,11 +23,13 @@ progress bars.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 
 def groups_of(items: list[dict], size: int) -> list[list[dict]]:
@@ -45,21 +53,76 @@ def read_parts(parts_dir: Path) -> Iterator[dict]:
                 yield json.loads(line)
 
 
+def resolve_num_gpus(requested: float | None, cluster_resources: dict) -> float:
+    """GPUs per model actor: as configured, else one when the cluster has any GPU."""
+    if requested is not None:
+        return float(requested)
+    return 1.0 if cluster_resources.get("GPU", 0) > 0 else 0.0
+
+
+def actor_pool(concurrency: Optional[int], num_gpus: Optional[float], cluster_resources: dict,
+               key: str = "model") -> tuple[int, float]:
+    """(actors, GPUs per actor) of a model actor pool.
+
+    concurrency: actors wanted; None = as many as the cluster's GPUs hold (1 without GPUs).
+    num_gpus: per actor; None = 1 when the cluster has GPUs, else 0. A GPU pool never asks for
+    more GPUs than the cluster has (Ray Data would wait for them forever); ``key`` names the
+    config section in the error when not even one actor fits. The cluster is read now, so an
+    autoscaling cluster's GPU nodes must be up.
+    """
+    gpus = resolve_num_gpus(num_gpus, cluster_resources)
+    if concurrency is not None and concurrency < 1:
+        raise ValueError(f"{key}.concurrency must be >= 1 (or null), got {concurrency}")
+    if gpus <= 0:
+        return (concurrency or 1), 0.0
+    fit = int(cluster_resources.get("GPU", 0) // gpus)
+    if fit < 1:
+        raise ValueError(f"{key}.num_gpus={gpus:g} per actor, but the cluster has "
+                         f"{cluster_resources.get('GPU', 0):g} GPUs")
+    return (fit if concurrency is None else min(concurrency, fit)), gpus
+
+
 def _run_group(row: dict, fn: Callable[[list[dict]], list[dict]]) -> dict:
     return {"index": row["index"], "out": json.dumps(fn(json.loads(row["items"])))}
 
 
-class _ActorGroup:
-    """Runs an actor's callable (built once per actor) over one group per call."""
+def _prepare_group(row: dict, fn: Callable[[list[dict]], Any]) -> dict:
+    return {**row, "prepared": pickle.dumps(fn(json.loads(row["items"])))}
 
-    def __init__(self, factory: Callable[[], Callable[[list[dict]], list[dict]]]):
+
+class _ActorGroup:
+    """Runs an actor's callable (built once per actor) over one group per call: ``fn(items)``,
+    or ``fn(items, prepared)`` after a ``prepare`` step."""
+
+    def __init__(self, factory: Callable[[], Callable[..., list[dict]]]):
         self.fn = factory()
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
 
-        outs = [json.dumps(self.fn(json.loads(s))) for s in batch["items"]]
+        if "prepared" in batch:
+            outs = [json.dumps(self.fn(json.loads(s), pickle.loads(p)))
+                    for s, p in zip(batch["items"], batch["prepared"])]
+        else:
+            outs = [json.dumps(self.fn(json.loads(s))) for s in batch["items"]]
         return {"index": batch["index"], "out": np.array(outs, dtype=object)}
+
+
+def _check_groups(parts_dir: Path, items: list[dict], group_size: int, log) -> None:
+    """Keep the finished parts only if they were cut from the same items the same way."""
+    digest = hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()
+    want = {"group_size": group_size, "items": len(items), "digest": digest}
+    meta = parts_dir / "_groups.json"
+    if meta.exists() and json.loads(meta.read_text()) != want:
+        old = list(parts_dir.glob("part-*.jsonl"))
+        log(f"parts in {parts_dir} were cut differently ({json.loads(meta.read_text())}); "
+            f"discarding {len(old)}")
+        for p in old:
+            p.unlink()
+    if not meta.exists() or json.loads(meta.read_text()) != want:
+        tmp = meta.with_name(f".{meta.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(want))
+        os.replace(tmp, meta)
 
 
 def run_parts(
@@ -69,19 +132,26 @@ def run_parts(
     *,
     group_size: int,
     concurrency: int,
-    actor_factory: Callable[[], Callable[[list[dict]], list[dict]]] | None = None,
+    actor_factory: Callable[[], Callable[..., list[dict]]] | None = None,
+    prepare: Callable[[list[dict]], Any] | None = None,
     num_gpus: float = 0,
+    actor_init_retries: int = 0,
     log: Callable[[str], None] = print,
     name: str = "parts",
+    unit: str = "items",
 ) -> dict[str, Any]:
     """Process `items` in groups; returns counts. Records are read back with `read_parts`.
 
     fn: a plain function (CPU work, run as Ray tasks), or actor_factory: builds a callable once
-    per actor of a pool of `concurrency` actors (model work; `num_gpus` per actor).
+    per actor of a pool of `concurrency` actors (model work; `num_gpus` per actor), called as
+    ``fn(group)``, or as ``fn(group, prepare(group))`` with `prepare`, which runs first as CPU
+    tasks. actor_init_retries: how often an actor whose constructor raised (a hub timeout
+    loading a model, say) is retried before the run fails.
     """
     import ray
 
     parts_dir.mkdir(parents=True, exist_ok=True)
+    _check_groups(parts_dir, items, group_size, log)
     groups = groups_of(items, group_size)
     todo = [i for i in range(len(groups)) if not part_path(parts_dir, i).exists()]
     done_before = len(groups) - len(todo)
@@ -91,20 +161,32 @@ def run_parts(
     if todo:
         ds = ray.data.from_items([{"index": i, "items": json.dumps(groups[i])} for i in todo],
                                  override_num_blocks=len(todo))
+        # This dataset's own context (later operators copy it), so no global setting changes.
+        ds.context.actor_init_retry_on_errors = actor_init_retries > 0
+        ds.context.actor_init_max_retries = actor_init_retries
         # Ray Data reruns tasks lost to worker or node failures and restarts dead actors; the
         # group functions catch per-item errors themselves.
         if actor_factory is not None:
+            if prepare is not None:
+                ds = ds.map(_prepare_group, fn_kwargs={"fn": prepare}, num_cpus=1)
             ds = ds.map_batches(_ActorGroup, fn_constructor_kwargs={"factory": actor_factory},
-                                batch_size=1, num_gpus=num_gpus,
+                                batch_size=1, num_cpus=1, num_gpus=num_gpus,
                                 compute=ray.data.ActorPoolStrategy(size=concurrency))
         else:
             ds = ds.map(_run_group, fn_kwargs={"fn": fn}, num_cpus=1,
                         compute=ray.data.TaskPoolStrategy(size=concurrency))
-        for row in ds.iter_rows():  # streams: each part is written as soon as it arrives
-            write_part(part_path(parts_dir, int(row["index"])), json.loads(row["out"]))
+        total = sum(len(groups[i]) for i in todo)
+        done, every = 0, max(1, len(todo) // 10)
+        for k, row in enumerate(ds.iter_rows(), 1):  # streams: each part written on arrival
+            i = int(row["index"])
+            write_part(part_path(parts_dir, i), json.loads(row["out"]))
+            done += len(groups[i])
+            if k % every == 0 or k == len(todo):
+                log(f"{name}: {done}/{total} {unit}, {done / max(time.time() - t0, 1e-9):.2f} "
+                    f"{unit}/s")
     missing = [i for i in range(len(groups)) if not part_path(parts_dir, i).exists()]
     if missing:
         raise RuntimeError(f"{name}: {len(missing)} parts never came back: {missing[:5]}")
-    log(f"{name}: {len(todo)} parts ({sum(len(groups[i]) for i in todo)} items) in "
+    log(f"{name}: {len(todo)} parts ({sum(len(groups[i]) for i in todo)} {unit}) in "
         f"{time.time() - t0:.1f}s; {done_before} reused")
     return {"parts": len(groups), "parts_run": len(todo), "parts_reused": done_before}

@@ -430,7 +430,8 @@ class Page:
             "finished": fmt_time(lin.get("finished")),
             "commit": commit + (" (dirty)" if git.get("dirty") else ""),
             "host": lin.get("host", "-"),
-            "command": "spacetime run " + " ".join(lin.get("argv") or []),
+            "command": "spacetime run " + " ".join([*(lin.get("stage_flags") or []),
+                                                    *(lin.get("argv") or [])]),
             "run root": str(self.run.root),
         }
         config = lin.get("config") or {}

@@ -97,7 +97,8 @@ def encode_clip(clip: dict, cfg: ShardConfig) -> bytes:
 
     if cfg.passthrough and whole_source(clip):
         return Path(clip["abs_path"]).read_bytes()
-    frames = read_frames(clip["abs_path"], indices=list(range(clip["start"], clip["end"])))
+    frames = read_frames(clip["abs_path"], indices=list(range(clip["start"], clip["end"])),
+                         threads=1)  # the task holds one CPU
     h, w = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2
     return encode_h264(frames[:, :h, :w], clip["fps"], cfg.crf, cfg.preset)
 

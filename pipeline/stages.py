@@ -39,9 +39,7 @@ def ensure_ray(ctx: StageContext) -> None:
 
 # ----- source -------------------------------------------------------------------------------
 def source_stage(ctx: StageContext) -> dict:
-    """The inputs as a manifest (manifest.jsonl): generated (synthetic) or listed (ingest)."""
-    from pipeline.ingest import list_inputs
-
+    """The inputs as a manifest (inputs.jsonl): generated (synthetic) or listed (ingest)."""
     cfg = ctx.section("source")
     if cfg.kind == "synthetic":
         from data.synthetic import generate
@@ -50,13 +48,14 @@ def source_stage(ctx: StageContext) -> dict:
         items = [{"id": r["id"], "url": str((ctx.out_dir / r["path"]).resolve()),
                   "caption": r["caption"], "license": "synthetic", "source_url": None,
                   "shots": r["shots"],
-                  "meta": {"synthetic": {k: r[k] for k in ("bad_kind", "expected", "cuts")}}}
+                  "meta": {"synthetic": {k: r[k] for k in ("bad_kind", "expected", "cuts")},
+                           "caption_origin": "synthetic"}}
                  for r in rows]
     elif cfg.kind in ("ingest", "directory"):  # directory: source.path, the older spelling
         ing = ctx.section("ingest")
         if cfg.kind == "directory":
             ing = dataclasses.replace(ing, inputs=[cfg.path])
-        items = list_inputs(ing)
+        items = ingest_items(ing)
     else:
         raise ValueError(f"unknown source.kind '{cfg.kind}' (synthetic | ingest)")
     with open(ctx.out_dir / "inputs.jsonl", "w") as f:
@@ -65,12 +64,39 @@ def source_stage(ctx: StageContext) -> dict:
     return {"videos": len(items)}
 
 
+def ingest_items(ing) -> list[dict]:
+    """`list_inputs`, input by input, recording in each captioned item's metadata where its
+    caption came from (``caption_origin``: ``manifest`` or ``sidecar``, a ``.txt`` beside the
+    video) unless its manifest row says so itself. Same items, same order (first listing of a
+    URL wins)."""
+    from pipeline.ingest import _is_manifest, list_inputs
+
+    if not ing.inputs:
+        return list_inputs(ing)  # raises, naming the key
+    items, seen = [], set()
+    for spec in ing.inputs:
+        origin = "manifest" if _is_manifest(spec) else "sidecar"
+        for it in list_inputs(dataclasses.replace(ing, inputs=[spec])):
+            if it["url"] in seen:
+                continue
+            seen.add(it["url"])
+            if it["caption"]:
+                it["meta"].setdefault("caption_origin", origin)
+            items.append(it)
+    return items
+
+
 def load_inputs(source_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (source_dir / "inputs.jsonl").read_text().splitlines()
             if line.strip()]
 
 
 def _log_curation(ctx: StageContext, stats: dict, rejects: list[dict], clips: list[dict]) -> None:
+    """What every curation stage (curate, filter, caption, shard) leaves: its kept clips' score
+    histograms in ``stats``, ``funnel.png`` (the funnel so far and the histograms) in its
+    output, and the same to its tracker: counts, reject reasons, the funnel and rejects tables,
+    the histograms as real histograms (``<stage>/hist/<score>``) and the PNG
+    (``funnel_chart``)."""
     from pipeline.funnel import histograms, render_png
 
     stats["histograms"] = histograms(clips)
@@ -83,14 +109,44 @@ def _log_curation(ctx: StageContext, stats: dict, rejects: list[dict], clips: li
                 [[s["step"], s["count"], s["unit"], s["hours"]] for s in stats["funnel"]])
     t.log_table("rejects", ["source_id", "stage", "reason", "detail"],
                 [[r["source_id"], r["stage"], r["reason"], r["detail"]] for r in rejects])
-    t.log_image("funnel", str(ctx.out_dir / "funnel.png"))
+    t.log_histograms({f"{name}/hist/{k}": h for k, h in stats["histograms"].items()})
+    t.log_image("funnel_chart", str(ctx.out_dir / "funnel.png"))  # not "funnel": the table
+
+
+def _finish_curation(ctx: StageContext, clips: list[dict], rejects: list[dict],
+                     stats: dict) -> dict:
+    """Write a curate/filter/caption stage's clips, rejects and stats, log its funnel; returns
+    the stage result (the numeric stats)."""
+    from pipeline.curate import write_outputs
+
+    _log_curation(ctx, stats, rejects, clips)
+    write_outputs(ctx.out_dir, clips, rejects, stats)
+    return {k: v for k, v in stats.items() if isinstance(v, (int, float))}
 
 
 # ----- curate -------------------------------------------------------------------------------
+def curate_funnel(n_inputs: int, clips: list[dict], rejects: list[dict], videos: list[dict]
+                  ) -> list[dict]:
+    """The curate stage's funnel steps. ``probed``: the videos that passed the probe *and*
+    decoded, i.e. those with a video record (the videos whose hours it shows): a file the
+    decoder rejects after its probe passed is not counted. ``shots``: every span they split
+    into (kept, too short or filtered)."""
+    from pipeline.curate import clip_seconds
+    from pipeline.funnel import step
+
+    video_seconds = sum(v["seconds"] for v in videos)
+    spans = len(clips) + sum(r["stage"] in ("split", "filter") for r in rejects)
+    return [
+        step("inputs", n_inputs, 0, "videos"),
+        step("probed", len({v["source_id"] for v in videos}), video_seconds, "videos"),
+        step("shots", spans, video_seconds, "clips"),
+        step("cpu filters", len(clips), sum(map(clip_seconds, clips)), "clips"),
+    ]
+
+
 def curate_stage(ctx: StageContext) -> dict:
     """Fetch, probe, split into shots, CPU scores and filters: resumable parts on Ray."""
-    from pipeline.curate import CurateConfigs, account, clip_seconds, run_curate, write_outputs
-    from pipeline.funnel import step
+    from pipeline.curate import CurateConfigs, account, run_curate
 
     ensure_ray(ctx)
     items = load_inputs(ctx.inputs["source"])
@@ -107,19 +163,9 @@ def curate_stage(ctx: StageContext) -> dict:
     clips, rejects, videos = run_curate(items, c, ctx.out_dir,
                                         ctx.section("cluster").curate_concurrency)
     stats = account({i["id"] for i in items}, clips, rejects)
-    probed = {r["source_id"] for r in rejects if r["stage"] in ("ingest", "probe")}
-    shot_spans = len(clips) + sum(r["stage"] in ("split", "filter") for r in rejects)
-    stats["funnel"] = [
-        step("inputs", len(items), 0, "videos"),
-        step("probed", len(items) - len(probed), sum(v["seconds"] for v in videos), "videos"),
-        step("shots", shot_spans, sum(v["seconds"] for v in videos), "clips"),
-        step("cpu filters", len(clips), sum(map(clip_seconds, clips)), "clips"),
-    ]
+    stats["funnel"] = curate_funnel(len(items), clips, rejects, videos)
     stats["decode_seconds"] = float(sum(v["decode_s"] for v in videos))
-    write_outputs(ctx.out_dir, clips, rejects, stats)
-    _log_curation(ctx, stats, rejects, clips)
-    (ctx.out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
-    return {k: v for k, v in stats.items() if isinstance(v, (int, float))}
+    return _finish_curation(ctx, clips, rejects, stats)
 
 
 # ----- filter -------------------------------------------------------------------------------
@@ -129,23 +175,27 @@ def filter_stage(ctx: StageContext) -> dict:
     import numpy as np
 
     from pipeline.curate import (account, clip_seconds, read_clips, read_rejects, reject,
-                                 run_model_scores, write_outputs)
+                                 run_model_scores)
     from pipeline.dedup import find_near_duplicates
     from pipeline.funnel import step
+    from pipeline.parts import actor_pool
     from pipeline.scores import apply_filters
 
     up = ctx.inputs["curate"]
     clips, rejects = read_clips(up), read_rejects(up)
     stats_up = json.loads((up / "stats.json").read_text())
     funnel = list(stats_up["funnel"])
-    cur, cluster = ctx.section("curate"), ctx.section("cluster")
+    cur, embed = ctx.section("curate"), ctx.section("embed")
     scores_cfg = ctx.section("scores")
     emb = {c["clip_id"]: np.asarray(c["thumb"], np.float32) for c in clips}
     if cur.model_scores:
+        import ray
+
         ensure_ray(ctx)
-        gpus = 1.0 if cluster.use_gpu else 0.0
-        res = run_model_scores(clips, ctx.section("embed"), cur.frame_long_side, ctx.out_dir,
-                               cluster.curate_concurrency, gpus)
+        actors, gpus = actor_pool(embed.concurrency, embed.num_gpus, ray.cluster_resources(),
+                                  "embed")
+        print(f"model scores: {actors} actor(s), {gpus:g} GPU(s) each")
+        res = run_model_scores(clips, embed, cur.frame_long_side, ctx.out_dir, actors, gpus)
         kept = []
         for c in clips:
             r = res[c["clip_id"]]
@@ -186,16 +236,15 @@ def filter_stage(ctx: StageContext) -> dict:
     if stats["kept_sources"] + stats["rejected_sources"] != stats["inputs"]:
         raise RuntimeError(f"filter lost sources: {stats}")
     stats["funnel"] = funnel
-    write_outputs(ctx.out_dir, clips, rejects, stats)
-    _log_curation(ctx, stats, rejects, clips)
-    (ctx.out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
-    return {k: v for k, v in stats.items() if isinstance(v, (int, float))}
+    return _finish_curation(ctx, clips, rejects, stats)
 
 
 # ----- caption ------------------------------------------------------------------------------
 def caption_stage(ctx: StageContext) -> dict:
+    """Caption the kept clips: source captions passed through, or a VLM actor pool as
+    resumable parts (a killed driver redoes only the groups in flight)."""
     from pipeline.caption import caption_clips
-    from pipeline.curate import account, clip_seconds, read_clips, read_rejects, write_outputs
+    from pipeline.curate import account, clip_seconds, read_clips, read_rejects
     from pipeline.funnel import step
 
     up = ctx.inputs["filter"]
@@ -204,7 +253,7 @@ def caption_stage(ctx: StageContext) -> dict:
     cfg = ctx.section("caption")
     if cfg.kind == "vlm":
         ensure_ray(ctx)
-    kept, failed = caption_clips(clips, cfg)
+    kept, failed = caption_clips(clips, cfg, out_dir=ctx.out_dir)
     rejects += failed
     stats = account({r["source_id"] for r in rejects} | {c["source_id"] for c in kept}, kept,
                     rejects)
@@ -212,11 +261,10 @@ def caption_stage(ctx: StageContext) -> dict:
     stats["funnel"] = stats_up["funnel"] + [
         step("captioned", len(kept), sum(map(clip_seconds, kept)), "clips")]
     stats["captioners"] = sorted({c["caption_source"] for c in kept})
-    write_outputs(ctx.out_dir, kept, rejects, stats)
+    stats["clips_caption_failed"] = len(failed)
     ctx.tracker.log_table("captions", ["clip_id", "caption", "captioner"],
                           [[c["clip_id"], c["caption"], c["caption_source"]] for c in kept[:200]])
-    ctx.tracker.summary({"caption/clips": len(kept), "caption/failed": len(failed)})
-    return {k: v for k, v in stats.items() if isinstance(v, (int, float))}
+    return _finish_curation(ctx, kept, rejects, stats)
 
 
 # ----- shard --------------------------------------------------------------------------------
@@ -344,7 +392,7 @@ def eval_stage(ctx: StageContext) -> dict:
 
 # Keys that cannot change a stage's output, excluded from its hash (listed, not implied).
 STAGES = [
-    Stage("source", source_stage, config_keys=("source", "ingest"), version=2,
+    Stage("source", source_stage, config_keys=("source", "ingest"), version=3,
           exclude=("ingest.storage_options",),
           description="generate the synthetic videos or list the inputs (dirs, URLs, manifests)"),
     Stage("curate", curate_stage, inputs=("source",),
@@ -355,10 +403,12 @@ STAGES = [
     Stage("filter", filter_stage, inputs=("curate",), config_keys=("curate", "embed", "scores",
                                                                    "dedup"),
           exclude=("curate.group_size", "curate.fetch_cache", "dedup.device", "dedup.block_size",
-                   "dedup.chunk_size", "embed.device"), resumable=True,
+                   "dedup.chunk_size", "embed.device", "embed.concurrency", "embed.num_gpus"),
+          resumable=True,
           description="model scores (open_clip actor pool) and global near-duplicates"),
     Stage("caption", caption_stage, inputs=("filter",), config_keys=("caption",),
-          exclude=("caption.concurrency", "caption.max_retries", "caption.num_gpus"),
+          exclude=("caption.concurrency", "caption.max_retries", "caption.num_gpus",
+                   "caption.group_size"), resumable=True,
           description="pass source captions through or recaption with a VLM (actor pool)"),
     Stage("shard", shard_stage, inputs=("caption",), config_keys=("shard",), version=2,
           exclude=("shard.max_retries",), resumable=True,

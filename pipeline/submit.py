@@ -1,6 +1,7 @@
 """Run the graph on a Ray cluster through Ray's Job Submission API, and watch it.
 
     spacetime submit [--address ADDR] [--only STAGE | --from STAGE] [--follow] [overrides...]
+    spacetime submit --replay RUN [--only/--from STAGE] [--address ADDR] [--follow] [overrides...]
     spacetime jobs   [--address ADDR]
     spacetime logs JOB [--address ADDR] [--follow]
     spacetime stop JOB [--address ADDR]
@@ -28,6 +29,15 @@ A submission is ``python -m pipeline.cli run [--only/--from STAGE] overrides...`
   filled from the submitter's environment without a file (cluster/README.md, "W&B key").
 
 The job id is ``spacetime-<run id>``; ``logs``/``stop`` accept either.
+
+``--replay RUN`` submits a recorded run again: RUN is its lineage.json (a path or URL) or its
+run id under ``run.root`` (given as an override, else the configured one). The replay has the
+run's stage selection (``--only``/``--from``/``--until``; an ``--only``/``--from`` given here
+replaces it: one stage of that run again) and overrides, plus the overrides given here (which
+win, e.g. another ``run.root`` or ``cluster.*``). It is refused, with the equivalent plain
+``submit`` command, unless this checkout is the recorded commit with the same uncommitted
+changes (equal digest; none if the run had none) and every stage hash equals the recorded
+one. So a replay into the same ``run.root`` reruns only what the run forced.
 """
 
 from __future__ import annotations
@@ -62,19 +72,20 @@ class SubmitError(Exception):
 # ----- arguments --------------------------------------------------------------------------
 def parse_args(cmd: str, argv: list[str]) -> dict[str, Any]:
     """Our flags for each command; everything else of `submit` is a Hydra override."""
-    out: dict[str, Any] = {"address": None, "only": None, "from_": None, "follow": False,
-                           "job": None, "overrides": []}
+    out: dict[str, Any] = {"address": None, "only": None, "from_": None, "replay": None,
+                           "follow": False, "job": None, "overrides": []}
+    names = {"--address": "address", "--only": "only", "--from": "from_", "--replay": "replay"}
     it = iter(argv)
     for a in it:
         key, val = (a.split("=", 1) + [None])[:2] if a.startswith("--") else (a, None)
-        if key in ("--address", "--only", "--from"):
+        if key in names:
             if val is None:
                 val = next(it, None)
             if not val or val.startswith("-"):
                 raise SubmitError(f"{key} needs a value")
             if key != "--address" and cmd != "submit":
                 raise SubmitError(f"{key} belongs to 'submit'")
-            out[{"--address": "address", "--only": "only", "--from": "from_"}[key]] = val
+            out[names[key]] = val
         elif a == "--follow" and cmd in ("submit", "logs"):
             out["follow"] = True
         elif a in ("-h", "--help"):
@@ -107,14 +118,14 @@ def resolve_address(flag: str | None) -> str:
 
 
 # ----- what the submitter has -------------------------------------------------------------
-def _git(*args: str) -> bytes:
-    r = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, timeout=30)
+def _git(*args: str, repo: Path = REPO) -> bytes:
+    r = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, timeout=30)
     if r.returncode != 0:
         raise OSError(r.stderr.decode(errors="replace").strip())
     return r.stdout
 
 
-def git_state() -> dict[str, Any]:
+def git_state(repo: Path = REPO) -> dict[str, Any]:
     """The submitter's commit and what of the shipped tree differs from it.
 
     `changed` lists tracked files that differ from HEAD and untracked files that are not
@@ -123,13 +134,14 @@ def git_state() -> dict[str, Any]:
     told apart without storing the diff itself (it may contain anything).
     """
     try:
-        commit = _git("rev-parse", "HEAD").decode().strip()
-        tracked = _git("diff", "HEAD", "--name-only", "-z").decode().split("\0")
-        untracked = _git("ls-files", "--others", "--exclude-standard", "-z").decode().split("\0")
+        commit = _git("rev-parse", "HEAD", repo=repo).decode().strip()
+        tracked = _git("diff", "HEAD", "--name-only", "-z", repo=repo).decode().split("\0")
+        untracked = _git("ls-files", "--others", "--exclude-standard", "-z",
+                         repo=repo).decode().split("\0")
         tracked, untracked = [f for f in tracked if f], [f for f in untracked if f]
-        h = hashlib.sha256(_git("diff", "HEAD", "--binary"))
+        h = hashlib.sha256(_git("diff", "HEAD", "--binary", repo=repo))
         for f in sorted(untracked):
-            p = REPO / f
+            p = repo / f
             if p.is_file():
                 h.update(f.encode() + b"\0" + p.read_bytes())
     except (OSError, subprocess.SubprocessError) as e:
@@ -139,19 +151,20 @@ def git_state() -> dict[str, Any]:
             "changed_count": len(changed), "diff_sha256": h.hexdigest() if changed else None}
 
 
-def compose_run_config(overrides: list[str]) -> Any:
-    """The run config the job will see, composed here so a typo fails before submitting."""
+def compose_run_config(overrides: list[str]) -> tuple[Any, dict]:
+    """The run config the job will see (object, plain dict), composed here so a typo fails
+    before submitting."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from pipeline.config import CONF_DIR, register, to_object
+    from pipeline.config import CONF_DIR, register, to_dict, to_object
 
     register()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
             dcfg = compose("config", overrides=overrides)
-        return to_object(dcfg)
+        return to_object(dcfg), to_dict(dcfg)
     except Exception as e:  # composition and the component configs' own checks
         cause = e.__cause__ or e
         raise SubmitError(f"invalid config: {type(e).__name__}: {e}"
@@ -227,20 +240,31 @@ def find_job(c, job: str) -> str:
 
 # ----- commands ---------------------------------------------------------------------------
 def build_submission(overrides: list[str], only: str | None, from_: str | None,
-                     address: str, run_id: str | None = None) -> dict[str, Any]:
+                     address: str, run_id: str | None = None, *, until: str | None = None,
+                     replay_of: dict | None = None, git: dict | None = None) -> dict[str, Any]:
     """Everything `submit` sends, without sending it (tests read this)."""
-    cfg = compose_run_config(overrides)
+    from pipeline.graph import GraphError
+    from pipeline.stages import graph_for
+
+    cfg, cfg_dict = compose_run_config(overrides)
     check_run_root(cfg.run.root)
-    check_stage(only)
-    check_stage(from_)
+    for stage in (only, from_, until):
+        check_stage(stage)
+    try:
+        hashes = graph_for(cfg).hashes(cfg_dict)
+    except GraphError as e:
+        raise SubmitError(str(e)) from None
     run_id = run_id or new_run_id()
     job_id = JOB_PREFIX + run_id
-    git = git_state()
-    stage_flags = ["--only", only] if only else ["--from", from_] if from_ else []
+    git = git or git_state()
+    stage_flags = [f for flag, v in (("--only", only), ("--from", from_), ("--until", until))
+                   if v for f in (flag, v)]
     entrypoint = shlex.join(["python", "-m", "pipeline.cli", "run", *stage_flags, *overrides])
     submitted = {"job_id": job_id, "address": address, "time": time.time(),
                  "user": getpass.getuser(), "host": platform.node(), "git": git,
                  "argv": ["submit", *stage_flags, *overrides]}
+    if replay_of:
+        submitted["replay_of"] = replay_of
     env = {k: os.environ[k] for k in PASS_THROUGH if os.environ.get(k)}
     env.update({"SPACETIME_RUN_ID": run_id, "SPACETIME_SUBMIT": json.dumps(submitted)})
     metadata = {"spacetime_run_id": run_id, "spacetime_commit": git.get("commit") or "",
@@ -251,12 +275,107 @@ def build_submission(overrides: list[str], only: str | None, from_: str | None,
     return {"entrypoint": entrypoint, "submission_id": job_id, "metadata": metadata,
             "runtime_env": {"working_dir": str(REPO), "excludes": list(EXCLUDES),
                             "env_vars": env},
-            "run_id": run_id, "run_root": cfg.run.root, "git": git, "cluster": cfg.cluster}
+            "run_id": run_id, "run_root": cfg.run.root, "git": git, "cluster": cfg.cluster,
+            "hashes": hashes, "replay_of": replay_of}
+
+
+# ----- replay -----------------------------------------------------------------------------
+def load_lineage(ref: str, overrides: list[str]) -> tuple[dict, str]:
+    """A run's lineage.json from its path or URL, or from its run id under run.root."""
+    from pipeline.storage import Store, is_url
+
+    if ref.endswith(".json") or is_url(ref) or "/" in ref:
+        path = ref if ref.endswith(".json") else ref.rstrip("/") + "/lineage.json"
+        parent, name = path.rsplit("/", 1) if "/" in path else (".", path)
+    else:
+        roots = [o.split("=", 1)[1] for o in overrides if o.startswith("run.root=")]
+        root = roots[-1] if roots else compose_run_config([])[0].run.root
+        parent, name = f"{root.rstrip('/')}/runs/{ref}", "lineage.json"
+    store = Store(parent)
+    if not store.exists(name):
+        raise SubmitError(f"no lineage at {parent}/{name} (a run id is looked up under "
+                          f"run.root; pass run.root=... or the lineage.json itself)")
+    return store.read_json(name), store.url_of(name)
+
+
+def recorded_invocation(lineage: dict) -> tuple[list[str], list[str]]:
+    """The stage flags and the overrides a run was started with."""
+    if "stage_flags" in lineage:  # written by `spacetime run`
+        return list(lineage["stage_flags"]), list(lineage.get("argv") or [])
+    argv = (lineage.get("submit") or {}).get("argv")
+    if argv:  # a submitted run from before `spacetime run` recorded its flags
+        a = parse_args("submit", argv[1:])
+        flags = ["--only", a["only"]] if a["only"] else ["--from", a["from_"]] if a["from_"] else []
+        return flags, a["overrides"]
+    raise SubmitError("the lineage does not record which stages the run forced (it was made "
+                      "by an older spacetime); submit its overrides by hand")
+
+
+def code_difference(recorded: dict, current: dict) -> str | None:
+    """Why this checkout (`current`, a git_state()) is not the code a run recorded, or None."""
+    rec, cur = recorded.get("commit"), current.get("commit")
+    if not rec:
+        return "the lineage records no git commit, so its code cannot be identified"
+    if not cur:
+        return f"this directory is not a git checkout ({current.get('error', 'no commit')})"
+    if rec != cur:
+        return (f"the run ran at commit {rec[:12]} and this checkout is at {cur[:12]}; check it "
+                f"out (git worktree add ../replay-{rec[:8]} {rec}) and replay from there")
+    if recorded.get("dirty"):
+        digest = recorded.get("diff_sha256")
+        if not digest:
+            return ("the run had uncommitted changes and the lineage has no digest of them, so "
+                    "its code cannot be identified")
+        if current.get("diff_sha256") != digest:
+            mine = (f"differ (digest {current['diff_sha256'][:12]})" if current.get("dirty")
+                    else "are none")
+            return (f"the run shipped {recorded.get('changed_count', '?')} uncommitted file(s) "
+                    f"(digest {digest[:12]}), which the lineage names but does not contain; "
+                    f"this checkout's uncommitted changes {mine}")
+    elif current.get("dirty"):
+        more = ", ..." if current["changed_count"] > 3 else ""
+        return (f"this checkout has {current['changed_count']} uncommitted file(s) "
+                f"({', '.join(current['changed'][:3])}{more}) that would ship with the replay; "
+                f"commit or stash them")
+    return None
+
+
+def build_replay(ref: str, overrides: list[str], address: str, run_id: str | None = None,
+                 only: str | None = None, from_: str | None = None) -> dict[str, Any]:
+    """The submission that reruns a recorded run (refused if it would not reproduce it);
+    `only`/`from_` replace the run's own stage selection."""
+    lineage, where = load_lineage(ref, overrides)
+    flags, recorded = recorded_invocation(lineage)
+    if only or from_:
+        flags = ["--only", only] if only else ["--from", from_]
+    by_hand = shlex.join(["spacetime", "submit", *flags, *recorded, *overrides])
+    orig = lineage.get("run_id", "?")
+    git = git_state()
+    why = code_difference((lineage.get("submit") or {}).get("git") or lineage.get("git") or {},
+                          git)
+    if why:
+        raise SubmitError(f"not replaying run {orig}: {why}. To submit its overrides on this "
+                          f"code anyway: {by_hand}")
+    given = dict(zip(flags[::2], flags[1::2]))
+    sub = build_submission([*recorded, *overrides], given.get("--only"), given.get("--from"),
+                           address, run_id, until=given.get("--until"),
+                           replay_of={"run_id": orig, "lineage": where}, git=git)
+    old = {n: rec.get("hash") for n, rec in (lineage.get("stages") or {}).items()}
+    differ = [n for n, h in sub["hashes"].items() if old.get(n) != h]
+    if differ:
+        raise SubmitError(f"not replaying run {orig}: with these overrides the stage hashes of "
+                          f"{', '.join(differ)} differ from the recorded ones, so it would be "
+                          f"another run. To submit it anyway: {by_hand}")
+    return sub
 
 
 def cmd_submit(args: dict) -> int:
     address = resolve_address(args["address"])
-    sub = build_submission(args["overrides"], args["only"], args["from_"], address)
+    if args["replay"]:
+        sub = build_replay(args["replay"], args["overrides"], address, only=args["only"],
+                           from_=args["from_"])
+    else:
+        sub = build_submission(args["overrides"], args["only"], args["from_"], address)
     c = client(address)
     try:
         job_id = c.submit_job(entrypoint=sub["entrypoint"], submission_id=sub["submission_id"],
@@ -272,6 +391,9 @@ def cmd_submit(args: dict) -> int:
     print(f"  run id  : {sub['run_id']}")
     print(f"  commit  : {commit}")
     print(f"  command : {sub['entrypoint']}")
+    if sub["replay_of"]:
+        print(f"  replay  : of run {sub['replay_of']['run_id']} ({sub['replay_of']['lineage']}): "
+              f"same code, same {len(sub['hashes'])} stage hashes")
     cl = sub["cluster"]
     hint = ")" if cl.use_gpu else ", add cluster=ray for one GPU each)"
     print(f"  workers : {cl.num_workers} training workers on {'GPU' if cl.use_gpu else 'CPU'} "

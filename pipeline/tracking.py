@@ -54,6 +54,10 @@ class Tracker:
 
     def log_image(self, key: str, path: str, caption: str = "") -> None: ...
 
+    def log_histograms(self, hists: dict[str, dict], step: int | None = None) -> None:
+        """Histograms already binned: ``{key: {"edges": [n + 1 floats], "counts": [n ints]}}``,
+        logged together (one W&B step), so dashboards can plot score distributions."""
+
     def log_artifact(self, name: str, type: str, path: str) -> None: ...
 
     def use_artifact(self, name: str, type: str, path: str) -> None: ...
@@ -77,6 +81,7 @@ class MemoryTracker(Tracker):
         self.videos: list[tuple[str, str, str]] = []
         self.images: list[tuple[str, str, str]] = []
         self.tables: dict[str, tuple[list, list]] = {}
+        self.histograms: dict[str, dict] = {}
         self.artifacts: list[tuple[str, str, str]] = []
         self.used: list[tuple[str, str, str]] = []
         self.finished = False
@@ -95,6 +100,10 @@ class MemoryTracker(Tracker):
 
     def log_image(self, key, path, caption=""):
         self.images.append((key, str(path), caption))
+
+    def log_histograms(self, hists, step=None):
+        self.histograms.update({k: {"edges": list(h["edges"]), "counts": list(h["counts"])}
+                                for k, h in hists.items()})
 
     def log_artifact(self, name, type, path):
         self.artifacts.append((name, type, path))
@@ -131,6 +140,9 @@ class JsonlTracker(Tracker):
 
     def log_image(self, key, path, caption=""):
         self._write("image", key=key, path=str(path), caption=caption)
+
+    def log_histograms(self, hists, step=None):
+        self._write("histograms", step=step, histograms=hists)
 
     def log_artifact(self, name, type, path):
         self._write("artifact", name=name, type=type, path=str(path))
@@ -172,6 +184,13 @@ class WandbTracker(Tracker):
 
     def log_image(self, key, path, caption=""):
         self.run.log({key: self._wandb.Image(str(path), caption=caption)})
+
+    def log_histograms(self, hists, step=None):
+        import numpy as np
+
+        self.run.log({k: self._wandb.Histogram(np_histogram=(np.asarray(h["counts"]),
+                                                             np.asarray(h["edges"])))
+                      for k, h in hists.items()}, step=step)
 
     def _reference(self, name, type, path):
         art = self._wandb.Artifact(name, type=type)
@@ -228,6 +247,10 @@ class Tee(Tracker):
     def log_image(self, key, path, caption=""):
         for t in self.trackers:
             t.log_image(key, path, caption)
+
+    def log_histograms(self, hists, step=None):
+        for t in self.trackers:
+            t.log_histograms(hists, step)
 
     def log_artifact(self, name, type, path):
         for t in self.trackers:

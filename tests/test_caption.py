@@ -2,6 +2,7 @@
 through from_pretrained) running as a Ray actor pool on real mp4 clips."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -39,6 +40,22 @@ def test_num_gpus_auto_follows_the_cluster():
     assert resolve_num_gpus(0, {"CPU": 64.0, "GPU": 8.0}) == 0
 
 
+def test_model_actor_pools_never_ask_for_more_gpus_than_the_cluster_has():
+    from pipeline.parts import actor_pool
+
+    gpus8 = {"CPU": 512.0, "GPU": 8.0}
+    assert actor_pool(64, None, gpus8) == (8, 1.0)  # capped: 64 actors would wait forever
+    assert actor_pool(None, None, gpus8) == (8, 1.0)  # default: one per GPU
+    assert actor_pool(3, None, gpus8) == (3, 1.0)
+    assert actor_pool(None, 0.5, gpus8) == (16, 0.5)
+    assert actor_pool(None, None, {"CPU": 2.0}) == (1, 0.0)  # CPU: one actor unless asked
+    assert actor_pool(4, None, {"CPU": 2.0}) == (4, 0.0)
+    with pytest.raises(ValueError, match="embed.num_gpus=1 per actor, but the cluster has 0"):
+        actor_pool(None, 1, {"CPU": 2.0}, "embed")
+    with pytest.raises(ValueError, match="caption.concurrency"):
+        actor_pool(0, None, gpus8, "caption")
+
+
 def test_num_gpus_is_zero_on_this_cpu_machine(ray_local):
     import ray
 
@@ -47,16 +64,19 @@ def test_num_gpus_is_zero_on_this_cpu_machine(ray_local):
 
 # ----- source / none ------------------------------------------------------------------------
 def test_source_passthrough_keeps_captions_and_marks_the_captioner():
-    clips = [clip("a", 0, 8, "/x/a.mp4", "a red circle"), clip("b", 0, 8, "/x/b.mp4", "")]
+    clips = [clip("a", 0, 8, "/x/a.mp4", "a red circle"), clip("b", 0, 8, "/x/b.mp4", ""),
+             {**clip("c", 0, 8, "/x/c.mp4", "a cat"), "source": {"caption_origin": "sidecar"}}]
     kept, rejects = caption_clips(clips, CaptionConfig(kind="source"), origin="synthetic")
     assert rejects == []
-    assert [c["caption"] for c in kept] == ["a red circle", ""]
-    assert {c["caption_source"] for c in kept} == {"source:synthetic"}
-    assert [c["source_caption"] for c in kept] == ["a red circle", ""]
+    assert [c["caption"] for c in kept] == ["a red circle", "", "a cat"]
+    # where each caption came from: the clip's own origin, else the default; none when empty
+    assert [c["caption_source"] for c in kept] == ["source:synthetic", "source:none",
+                                                   "source:sidecar"]
+    assert [c["source_caption"] for c in kept] == ["a red circle", "", "a cat"]
     assert kept[0]["scores"] == clips[0]["scores"] and "caption_source" not in clips[0]
 
     kept, _ = caption_clips(clips, CaptionConfig(kind="none", keep_source_caption=False))
-    assert [(c["caption"], c["caption_source"]) for c in kept] == [("", "none"), ("", "none")]
+    assert [(c["caption"], c["caption_source"]) for c in kept] == [("", "none")] * 3
     assert "source_caption" not in kept[0]
     with pytest.raises(ValueError, match="caption.kind"):
         caption_clips(clips, CaptionConfig(kind="blip"))
@@ -112,10 +132,11 @@ def as_batch(rows: list[dict]) -> dict[str, np.ndarray]:
     return batch
 
 
-def test_vlm_captions_on_a_ray_actor_pool(ray_local, tiny_vlm, clips, captioner, one_thread):
+def test_vlm_captions_on_a_ray_actor_pool(ray_local, tiny_vlm, clips, captioner, one_thread,
+                                          tmp_path):
     logs = []
-    cfg = vlm_cfg(tiny_vlm)
-    kept, rejects = caption_clips(clips, cfg, log=logs.append)
+    cfg = replace(vlm_cfg(tiny_vlm), group_size=2)  # 3 parts: [a, a], [missing, b], [corrupt]
+    kept, rejects = caption_clips(clips, cfg, log=logs.append, out_dir=tmp_path)
 
     # the good clips, in input order, each with a caption and its captioner
     assert [c["clip_id"] for c in kept] == [clips[k]["clip_id"] for k in (0, 1, 3)]
@@ -128,7 +149,19 @@ def test_vlm_captions_on_a_ray_actor_pool(ray_local, tiny_vlm, clips, captioner,
     assert [(r["source_id"], r["stage"], r["reason"]) for r in rejects] == [
         ("missing", "caption", "caption_failed"), ("corrupt", "caption", "caption_failed")]
     assert all("decode" in r["detail"] and r["start"] == 0 for r in rejects)
-    assert any("captioned 5/5 clips" in m for m in logs)
+    assert any("caption: 5/5 clips" in m for m in logs)
+
+    # resumable: a rerun over the same parts captions only the group whose part is missing
+    parts = sorted((tmp_path / "parts").glob("part-*.jsonl"))
+    assert len(parts) == 3
+    parts[1].unlink()  # as if the driver died with this group in flight
+    before = {p.name: p.stat().st_mtime_ns for p in (parts[0], parts[2])}
+    logs.clear()
+    again = caption_clips(clips, cfg, log=logs.append, out_dir=tmp_path)
+    assert again == (kept, rejects)
+    assert any("2 of 3 parts already done, resuming" in m for m in logs)
+    assert any("caption: 2/2 clips" in m for m in logs)  # the one missing group only
+    assert {n: (tmp_path / "parts" / n).stat().st_mtime_ns for n in before} == before
 
     # greedy decoding: the same captions in this process, from a fresh load, one clip at a time
     for k, c in zip((0, 1, 3), kept):

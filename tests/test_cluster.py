@@ -9,6 +9,8 @@ which would stop every Ray on the machine, including other people's).
 
 from __future__ import annotations
 
+import base64
+import http.server
 import json
 import os
 import re
@@ -20,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -36,6 +39,7 @@ CLUSTER = REPO / "cluster"
 BIN = Path(sys.executable).parent
 MARK = "SPACETIME_TEST_RAY_HEAD"
 SENTINEL = "wandb-sentinel-" + secrets.token_hex(8)  # stands in for a W&B key
+NODE_KEY = "wandb-node-" + secrets.token_hex(8)  # the nodes' key (exported before `ray start`)
 
 
 # ----- a private Ray head -----------------------------------------------------------------
@@ -134,7 +138,9 @@ def ray_head():
     workers = free_port_range(60)
     token = secrets.token_hex(16)
     env = clean_env()
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, **{MARK: str(tmp)})
+    # As on a node: `export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=... WANDB_API_KEY=...; ray start`.
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, WANDB_API_KEY=NODE_KEY,
+               **{MARK: str(tmp)})
     cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
            f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
@@ -161,6 +167,10 @@ def ray_head():
         yield head
     finally:
         stop_head(head)
+
+
+def lineage_of(root: Path, run_id: str) -> dict:
+    return json.loads((root / "runs" / run_id / "lineage.json").read_text())
 
 
 def spacetime(*args, env: dict, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -231,17 +241,45 @@ def test_jobs_and_logs_read_the_job(tiny_job, submitter_env):
     assert logs.returncode == 0 and f"run {tiny_job['run_id']} finished" in logs.stdout
 
 
-def test_the_wandb_key_is_never_sent_written_or_printed(tiny_job, ray_head):
+def test_a_replay_reproduces_the_run_and_reruns_one_stage(tiny_job, submitter_env):
+    """`submit --replay RUN --only source` into the finished run's root, RUN found by its run
+    id under run.root: the replay has the run's overrides and code, so every stage hash equals
+    the recorded one, and only source runs again (the rest is not even read)."""
+    root, first = tiny_job["root"], lineage_of(tiny_job["root"], tiny_job["run_id"])
+    r = spacetime("submit", "--address", tiny_job["address"], "--follow", "--replay",
+                  tiny_job["run_id"], "--only", "source", f"run.root={root}",
+                  env=submitter_env, cwd=tiny_job["cwd"], timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert f"replay  : of run {tiny_job['run_id']}" in r.stdout
+    lin = lineage_of(root, re.search(r"run id\s*:\s*(\S+)", r.stdout).group(1))
+    assert {n: rec["hash"] for n, rec in lin["stages"].items()} == {
+        n: rec["hash"] for n, rec in first["stages"].items()}
+    assert lin["stage_flags"] == ["--only", "source"]
+    assert {n: rec["state"] for n, rec in lin["stages"].items()} == {
+        n: "done" if n == "source" else "skipped" for n in first["stages"]}
+    assert lin["argv"] == [*first["argv"], f"run.root={root}"]  # recorded, then given
+    assert lin["submit"]["replay_of"]["run_id"] == first["run_id"]
+    assert lin["submit"]["git"] == first["submit"]["git"]
+
+
+def test_the_wandb_key_reaches_jobs_from_the_nodes_and_is_never_written(tiny_job, ray_head):
+    """Submitted jobs get the key the way the templates give it: from the nodes' environment
+    (here `export WANDB_API_KEY=...` before `ray start --head`), never from the submitter
+    (whose own key stands by in its environment); neither key is in any file, log or output."""
+    lineage = lineage_of(tiny_job["root"], tiny_job["run_id"])
+    assert "WANDB_API_KEY" in lineage["secrets_seen"]  # the job's driver had the node's key
     outputs = [tiny_job["submit"], tiny_job["follow"]]
-    assert all(SENTINEL not in r.stdout + r.stderr for r in outputs)
+    assert all(k not in r.stdout + r.stderr for r in outputs for k in (SENTINEL, NODE_KEY))
     assert "WANDB_API_KEY is not sent" in tiny_job["submit"].stdout
     info = api(ray_head["address"], ray_head["token"], f"/api/jobs/{tiny_job['job_id']}")
     assert SENTINEL not in json.dumps(info)  # runtime_env and metadata as Ray serves them
     assert "WANDB_API_KEY" not in info["runtime_env"].get("env_vars", {})
+    keys = (SENTINEL.encode(), NODE_KEY.encode())
     for base in (ray_head["tmp"], tiny_job["root"]):  # Ray's logs and session files; outputs
         for p in base.rglob("*"):
             if p.is_file() and not p.is_symlink() and p.stat().st_size < 50e6:
-                assert SENTINEL.encode() not in p.read_bytes(), p
+                data = p.read_bytes()
+                assert not any(k in data for k in keys), p
 
 
 def test_stop_stops_a_running_job(ray_head, submitter_env, tmp_path):
@@ -295,13 +333,57 @@ def test_submission_is_checked_and_carries_no_secret(monkeypatch):
         build_submission(["run.root=/x"], "trian", None, "http://x")
 
 
+def test_replay_needs_the_recorded_code_and_config(tmp_path):
+    """What `submit --replay` refuses (another commit, other uncommitted changes, an override
+    that moves a stage hash) and what it may change (run.root, cluster: never hashed)."""
+    from pipeline.submit import build_replay, code_difference, git_state
+
+    recorded = ["experiment=tiny", "run.root=/shared/st"]
+    orig = build_submission(recorded, "train", None, "http://x", run_id="20260101-000000-abcd")
+    lineage = {"run_id": "20260101-000000-abcd", "argv": recorded, "git": git_state(),
+               "stage_flags": ["--only", "train"],
+               "stages": {n: {"hash": h} for n, h in orig["hashes"].items()}}
+
+    def replay(lin, *overrides):
+        (tmp_path / "lineage.json").write_text(json.dumps(lin))
+        return build_replay(str(tmp_path / "lineage.json"), list(overrides), "http://x")
+
+    r = replay(lineage, "run.root=/fresh", "cluster.num_workers=4")
+    assert r["entrypoint"] == ("python -m pipeline.cli run --only train experiment=tiny "
+                               "run.root=/shared/st run.root=/fresh cluster.num_workers=4")
+    assert r["hashes"] == orig["hashes"] and r["run_root"] == "/fresh"
+    assert json.loads(r["runtime_env"]["env_vars"]["SPACETIME_SUBMIT"])["replay_of"] == {
+        "run_id": lineage["run_id"], "lineage": str(tmp_path / "lineage.json")}
+    assert build_replay(str(tmp_path / "lineage.json"), [], "http://x", from_="eval")[
+        "entrypoint"].startswith("python -m pipeline.cli run --from eval experiment=tiny")
+    with pytest.raises(SubmitError, match=r"train, eval differ.*--only train"):
+        replay(lineage, "train.lr=0.5")
+    git = lineage["git"]
+    other = {**git, "commit": "0" * 40}
+    shipped = {**git, "dirty": True, "changed": ["x.py"], "changed_count": 1,
+               "diff_sha256": "ab" * 32}
+    for rec, word in ((other, "commit 000000000000"), (shipped, "digest abababababab"),
+                      ({**shipped, "diff_sha256": None}, "no digest")):
+        with pytest.raises(SubmitError, match=word):  # a submitted run's record wins
+            replay({**lineage, "git": {"commit": None}, "submit": {"git": rec}})
+    clean = {**git, "dirty": False, "changed": [], "changed_count": 0, "diff_sha256": None}
+    dirty = {**git, "dirty": True, "changed": ["a.py"], "changed_count": 1,
+             "diff_sha256": "cd" * 32}
+    assert code_difference(clean, clean) is None and code_difference(dirty, dirty) is None
+    assert "commit or stash" in code_difference(clean, dirty)
+
+
 def test_submit_arguments():
     a = parse_args("submit", ["--address=h:1", "--from", "train", "--follow", "a=1", "b.c=2"])
     assert (a["address"], a["from_"], a["follow"], a["overrides"]) == (
         "h:1", "train", True, ["a=1", "b.c=2"])
+    a = parse_args("submit", ["--replay", "20260101-000000-abcd", "--only", "eval", "run.root=/x"])
+    assert (a["replay"], a["only"], a["overrides"]) == (
+        "20260101-000000-abcd", "eval", ["run.root=/x"])
     assert parse_args("logs", ["spacetime-x", "--follow"])["job"] == "spacetime-x"
     for cmd, argv, word in (("stop", [], "job id"),
                             ("submit", ["--only", "a", "--from", "b"], "either"),
+                            ("logs", ["--replay", "r"], "belongs"),
                             ("jobs", ["--only", "train"], "belongs"),
                             ("submit", ["train"], "override"),
                             ("jobs", ["--frobnicate"], "unknown option")):
@@ -337,7 +419,9 @@ def test_launcher_yamls_pass_rays_own_validation(name, provider):
     assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in json.dumps(cfg)
     for cmds in (cfg["head_start_ray_commands"], cfg["worker_start_ray_commands"]):
         joined = " ".join(cmds)
-        assert "cluster/secret.py" in joined and "export WANDB_API_KEY" in joined
+        assert "cluster/secret.py" in joined and "ray-auth-token" in joined
+        assert re.search(r"export RAY_AUTH_MODE=token RAY_AUTH_TOKEN WANDB_API_KEY;\s+ray start",
+                         joined)
     assert (CLUSTER / "secret.py").exists()
     assert "/mnt/spacetime" in json.dumps(cfg["docker"]["run_options"])
 
@@ -452,6 +536,100 @@ def test_no_credentials_in_any_template():
         text = path.read_text()
         for pat in patterns:
             assert not re.search(pat, text), (path, pat)
+
+
+class FakeCloud(http.server.BaseHTTPRequestHandler):
+    """The parts of EC2's IMDSv2, GCE's metadata server and GCP Secret Manager that
+    cluster/secret.py speaks, each answering only when asked with the right headers."""
+
+    secrets: dict[str, str] = {}  # GCP secret name -> value (set by the test)
+
+    def _send(self, body: str, code: int = 200) -> None:
+        self.send_response(code)
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def do_PUT(self):  # noqa: N802
+        ok = self.path == "/latest/api/token" and self.headers.get(
+            "X-aws-ec2-metadata-token-ttl-seconds")
+        self._send("imds-token" if ok else "", 200 if ok else 403)
+
+    def do_GET(self):  # noqa: N802
+        google = self.headers.get("Metadata-Flavor") == "Google"
+        meta = "/computeMetadata/v1"
+        name = re.fullmatch(r"/v1/projects/proj-1/secrets/([\w-]+)/versions/latest:access",
+                            self.path)
+        if self.path == "/latest/meta-data/placement/region":
+            ok = self.headers.get("X-aws-ec2-metadata-token") == "imds-token"
+            self._send("us-east-1" if ok else "", 200 if ok else 401)
+        elif google and self.path == f"{meta}/project/project-id":
+            self._send("proj-1")
+        elif google and self.path == f"{meta}/instance/service-accounts/default/token":
+            self._send(json.dumps({"access_token": "sa-token", "expires_in": 60}))
+        elif name and self.headers.get("Authorization") == "Bearer sa-token" and \
+                name.group(1) in self.secrets:
+            data = base64.b64encode(self.secrets[name.group(1)].encode()).decode()
+            self._send(json.dumps({"name": name.group(1), "payload": {"data": data}}))
+        else:
+            self._send("", 404)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("template", ["aws.yaml", "gcp.yaml"])
+def test_the_launcher_start_commands_put_the_secrets_into_rays_environment(template, tmp_path):
+    """Each node's start command, as the template has it, up to `ray start`, with the cloud
+    faked on loopback (moto's Secrets Manager for AWS, FakeCloud for the metadata servers and
+    GCP Secret Manager): the Ray token and the W&B key reach the environment `ray start` gets,
+    and neither is printed or written anywhere."""
+    values = {"ray-auth-token": "tok-" + secrets.token_hex(16),
+              "wandb-api-key": "key-" + secrets.token_hex(16)}
+    fake = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeCloud)
+    threading.Thread(target=fake.serve_forever, daemon=True).start()
+    moto = None
+    env = {**clean_env(), "HOME": str(tmp_path), "EXPECT_TOKEN": values["ray-auth-token"],
+           "EXPECT_KEY": values["wandb-api-key"]}
+    try:
+        if template == "aws.yaml":
+            moto_server = pytest.importorskip("moto.server")
+            import boto3
+
+            moto = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+            moto.start()
+            endpoint = f"http://127.0.0.1:{moto._server.server_port}"
+            env.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing",
+                       AWS_SECRET_ACCESS_KEY="testing",
+                       AWS_EC2_METADATA_SERVICE_ENDPOINT=f"http://127.0.0.1:{fake.server_port}")
+            sm = boto3.client("secretsmanager", region_name="us-east-1", endpoint_url=endpoint,
+                              aws_access_key_id="testing", aws_secret_access_key="testing")
+            for name, value in values.items():
+                sm.create_secret(Name=f"spacetime/{name}", SecretString=value)
+        else:
+            FakeCloud.secrets = {f"spacetime-{k}": v for k, v in values.items()}
+            env.update(GCE_METADATA_HOST=f"127.0.0.1:{fake.server_port}",
+                       CLOUDSDK_API_ENDPOINT_OVERRIDES_SECRETMANAGER=(
+                           f"http://127.0.0.1:{fake.server_port}/"))
+        cfg = yaml_docs(CLUSTER / template)[0]
+        head, worker = (cfg[k][-1] for k in ("head_start_ray_commands",
+                                              "worker_start_ray_commands"))
+        prefix = head[:head.index("ray start")]  # ulimit; the secrets; export ...;
+        assert worker.startswith(prefix)  # the workers get theirs the same way
+        check = ('"$PY" -c \'import os, sys; e = os.environ; sys.exit(e["RAY_AUTH_MODE"] != '
+                 '"token" or e["RAY_AUTH_TOKEN"] != e["EXPECT_TOKEN"] or '
+                 'e["WANDB_API_KEY"] != e["EXPECT_KEY"])\'')
+        script = (prefix.replace("ulimit -n 65536;", "")
+                  .replace("python ~/spacetime/", '"$PY" ' + str(REPO) + "/") + check)
+        r = subprocess.run(["bash", "-c", script], env={**env, "PY": sys.executable},
+                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, (template, r.stdout, r.stderr)
+        assert not any(v in r.stdout + r.stderr for v in values.values())
+    finally:
+        fake.shutdown()
+        if moto is not None:
+            moto.stop()
+    for f in tmp_path.rglob("*"):  # HOME and the working directory: nothing was written
+        assert not (f.is_file() and any(v.encode() in f.read_bytes() for v in values.values()))
 
 
 def test_secret_helper_prints_nothing_when_there_is_no_secret():

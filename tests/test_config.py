@@ -123,8 +123,11 @@ def test_cli_surface_is_frozen():
     assert parse_argv(["submit", "--only", "train", "a=1"]) == (
         "submit", {}, ["--only", "train", "a=1"])
     assert parse_args("submit", ["--address", "h:1", "--from", "train", "--follow", "a=1"]) == {
-        "address": "h:1", "only": None, "from_": "train", "follow": True, "job": None,
-        "overrides": ["a=1"]}
+        "address": "h:1", "only": None, "from_": "train", "replay": None, "follow": True,
+        "job": None, "overrides": ["a=1"]}
+    # --replay RUN (a lineage.json or a run id): the recorded selection + overrides, then these.
+    assert parse_args("submit", ["--replay", "runs/x/lineage.json", "run.root=/y"])["replay"] == (
+        "runs/x/lineage.json")
     assert parse_args("logs", ["j", "--follow"])["job"] == "j"
     assert parse_args("stop", ["j"])["job"] == "j" and parse_args("jobs", [])["job"] is None
 

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -76,11 +77,36 @@ def test_every_input_is_sharded_or_rejected_with_its_reason(run1):
             assert row["id"] in kept, row
     bad_kinds = {row["bad_kind"] for row in manifest} - {None}
     assert bad_kinds == {"zero_byte", "truncated", "random_bytes", "frozen", "too_short", "tiny"}
+    # inputs = kept sources + rejected sources, counted from the files: every input not in a
+    # shard has a reject row, and nothing else is there
+    ids = {row["id"] for row in manifest}
+    assert kept <= ids and set(rejected) <= ids and ids - kept <= set(rejected)
     stats = json.loads((d["shard"] / "stats.json").read_text())
-    assert stats["inputs"] == len(manifest) == stats["kept_sources"] + stats["rejected_sources"]
-    filtered = sum(1 for r in rejects if r["start"] is not None)
-    assert stats["clips_sharded"] + stats["clips_encode_failed"] == stats["clips_kept"]
-    assert stats["clips_filtered"] == filtered
+    assert (stats["inputs"], stats["kept_sources"], stats["rejected_sources"]) == (
+        len(ids), len(kept), len(ids - kept))
+    # clips are conserved from stage to stage, each stage's manifests read on their own: the
+    # clips a stage got = the clips it kept + the spans it rejected (its rejects less the ones
+    # it was handed), and no stage loses an upstream reject.
+    span = lambda r: (r["source_id"], r["start"], r["end"])  # noqa: E731
+    row = lambda r: (r["source_id"], r["stage"], r["reason"], r["start"], r["end"])  # noqa: E731
+    curation = ["curate", "filter", "caption", "shard"]
+    for up, down in zip(curation, curation[1:]):
+        clips_in = [span(c) for c in read_parquet(d[up] / "clips.parquet")]
+        clips_out = [span(c) for c in read_parquet(d[down] / "clips.parquet")]
+        rej_in = Counter(row(r) for r in read_parquet(d[up] / "rejects.parquet"))
+        rej_out = Counter(row(r) for r in read_parquet(d[down] / "rejects.parquet"))
+        assert not rej_in - rej_out, (down, "lost rejects", rej_in - rej_out)
+        dropped = [(sid, a, b) for sid, _, _, a, b in (rej_out - rej_in).elements()]
+        assert all(a is not None for _, a, _ in dropped), (down, dropped)  # spans, not sources
+        assert sorted(clips_in) == sorted(clips_out + dropped), (up, down)
+        assert len(set(clips_out + dropped)) == len(clips_out) + len(dropped)
+    # and from the first to the last: the clips curate kept = sharded + filtered out downstream
+    curated = read_parquet(d["curate"] / "clips.parquet")
+    downstream = Counter(row(r) for r in rejects) - Counter(
+        row(r) for r in read_parquet(d["curate"] / "rejects.parquet"))
+    assert len(curated) == len(clips) + sum(downstream.values())
+    assert stats["funnel"][-1] == {**stats["funnel"][-1], "step": "sharded",
+                                   "count": len(clips)}
 
 
 def test_shards_read_with_webdataset_and_tarfile_and_decode(run1):
@@ -94,6 +120,7 @@ def test_shards_read_with_webdataset_and_tarfile_and_decode(run1):
         seen.append(s["__key__"])
         meta, clip = s["json"], clips[s["__key__"]]
         assert s["txt"] == meta["caption"] == clip["caption"] and s["txt"]
+        assert meta["caption_source"] == clip["caption_source"] == "source:synthetic"
         n = meta["end"] - meta["start"]
         assert read_frames(s["mp4"]).shape[0] == n == read_frames_av(s["mp4"]).shape[0]
     assert sorted(seen) == sorted(clips)  # every manifest clip is in exactly one shard
@@ -162,21 +189,40 @@ def test_the_report_renders_the_real_runs_files(run1):
 
 
 def test_wandb_offline_runs_one_per_stage_grouped_by_run_id(run1):
+    """Each stage's offline run, read back record by record: its group and job type, and what
+    a dashboard would show (training curves; each curation stage's funnel table, equal to its
+    stats.json, and its score histograms as W&B histograms)."""
+    from wandb_offline import logged, records, table
+
     lin = run1["lineage"]
     run_dirs = [Path(s["result"]["tracking"]["wandb_dir"]) for s in lin["stages"].values()]
     assert len(set(run_dirs)) == len(STAGES)
     for name, rd in zip(lin["stages"], run_dirs):
         assert rd.name.startswith("offline-run-")
-        blob = next(rd.glob("run-*.wandb")).read_bytes()
-        assert lin["run_id"].encode() in blob  # the group
-        assert name.encode() in blob  # the job type
+        (run,) = [r.run for r in records(rd) if r.WhichOneof("record_type") == "run"]
+        assert run.run_group == lin["run_id"] and run.job_type == name
     by_stage = dict(zip(lin["stages"], run_dirs))
-    train_blob = next(by_stage["train"].glob("run-*.wandb")).read_bytes()
-    assert b"train/loss" in train_blob and b"train/grad_norm" in train_blob
-    shard_blob = next(by_stage["shard"].glob("run-*.wandb")).read_bytes()
-    assert b"funnel" in shard_blob and b"rejects" in shard_blob
-    eval_blob = next(by_stage["eval"].glob("run-*.wandb")).read_bytes()
-    assert b"val/loss" in eval_blob
+    train = logged(by_stage["train"])
+    assert 0 < train["train/loss"] < 10 and train["train/grad_norm"] > 0
+    assert 0 < logged(by_stage["eval"])["val/loss"] < 10
+    for name in ("curate", "filter", "caption", "shard"):
+        got, d = logged(by_stage[name]), run1["dirs"][name]
+        stats = json.loads((d / "stats.json").read_text())
+        funnel = table(by_stage[name], got["funnel"])
+        assert funnel["columns"] == ["step", "count", "unit", "hours"]
+        assert [r[:2] for r in funnel["data"]] == [[s["step"], s["count"]]
+                                                   for s in stats["funnel"]]
+        assert len(table(by_stage[name], got["rejects"])["data"]) == len(
+            read_parquet(d / "rejects.parquet"))
+        assert {"motion", "sharpness", "brightness"} <= set(stats["histograms"])
+        for score, h in stats["histograms"].items():
+            w = got[f"{name}/hist/{score}"]
+            assert w["_type"] == "histogram" and w["values"] == h["counts"]
+            assert w["bins"] == pytest.approx(h["edges"])
+        assert sum(got[f"{name}/hist/motion"]["values"]) == len(
+            read_parquet(d / "clips.parquet"))
+        assert (d / "funnel.png").stat().st_size > 10_000
+        assert got["funnel_chart"]["_type"] == "image-file"
 
 
 def test_rerun_is_all_cached_then_a_training_override_reruns_train_and_eval(run1):

@@ -9,28 +9,34 @@ import pytest
 
 from data.synthetic import SourceConfig, generate, render, sample_spec
 from data.video_io import encode_mp4, read_frames
+from pipeline.curate import CurateConfig, decode_size
 from pipeline.shots import ShotConfig, content_scores, detect_cuts, split_shots, windows
 
 FPS = 8.0
+SRC = SourceConfig(num_videos=48, multishot_fraction=1.0, bad_fraction=0.0, seed=3)
+# The size curation decodes at: the long side capped at curate.frame_long_side (160), so the
+# 64x64 synthetic videos are split at their full 64x64.
+SIZE = decode_size(SRC.width, SRC.height, CurateConfig().frame_long_side)
 
 
 @pytest.fixture(scope="module")
 def multishot(tmp_path_factory):
-    """48 multi-shot synthetic videos decoded at 32x32, as curation decodes them: (rows, frames)."""
+    """48 multi-shot synthetic videos decoded as curation decodes them: (rows, frames)."""
     out = tmp_path_factory.mktemp("multishot")
-    rows = generate(SourceConfig(num_videos=48, multishot_fraction=1.0, bad_fraction=0.0, seed=3), out)
-    return rows, [read_frames(out / r["path"], size=(32, 32)) for r in rows]
+    rows = generate(SRC, out)
+    return rows, [read_frames(out / r["path"], size=SIZE) for r in rows]
 
 
 @pytest.fixture(scope="module")
 def fast_single_shots():
-    """Single shots much faster than the source's (4-8 px per frame of a 64 px frame, 3 objects)."""
+    """Single shots much faster than the source's (4-8 px per frame of a 64 px frame, 3 objects),
+    decoded as curation decodes them."""
     rng = np.random.default_rng(7)
     clips = []
     for _ in range(20):
         spec = replace(sample_spec(rng), speed=int(rng.integers(4, 9)), count=3,
                        starts=((0.1, 0.1), (0.4, 0.5), (0.7, 0.8)))
-        clips.append(read_frames(encode_mp4(render(spec, 40, 64, 64), FPS), size=(32, 32)))
+        clips.append(read_frames(encode_mp4(render(spec, 40, 64, 64), FPS), size=SIZE))
     return clips
 
 
@@ -45,6 +51,7 @@ def precision_recall(truth: list[list[int]], found: list[list[int]], tol: int = 
 def test_cuts_found_within_one_frame(multishot, detector):
     rows, videos = multishot
     assert len(rows) >= 40 and all(r["cuts"] for r in rows)
+    assert SIZE == (64, 64) and videos[0].shape[1:] == (64, 64, 3)
     cfg = ShotConfig(detector=detector)
     found = [detect_cuts(v, FPS, cfg) for v in videos]
     precision, recall = precision_recall([r["cuts"] for r in rows], found)

@@ -48,9 +48,11 @@ def test_tee_fans_out_and_memory_tracker_records():
     t = Tee(a, b)
     t.log({"x": 1}, step=0)
     t.log_artifact("shard-abc", "shard", "/data")
+    t.log_histograms({"h": {"edges": [0, 1, 2], "counts": [5, 6]}})
     t.finish()
     for m in (a, b):
         assert m.metrics == [(0, {"x": 1})] and m.artifacts == [("shard-abc", "shard", "/data")]
+        assert m.histograms == {"h": {"edges": [0, 1, 2], "counts": [5, 6]}}
         assert m.finished
 
 
@@ -60,6 +62,8 @@ def test_wandb_offline_run_is_written_with_group_and_job_type(tmp_path, monkeypa
     (tmp_path / "in" / "_SUCCESS.json").write_text(json.dumps({"hash": "f" * 64}))
     t = make_tracker(spec(tmp_path, "auto"))
     t.log({"train/loss": 0.5}, step=0)
+    hist = {"curate/hist/motion": {"edges": [0.0, 0.5, 1.0, 2.0], "counts": [3, 0, 4]}}
+    t.log_histograms(hist, step=1)
     t.use_artifact("shard-ffffffffffff", "shard", str(tmp_path / "in"))
     t.log_artifact("train-abc", "train", str(tmp_path / "in"))
     info = t.info()
@@ -67,10 +71,24 @@ def test_wandb_offline_run_is_written_with_group_and_job_type(tmp_path, monkeypa
     assert info["wandb_mode"] == "offline"
     run_dir = Path(info["wandb_dir"])
     assert run_dir.parent == tmp_path / "wandb" and run_dir.name.startswith("offline-run-")
-    blob = next(run_dir.glob("run-*.wandb")).read_bytes()
-    for needle in (b"run-123", b"train", b"train/loss", b"shard-ffffffffffff"):
-        assert needle in blob, needle
+    from wandb_offline import history, records
+
+    recs = records(run_dir)  # the offline file, read back record by record
+    (run,) = [r.run for r in recs if r.WhichOneof("record_type") == "run"]
+    assert run.run_group == "run-123" and run.job_type == "train"
+    rows = history(run_dir)
+    assert rows[0]["train/loss"] == 0.5 and rows[0]["_step"] == 0
+    config = {i.key: json.loads(i.value_json) for c in [run.config] + [
+        r.config for r in recs if r.WhichOneof("record_type") == "config"] for i in c.update}
+    assert config["lr"] == 0.1 and "shard-ffffffffffff" in config["_inputs"]  # offline lineage
     assert "WANDB_API_KEY" not in (tmp_path / "metrics.jsonl").read_text()
+    # a real W&B histogram (what a dashboard plots), read back from the run; and in the JSONL
+    (row,) = [r for r in rows if "curate/hist/motion" in r]
+    assert row["_step"] == 1 and row["curate/hist/motion"] == {
+        "_type": "histogram", "bins": [0.0, 0.5, 1.0, 2.0], "values": [3, 0, 4]}
+    recs = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {"kind": "histograms", "step": 1, "histograms": hist}.items() <= [
+        r for r in recs if r["kind"] == "histograms"][0].items()
 
 
 def test_wandb_table_of_videos_beside_their_prompts(tmp_path, monkeypatch):
@@ -80,7 +98,7 @@ def test_wandb_table_of_videos_beside_their_prompts(tmp_path, monkeypatch):
     import numpy as np
 
     from data.video_io import write_mp4
-    from wandb_records import records_of
+    from wandb_offline import records
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     paths = []
@@ -92,7 +110,7 @@ def test_wandb_table_of_videos_beside_their_prompts(tmp_path, monkeypatch):
                 [[10, "one red circle", paths[0], True], [10, "two green squares", paths[1], False]])
     run_dir = Path(t.info()["wandb_dir"])
     t.finish()
-    (art,) = [r.artifact for r in records_of(run_dir, "artifact")]
+    (art,) = [r.artifact for r in records(run_dir) if r.WhichOneof("record_type") == "artifact"]
     assert art.type == "run_table" and art.name.endswith("-samples")
     files = {e.path: Path(e.local_path) for e in art.manifest.contents}
     table = json.loads(files.pop("samples.table.json").read_text())
