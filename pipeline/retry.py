@@ -5,8 +5,8 @@ mid-download and requests that time out: one such failure must not become a perm
 reject saved into a part, nor a failed shard upload. A missing file (404), a refused one
 (403) or a bad request is not transient: retrying it only delays the reject.
 
-`is_transient` classifies an exception (or one it was raised from): HTTP statuses 5xx, 408
-and 429 (``.status``, as aiohttp and fsspec's HTTP filesystem report them, or ``.code``);
+`is_transient` classifies an exception (or one it was raised from): HTTP statuses 5xx (but
+501 and 505), 408 and 429 (``.status``, as aiohttp and fsspec's HTTP filesystem report them, or ``.code``);
 connection and timeout errors (Python's, aiohttp's and botocore's, by name, so neither
 library needs to be imported); OS errors of a dropped connection. Everything else, and
 ``FileNotFoundError`` / ``PermissionError`` in particular (unless raised from one of the
@@ -68,7 +68,7 @@ def is_transient(exc: BaseException) -> bool:
     for e in chain:  # an HTTP status decides
         status = _status(e)
         if status is not None:
-            return status >= 500 or status in (408, 429)
+            return (status >= 500 and status not in (501, 505)) or status in (408, 429)
     for e in chain:
         if isinstance(e, (TransientError, ConnectionError, TimeoutError)):
             return True
