@@ -229,6 +229,8 @@ class Isolated:
 
     # internals
     def _ensure_started(self) -> None:
+        if self._proc is not None and self._proc.poll() is not None:
+            self._kill()  # died between calls (e.g. the OOM killer): not the next call's fault
         if self._proc is not None:
             return
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

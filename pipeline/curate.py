@@ -20,6 +20,7 @@ groups in flight.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import traceback
@@ -116,9 +117,10 @@ def curate_video(item: dict, c: CurateConfigs, blocklist) -> list[dict]:
             item, "decode", "decode_too_large",
             f"{info['num_frames']} frames need {need / 2**20:.0f} MB decoded at "
             f"{c.curate.frame_long_side} px; the decoder's limit is {lim.max_memory_mb} MB")}]
+    work = dataclasses.replace(c, ingest=None, probe=None)  # what the child needs, no more
     try:
         res = run_isolated("pipeline.curate:analyse_video",
-                           {"item": item, "path": path, "info": info, "c": c}, lim,
+                           {"item": item, "path": path, "info": info, "c": work}, lim,
                            lim.timeout_for(info["num_frames"], info["width"], info["height"]))
     except MediaError as e:
         return [{"kind": "reject", **reject(item, "decode", e.reason, e.detail)}]
