@@ -135,7 +135,7 @@ def _recover(groups, missing, fn, parts_dir: Path, concurrency: int, max_retries
              on_lost, log, name: str) -> None:
     """Groups that failed as a whole, again one item per task: one bad item loses only
     itself."""
-    log(f"{name}: {len(missing)} parts failed {max_retries + 1} times; "
+    log(f"{name}: {len(missing)} parts failed after {max_retries} retries; "
         "running their items one by one")
     singles = [{"index": k, "items": json.dumps([item])}
                for k, item in enumerate(it for i in missing for it in groups[i])]
@@ -143,7 +143,8 @@ def _recover(groups, missing, fn, parts_dir: Path, concurrency: int, max_retries
     for row in _stream(singles, fn, concurrency, None, 0, max_retries, tolerate=True):
         got[int(row["index"])] = json.loads(row["out"])
     k = 0
-    why = f"its worker died or failed {max_retries + 1} times"
+    n = max_retries + 1
+    why = f"its worker died or failed {n} time{'s' if n > 1 else ''}, alone and in its group"
     for i in missing:
         records = []
         for item in groups[i]:

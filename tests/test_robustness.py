@@ -191,7 +191,7 @@ def test_a_worker_killing_input_is_retried_finitely_and_loses_only_itself(tmp_pa
     got = {r["id"]: r for r in read_parts(tmp_path / "parts")}
     assert sorted(got) == sorted(i["id"] for i in items) and res["parts"] == 2
     assert [k for k, r in got.items() if not r["ok"]] == ["killer"]
-    assert "died or failed 1 times" in got["killer"]["why"]
+    assert "died or failed 1 time," in got["killer"]["why"]
 
 
 # ----- transient failures --------------------------------------------------------------------
