@@ -195,20 +195,22 @@ def filter_stage(ctx: StageContext) -> dict:
         actors, gpus = actor_pool(embed.concurrency, embed.num_gpus, ray.cluster_resources(),
                                   "embed")
         print(f"model scores: {actors} actor(s), {gpus:g} GPU(s) each")
-        res = run_model_scores(clips, embed, cur.frame_long_side, ctx.out_dir, actors, gpus)
+        res = run_model_scores(clips, embed, cur.frame_long_side, ctx.out_dir, actors, gpus,
+                               limits=cur.media)
         kept = []
         for c in clips:
             r = res[c["clip_id"]]
             item = {"id": c["source_id"], "url": c["path"]}
             if "error" in r:
-                rejects.append(reject(item, "filter", "decode_failed", r["error"],
-                                      c["start"], c["end"]))
+                rejects.append(reject(item, "filter", r.get("reason", "decode_failed"),
+                                      r["error"], c["start"], c["end"], scores=c["scores"]))
                 continue
             c["scores"].update({k: r[k] for k in ("aesthetic", "clip_score") if k in r})
             emb[c["clip_id"]] = np.asarray(r["embedding"], np.float32)
             failed = apply_filters(c["scores"], scores_cfg)
             if failed:
-                rejects.append(reject(item, "filter", failed[0], failed[1], c["start"], c["end"]))
+                rejects.append(reject(item, "filter", failed[0], failed[1], c["start"], c["end"],
+                                      scores=c["scores"]))
             else:
                 kept.append(c)
         clips = kept
@@ -225,7 +227,8 @@ def filter_stage(ctx: StageContext) -> dict:
         if d:
             rejects.append(reject({"id": c["source_id"], "url": c["path"]}, "dedup",
                                   "near_duplicate", f"of {d['kept']} (cosine "
-                                  f"{d['similarity']:.4f})", c["start"], c["end"]))
+                                  f"{d['similarity']:.4f})", c["start"], c["end"],
+                                  scores=c["scores"]))
         else:
             kept.append(c)
     clips = kept
@@ -271,7 +274,7 @@ def caption_stage(ctx: StageContext) -> dict:
 def shard_stage(ctx: StageContext) -> dict:
     """Cut, encode and pack the captioned clips; resumable (finished shards are kept)."""
     from data.shards import write_parquet
-    from pipeline.curate import REJECT_SCHEMA, account, read_clips, read_rejects
+    from pipeline.curate import account, read_clips, read_rejects, write_rejects
     from pipeline.funnel import step
     from pipeline.shard import run_sharding
 
@@ -306,8 +309,7 @@ def shard_stage(ctx: StageContext) -> dict:
         "captioners": stats_up.get("captioners", []),
     })
     write_parquet(res["rows"], ctx.out_dir / "clips.parquet")
-    write_parquet([{k: r.get(k) for k in REJECT_SCHEMA} for r in rejects],
-                  ctx.out_dir / "rejects.parquet", schema=REJECT_SCHEMA)
+    write_rejects(rejects, ctx.out_dir / "rejects.parquet")
     _log_curation(ctx, stats, rejects, kept)
     (ctx.out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
     (ctx.out_dir / "index.json").write_text(json.dumps(
@@ -393,17 +395,19 @@ def eval_stage(ctx: StageContext) -> dict:
 # Keys that cannot change a stage's output, excluded from its hash (listed, not implied).
 STAGES = [
     Stage("source", source_stage, config_keys=("source", "ingest"), version=3,
-          exclude=("ingest.storage_options",),
+          exclude=("ingest.storage_options", "ingest.fetch_retries", "ingest.fetch_backoff_s"),
           description="generate the synthetic videos or list the inputs (dirs, URLs, manifests)"),
     Stage("curate", curate_stage, inputs=("source",),
           config_keys=("ingest", "probe", "shots", "scores", "curate"), version=2,
-          exclude=("ingest.storage_options", "probe.startup_timeout_s", "curate.group_size",
-                   "curate.fetch_cache", "curate.model_scores"), resumable=True,
+          exclude=("ingest.storage_options", "ingest.fetch_retries", "ingest.fetch_backoff_s",
+                   "probe.startup_timeout_s", "curate.group_size", "curate.fetch_cache",
+                   "curate.model_scores", "curate.media.startup_timeout_s"), resumable=True,
           description="fetch, probe, split into shots, CPU scores and filters (Ray tasks)"),
     Stage("filter", filter_stage, inputs=("curate",), config_keys=("curate", "embed", "scores",
                                                                    "dedup"),
-          exclude=("curate.group_size", "curate.fetch_cache", "dedup.device", "dedup.block_size",
-                   "dedup.chunk_size", "embed.device", "embed.concurrency", "embed.num_gpus"),
+          exclude=("curate.group_size", "curate.fetch_cache", "curate.media.startup_timeout_s",
+                   "dedup.device", "dedup.block_size", "dedup.chunk_size", "embed.device",
+                   "embed.concurrency", "embed.num_gpus"),
           resumable=True,
           description="model scores (open_clip actor pool) and global near-duplicates"),
     Stage("caption", caption_stage, inputs=("filter",), config_keys=("caption",),
@@ -411,7 +415,8 @@ STAGES = [
                    "caption.group_size"), resumable=True,
           description="pass source captions through or recaption with a VLM (actor pool)"),
     Stage("shard", shard_stage, inputs=("caption",), config_keys=("shard",), version=2,
-          exclude=("shard.max_retries",), resumable=True,
+          exclude=("shard.max_retries", "shard.upload_retries", "shard.upload_backoff_s",
+                   "shard.progress_every_s", "shard.media.startup_timeout_s"), resumable=True,
           description="cut, encode and pack clips into WebDataset tars"),
     Stage("train", train_stage, inputs=("shard",), config_keys=("model", "train", "deepspeed"),
           exclude=("train.log_every", "train.max_failures"), resumable=True,

@@ -110,7 +110,8 @@ def decode_sample(sample: dict, num_frames: int, size: tuple[int, int],
 
     meta = sample.get("json") or {}
     if "end" in meta and "fps" in meta:
-        n, fps = meta["end"] - meta["start"], float(meta["fps"])
+        # num_frames: what the mp4 holds (a variable-rate source's span is resampled)
+        n, fps = meta.get("num_frames") or meta["end"] - meta["start"], float(meta["fps"])
         h, w = meta.get("height"), meta.get("width")
     else:
         p = probe(sample["mp4"])
@@ -185,7 +186,8 @@ class ClipStream(IterableDataset):
                          if [b.num_frames, b.height, b.width] == shape), None)
         if not {"start", "end", "fps", "width", "height"} <= meta.keys():
             return 0  # no metadata: the first bucket; decode_sample probes the file
-        n, fps = meta["end"] - meta["start"], float(meta["fps"])
+        # num_frames: what the mp4 holds (a variable-rate source's span is resampled)
+        n, fps = meta.get("num_frames") or meta["end"] - meta["start"], float(meta["fps"])
         stride = max(1, round(fps / self.cfg.target_fps)) if self.cfg.target_fps else 1
         aspect = math.log(meta["width"] / meta["height"])
         fits = [i for i, b in enumerate(self.buckets) if (b.num_frames - 1) * stride + 1 <= n]
