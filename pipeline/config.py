@@ -43,13 +43,19 @@ class ClusterConfig:
     name: str = "local"
     address: Optional[str] = None  # None: start a local Ray; "auto" or ray://host:port: join one
     num_workers: int = 2  # training workers (one per GPU on a GPU cluster)
-    use_gpu: bool = False
+    # GPUs each training worker reserves (Ray's resources_per_worker): 0 trains on CPU with
+    # gloo; > 0 on GPU with NCCL. 1 is one rank per GPU; a fraction packs several per GPU.
+    gpus_per_worker: float = 0.0
     cpus_per_worker: int = 1
     curate_concurrency: int = 2  # parallel curation tasks
     # Peak FLOP/s of one training worker for MFU (e.g. 989 for an H100 in bf16); unset: each
     # run measures the worker's dense matmul rate and uses that.
     peak_tflops_per_worker: Optional[float] = None
     dashboard_host: str = "127.0.0.1"  # keep the Ray dashboard on loopback
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
 
 
 @dataclass
