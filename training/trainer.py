@@ -262,6 +262,13 @@ def train_loop(config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"resumed from {tag} at step {start}", flush=True)
 
+    from training.flops import matmul_flops_per_s, token_grid, train_flops
+
+    # MFU's denominator: the worker's peak FLOP/s from the cluster config, or (unset, e.g. on a
+    # CPU) this worker's measured dense matmul rate in the training precision (measured before
+    # the loader's prefetch thread starts decoding).
+    peak = config.get("peak_flops_per_worker") or (
+        matmul_flops_per_s(n=1024, seconds=0.5, dtype=dtype, device=device) if rank == 0 else 0.0)
     stream = ClipStream(config["train_shards"], buckets=buckets_of(tcfg, micro), rank=rank,
                         world=world, seed=tcfg.seed, cfg=tcfg.data,
                         state=Loader.restore_state(loader_state, tcfg.data.num_workers))
@@ -274,13 +281,7 @@ def train_loop(config: dict[str, Any]) -> None:
     frozen = not any(p.requires_grad for p in engine.module.text_encoder.parameters())
     cache = mcfg.text.build_cache() if frozen and dcfg.zero_stage < 3 else None
     guard = NonFiniteGuard(tcfg.max_nonfinite)
-    from training.flops import matmul_flops_per_s, token_grid, train_flops
-
     text_len = mcfg.text.max_length
-    # MFU's denominator: the worker's peak FLOP/s from the cluster config, or (unset, e.g. on a
-    # CPU) this worker's measured dense matmul rate in the training precision.
-    peak = config.get("peak_flops_per_worker") or (
-        matmul_flops_per_s(n=1024, seconds=0.5, dtype=dtype, device=device) if rank == 0 else 0.0)
 
     def save(step: int) -> None:
         ckpts.save(engine, step, {"rng": rng_state(gen), "loader": data.state_dict()},
