@@ -228,7 +228,8 @@ def bench_data_wait(steps: int = 40, prefetch: tuple[int, ...] = (0, 2)) -> dict
         cfg = to_object(compose("config", overrides=[f"train.steps={steps}",
                                                      "train.ckpt_every=100000", "train.log_every=1"]))
     res = {}
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    # as `spacetime run` starts it (Ray Train's placement-group cleaner needs the dashboard)
+    ray.init(num_cpus=2, dashboard_host=cfg.cluster.dashboard_host, configure_logging=False)
     try:
         with tempfile.TemporaryDirectory() as d:
             urls = _clip_shards(Path(d), 48)  # the demo source's size, fps and length
@@ -242,8 +243,12 @@ def bench_data_wait(steps: int = 40, prefetch: tuple[int, ...] = (0, 2)) -> dict
                 run_training(train_cfg=cfg.train, model_cfg=cfg.model, ds_cfg=cfg.deepspeed,
                              cluster=cfg.cluster, out_dir=out, train_shards=urls,
                              tracker_spec=spec, stage="train", stage_hash="0" * 64, inputs={})
-                recs = [json.loads(x)["metrics"] for x in (out / "metrics.jsonl").read_text().splitlines()
-                        if json.loads(x)["kind"] == "metrics"][5:]
+                recs = {}  # step -> metrics (the last attempt's, if Ray Train retried)
+                for line in (out / "metrics.jsonl").read_text().splitlines():
+                    r = json.loads(line)
+                    if r["kind"] == "metrics":
+                        recs[r["step"]] = r["metrics"]
+                recs = [recs[k] for k in sorted(recs)][5:]
                 wait = sum(m["train/data_wait_s"] for m in recs)
                 total = sum(m["train/step_time_s"] for m in recs)
                 res[pf] = {"wait_share": wait / total, "step_s": total / len(recs),

@@ -10,7 +10,10 @@ Failures: Ray Train restarts a dead worker group up to ``train.max_failures`` ti
 restart resumes from the latest complete checkpoint. Preemption: SIGTERM to the driver (or to a
 worker, where the signal can be caught) writes ``PREEMPT`` in the output directory; at the next
 step boundary every rank saves a checkpoint and the stage stops as failed-but-resumable, and
-the next ``spacetime run`` continues from there.
+the next ``spacetime run`` continues from there. Non-finite losses: a step with one on any rank
+is skipped whole (every micro-batch of it); after ``train.max_nonfinite`` in a row the workers
+write ``NONFINITE.json`` and return (so Ray Train does not retry a run that would diverge again)
+and the driver raises the message.
 
 Latent training (``train.data.kind=latent``): the shards are latent shards from
 ``training.latents`` and ``run_training`` gets their ``latent_space.json`` record; batches are
