@@ -130,6 +130,16 @@ def test_cli_surface_is_frozen():
         "runs/x/lineage.json")
     assert parse_args("logs", ["j", "--follow"])["job"] == "j"
     assert parse_args("stop", ["j"])["job"] == "j" and parse_args("jobs", [])["job"] is None
+    # Where and how wide training runs (conf/cluster/): GPUs per worker is a number.
+    from dataclasses import fields
+
+    from pipeline.config import ClusterConfig
+
+    assert [f.name for f in fields(ClusterConfig)] == [
+        "name", "address", "num_workers", "gpus_per_worker", "cpus_per_worker",
+        "curate_concurrency", "peak_tflops_per_worker", "dashboard_host"]
+    assert to_object(compose_cfg(["cluster=ray"])).cluster.gpus_per_worker == 1
+    assert to_object(compose_cfg()).cluster.gpus_per_worker == 0
 
 
 def run_cli(*args, cwd):

@@ -10,7 +10,10 @@ Failures: Ray Train restarts a dead worker group up to ``train.max_failures`` ti
 restart resumes from the latest complete checkpoint. Preemption: SIGTERM to the driver (or to a
 worker, where the signal can be caught) writes ``PREEMPT`` in the output directory; at the next
 step boundary every rank saves a checkpoint and the stage stops as failed-but-resumable, and
-the next ``spacetime run`` continues from there.
+the next ``spacetime run`` continues from there. Non-finite losses: a step with one on any rank
+is skipped whole (every micro-batch of it); after ``train.max_nonfinite`` in a row the workers
+write ``NONFINITE.json`` and return (so Ray Train does not retry a run that would diverge again)
+and the driver raises the message.
 
 Latent training (``train.data.kind=latent``): the shards are latent shards from
 ``training.latents`` and ``run_training`` gets their ``latent_space.json`` record; batches are
@@ -39,6 +42,7 @@ from training.flow import FlowConfig
 from training.loader import Bucket, LoaderConfig
 
 PREEMPT = "PREEMPT"
+NONFINITE = "NONFINITE.json"  # written by rank 0 when the non-finite guard stops the run
 
 
 @dataclass
@@ -54,7 +58,7 @@ class TrainConfig:
     width: int = 32
     precision: str = "fp32"  # fp32 | bf16
     seed: int = 0
-    log_every: int = 10
+    log_every: int = 1  # steps between metric logs (a log costs ~3 ms: W&B offline + jsonl)
     ckpt_every: int = 100  # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 2
     ema_decay: float = 0.999
@@ -172,6 +176,12 @@ class NonFiniteGuard:
         return False
 
 
+def global_grad_norm(params) -> float:
+    """The L2 norm of all gradients (already reduced across ranks), before clipping."""
+    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -233,7 +243,12 @@ def train_loop(config: dict[str, Any]) -> None:
                                            model_parameters=params, config=ds_config,
                                            dist_init_required=False)
     dtype = torch.bfloat16 if tcfg.precision == "bf16" else torch.float32
-    gen = torch.Generator(device="cpu").manual_seed(tcfg.seed * 1000 + rank)
+    # Noise, timesteps and caption dropout draw from this generator on the training device (the
+    # flow functions draw on the generator's device and move the result to the data's).
+    gen = torch.Generator(device=device).manual_seed(tcfg.seed * 1000 + rank)
+    # ZeRO-0 in fp32 hands the optimizer to DeepSpeed as it is: no overflow check that drops a
+    # step with non-finite gradients, and no recorded gradient norm. We do both for it.
+    plain = not hasattr(engine.optimizer, "overflow")
 
     ckpts = Checkpoints(out / "checkpoints", tcfg.keep_checkpoints,
                         mirror=config.get("ckpt_mirror"))
@@ -250,6 +265,13 @@ def train_loop(config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"resumed from {tag} at step {start}", flush=True)
 
+    from training.flops import matmul_flops_per_s, token_grid, train_flops
+
+    # MFU's denominator: the worker's peak FLOP/s from the cluster config, or (unset, e.g. on a
+    # CPU) this worker's measured dense matmul rate in the training precision (measured before
+    # the loader's prefetch thread starts decoding).
+    peak = config.get("peak_flops_per_worker") or (
+        matmul_flops_per_s(n=1024, seconds=0.5, dtype=dtype, device=device) if rank == 0 else 0.0)
     stream = ClipStream(config["train_shards"], buckets=buckets_of(tcfg, micro), rank=rank,
                         world=world, seed=tcfg.seed, cfg=tcfg.data,
                         state=Loader.restore_state(loader_state, tcfg.data.num_workers))
@@ -262,13 +284,7 @@ def train_loop(config: dict[str, Any]) -> None:
     frozen = not any(p.requires_grad for p in engine.module.text_encoder.parameters())
     cache = mcfg.text.build_cache() if frozen and dcfg.zero_stage < 3 else None
     guard = NonFiniteGuard(tcfg.max_nonfinite)
-    from training.flops import matmul_flops_per_s, token_grid, train_flops
-
     text_len = mcfg.text.max_length
-    # MFU's denominator: the worker's peak FLOP/s from the cluster config, or (unset, e.g. on a
-    # CPU) this worker's measured dense matmul rate in the training precision.
-    peak = config.get("peak_flops_per_worker") or (
-        matmul_flops_per_s(n=1024, seconds=0.5, dtype=dtype, device=device) if rank == 0 else 0.0)
 
     def save(step: int) -> None:
         ckpts.save(engine, step, {"rng": rng_state(gen), "loader": data.state_dict()},
@@ -276,12 +292,15 @@ def train_loop(config: dict[str, Any]) -> None:
 
     t_start = time.time()
     history: list[dict] = []
+    stopped: str | None = None  # the non-finite guard's message
+    nan = torch.tensor(float("nan"), device=device)
     step = start
     for step in range(start, tcfg.steps):
         preempt = torch.tensor(float((out / PREEMPT).exists()), device=device)
         dist.all_reduce(preempt)
         if preempt.item() > 0:
             save(step)
+            data.close()
             if rank == 0:
                 print(f"preempted: checkpoint at step {step}", flush=True)
                 tracker.summary({"preempted_at": step})
@@ -289,8 +308,10 @@ def train_loop(config: dict[str, Any]) -> None:
             dist.barrier()
             return
         t0 = time.time()
+        lr = float(engine.get_lr()[0])  # the rate this step applies (the scheduler moves in step())
         wait, n_samples, n_tokens, n_flops = 0.0, 0, 0, 0
         losses, per_t = [], []
+        bad, grad_norm = False, None
         for _ in range(dcfg.grad_accum):
             tw = time.time()
             video, captions, _keys = next(data)  # (B, 3, T, H, W)
@@ -319,12 +340,35 @@ def train_loop(config: dict[str, Any]) -> None:
                                             num_tokens=math.prod(grid))
             finite = torch.isfinite(loss.detach()).float()
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if not guard.check(bool(finite.item()), step):
-                continue  # every rank skips backward and step together
+            bad = bad or not finite.item()
+            if bad:
+                # A non-finite loss on any rank loses the whole optimizer step, not one
+                # micro-batch: every rank still runs backward and step() for every micro-batch
+                # (DeepSpeed's accumulation boundary stays where it is) with gradients made
+                # non-finite, and at the boundary DeepSpeed's overflow check drops everything
+                # accumulated in this step.
+                loss = loss * nan
+            else:
+                losses.append(loss.detach().float())
+                per_t.append((t.detach().cpu(), per_sample.detach().float().cpu()))
             engine.backward(loss)
+            if plain and engine.is_gradient_accumulation_boundary():
+                if bad:
+                    engine.zero_grad()  # the optimizer then steps over no gradients
+                else:
+                    grad_norm = global_grad_norm(engine.module.parameters())
             engine.step()
-            losses.append(loss.detach().float())
-            per_t.append((t.detach().cpu(), per_sample.detach().float().cpu()))
+        if bad:
+            if not plain and engine.was_step_applied():
+                raise RuntimeError("DeepSpeed applied an optimizer step with non-finite gradients; "
+                                   "is its overflow check off (deepspeed.extra)?")
+            if not engine.was_step_applied():  # the scheduler did not move: keep lr on the schedule
+                engine.lr_scheduler.step()
+            losses, per_t = [], []  # the step is skipped on every rank
+        try:
+            guard.check(not bad, step)
+        except FloatingPointError as e:
+            stopped = str(e)
         if (step + 1) % tcfg.ema_every == 0:
             with full_params(engine, dcfg.zero_stage) as named:
                 if ema is not None:
@@ -339,8 +383,9 @@ def train_loop(config: dict[str, Any]) -> None:
         if rank == 0 and (step % tcfg.log_every == 0 or step == tcfg.steps - 1):
             m = {
                 "train/loss": float(stats[0] / stats[1]) if stats[1] > 0 else float("nan"),
-                "train/lr": float(engine.get_lr()[0]),
-                "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                "train/lr": lr,
+                "train/grad_norm": float(grad_norm if grad_norm is not None
+                                         else engine.get_global_grad_norm() or 0.0),
                 "train/step_time_s": step_time,
                 "train/data_wait_s": wait,
                 "train/compute_s": step_time - wait,
@@ -362,9 +407,21 @@ def train_loop(config: dict[str, Any]) -> None:
                         m[f"train/loss_t{lo:.2f}-{hi:.2f}"] = float(ls[sel].mean())
             tracker.log(m, step=step)
             history.append({"step": step, **m})
-            print(f"step {step:5d} loss {m['train/loss']:.4f} "
-                  f"{m['train/samples_per_s']:.1f} samples/s", flush=True)
+            if step % 10 == 0 or step == tcfg.steps - 1 or stopped:
+                print(f"step {step:5d} loss {m['train/loss']:.4f} "
+                      f"{m['train/samples_per_s']:.1f} samples/s", flush=True)
+        if stopped:
+            break
 
+    data.close()
+    if stopped:  # not an error of this worker (Ray Train would retry it): the driver raises
+        if rank == 0:
+            print(stopped, flush=True)
+            (out / NONFINITE).write_text(json.dumps({"message": stopped, "step": step}))
+            tracker.summary({"stopped": stopped, "nonfinite_steps": guard.total})
+            tracker.finish()
+        dist.barrier()
+        return
     save(tcfg.steps)
     with full_params(engine, dcfg.zero_stage) as named:
         sd = {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
@@ -400,6 +457,28 @@ EXPORTS = ("model.pt", "model_ema.pt", "model_config.json", "train_config.json",
            "train_result.json")
 
 
+def worker_resources(cluster) -> dict:
+    """Ray Train's per-worker scaling from the cluster config: CPUs and GPUs per worker
+    (``cluster.gpus_per_worker``; 0 runs on CPU with gloo, > 0 on GPU with NCCL)."""
+    gpus = float(cluster.gpus_per_worker or 0)
+    if gpus < 0:
+        raise ValueError(f"cluster.gpus_per_worker must be >= 0, got {gpus}")
+    res = {"CPU": cluster.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+    return {"num_workers": cluster.num_workers, "use_gpu": gpus > 0, "resources_per_worker": res,
+            "backend": "nccl" if gpus > 0 else "gloo"}
+
+
+def check_resume_world_size(ckpts, num_workers: int) -> None:
+    """The checkpoint training would resume from must have been written by as many workers:
+    reader positions and ZeRO partitions are per rank. Raises naming the key."""
+    saved = ckpts.resume_world_size()
+    if saved is not None and saved != num_workers:
+        raise ValueError(
+            f"the latest checkpoint in {ckpts.root} was written by {saved} training workers but "
+            f"cluster.num_workers={num_workers}: resume with cluster.num_workers={saved}, or "
+            f"start this stage over (spacetime run --only train)")
+
+
 def run_training(*, train_cfg: TrainConfig, model_cfg, ds_cfg, cluster, out_dir: Path,
                  train_shards: list[str], tracker_spec, stage: str, stage_hash: str,
                  inputs: dict[str, str], latent: dict | None = None,
@@ -409,12 +488,21 @@ def run_training(*, train_cfg: TrainConfig, model_cfg, ds_cfg, cluster, out_dir:
     latent: for train.data.kind=latent, the latent shards' record (their ``latent_space.json``).
     ckpt_mirror: a URL every checkpoint is uploaded to (a bucket run root), so workers on any
     node, or a later run on another machine, resume from it."""
+    from training.checkpoint import Checkpoints
+
     check_latent_data(train_cfg, model_cfg, latent)  # before any worker starts
+    out_dir = Path(out_dir).resolve()
+    res = worker_resources(cluster)
+    check_resume_world_size(Checkpoints(out_dir / "checkpoints", train_cfg.keep_checkpoints,
+                                        mirror=ckpt_mirror), cluster.num_workers)
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    out_dir = Path(out_dir).resolve()
-    (out_dir / PREEMPT).unlink(missing_ok=True)
+    if res["use_gpu"] and train_cfg.precision == "fp32":
+        print("training in fp32 on GPUs: set train.precision=bf16 for bf16 matmuls (the usual "
+              "GPU setting)", flush=True)
+    for name in (PREEMPT, NONFINITE):
+        (out_dir / name).unlink(missing_ok=True)
     (out_dir / "train_result.json").unlink(missing_ok=True)
     config = {
         "train": asdict(train_cfg), "model": asdict(model_cfg), "deepspeed": asdict(ds_cfg),
@@ -426,9 +514,9 @@ def run_training(*, train_cfg: TrainConfig, model_cfg, ds_cfg, cluster, out_dir:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
-                                     resources_per_worker={"CPU": cluster.cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=res["num_workers"], use_gpu=res["use_gpu"],
+                                     resources_per_worker=res["resources_per_worker"]),
+        torch_config=TorchConfig(backend=res["backend"]),
         run_config=RunConfig(storage_path=str(out_dir / "ray_train"), name="train",
                              failure_config=FailureConfig(max_failures=train_cfg.max_failures)),
     )
@@ -440,6 +528,11 @@ def run_training(*, train_cfg: TrainConfig, model_cfg, ds_cfg, cluster, out_dir:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+    stop = out_dir / NONFINITE
+    if stop.exists():  # the workers returned (so Ray Train did not retry): the run diverged
+        msg = json.loads(stop.read_text())["message"]
+        stop.unlink()
+        raise FloatingPointError(msg)
     result = out_dir / "train_result.json"
     if not result.exists() and ckpt_mirror:  # rank 0 ran on another node: fetch its exports
         from pipeline.storage import Store
