@@ -117,9 +117,10 @@ def source_path(clip: dict) -> str:
 
 
 def read_display(path: str, indices: list[int] | None, size: tuple[int, int] | None,
-                 rotation: int | None) -> np.ndarray:
+                 rotation: int | None, threads: int = 1) -> np.ndarray:
     """Frames `indices` (None: all) of `path` as displayed, at display size `size` (h, w)
-    (None: full) -> (T, h, w, 3) uint8 RGB. Raises data.video_io.VideoError."""
+    (None: full) -> (T, h, w, 3) uint8 RGB. Raises data.video_io.VideoError. `threads`:
+    decord's decoder threads; 1, as the media child works for a Ray task holding one CPU."""
     from data.video_io import read_frames, read_frames_av
 
     rot = (rotation or 0) % 360
