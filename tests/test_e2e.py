@@ -32,6 +32,19 @@ def spacetime(*args, cwd: Path) -> subprocess.CompletedProcess:
     return r
 
 
+def graph_status(overrides: list[str]) -> dict[str, str]:
+    """What `spacetime status` prints (stage -> state), computed in this process."""
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import CONF_DIR, register, to_dict, to_object
+    from pipeline.stages import graph_for
+
+    register()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    return {r.name: r.state for r in graph_for(to_object(cfg)).status(to_dict(cfg))}
+
+
 def lineage_of(r: subprocess.CompletedProcess, root: Path) -> dict:
     line = next(s for s in r.stdout.splitlines() if s.strip().startswith("lineage :"))
     return json.loads(Path(line.split(":", 1)[1].strip()).read_text())
@@ -306,7 +319,6 @@ def test_latent_experiment_reuses_curation_and_trains_on_vae_latents(run1):
     sample = next(iter(wds.WebDataset(str(Path(lin["stages"]["precompute"]["path"]) / index["train"][0]),
                                       shardshuffle=False).decode()))
     assert sample["latent.npy"].dtype == np.float16
-    r = spacetime("status", *args, "latent.store_dtype=fp16", cwd=cwd)
-    status = {line.split()[0]: line.split()[1] for line in r.stdout.splitlines()[1:]}
+    status = graph_status([*args, "latent.store_dtype=fp16", f"run.root={run1['root']}"])
     assert status == {**CURATION, "vae": "cached", "precompute": "done", "train": "stale",
                       "eval": "stale"}
