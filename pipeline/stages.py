@@ -341,13 +341,16 @@ def vae_stage(ctx: StageContext) -> dict:
 
 
 def precompute_stage(ctx: StageContext) -> dict:
-    """Encode the curated shards into latent shards once, so training never runs the VAE."""
+    """Encode the curated shards into latent shards once, so training never runs the VAE; with
+    a frozen text encoder (its config is then in this stage's hash) the captions' embeddings
+    go into the shards too, so training never runs the encoder either."""
     from training.latents import precompute_latents
 
     lat = ctx.section("latent")
+    text = ctx.section("model.text") if "model.text" in ctx.stage.config_keys else None
     stats = precompute_latents(
         lat, {sp: shard_urls(ctx, sp) for sp in ("train", "val")}, ctx.out_dir, lat.num_frames,
-        (lat.height, lat.width), lat.target_fps,
+        (lat.height, lat.width), lat.target_fps, text=text,
         vae_dir=str(ctx.inputs["vae"]) if lat.kind == "ours" else None)
     ctx.tracker.summary({f"precompute/{k}": v for k, v in stats.items()
                          if isinstance(v, (int, float))})
@@ -438,10 +441,17 @@ LATENT_STAGES = [
 ]
 
 
+# With a frozen text encoder the precompute stage stores caption embeddings: it hashes the
+# encoder's config too (not its cache settings, which cannot change an embedding).
+TEXT_KEYS = dict(config_keys=("latent", "model.text"),
+                 exclude=("model.text.cache_size", "model.text.cache_dir"))
+
+
 def build_graph(root: str | Path, local_cache: str | None = None, *, data_kind: str = "raw",
-                latent_kind: str = "none") -> Graph:
+                latent_kind: str = "none", text_frozen: bool = False) -> Graph:
     """The graph for a config: with ``train.data.kind=latent`` the DiT trains on latent shards,
-    ``shard -> [vae ->] precompute -> train`` (the vae stage only for ``latent.kind=ours``)."""
+    ``shard -> [vae ->] precompute -> train`` (the vae stage only for ``latent.kind=ours``;
+    ``text_frozen``: the model's text encoder is frozen, so precompute embeds the captions)."""
     if data_kind != "latent":
         return Graph(STAGES, root, local_cache=local_cache)
     if latent_kind == "none":
@@ -450,6 +460,8 @@ def build_graph(root: str | Path, local_cache: str | None = None, *, data_kind: 
     extra = [s for s in LATENT_STAGES if s.name != "vae" or latent_kind == "ours"]
     if latent_kind != "ours":
         extra = [dataclasses.replace(s, inputs=("shard",)) for s in extra]
+    if text_frozen:
+        extra = [dataclasses.replace(s, **TEXT_KEYS) if s.name == "precompute" else s for s in extra]
     stages = []
     for s in STAGES:
         if s.name == "train":
@@ -463,5 +475,8 @@ def graph_for(cfg) -> Graph:
     """The graph of a (typed or dict) config."""
     get = (lambda o, k: o[k]) if isinstance(cfg, dict) else getattr
     run, train, latent = get(cfg, "run"), get(cfg, "train"), get(cfg, "latent")
+    from training.text import FROZEN_KINDS
+
     return build_graph(get(run, "root"), get(run, "local_cache"),
-                       data_kind=get(get(train, "data"), "kind"), latent_kind=get(latent, "kind"))
+                       data_kind=get(get(train, "data"), "kind"), latent_kind=get(latent, "kind"),
+                       text_frozen=get(get(get(cfg, "model"), "text"), "kind") in FROZEN_KINDS)

@@ -2,8 +2,10 @@
 
 Two kinds of shards (``LoaderConfig.kind``): ``raw`` clip shards (mp4, decoded here; batches are
 uint8 video (B, 3, T, H, W)) and ``latent`` shards from ``training.latents`` (a stored latent
-per clip; batches are float32 latents (B, C, t, h, w), nothing to decode or normalise). Both go
-through the same readers, shuffle buffer, buckets and exact-resume state below.
+per clip; batches are float32 latents (B, C, t, h, w), nothing to decode or normalise; when the
+shards hold a frozen text encoder's caption tokens, the batch info carries them as ``text``, one
+(n, D) tensor per sample). Both go through the same readers, shuffle buffer, buckets and
+exact-resume state below.
 
 Readers: every (rank, loader worker) pair is one reader, ``g = rank * W + worker`` of
 ``G = world * W``. Each epoch the shard list is shuffled by ``(seed, epoch)``; with at least
@@ -270,9 +272,9 @@ class ClipStream(IterableDataset):
         if b is None:
             raise ValueError(f"sample {s.get('__key__')!r} fits no bucket")
         if self.cfg.kind == "latent":
-            from training.latents import decode_latent_sample
+            from training.latents import decode_latent_sample, latent_text
 
-            return decode_latent_sample(s)  # (C, t, h, w) float32, caption, key
+            return (*decode_latent_sample(s), latent_text(s))  # (C, t, h, w) float32, caption, key, (n, D) or None
         bk = self.buckets[b]
         key = s.get("__key__", "?")
         v, cap = decode_frames(s, bk.num_frames, (bk.height, bk.width), self.cfg.target_fps,
@@ -299,6 +301,7 @@ class ClipStream(IterableDataset):
                         [x[1] for x in items],
                         {"reader": g, "epoch": epoch, "consumed": consumed,
                          "skipped": skipped + errors[0], "keys": [x[2] for x in items],
+                         "text": [x[3] for x in items] if len(items[0]) > 3 and items[0][3] is not None else None,
                          "pending": {str(i): [x[2] for x in v] for i, v in held.items() if v}})
 
             if saved_skipped is not None and skip == 0:
@@ -369,7 +372,7 @@ class Loader:
         self.positions: dict[int, dict] = dict(stream.state)
         self.next_worker = stream.next_worker
         self.epochs = 0
-        self.last: dict = {}  # reader state of the latest batch
+        self.last: dict = {}  # the latest batch's reader state and info (keys, stored text)
         self._it = iter(self.dl)
         self._queue: queue.Queue | None = None
         self._error: BaseException | None = None

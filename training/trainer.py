@@ -17,10 +17,13 @@ and the driver raises the message.
 
 Latent training (``train.data.kind=latent``): the shards are latent shards from
 ``training.latents`` and ``run_training`` gets their ``latent_space.json`` record; batches are
-latents used as they are (no ``normalize``), the DiT's ``model.dit.in_channels`` must equal the
-VAE's latent channels, and one bucket must have the clips' encoded (frames, height, width).
-The record is saved under ``latent`` in ``train_config.json`` so that evaluation decodes
-samples through the same VAE (``training.latent_space.load_latent_space(train_dir)``).
+latents used as they are (no ``normalize``), the DiT's ``model.dit.in_channels`` follows the
+VAE's latent channels (``null``; an explicit value must equal them), and one bucket must have
+the clips' encoded (frames, height, width). When the shards hold a frozen text encoder's
+caption tokens (the record's ``text``), batches bring their text and the encoder never runs
+(the model's encoder must be the one that made them: same identity). The record is saved under
+``latent`` in ``train_config.json`` so that evaluation decodes samples through the same VAE
+(``training.latent_space.load_latent_space(train_dir)``).
 """
 
 from __future__ import annotations
@@ -112,10 +115,15 @@ def check_latent_data(tcfg: TrainConfig, mcfg, latent: dict | None) -> None:
         raise ValueError("train.data.kind=latent needs the latent shards' record (latent_space.json of "
                          "the precompute output): pass latent= to run_training")
     C = int(latent["channels"])
-    if mcfg.dit.in_channels != C:
+    if mcfg.dit.in_channels not in (None, C):
         raise ValueError(f"model.dit.in_channels ({mcfg.dit.in_channels}) must equal the VAE's latent channels "
                          f"({C}, latent.kind={latent['config']['kind']}, latent.path={latent['config']['path']}); "
-                         f"set model.dit.in_channels={C}")
+                         f"set model.dit.in_channels={C}, or null to follow the VAE")
+    text = latent.get("text")
+    if text and mcfg.text.frozen and (text["dim"], text["max_length"]) != (mcfg.text.dim, mcfg.text.max_length):
+        raise ValueError(f"the latent shards hold caption tokens of the {text['kind']} encoder {text['name']!r} "
+                         f"(dim {text['dim']}, max_length {text['max_length']}), not of model.text (dim "
+                         f"{mcfg.text.dim}, max_length {mcfg.text.max_length}): precompute them again")
     shape = list(latent["video_shape"])
     shapes = [[b.num_frames, b.height, b.width] for b in buckets_of(tcfg, 1)]
     if shape not in shapes:
@@ -127,6 +135,17 @@ def check_latent_data(tcfg: TrainConfig, mcfg, latent: dict | None) -> None:
     if lt % pt or lh % ph or lw % pw:
         raise ValueError(f"latents of (t, h, w)=({lt}, {lh}, {lw}) are not divisible by model.dit.patch_size "
                          f"{list(mcfg.dit.patch_size)}")
+
+
+def follow_data(tcfg: TrainConfig, mcfg, latent: dict | None):
+    """The model config with ``model.dit.in_channels: null`` resolved from the data: the VAE's
+    latent channels for latent shards, 3 (RGB) for raw clips."""
+    from dataclasses import replace
+
+    if mcfg.dit.in_channels is not None:
+        return mcfg
+    C = int(latent["channels"]) if tcfg.data.kind == "latent" and latent is not None else 3
+    return replace(mcfg, dit=replace(mcfg.dit, in_channels=C))
 
 
 def buckets_of(cfg: TrainConfig, micro: int) -> list[Bucket]:
@@ -282,7 +301,19 @@ def train_loop(config: dict[str, Any]) -> None:
     # A frozen encoder's embeddings are cached (encoded once per distinct caption) outside the
     # engine; under ZeRO-3 its weights are partitioned, so it runs inside the engine instead.
     frozen = not any(p.requires_grad for p in engine.module.text_encoder.parameters())
-    cache = mcfg.text.build_cache() if frozen and dcfg.zero_stage < 3 else None
+    # Latent shards may hold that frozen encoder's caption tokens: then it never runs at all.
+    stored = (latent or {}).get("text") if frozen else None
+    if stored is not None and stored["identity"] != engine.module.text_encoder.identity:
+        raise ValueError(f"the latent shards' caption tokens were made by text encoder {stored['identity']!r}, "
+                         f"model.text builds {engine.module.text_encoder.identity!r}: precompute them again")
+    cache = mcfg.text.build_cache() if frozen and stored is None and dcfg.zero_stage < 3 else None
+    text_calls = 0  # text-encoder forwards, reported in the result
+
+    def count_text_call(module, args) -> None:
+        nonlocal text_calls
+        text_calls += 1
+
+    engine.module.text_encoder.register_forward_pre_hook(count_text_call)
     guard = NonFiniteGuard(tcfg.max_nonfinite)
     text_len = mcfg.text.max_length
 
@@ -324,8 +355,16 @@ def train_loop(config: dict[str, Any]) -> None:
                 video = normalize(video.to(device, non_blocking=True), dtype)  # (B, 3, T, H, W)
             else:  # latents are model inputs already
                 video = video.to(device, dtype, non_blocking=True)  # (B, C, t, h, w)
-            captions = drop_captions(captions, tcfg.flow, gen)
-            if cache is not None:
+            kept, captions = captions, drop_captions(captions, tcfg.flow, gen)
+            if stored is not None:
+                from training.latents import stored_text
+
+                dropped = [c != k for c, k in zip(captions, kept)]  # replaced by "" for guidance
+                text, tmask = stored_text(data.last["text"], dropped, stored)  # (B, L, Dt), (B, L)
+
+                def fwd(x, tt, text=text.to(device), tmask=tmask.to(device)):
+                    return engine(x, tt, text=text, text_mask=tmask)
+            elif cache is not None:
                 with torch.no_grad():
                     text, tmask = engine.module.encode_captions(captions, cache)  # (B, L, Dt)
 
@@ -436,7 +475,8 @@ def train_loop(config: dict[str, Any]) -> None:
                    "steps": tcfg.steps, "resumed_from_step": start,
                    "train_seconds": time.time() - t_start, "skipped_samples": data.skipped_total,
                    "nonfinite_steps": guard.total, "world_size": world, "micro_batch": micro,
-                   "zero_stage": dcfg.zero_stage, "run_ids_seen": run_ids}
+                   "zero_stage": dcfg.zero_stage, "run_ids_seen": run_ids,
+                   "text_encoder_calls": text_calls, "text_from_shards": stored is not None}
         tracker.summary(summary)
         log_lineage_paths(tracker, config["stage"], config["stage_hash"], str(out),
                           config["inputs"])
@@ -495,6 +535,7 @@ def run_training(*, train_cfg: TrainConfig, model_cfg, ds_cfg, cluster, out_dir:
     res = worker_resources(cluster)
     check_resume_world_size(Checkpoints(out_dir / "checkpoints", train_cfg.keep_checkpoints,
                                         mirror=ckpt_mirror), cluster.num_workers)
+    model_cfg = follow_data(train_cfg, model_cfg, latent)  # what model_config.json records
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
