@@ -10,8 +10,14 @@
 Single process, plain AdamW on the DiT (no DeepSpeed: the DiT step is identical in both arms,
 only the input path differs). Weights are random: speed does not depend on them.
 
+``--text open_clip`` gives the model a frozen open_clip text tower (``--text-model``, random
+weights from its config, nothing downloaded): the precompute then stores the caption
+embeddings too, the precomputed arm takes its text from the shards and the on-the-fly arm runs
+the tower on every batch (no embedding cache: what the first epoch costs). The default tiny
+text encoder is trained, so both arms run it alike.
+
     python benchmarks/bench_latents.py [--vae small] [--dit small] [--steps 6] [--frames 17] [--size 64]
-                                       [--parts ab]
+                                       [--parts ab] [--text tiny|open_clip] [--text-model ViT-B-32]
 
 The ratio in (a) is 1 + (mp4 decode + VAE encode) / DiT step, so it grows with the VAE's size
 relative to the DiT's (try --vae base).
@@ -61,22 +67,44 @@ def save_vae(path: Path, preset: str) -> None:
     (path / "vae_config.json").write_text(json.dumps(asdict(vae.cfg)))
 
 
-def dit_step_fn(dit_preset: str, channels: int):
+def text_config(kind: str, model_name: str, root: Path):
+    """The text encoder: the tiny trained one, or a frozen open_clip tower whose random weights
+    are saved once (model.text.pretrained), so precompute and training load the same encoder."""
+    from training.text import TextEncoderConfig
+
+    if kind == "tiny":
+        return TextEncoderConfig()
+    import open_clip
+
+    width = open_clip.get_model_config(model_name)["text_cfg"]["width"]
+    cfg = TextEncoderConfig(kind="open_clip", name=model_name, dim=width, max_length=77)
+    torch.manual_seed(0)
+    root.mkdir(parents=True, exist_ok=True)
+    torch.save(cfg.build().tower.state_dict(), root / "text.pt")
+    return TextEncoderConfig(kind="open_clip", name=model_name, dim=width, max_length=77,
+                             pretrained=str(root / "text.pt"))
+
+
+def dit_step_fn(dit_preset: str, channels: int, text_cfg):
     from training.dit import DiTConfig
     from training.flow import FlowConfig, flow_loss
     from training.model import ModelConfig
-    from training.text import TextEncoderConfig
 
     torch.manual_seed(0)
-    model = ModelConfig(dit=DiTConfig.from_preset(dit_preset, in_channels=channels, patch_size=[1, 2, 2]),
-                        text=TextEncoderConfig()).build()
+    model = ModelConfig(dit=DiTConfig.from_preset(dit_preset, in_channels=channels, patch_size=[1, 2, 2],
+                                                  text_dim=text_cfg.dim), text=text_cfg).build()
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
     tok = model.tokenizer
 
-    def step(x0: torch.Tensor, captions: list[str]) -> float:
-        ids, mask = tok(captions)
-        loss, _, _ = flow_loss(lambda x, t: model(x, t, ids, mask), x0, FlowConfig(), generator=gen)
+    def step(x0: torch.Tensor, captions: list[str], text=None) -> float:
+        """text: stored (text (B, L, D), mask (B, L)), or None to encode the captions here."""
+        if text is None:
+            ids, mask = tok(captions)
+            fn = lambda x, t: model(x, t, ids, mask)  # noqa: E731
+        else:
+            fn = lambda x, t: model(x, t, text=text[0], text_mask=text[1])  # noqa: E731
+        loss, _, _ = flow_loss(fn, x0, FlowConfig(), generator=gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -85,17 +113,22 @@ def dit_step_fn(dit_preset: str, channels: int):
     return step
 
 
-def interleaved(arms: dict, step, steps: int) -> dict:
+def interleaved(arms: dict, step, steps: int, text_record: dict | None = None) -> dict:
     """One step of each arm in turn (so background load on a shared machine hits both alike).
-    arms: name -> (loader, encode or None). Returns name -> samples/s and input-path share."""
+    arms: name -> (loader, encode or None). Returns name -> samples/s and input-path share.
+    text_record: the latent shards' text entry; the precomputed arm then takes stored text."""
+    from training.latents import stored_text
     from training.loader import normalize
 
     def one(loader, encode):
         td = time.time()
         batch, caps, _ = next(loader)
         x0 = encode(normalize(batch)) if encode else batch  # (B, C, t, h, w)
+        text = None
+        if encode is None and text_record is not None:
+            text = stored_text(loader.last["text"], [False] * len(caps), text_record)  # (B, L, D), (B, L)
         data = time.time() - td
-        step(x0, caps)
+        step(x0, caps, text)
         return len(batch), data
 
     for loader, encode in arms.values():  # warm-up: first decode, allocator
@@ -145,6 +178,8 @@ def main() -> None:
     ap.add_argument("--clips", type=int, default=24)
     ap.add_argument("--parts", default="ab", help="which parts to run: a, b or ab")
     ap.add_argument("--chunk", type=int, default=0, help="latent frames per encode chunk (0: whole clip)")
+    ap.add_argument("--text", default="tiny", choices=["tiny", "open_clip"], help="text encoder (see above)")
+    ap.add_argument("--text-model", default="ViT-B-32", help="open_clip model of --text open_clip")
     args = ap.parse_args()
 
     from training.latent_space import LatentConfig
@@ -158,9 +193,11 @@ def main() -> None:
     urls = make_shards(root / "clips", args.clips, args.frames, args.size)
     save_vae(root / "vae", args.vae)
     cfg = LatentConfig(kind="ours", batch_size=args.batch, chunk_frames=args.chunk)  # both arms encode alike
+    text_cfg = text_config(args.text, args.text_model, root / "text")
     t0 = time.time()
     stats = precompute_latents(cfg, {"train": urls}, root / "latents", args.frames, (args.size, args.size), None,
-                               vae_dir=str(root / "vae"), log=lambda *a: None)
+                               text=text_cfg if text_cfg.frozen else None, vae_dir=str(root / "vae"),
+                               log=lambda *a: None)
     pre_s = time.time() - t0
     lat_urls = [str(root / "latents" / p) for p in json.loads((root / "latents" / "index.json").read_text())["train"]]
     space = cfg.build(vae_dir=str(root / "vae"))
@@ -170,12 +207,14 @@ def main() -> None:
         return Loader(ClipStream(u, buckets=bucket, rank=0, world=1, seed=0,
                                  cfg=LoaderConfig(kind=kind, shuffle_buffer=16)))
 
-    step = dit_step_fn(args.dit, space.channels)
+    step = dit_step_fn(args.dit, space.channels, text_cfg)
+    text_record = json.loads((root / "latents" / "latent_space.json").read_text())["text"]
     print(f"(a) DiT '{args.dit}' on VAE '{args.vae}' latents {stats['latent_shape']} of "
           f"{args.frames}x{args.size}x{args.size} clips, batch {args.batch}, {args.steps} steps, "
+          f"text {args.text}{f' {args.text_model} (stored in the shards)' if text_record else ''}, "
           f"{torch.get_num_threads()} threads")
     res = interleaved({"fly": (loader("raw", urls), space.encode), "pre": (loader("latent", lat_urls), None)},
-                      step, args.steps)
+                      step, args.steps, text_record)
     fly, pre = res["fly"], res["pre"]
     print(f"  on-the-fly encoding   {fly['samples_per_s']:7.2f} samples/s (input path {fly['input_share']:.0%} of step time)")
     print(f"  precomputed latents   {pre['samples_per_s']:7.2f} samples/s (input path {pre['input_share']:.0%} of step time)")

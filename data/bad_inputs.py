@@ -5,9 +5,13 @@ short, tiny) with the ones real crawls produce. Every file is small and made in 
 the "huge" and "long" ones only claim to be (a header patched to 8000x8000, two frames ten
 hours apart, a sparse file), which is exactly what the caps must catch before decoding.
 
-`KINDS` maps kind -> expected probe outcome: a reject reason from `data.probe.REASONS`, or
-"keep" for files that are odd but usable (other codecs and containers, an mp4 named .mkv,
-rotation, variable frame rate). `make(kind, directory)` writes one and returns its path.
+`KINDS` maps kind -> the reason curation must reject it with (for most, a reason from
+`data.probe.REASONS`), or "keep" for files that are odd but usable (other codecs and
+containers, an mp4 named .mkv, rotation, variable frame rate). The kinds in `AFTER_PROBE` pass
+the probe, which decodes only their first frame, and break later: the probe says "keep" and
+the decode stage rejects them. `make(kind, directory)` writes one and returns its path.
+`write_flood` writes a legitimate but heavy file (many frames from a few bytes each), for
+tests of the decoder's timeout and memory cap.
 """
 
 from __future__ import annotations
@@ -37,7 +41,16 @@ KINDS = {
     "vfr": "keep",  # variable frame rate
     "faststart_truncated": "truncated",  # index first, cut in half: opens, frames missing
     "fifo": "timeout",  # a named pipe: open() blocks (stands in for a stalled mount)
+    "corrupt_midstream": "decode_failed",  # garbage over the middle of the mdat: first frame fine
+    "frame_flood": "decode_too_large",  # 48,000 frames of 160x96 from 10 bytes each: 2.2 GB decoded
 }
+# Kinds the probe passes ("keep") and a later stage rejects: kind -> that stage.
+AFTER_PROBE = {"corrupt_midstream": "decode", "frame_flood": "decode"}
+
+
+def probe_outcome(kind: str) -> str:
+    """What the probe alone says about `kind`."""
+    return "keep" if kind in AFTER_PROBE else KINDS[kind]
 
 _EXT = {"audio_only": ".mp4", "mpeg4_avi": ".avi", "mjpeg_mkv": ".mkv", "vp9_webm": ".webm",
         "unknown_fourcc": ".avi", "huge_header": ".avi", "mp4_as_mkv": ".mkv"}
@@ -90,6 +103,35 @@ def _png(size: int = SIZE) -> bytes:
     header = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)  # 8-bit RGB
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
             + chunk(b"IEND", b""))
+
+
+def write_flood(path, frames: int, width: int, height: int, fps: int = 30) -> None:
+    """An H.264 mp4 of `frames` frames: one grey keyframe, then the same skipped P-frame
+    (~10-25 bytes) over and over. Valid and cheap to write, but its decoding costs as much as
+    any video of that size and length."""
+    enc = av.CodecContext.create("libx264", "w")
+    enc.width, enc.height, enc.pix_fmt = width, height, "yuv420p"
+    enc.time_base, enc.framerate = Fraction(1, fps), fps
+    enc.options = {"preset": "ultrafast", "bframes": "0",
+                   "x264-params": "keyint=1000000:scenecut=0"}
+    grey = np.full((height, width, 3), 90, np.uint8)
+    packets = []
+    for i in range(3):
+        f = av.VideoFrame.from_ndarray(grey, format="rgb24")
+        f.pts = i
+        packets += enc.encode(f)
+    packets += enc.encode(None)
+    key, skip = bytes(packets[0]), bytes(packets[-1])
+    with av.open(os.fspath(path), "w", format="mp4") as c:
+        s = c.add_stream("libx264", rate=fps)
+        s.width, s.height, s.pix_fmt = width, height, "yuv420p"
+        s.codec_context.extradata = enc.extradata
+        s.time_base = Fraction(1, fps)
+        for i in range(frames):
+            p = av.Packet(key if i == 0 else skip)
+            p.pts = p.dts = i
+            p.time_base, p.stream, p.is_keyframe = Fraction(1, fps), s, i == 0
+            c.mux(p)
 
 
 def make(kind: str, directory: str | os.PathLike) -> Path:
@@ -148,6 +190,16 @@ def make(kind: str, directory: str | os.PathLike) -> Path:
         path.write_bytes(data[: len(data) // 2])
     elif kind == "fifo":
         os.mkfifo(path)
+    elif kind == "corrupt_midstream":  # the moov is intact: the probe counts every frame
+        _encode(path, "libx264", pts_ms=[125 * i for i in range(32)])
+        data = bytearray(path.read_bytes())
+        at = data.find(b"mdat")
+        start, end = at + 4, at - 4 + struct.unpack(">I", data[at - 4 : at])[0]
+        a, b = start + 6 * (end - start) // 10, start + 7 * (end - start) // 10
+        data[a:b] = np.random.default_rng(0).integers(0, 256, b - a, dtype=np.uint8).tobytes()
+        path.write_bytes(bytes(data))
+    elif kind == "frame_flood":  # 200 s at 240 fps: within every probe cap
+        write_flood(path, 48_000, 160, 96, fps=240)
     return path
 
 

@@ -1,13 +1,14 @@
 """Probing untrusted video files without letting one hang or exhaust a worker.
 
-`Prober` runs the probe in a long-lived child process (`python -m data.probe`) and talks to
-it over a pipe, one JSON line per file. The parent enforces a wall-clock timeout per file:
-on timeout the child is killed and a fresh one starts for the next file. The child limits
-its own address space (`RLIMIT_AS`), so a file that makes FFmpeg allocate without bound
-fails inside the child (a reject) instead of taking the worker's memory. Reusing the child
-keeps the cost per file to one pipe round trip (~1 ms) instead of a process start with
+`Prober` runs the probe in a long-lived child process (a `data.isolate.Isolated` worker) and
+talks to it over a pipe, one request per file. The parent enforces a wall-clock timeout per
+file: on timeout the child is killed and a fresh one starts for the next file. The child
+limits its own address space (`RLIMIT_AS`), so a file that makes FFmpeg allocate without
+bound fails inside the child (a reject) instead of taking the worker's memory. Reusing the
+child keeps the cost per file to one pipe round trip (~1 ms) instead of a process start with
 PyAV's import (~130 ms); `shared_prober(cfg)` gives one child per worker process, which is
-what Ray task pools want.
+what Ray task pools want. The decoding after the probe runs isolated the same way (see
+`pipeline.media`).
 
 What the child does for one file, cheapest checks first, so a hostile file is refused
 before any expensive work:
@@ -46,14 +47,10 @@ import functools
 import json
 import math
 import os
-import select
 import stat
-import subprocess
-import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Optional
 
 # Every reason a probe can reject a file with (stable: dashboards and tests key on them).
 REASONS = (
@@ -295,65 +292,26 @@ def probe_file(path: str, cfg: ProbeConfig) -> dict:
         }
 
 
-def _serve(cfg: ProbeConfig, out_fd: int) -> None:
-    """The child's loop: one JSON request line in on stdin, one JSON reply line out."""
-    import av.logging
-
-    av.logging.set_level(None)  # FFmpeg's complaints about bad files are expected here
-    out = os.fdopen(out_fd, "w", buffering=1)
-    out.write('{"ready": true}\n')
-    for line in sys.stdin:
-        path = json.loads(line)["path"]
-        try:
-            reply: dict[str, Any] = {"info": probe_file(path, cfg)}
-        except Reject as e:
-            reply = {"reject": [e.reason, e.detail]}
-        except MemoryError:
-            reply = {"reject": ["probe_failed", f"out of memory (limit {cfg.max_memory_mb} MB)"]}
-        except Exception as e:  # noqa: BLE001 - a bug must not end the prober
-            reply = {"reject": ["probe_failed", f"{type(e).__name__}: {e}"[:300]]}
-        out.write(json.dumps(reply) + "\n")
-
-
-def _watch_parent() -> None:
-    """Exit when the parent dies, even while the main thread is stuck in a blocking open."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def _child_main(cfg_json: str) -> None:
-    import resource
-
-    cfg = ProbeConfig(**json.loads(cfg_json))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    if cfg.max_memory_mb:
-        limit = cfg.max_memory_mb * 2**20
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    # The protocol gets its own fd; anything a library prints to stdout goes to stderr.
-    out_fd = os.dup(1)
-    os.dup2(2, 1)
-    _watch_parent()
-    _serve(cfg, out_fd)
+def probe_request(path: str, cfg: ProbeConfig) -> dict:
+    """What the prober child runs for one file: {"info": ...} or {"reject": [reason, detail]}."""
+    try:
+        return {"info": probe_file(path, cfg)}
+    except Reject as e:
+        return {"reject": [e.reason, e.detail]}
 
 
 # ----- the parent side ----------------------------------------------------------------------
 class Prober:
-    """A reusable probe child with a per-file timeout; `probe(path)` never raises for a bad
-    file. Use as a context manager, or call `close()`; restarts its child after a timeout or
-    a crash."""
+    """A reusable probe child (a `data.isolate.Isolated` worker) with a per-file timeout;
+    `probe(path)` never raises for a bad file. Use as a context manager, or call `close()`;
+    restarts its child after a timeout or a crash."""
 
     def __init__(self, cfg: ProbeConfig | None = None):
+        from data.isolate import Isolated
+
         self.cfg = cfg or ProbeConfig()
-        self._proc: subprocess.Popen | None = None
-        self._buf = b""
-        self.starts = 0  # children started: 1 + restarts after timeouts and crashes
-        self._lock = threading.Lock()
+        self._worker = Isolated(self.cfg.max_memory_mb, self.cfg.startup_timeout_s,
+                                preload=("av", "data.probe"))
 
     def __enter__(self) -> Prober:
         return self
@@ -361,88 +319,38 @@ class Prober:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @property
+    def starts(self) -> int:
+        """Children started: 1 + restarts after timeouts and crashes."""
+        return self._worker.starts
+
+    @property
+    def _proc(self):
+        return self._worker._proc
+
     def probe(self, path: str | os.PathLike) -> tuple[dict | None, tuple[str, str] | None]:
         """-> (info, None) for a usable video, or (None, (reason, detail))."""
-        with self._lock:  # one request at a time on the pipe (Ray may run tasks in threads)
-            return self._probe(os.path.abspath(path))
+        from data.isolate import IsolatedError
 
-    def _probe(self, path: str) -> tuple[dict | None, tuple[str, str] | None]:
-        self._ensure_started()
         t0 = time.monotonic()
         try:
-            self._proc.stdin.write((json.dumps({"path": path}) + "\n").encode())
-            self._proc.stdin.flush()
-            reply = self._read_line(t0 + self.cfg.timeout_s)
-        except TimeoutError:
-            self._kill()
-            return None, ("timeout", f"no answer in {self.cfg.timeout_s}s")
-        except (BrokenPipeError, EOFError):
-            code = self._kill()
-            return None, ("probe_failed", f"prober died (exit code {code})")
-        reply = json.loads(reply)
+            reply = self._worker.call("data.probe:probe_request",
+                                      {"path": os.path.abspath(path), "cfg": self.cfg},
+                                      self.cfg.timeout_s)
+        except IsolatedError as e:
+            if e.reason == "timeout":
+                return None, ("timeout", f"no answer in {self.cfg.timeout_s}s")
+            if e.reason == "crashed":
+                return None, ("probe_failed", f"prober died ({e.detail})")
+            if e.reason == "out_of_memory":
+                return None, ("probe_failed", f"out of memory (limit {self.cfg.max_memory_mb} MB)")
+            return None, ("probe_failed", e.detail[:300])
         if "reject" in reply:
             return None, tuple(reply["reject"])
         return {**reply["info"], "probe_ms": round(1000 * (time.monotonic() - t0), 2)}, None
 
     def close(self) -> None:
-        if self._proc is not None:
-            try:
-                self._proc.stdin.close()
-                self._proc.wait(timeout=2)
-            except (OSError, subprocess.TimeoutExpired):
-                pass
-            self._kill()
-
-    # internals
-    def _ensure_started(self) -> None:
-        if self._proc is not None:
-            return
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "data.probe", json.dumps(asdict(self.cfg))],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
-        )
-        self._buf = b""
-        self.starts += 1
-        try:
-            ready = self._read_line(time.monotonic() + self.cfg.startup_timeout_s)
-        except (TimeoutError, EOFError) as e:
-            self._kill()
-            raise RuntimeError(f"the probe process did not start: {e!r}") from e
-        assert json.loads(ready) == {"ready": True}, ready
-
-    def _read_line(self, deadline: float) -> bytes:
-        fd = self._proc.stdout.fileno()
-        while b"\n" not in self._buf:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                raise TimeoutError
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                raise EOFError
-            self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        return line
-
-    def _kill(self) -> int | None:
-        """Kill the child (if alive) and forget it; the next probe starts a new one."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.kill()
-            try:  # a child stuck in uninterruptible I/O may not die at once: do not wait on it
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-        for f in (proc.stdin, proc.stdout):
-            try:
-                f.close()
-            except OSError:
-                pass
-        return proc.returncode
+        self._worker.close()
 
 
 @functools.lru_cache(maxsize=4)
@@ -456,8 +364,7 @@ def _shared(cfg_json: str) -> Prober:
 
 def shared_prober(cfg: ProbeConfig) -> Prober:
     """One prober per process and config, kept for the life of the process: Ray reuses
-    worker processes across tasks, so a task pool pays the child's start once per worker.
-    (The one deliberate per-process cache in the project.)"""
+    worker processes across tasks, so a task pool pays the child's start once per worker."""
     return _shared(json.dumps(asdict(cfg), sort_keys=True))
 
 
@@ -471,6 +378,3 @@ def safe_probe(path: str | os.PathLike, cfg: ProbeConfig | None = None,
         prober = shared_prober(cfg or ProbeConfig())
     return prober.probe(path)
 
-
-if __name__ == "__main__":
-    _child_main(sys.argv[1])

@@ -67,19 +67,24 @@ def _all_urls(urls):
     yield from urls
 
 
-def read_shards(urls: str | list[str], decode_json: bool = True) -> Iterator[dict]:
+def read_shards(urls: str | list[str], decode_json: bool = True, decode_text: bool = True,
+                handler=None) -> Iterator[dict]:
     """Yield samples from shards in order: "mp4" as raw bytes, "txt" as str,
-    "json" as a dict (raw bytes if decode_json=False), plus WebDataset's
-    "__key__", "__url__" and "__local_path__".
+    "json" as a dict (raw bytes if decode_json=False, "txt" likewise with
+    decode_text=False), plus WebDataset's "__key__", "__url__" and
+    "__local_path__".
 
     An empty shard yields nothing (WebDataset's empty_check is off: a shard
-    whose clips were all rejected is legitimate).
+    whose clips were all rejected is legitimate). `handler(exception) -> bool`
+    sees errors reading a shard (a truncated or garbled tar); True goes on
+    with the next shard (WebDataset's protocol). By default they raise.
     """
     urls = [os.fspath(u) for u in urls] if isinstance(urls, (list, tuple)) else os.fspath(urls)
+    kw = {"handler": handler} if handler is not None else {}
     # Callers split shards across ranks and loader workers themselves: every url given is read.
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False,
-                                 nodesplitter=_all_urls, workersplitter=_all_urls):
-        if "txt" in sample:
+                                 nodesplitter=_all_urls, workersplitter=_all_urls, **kw):
+        if decode_text and "txt" in sample:
             sample["txt"] = sample["txt"].decode("utf-8")
         if decode_json and "json" in sample:
             sample["json"] = json.loads(sample["json"])

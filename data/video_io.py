@@ -181,10 +181,13 @@ def read_frames(
     VideoError("decode_failed").
 
     decord 0.6 mis-strides frames of some output widths (16, 24, 48 and 72 px
-    among the even widths 16..256): `reader[i]` comes back as (H, W, 4) or
-    (H, W, 6) with the row padding folded into channels and `get_batch` fails.
-    We detect that on the first frame and decode those files with PyAV (at
-    every other width the two decoders agree bit for bit).
+    among the even widths 16..256): the row padding is folded into channels
+    (`reader[i]` comes back as (H, W, 4) or (H, W, 6)) and `get_batch` fails
+    its size check with a DECORDError. We call `get_batch` directly, with no
+    probing decode first, and decode with PyAV when it fails or returns
+    anything but (T, H, W, 3) (at every other width the two decoders agree bit
+    for bit). A file decord cannot read at all therefore also goes to PyAV,
+    which raises VideoError("decode_failed") in turn.
     """
     h, w = size if size is not None else (-1, -1)
     try:
@@ -196,14 +199,24 @@ def read_frames(
             raise IndexError(f"frame indices out of range for {n} frames: {idx}")
         if n == 0:
             raise VideoError("decode_failed", "no frames")
-        first = reader[0]  # (H, W, 3), or (H, W, 4|6) when mis-strided
-        if first.shape[-1] != 3:
-            return read_frames_av(src, idx, size)
         if not idx:
+            first = reader[0]  # (H, W, 3), or (H, W, 4|6) when mis-strided
+            if first.shape[-1] != 3:
+                return read_frames_av(src, idx, size)
             return np.zeros((0, *first.shape), np.uint8)  # (0, H, W, 3)
-        return reader.get_batch(idx).asnumpy()  # (T, H, W, 3) uint8
     except (RuntimeError, decord.DECORDError) as e:
         raise VideoError("decode_failed", str(e)[:500]) from e
+    try:
+        frames = reader.get_batch(idx).asnumpy()  # (T, H, W, 3) uint8
+        if frames.ndim == 4 and frames.shape[0] == len(idx) and frames.shape[-1] == 3:
+            return frames
+        why = f"decord returned {frames.shape}"
+    except (RuntimeError, decord.DECORDError) as e:  # mis-strided width, or a bad file
+        why = str(e)[:300]
+    try:
+        return read_frames_av(src, idx, size)
+    except IndexError as e:  # decord indexed frames the stream does not hold
+        raise VideoError("decode_failed", f"decord: {why}; PyAV: {e}") from e
 
 
 def read_frames_av(

@@ -147,15 +147,14 @@ def sampled_fps(clip: dict, num_frames: int) -> float:
 
 def decode_clip(row: dict, num_frames: int, frame_size: int) -> dict:
     """Ray Data map (a CPU task): a clip -> its sampled frames as raw bytes, or the error."""
-    from data.video_io import read_frames
+    from pipeline.media import read_clip_frames
 
     clip = json.loads(row["clip"])
     out = {"i": row["i"], "clip": row["clip"], "frames": b"", "shape": [0, 0, 0, 0], "error": ""}
     try:
         idx = sample_indices(clip["start"], clip["end"], num_frames)
         size = frame_hw(clip["width"], clip["height"], frame_size)
-        frames = read_frames(clip["abs_path"], indices=idx, size=size,
-                             threads=1)  # (T, h, w, 3) uint8; the task has one CPU
+        frames = read_clip_frames(clip, idx, size)  # (T, h, w, 3) uint8; isolated, fetch on miss
         out["frames"], out["shape"] = frames.tobytes(), list(frames.shape)
     except Exception as e:  # noqa: BLE001 - a bad file fails its clip, not the run
         out["error"] = f"decode: {type(e).__name__}: {e}"[:1000]

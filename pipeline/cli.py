@@ -123,13 +123,37 @@ def preflight(cfg) -> None:
 
     micro = micro_batch_size(cfg.train, cfg.cluster.num_workers, cfg.deepspeed.grad_accum)
     pt, ph, pw = cfg.model.dit.patch_size
-    for b in buckets_of(cfg.train, micro):
+    latent = cfg.train.data.kind == "latent"
+    if latent and cfg.latent.kind == "ours":  # our VAE's latent space is known from its config
+        check_our_latents(cfg, [(b.num_frames, b.height, b.width) for b in buckets_of(cfg.train, micro)])
+    for b in buckets_of(cfg.train, micro) if not latent else ():  # latents: checked in latent space
         if b.num_frames % pt or b.height % ph or b.width % pw:
             raise SystemExit(f"spacetime: train shape {b.num_frames}x{b.height}x{b.width} is "
                              f"not divisible by model.dit.patch_size {list(cfg.model.dit.patch_size)}")
     from pipeline.tracking import resolve_mode
 
     resolve_mode(cfg.tracking.mode)
+
+
+def check_our_latents(cfg, shapes: list[tuple[int, int, int]]) -> None:
+    """latent=ours: the training shapes fit the VAE's compression, their latents the DiT's patch,
+    and an explicit model.dit.in_channels is the VAE's (before the vae stage spends its time).
+    A diffusers VAE is checked when it is loaded (precompute) and before training starts."""
+    from training.vae import latent_shape
+
+    vae, dit = cfg.vae.model, cfg.model.dit
+    if dit.in_channels not in (None, vae.latent_channels):
+        raise SystemExit(f"spacetime: model.dit.in_channels ({dit.in_channels}) must equal the VAE's latent "
+                         f"channels (vae.model.latent_channels={vae.latent_channels}); or null to follow it")
+    for shape in shapes:
+        try:
+            t, h, w = latent_shape(shape, vae.compression)
+        except ValueError as e:
+            raise SystemExit(f"spacetime: train.num_frames/height/width: {e}") from None
+        pt, ph, pw = dit.patch_size
+        if t % pt or h % ph or w % pw:
+            raise SystemExit(f"spacetime: the latents ({t}, {h}, {w}) of train shape {shape} are not divisible "
+                             f"by model.dit.patch_size {list(dit.patch_size)}")
 
 
 def cmd_status(graph, cfg_dict) -> int:
@@ -148,6 +172,10 @@ def cmd_params(cfg) -> int:
     from dataclasses import replace
 
     base = cfg.model.dit  # the chosen model's options (attention, patch, channels, text width)
+    if base.in_channels is None:  # follows the data; known here only for our VAE
+        ours = cfg.train.data.kind == "latent" and cfg.latent.kind == "ours"
+        base = replace(base, in_channels=cfg.vae.model.latent_channels if ours else 3)
+        print(f"(model.dit.in_channels follows the data: counted with {base.in_channels})")
     print(f"{'preset':<7} {'adaln=block':>12} {'adaln=single':>13}   (DiT parameters)")
     for name in PRESETS:
         c = base.with_preset(name)

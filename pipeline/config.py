@@ -43,7 +43,10 @@ class ClusterConfig:
     name: str = "local"
     address: Optional[str] = None  # None: start a local Ray; "auto" or ray://host:port: join one
     num_workers: int = 2  # training workers (one per GPU on a GPU cluster)
-    use_gpu: bool = False  # training workers; model actor pools follow the cluster's GPUs
+    # GPUs each training worker reserves (Ray's resources_per_worker): 0 trains on CPU with
+    # gloo; > 0 on GPU with NCCL. 1 is one rank per GPU; a fraction packs several per GPU.
+    # (Model actor pools follow the cluster's GPUs, see embed.* and caption.*.)
+    gpus_per_worker: float = 0.0
     cpus_per_worker: int = 1
     # Parallel curation CPU tasks. Model actor pools are sized by embed.concurrency and
     # caption.concurrency (default one per GPU), never by this.
@@ -52,6 +55,10 @@ class ClusterConfig:
     # run measures the worker's dense matmul rate and uses that.
     peak_tflops_per_worker: Optional[float] = None
     dashboard_host: str = "127.0.0.1"  # keep the Ray dashboard on loopback
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
 
 
 @dataclass

@@ -10,21 +10,28 @@ stopped it; a clip that a filter drops is a reject too (with its span), so at ev
 `account` checks it. Clips stay spans ``(source, start, end)`` until the shard stage cuts them.
 
 The ``curate`` stage decodes each video once, at ``curate.frame_long_side`` pixels (aspect
-kept), and splits and scores those frames. It runs as resumable parts (`pipeline.parts`): a
-killed driver loses only the groups in flight.
+kept, display orientation), and splits and scores those frames; sharpness and text are scored
+on a few keyframes per clip decoded larger (``curate.keyframe_long_side``). The decoding and
+scoring run in an isolated child process (`pipeline.media`): a file that crashes, hangs or
+exhausts the decoder is a reject (``decode_crashed``, ``decode_timeout``, ...), not a dead
+worker. The stage runs as resumable parts (`pipeline.parts`): a killed driver loses only the
+groups in flight.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pipeline.media import MediaLimits
 
 
 @dataclass
@@ -36,15 +43,23 @@ class CurateConfig:
     # Clips are scored on frames sampled at about this rate, so motion between scored frames
     # is measurable at any source fps (a slow object at 60 fps barely moves in one frame).
     score_fps: float = 8.0
+    # Sharpness and text are scored on `scores.sample_frames` keyframes per clip decoded at
+    # this long side (capped at the source's): subtitles are a few pixels tall at 160 px.
+    keyframe_long_side: int = 640
+    # Decoding and scoring run in a child process under these limits (`pipeline.media`).
+    media: MediaLimits = field(default_factory=MediaLimits)
 
 
+# `scores`: JSON of a scored span's scores (filter, dedup and later rejects keep them).
 REJECT_SCHEMA = {"source_id": "string", "path": "string", "stage": "string", "reason": "string",
-                 "detail": "string", "start": "int64", "end": "int64"}
+                 "detail": "string", "start": "int64", "end": "int64", "scores": "string"}
 
 
-def reject(item: dict, stage: str, reason: str, detail: str = "", start=None, end=None) -> dict:
+def reject(item: dict, stage: str, reason: str, detail: str = "", start=None, end=None,
+           scores: dict | None = None) -> dict:
+    """A reject record; a span's (start, end) and, for a scored span, its scores."""
     return {"source_id": item["id"], "path": item.get("url") or item.get("path"), "stage": stage,
-            "reason": reason, "detail": detail, "start": start, "end": end}
+            "reason": reason, "detail": detail, "start": start, "end": end, "scores": scores}
 
 
 def shot_caption(item: dict, start: int, end: int) -> str:
@@ -74,17 +89,20 @@ class CurateConfigs:
     cache_dir: str
 
 
-def curate_video(item: dict, c: CurateConfigs, blocklist) -> list[dict]:
-    """Fetch, probe, split and score one input -> records {"kind": clip|reject, ...}.
-    Never raises for a bad input."""
-    from data.probe import safe_probe
-    from data.video_io import read_frames
-    from pipeline.dedup import thumbnail_embeddings
-    from pipeline.ingest import fetch_item
-    from pipeline.scores import apply_filters, cpu_scores
-    from pipeline.shots import split_shots
+def decode_bytes(info: dict, long_side: int) -> int:
+    """Bytes of the whole video decoded at `long_side` (what `analyse_video` holds)."""
+    h, w = decode_size(info["width"], info["height"], long_side)
+    return int(info["num_frames"]) * h * w * 3
 
-    out: list[dict] = []
+
+def curate_video(item: dict, c: CurateConfigs, blocklist) -> list[dict]:
+    """Fetch, probe, split and score one input -> records {"kind": clip|reject|video, ...}.
+    Never raises for a bad input. The probe and everything after it that decodes run in
+    child processes with timeouts and memory caps (`data.probe`, `pipeline.media`)."""
+    from data.probe import safe_probe
+    from pipeline.ingest import fetch_item
+    from pipeline.media import MediaError, run_isolated
+
     got, why = fetch_item(item, c.ingest, blocklist, c.cache_dir, max_bytes=c.probe.max_bytes)
     if why:
         return [{"kind": "reject", **reject(item, "ingest", *why)}]
@@ -92,16 +110,87 @@ def curate_video(item: dict, c: CurateConfigs, blocklist) -> list[dict]:
     info, why = safe_probe(path, c.probe)
     if why:
         return [{"kind": "reject", **reject(item, "probe", *why)}]
+    lim = c.curate.media
+    need = decode_bytes(info, c.curate.frame_long_side)
+    if lim.max_memory_mb and need > MEMORY_SHARE * lim.max_memory_mb * 2**20:
+        return [{"kind": "reject", **reject(
+            item, "decode", "decode_too_large",
+            f"{info['num_frames']} frames need {need / 2**20:.0f} MB decoded at "
+            f"{c.curate.frame_long_side} px; the decoder's limit is {lim.max_memory_mb} MB")}]
+    work = dataclasses.replace(c, ingest=None, probe=None)  # what the child needs, no more
+    try:
+        res = run_isolated("pipeline.curate:analyse_video",
+                           {"item": item, "path": path, "info": info, "c": work}, lim,
+                           lim.timeout_for(info["num_frames"], info["width"], info["height"]))
+    except MediaError as e:
+        return [{"kind": "reject", **reject(item, "decode", e.reason, e.detail)}]
+    return res["records"]
+
+
+# Of the media child's address-space limit, the share a video's decoded frames may take (the
+# rest: the libraries, the decoder's buffers, the keyframes and the scorers' arrays).
+MEMORY_SHARE = 0.5
+
+
+def analyse_video(item: dict, path: str, info: dict, c: CurateConfigs) -> dict:
+    """In the media child: decode, split and score one probed video -> {"records": [...]}.
+
+    Decodes the whole video once at ``curate.frame_long_side`` (for splitting, motion,
+    brightness and the dedup thumbnails), then a few keyframes per clip at
+    ``curate.keyframe_long_side`` (for sharpness and text, which small frames cannot see).
+    Frames are turned to display orientation first."""
+    import cv2
+
+    from data.video_io import VideoError
+    from pipeline.media import read_display
+
+    cv2.setNumThreads(1)  # Ray gives the task that asked for this work one CPU
+    rot = info.get("rotation")
+    disp_w, disp_h = info.get("display_width", info["width"]), info.get(
+        "display_height", info["height"])
     t0 = time.perf_counter()
     try:
-        frames = read_frames(path, size=decode_size(info["width"], info["height"],
-                                                    c.curate.frame_long_side),
-                             threads=1)  # (T, h, w, 3); the task holds one CPU
-    except Exception as e:  # noqa: BLE001 - the probe passed but the decoder did not
-        return [{"kind": "reject", **reject(item, "decode", "decode_failed",
-                                            f"{type(e).__name__}: {e}"[:500])}]
+        size = decode_size(disp_w, disp_h, c.curate.frame_long_side)
+        frames = read_display(path, None, size, rot)  # (T, h, w, 3)
+    except VideoError as e:  # the probe passed but the decoder did not
+        return {"records": [{"kind": "reject", **reject(item, "decode", "decode_failed",
+                                                        str(e)[:500])}]}
     decode_s = time.perf_counter() - t0
+    try:
+        return {"records": _split_and_score(item, path, info, c, frames, decode_s)}
+    except VideoError as e:
+        return {"records": [{"kind": "reject", **reject(item, "decode", "decode_failed",
+                                                        str(e)[:500])}]}
+    except Exception:  # noqa: BLE001 - a bug on one file must not lose the others
+        return {"records": [{"kind": "reject", **reject(item, "curate", "error",
+                                                        traceback.format_exc(limit=3))}]}
+
+
+def keyframe_size(width: int, height: int, long_side: int) -> tuple[int, int]:
+    """(h, w) of the keyframes: the long side at `long_side`, or the source's when smaller,
+    but never under the text detector's minimum (small sources are upscaled to it)."""
+    from pipeline.scores import TEXT_MIN_SIZE
+
+    target = max(TEXT_MIN_SIZE, min(long_side, max(width, height)))
+    s = target / max(width, height)
+    return max(2, round(height * s / 2) * 2), max(2, round(width * s / 2) * 2)
+
+
+KEYFRAME_CHUNK = 32  # clips whose keyframes are decoded together (bounds their memory)
+
+
+def _split_and_score(item: dict, path: str, info: dict, c: CurateConfigs, frames: np.ndarray,
+                     decode_s: float) -> list[dict]:
+    from pipeline.dedup import thumbnail_embeddings
+    from pipeline.media import read_display
+    from pipeline.scores import apply_filters, cpu_scores
+    from pipeline.shots import split_shots
+
+    out: list[dict] = []
     fps = float(info["fps"])
+    rot = info.get("rotation")
+    width, height = info.get("display_width", info["width"]), info.get(
+        "display_height", info["height"])
     split = split_shots(frames, fps, c.shots)
     out.append({"kind": "video", "source_id": item["id"], "seconds": len(frames) / fps,
                 "decode_s": decode_s, "cuts": split.cuts})
@@ -109,40 +198,53 @@ def curate_video(item: dict, c: CurateConfigs, blocklist) -> list[dict]:
         out.append({"kind": "reject", **reject(item, "split", "too_short",
                                                f"{end - start} frames < {split.min_len}",
                                                start, end)})
-    meta = {"width": info["width"], "height": info["height"]}
-    for (start, end), windowed in zip(split.clips, split.windowed):
-        span = frames[start:end]  # (t, h, w, 3)
-        stride = max(1, round(fps / c.curate.score_fps))
-        scores = cpu_scores(span[::stride], fps / stride, meta, c.scores)
-        scores.update(num_frames=end - start, windowed=bool(windowed))
-        if "seconds" in scores:
-            scores["seconds"] = (end - start) / fps
-        failed = apply_filters(scores, c.scores)
-        if failed:
-            out.append({"kind": "reject", **reject(item, "filter", failed[0], failed[1],
-                                                   start, end), "scores": scores})
-            continue
-        keyframes = span[np.linspace(0, len(span) - 1, 4).round().astype(int)]  # (4, h, w, 3)
-        out.append({
-            "kind": "clip",
-            "clip_id": f"{item['id']}-{start:06d}-{end:06d}", "source_id": item["id"],
-            "path": item["url"], "abs_path": path, "start": start, "end": end, "fps": fps,
-            "width": info["width"], "height": info["height"],
-            "caption": shot_caption(item, start, end), "scores": scores,
-            "source": {"license": item.get("license"), "source_url": item.get("source_url"),
-                       **(item.get("meta") or {})},
-            "source_frames": info["num_frames"], "source_bytes": info["size_bytes"],
-            "codec": info["codec"], "container": info["container"],
-            "thumb": thumbnail_embeddings([keyframes])[0].round(5).tolist(),
-        })
+    meta = {"width": width, "height": height}
+    n_keys = c.scores.sample_frames
+    ksize = keyframe_size(width, height, c.curate.keyframe_long_side)
+    clips = list(zip(split.clips, split.windowed))
+    for k0 in range(0, len(clips), KEYFRAME_CHUNK):
+        chunk = clips[k0 : k0 + KEYFRAME_CHUNK]
+        picks = [start + _sample(end - start, n_keys) for (start, end), _ in chunk]
+        wanted = sorted({int(i) for p in picks for i in p})
+        big = dict(zip(wanted, read_display(path, wanted, ksize, rot)))
+        for ((start, end), windowed), pick in zip(chunk, picks):
+            span = frames[start:end]  # (t, h, w, 3)
+            stride = max(1, round(fps / c.curate.score_fps))
+            keyframes = np.stack([big[int(i)] for i in pick])  # (K, H, W, 3)
+            scores = cpu_scores(span[::stride], fps / stride, meta, c.scores,
+                                keyframes=keyframes)
+            scores.update(num_frames=end - start, windowed=bool(windowed))
+            if "seconds" in scores:
+                scores["seconds"] = (end - start) / fps
+            failed = apply_filters(scores, c.scores)
+            if failed:
+                out.append({"kind": "reject", **reject(item, "filter", failed[0], failed[1],
+                                                       start, end, scores=scores)})
+                continue
+            thumbs = span[np.linspace(0, len(span) - 1, 4).round().astype(int)]  # (4, h, w, 3)
+            out.append({
+                "kind": "clip",
+                "clip_id": f"{item['id']}-{start:06d}-{end:06d}", "source_id": item["id"],
+                "path": item["url"], "abs_path": path, "start": start, "end": end, "fps": fps,
+                "width": width, "height": height, "rotation": rot or 0,
+                "source_fps": fps, "source_vfr": bool(info.get("vfr")),
+                "caption": shot_caption(item, start, end), "scores": scores,
+                "source": {"license": item.get("license"), "source_url": item.get("source_url"),
+                           **(item.get("meta") or {})},
+                "source_frames": info["num_frames"], "source_bytes": info["size_bytes"],
+                "codec": info["codec"], "container": info["container"],
+                "thumb": thumbnail_embeddings([thumbs])[0].round(5).tolist(),
+            })
     return out
+
+
+def _sample(n: int, k: int) -> np.ndarray:
+    """Up to k evenly spaced offsets in range(n)."""
+    return np.unique(np.linspace(0, n - 1, min(k, n)).round().astype(int))
 
 
 def curate_group(items: list[dict], c: CurateConfigs) -> list[dict]:
     """A Ray task: one group of inputs. A bug on one input is recorded, not fatal."""
-    import cv2
-
-    cv2.setNumThreads(1)  # Ray gives this task one CPU
     blocklist = c.ingest.blocklist.build()
     out = []
     for item in items:
@@ -154,13 +256,19 @@ def curate_group(items: list[dict], c: CurateConfigs) -> list[dict]:
     return out
 
 
+def lost_input(item: dict, why: str) -> dict:
+    """The record of an input whose worker kept dying (the media work is isolated, so this is
+    a bug or the node's trouble, never a file's)."""
+    return {"kind": "reject", **reject(item, "curate", "worker_lost", why)}
+
+
 def run_curate(items: list[dict], c: CurateConfigs, out: Path, concurrency: int, log=print
                ) -> tuple[list[dict], list[dict], list[dict]]:
     """-> (clips, rejects, per-video records), all sorted."""
     from pipeline.parts import read_parts, run_parts
 
     run_parts(items, partial(curate_group, c=c), out / "parts", group_size=c.curate.group_size,
-              concurrency=concurrency, log=log, name="curate")
+              concurrency=concurrency, log=log, name="curate", on_lost=lost_input)
     clips, rejects, videos = [], [], []
     for r in read_parts(out / "parts"):
         {"clip": clips, "reject": rejects, "video": videos}[r.pop("kind")].append(r)
@@ -170,26 +278,34 @@ def run_curate(items: list[dict], c: CurateConfigs, out: Path, concurrency: int,
 
 
 # ----- the filter stage: model scores and global dedup ---------------------------------------
-def clip_keyframes(clip: dict, k: int, long_side: int) -> np.ndarray:
-    from data.video_io import read_frames
+def clip_keyframes(clip: dict, k: int, long_side: int, limits: MediaLimits | None = None
+                   ) -> np.ndarray:
+    """k frames spread over the clip at `long_side`, decoded in the media child."""
+    from pipeline.media import read_clip_frames
 
     idx = np.linspace(clip["start"], clip["end"] - 1, k).round().astype(int).tolist()
-    return read_frames(clip["abs_path"], indices=idx,
-                       size=decode_size(clip["width"], clip["height"], long_side))  # (k, h, w, 3)
+    return read_clip_frames(clip, idx, decode_size(clip["width"], clip["height"], long_side),
+                            limits)  # (k, h, w, 3)
 
 
 class ModelScorer:
     """Built once per actor: open_clip embeddings, aesthetics and caption similarity."""
 
-    def __init__(self, embed_cfg, frame_long_side: int):
+    def __init__(self, embed_cfg, frame_long_side: int, limits: MediaLimits | None = None):
         self.scorer = embed_cfg.build()
         self.long_side = frame_long_side
+        self.limits = limits
 
     def __call__(self, clips: list[dict]) -> list[dict]:
+        from pipeline.ingest import FetchError
+        from pipeline.media import MediaError
+
         ok, out = [], []
         for c in clips:
             try:
-                ok.append((c, clip_keyframes(c, 4, self.long_side)))
+                ok.append((c, clip_keyframes(c, 4, self.long_side, self.limits)))
+            except (MediaError, FetchError) as e:
+                out.append({"clip_id": c["clip_id"], "reason": e.reason, "error": e.detail[:300]})
             except Exception as e:  # noqa: BLE001
                 out.append({"clip_id": c["clip_id"], "error": f"{type(e).__name__}: {e}"[:300]})
         if ok:
@@ -205,14 +321,19 @@ class ModelScorer:
         return out
 
 
+# What a model-score worker needs of a clip: its span, size and where its source is.
+READ_KEYS = ("clip_id", "path", "abs_path", "start", "end", "width", "height", "rotation",
+             "source_bytes", "caption")
+
+
 def run_model_scores(clips: list[dict], embed_cfg, long_side: int, out: Path, concurrency: int,
-                     num_gpus: float, log=print) -> dict[str, dict]:
+                     num_gpus: float, log=print, limits: MediaLimits | None = None
+                     ) -> dict[str, dict]:
     from pipeline.parts import read_parts, run_parts
 
-    run_parts([{k: c[k] for k in ("clip_id", "abs_path", "start", "end", "width", "height",
-                                  "caption")} for c in clips],
+    run_parts([{k: c.get(k) for k in READ_KEYS} for c in clips],
               None, out / "parts", group_size=16, concurrency=concurrency, num_gpus=num_gpus,
-              actor_factory=partial(ModelScorer, embed_cfg, long_side), log=log,
+              actor_factory=partial(ModelScorer, embed_cfg, long_side, limits), log=log,
               name="model scores")
     return {r["clip_id"]: r for r in read_parts(out / "parts")}
 
@@ -251,9 +372,20 @@ def write_outputs(out: Path, clips: list[dict], rejects: list[dict], stats: dict
 
     write_parquet([{**c, "scores": json.dumps(c["scores"]), "source": json.dumps(c["source"]),
                     "thumb": json.dumps(c.get("thumb"))} for c in clips], out / "clips.parquet")
-    write_parquet([{k: r.get(k) for k in REJECT_SCHEMA} for r in rejects],
-                  out / "rejects.parquet", schema=REJECT_SCHEMA)
+    write_rejects(rejects, out / "rejects.parquet")
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
+
+
+def write_rejects(rejects: list[dict], path: Path) -> None:
+    from data.shards import write_parquet
+
+    def row(r: dict) -> dict:
+        out = {k: r.get(k) for k in REJECT_SCHEMA}
+        if out["scores"] is not None and not isinstance(out["scores"], str):
+            out["scores"] = json.dumps(out["scores"])
+        return out
+
+    write_parquet([row(r) for r in rejects], path, schema=REJECT_SCHEMA)
 
 
 def read_clips(stage_dir: Path) -> list[dict]:
@@ -270,4 +402,8 @@ def read_clips(stage_dir: Path) -> list[dict]:
 def read_rejects(stage_dir: Path) -> list[dict]:
     from data.shards import read_parquet
 
-    return read_parquet(stage_dir / "rejects.parquet")
+    rejects = read_parquet(stage_dir / "rejects.parquet")
+    for r in rejects:
+        if isinstance(r.get("scores"), str):
+            r["scores"] = json.loads(r["scores"])
+    return rejects

@@ -33,8 +33,6 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 
 @dataclass
@@ -69,11 +67,20 @@ def priority_order(ids: Sequence[str], priority: Optional[np.ndarray]) -> np.nda
     return by_id[np.argsort(-p[by_id], kind="stable")]  # priority descending, id order within ties
 
 
-@torch.no_grad()
 def find_near_duplicates(ids: Sequence[str], embeddings: np.ndarray, cfg: DedupConfig,
                          priority: Optional[np.ndarray] = None) -> list[dict]:
     """ids: N clip ids; embeddings: (N, D) (normalised here); priority: (N,), higher is kept first
     (NaN = lowest). Returns one record per dropped clip, in visiting order."""
+    import torch  # here, not at import: the media child uses `thumbnail_embeddings` only
+
+    with torch.no_grad():
+        return _near_duplicates(ids, embeddings, cfg, priority)
+
+
+def _near_duplicates(ids, embeddings, cfg: DedupConfig, priority) -> list[dict]:
+    import torch
+    import torch.nn.functional as F
+
     n = len(ids)
     if embeddings.shape[0] != n:
         raise ValueError(f"{n} ids but {embeddings.shape[0]} embeddings")

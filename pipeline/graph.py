@@ -72,7 +72,10 @@ class Stage:
 
     fn: called with a :class:`StageContext`; returns a JSON-able dict of results (may be empty).
     inputs: names of upstream stages whose outputs it reads.
-    config_keys: top-level config sections that define it; all their fields are hashed.
+    config_keys: config sections that define it; all their fields are hashed. A dotted key
+        (``"model.text"``) declares a subsection alone: the stage hashes, and may read, only
+        that part of its section (it appears nested in the hashed config, ``{"model": {"text":
+        ...}}``).
     exclude: dotted keys inside those sections left out of the hash (must not change output).
     version: bump when the stage's code changes what it writes.
     resumable: an unfinished output (crash, preemption) is kept for the stage to resume from,
@@ -100,6 +103,20 @@ def _drop(d: dict, dotted: str) -> None:
         if not isinstance(d, dict):
             return
     d.pop(leaf, None)
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    """cfg.a.b for "a.b", on a typed config or a plain mapping."""
+    for k in dotted.split("."):
+        cfg = cfg[k] if isinstance(cfg, Mapping) else getattr(cfg, k)
+    return cfg
+
+
+def _put(d: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        d = d.setdefault(p, {})
+    d[leaf] = value
 
 
 def stable_hash(obj: Any) -> str:
@@ -137,12 +154,15 @@ class StageContext:
     UNHASHED = ("run", "tracking", "cluster")
 
     def section(self, key: str) -> Any:
-        if key not in self.stage.config_keys and key not in self.UNHASHED:
+        """A config section (``"latent"``) or subsection (``"model.text"``) the stage hashes."""
+        parts = key.split(".")
+        prefixes = {".".join(parts[: i + 1]) for i in range(len(parts))}
+        if not prefixes & {*self.stage.config_keys, *self.UNHASHED}:
             raise GraphError(
                 f"stage '{self.stage.name}' reads config section '{key}' that is not in its "
                 f"hash; add it to the stage's config_keys"
             )
-        return getattr(self.cfg, key) if not isinstance(self.cfg, Mapping) else self.cfg[key]
+        return _get(self.cfg, key)
 
     @property
     def tracker(self):
@@ -230,7 +250,9 @@ class Graph:
     # ----- identities -------------------------------------------------------------------
     def hashed_config(self, name: str, cfg: Mapping) -> dict:
         s = self.stages[name]
-        section = {k: json.loads(json.dumps(cfg[k], default=str)) for k in s.config_keys}
+        section: dict = {}
+        for k in s.config_keys:  # a dotted key nests: "model.text" -> {"model": {"text": ...}}
+            _put(section, k, json.loads(json.dumps(_get(cfg, k), default=str)))
         for dotted in s.exclude:
             _drop(section, dotted)
         return section

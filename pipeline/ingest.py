@@ -102,6 +102,8 @@ class IngestConfig:
     blocklist: BlocklistConfig = field(default_factory=BlocklistConfig)
     hash_files: bool = False  # sha256 every file (always done when the blocklist lists hashes)
     storage_options: dict[str, Any] = field(default_factory=dict)  # passed to fsspec
+    fetch_retries: int = 3  # retries of a transient fetch failure (5xx, reset, timeout)
+    fetch_backoff_s: float = 1.0  # the first retry's wait; doubles with each retry
 
 
 # ----- the blocklist ------------------------------------------------------------------------
@@ -339,11 +341,17 @@ def is_remote(url: str) -> bool:
 
 
 def fetch(url: str, cache_dir: str | os.PathLike, *, max_bytes: int | None = None,
-          storage_options: dict | None = None) -> str:
+          storage_options: dict | None = None, retries: int = 3,
+          backoff_s: float = 1.0) -> str:
     """A local path holding `url`'s bytes. Local paths (and file:// URLs) are returned as
     they are; remote ones are downloaded once into `cache_dir` (named by the URL's hash,
     written to a temporary name and renamed, so a crash never leaves a partial file that
-    looks complete). Raises FetchError("too_large" | "fetch_failed")."""
+    looks complete). A transient failure (a 5xx, a reset connection, a timeout: see
+    `pipeline.retry`) is retried up to `retries` times with exponential backoff from
+    `backoff_s`; a permanent one (404, 403) is not. Raises FetchError("too_large" |
+    "fetch_failed")."""
+    from pipeline.retry import describe, is_transient, retry
+
     if not is_remote(url):
         return url.removeprefix("file://")
     os.makedirs(cache_dir, exist_ok=True)
@@ -352,7 +360,8 @@ def fetch(url: str, cache_dir: str | os.PathLike, *, max_bytes: int | None = Non
     if os.path.exists(dest):
         return dest
     tmp = f"{dest}.{os.getpid()}.part"
-    try:
+
+    def attempt() -> str:
         fs, path = _url_to_fs(url, storage_options or {})
         size = fs.size(path)  # may be None (an HTTP server without Content-Length)
         if max_bytes is not None and size is not None and size > max_bytes:
@@ -366,10 +375,14 @@ def fetch(url: str, cache_dir: str | os.PathLike, *, max_bytes: int | None = Non
                 dst.write(chunk)
         os.replace(tmp, dest)
         return dest
+
+    try:
+        return retry(attempt, attempts=retries + 1, backoff_s=backoff_s)
     except FetchError:
         raise
     except Exception as e:  # noqa: BLE001 - any transport error is this file's problem
-        raise FetchError("fetch_failed", f"{type(e).__name__}: {e}"[:300]) from e
+        tried = f" (after {retries + 1} attempts)" if is_transient(e) and retries else ""
+        raise FetchError("fetch_failed", describe(e)[:300] + tried) from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -392,7 +405,8 @@ def fetch_item(item: dict, cfg: IngestConfig, blocklist: Blocklist, cache_dir: s
         return None, hit
     try:
         local = fetch(item["url"], cache_dir, max_bytes=max_bytes,
-                      storage_options=cfg.storage_options)
+                      storage_options=cfg.storage_options, retries=cfg.fetch_retries,
+                      backoff_s=cfg.fetch_backoff_s)
     except FetchError as e:
         return None, (e.reason, e.detail)
     out = {**item, "local_path": local}

@@ -17,8 +17,8 @@ are sized by `actor_pool`: as configured, capped by the GPUs the cluster has.
 
 Records go back to the driver rather than being written by the workers, so the workers need no
 shared filesystem for this (only the bulky outputs, shards, are written where they run).
-Ray Data streams the groups with backpressure, retries tasks lost to node failures and shows
-progress bars.
+Ray Data streams the groups with backpressure, retries tasks lost to worker or node failures
+(a bounded number of times) and shows progress bars.
 """
 
 from __future__ import annotations
@@ -139,6 +139,8 @@ def run_parts(
     log: Callable[[str], None] = print,
     name: str = "parts",
     unit: str = "items",
+    max_retries: int = 3,
+    on_lost: Callable[[dict, str], dict] | None = None,
 ) -> dict[str, Any]:
     """Process `items` in groups; returns counts. Records are read back with `read_parts`.
 
@@ -147,9 +149,13 @@ def run_parts(
     ``fn(group)``, or as ``fn(group, prepare(group))`` with `prepare`, which runs first as CPU
     tasks. actor_init_retries: how often an actor whose constructor raised (a hub timeout
     loading a model, say) is retried before the run fails.
-    """
-    import ray
 
+    A task whose worker dies is retried `max_retries` times (Ray Data's default is forever,
+    which turns one input that kills its worker into a run that never ends). With `on_lost`
+    (tasks only), a group that still fails is run again one item per task, and an item that
+    fails alone too becomes ``on_lost(item, why)``, a record like the ones `fn` returns; the
+    run goes on. Without it, such a group stops the run with an error.
+    """
     parts_dir.mkdir(parents=True, exist_ok=True)
     _check_groups(parts_dir, items, group_size, log)
     groups = groups_of(items, group_size)
@@ -159,25 +165,13 @@ def run_parts(
         log(f"{name}: {done_before} of {len(groups)} parts already done, resuming")
     t0 = time.time()
     if todo:
-        ds = ray.data.from_items([{"index": i, "items": json.dumps(groups[i])} for i in todo],
-                                 override_num_blocks=len(todo))
-        # This dataset's own context (later operators copy it), so no global setting changes.
-        ds.context.actor_init_retry_on_errors = actor_init_retries > 0
-        ds.context.actor_init_max_retries = actor_init_retries
-        # Ray Data reruns tasks lost to worker or node failures and restarts dead actors; the
-        # group functions catch per-item errors themselves.
-        if actor_factory is not None:
-            if prepare is not None:
-                ds = ds.map(_prepare_group, fn_kwargs={"fn": prepare}, num_cpus=1)
-            ds = ds.map_batches(_ActorGroup, fn_constructor_kwargs={"factory": actor_factory},
-                                batch_size=1, num_cpus=1, num_gpus=num_gpus,
-                                compute=ray.data.ActorPoolStrategy(size=concurrency))
-        else:
-            ds = ds.map(_run_group, fn_kwargs={"fn": fn}, num_cpus=1,
-                        compute=ray.data.TaskPoolStrategy(size=concurrency))
+        rows = [{"index": i, "items": json.dumps(groups[i])} for i in todo]
         total = sum(len(groups[i]) for i in todo)
         done, every = 0, max(1, len(todo) // 10)
-        for k, row in enumerate(ds.iter_rows(), 1):  # streams: each part written on arrival
+        stream = _stream(rows, fn, concurrency, actor_factory, prepare, num_gpus,
+                         actor_init_retries, max_retries,
+                         tolerate=on_lost is not None and actor_factory is None)
+        for k, row in enumerate(stream, 1):  # streams: each part written on arrival
             i = int(row["index"])
             write_part(part_path(parts_dir, i), json.loads(row["out"]))
             done += len(groups[i])
@@ -185,8 +179,60 @@ def run_parts(
                 log(f"{name}: {done}/{total} {unit}, {done / max(time.time() - t0, 1e-9):.2f} "
                     f"{unit}/s")
     missing = [i for i in range(len(groups)) if not part_path(parts_dir, i).exists()]
+    if missing and on_lost is not None and actor_factory is None:
+        _recover(groups, missing, fn, parts_dir, concurrency, max_retries, on_lost, log, name)
+        missing = [i for i in range(len(groups)) if not part_path(parts_dir, i).exists()]
     if missing:
         raise RuntimeError(f"{name}: {len(missing)} parts never came back: {missing[:5]}")
     log(f"{name}: {len(todo)} parts ({sum(len(groups[i]) for i in todo)} {unit}) in "
         f"{time.time() - t0:.1f}s; {done_before} reused")
     return {"parts": len(groups), "parts_run": len(todo), "parts_reused": done_before}
+
+
+def _stream(rows: list[dict], fn, concurrency: int, actor_factory, prepare, num_gpus: float,
+            actor_init_retries: int, max_retries: int, tolerate: bool) -> Iterator[dict]:
+    """The groups through Ray Data, streamed back as they finish. With `tolerate`, groups
+    that fail after their retries are left out instead of failing the whole dataset."""
+    import ray
+
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    # This dataset's own context (later operators copy it), so no global setting changes.
+    ds.context.actor_init_retry_on_errors = actor_init_retries > 0
+    ds.context.actor_init_max_retries = actor_init_retries
+    if tolerate:
+        ds.context.max_errored_blocks = len(rows)
+    if actor_factory is not None:
+        if prepare is not None:
+            ds = ds.map(_prepare_group, fn_kwargs={"fn": prepare}, num_cpus=1,
+                        max_retries=max_retries)
+        ds = ds.map_batches(_ActorGroup, fn_constructor_kwargs={"factory": actor_factory},
+                            batch_size=1, num_cpus=1, num_gpus=num_gpus,
+                            compute=ray.data.ActorPoolStrategy(size=concurrency),
+                            max_restarts=max_retries, max_task_retries=max_retries)
+    else:
+        ds = ds.map(_run_group, fn_kwargs={"fn": fn}, num_cpus=1,
+                    compute=ray.data.TaskPoolStrategy(size=concurrency),
+                    max_retries=max_retries)
+    yield from ds.iter_rows()
+
+
+def _recover(groups, missing, fn, parts_dir: Path, concurrency: int, max_retries: int,
+             on_lost, log, name: str) -> None:
+    """Groups that failed as a whole, again one item per task: one bad item loses only
+    itself."""
+    log(f"{name}: {len(missing)} parts failed after {max_retries} retries; "
+        "running their items one by one")
+    singles = [{"index": k, "items": json.dumps([item])}
+               for k, item in enumerate(it for i in missing for it in groups[i])]
+    got: dict[int, list[dict]] = {}
+    for row in _stream(singles, fn, concurrency, None, None, 0, 0, max_retries, tolerate=True):
+        got[int(row["index"])] = json.loads(row["out"])
+    k = 0
+    n = max_retries + 1
+    why = f"its worker died or failed {n} time{'s' if n > 1 else ''}, alone and in its group"
+    for i in missing:
+        records = []
+        for item in groups[i]:
+            records += got[k] if k in got else [on_lost(item, why)]
+            k += 1
+        write_part(part_path(parts_dir, i), records)

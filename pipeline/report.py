@@ -47,7 +47,7 @@ CONFIG_SUMMARY = ("run.name", "source.kind", "source.num_videos", "model.dit.pre
                   "model.dit.attention", "model.text.kind", "train.steps",
                   "train.global_batch_size", "train.lr", "train.num_frames", "train.height",
                   "train.width", "train.precision", "deepspeed.zero_stage", "cluster.name",
-                  "cluster.num_workers", "cluster.use_gpu")
+                  "cluster.num_workers", "cluster.gpus_per_worker")
 
 
 @dataclass

@@ -45,7 +45,9 @@ What each score measures (the unit is part of the name's contract):
   closed horizontally into words count when they are wider than tall and at least 38% filled
   (word blocks fill >= 0.39 on our captions, corner slivers <= 0.36). Caption text is a few
   percent of the frame height, so it needs keyframes of >= ~128 px; blocks under 6 px high are
-  ignored and frames under TEXT_MIN_SIZE px get no text score at all.
+  ignored and frames under TEXT_MIN_SIZE px get no text score at all. Curation therefore
+  scores text on keyframes decoded at up to 640 px (and small sources upscaled to
+  TEXT_MIN_SIZE), never on its 160 px scoring frames, so every clip's manifest has it.
 
 A pair of frames whose mean absolute difference is under STILL_DIFF (0.3 levels: codec noise
 on a still image, <= 0.15 on our frozen clips) counts as still, with zero flow: Farneback
@@ -111,7 +113,9 @@ class ScoreConfig:
     flow_anchors: int = 12  # frame triplets per clip (2 consecutive flows each)
     black_luma: float = 24.0  # a pixel darker than this is black
     black_pixels: float = 0.99  # a frame with at least this fraction of black pixels is black
-    text_size: int = 384  # text detection on frames downscaled to this long side
+    # Text detection on keyframes downscaled to this long side: one subtitle line (cv2 font
+    # scale 0.5 on 640x360) scored 0.0035-0.012 at 640 px, sometimes 0 at 384 and always 0 at 160.
+    text_size: int = 640
     sample_frames: int = 4  # frames for sharpness/text when no keyframes are given
 
     def __post_init__(self) -> None:

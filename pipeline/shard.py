@@ -14,9 +14,17 @@ renamed when complete, then a sidecar ``<shard>.rows.json`` listing what it hold
 clips failed to encode). Resuming: a shard whose sidecar exists is done and is not written
 again, so a driver killed mid-stage and rerun ends with every planned clip exactly once.
 
-Encoding: a clip that spans its whole source, already H.264 in mp4, is copied byte for byte
-(``passthrough``); other clips are decoded at full resolution and re-encoded with x264
-(``crf``, ``preset``).
+Encoding: a clip that spans its whole source, already H.264 in mp4 at a constant frame rate
+and upright, is copied byte for byte (``passthrough``); other clips are re-encoded with x264
+(``crf``, ``preset``) in the media child (`pipeline.media`: a timeout and a memory cap, so a
+file that breaks the decoder is an ``encode_*`` reject, not a dead task), streaming frames
+from the decoder into the encoder so memory stays flat whatever the clip's length. Re-encoded
+clips are in display orientation (the source's rotation applied to the pixels, as no reader
+of ours applies a display matrix) at a constant frame rate (variable-rate sources resampled
+by timestamp, `encode_span`); the ``.json`` records the mp4's ``num_frames``, ``fps``,
+``width`` and ``height`` and the source's ``source_fps``, ``source_vfr`` and
+``source_rotation``. A source missing on this node (fetched by another) is fetched again
+(`pipeline.media.source_path`). A transient upload failure (bucket roots) is retried.
 """
 
 from __future__ import annotations
@@ -25,8 +33,12 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
+
+from pipeline.media import MediaLimits
 
 
 @dataclass
@@ -38,7 +50,13 @@ class ShardConfig:
     crf: int = 18  # H.264 quality of re-encoded clips
     preset: str = "veryfast"  # x264 speed preset of re-encoded clips
     passthrough: bool = True  # copy whole-source H.264/mp4 clips without re-encoding
-    max_retries: int = 2
+    max_retries: int = 2  # Ray task retries of a shard (worker lost, upload still failing)
+    upload_retries: int = 3  # retries of a transient upload failure, within the task
+    upload_backoff_s: float = 1.0
+    progress_every_s: float = 10.0  # a progress line at most this often
+    # Re-encoding runs in a child process under these limits (`pipeline.media`); x264 at full
+    # resolution is slower than decoding, hence the larger allowance per megapixel.
+    media: MediaLimits = field(default_factory=lambda: MediaLimits(s_per_mpx=0.2))
 
 
 def split_of(key: str, val_fraction: float) -> str:
@@ -88,46 +106,144 @@ def plan_shards(clips: list[dict], cfg: ShardConfig) -> list[tuple[str, list[dic
 
 
 def whole_source(clip: dict) -> bool:
+    """Copied byte for byte: the whole source, H.264 in mp4, constant frame rate, upright."""
     return (clip["start"] == 0 and clip["end"] == clip.get("source_frames")
-            and clip.get("codec") == "h264" and "mp4" in (clip.get("container") or ""))
+            and clip.get("codec") == "h264" and "mp4" in (clip.get("container") or "")
+            and not clip.get("source_vfr") and not clip.get("rotation"))
 
 
-def encode_clip(clip: dict, cfg: ShardConfig) -> bytes:
-    from data.video_io import read_frames
+def encode_clip(clip: dict, cfg: ShardConfig) -> tuple[bytes, dict]:
+    """The clip's mp4 and what it holds ({"num_frames", "fps", "width", "height"}): a copy
+    of the source, or a re-encode in the media child (`encode_span`). Fetches the source on
+    a miss. Raises pipeline.media.MediaError (``encode_*``) or pipeline.ingest.FetchError."""
+    from pipeline.media import run_isolated, source_path
 
+    path = source_path(clip)
     if cfg.passthrough and whole_source(clip):
-        return Path(clip["abs_path"]).read_bytes()
-    frames = read_frames(clip["abs_path"], indices=list(range(clip["start"], clip["end"])),
-                         threads=1)  # the task holds one CPU
-    h, w = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2
-    return encode_h264(frames[:, :h, :w], clip["fps"], cfg.crf, cfg.preset)
+        return Path(path).read_bytes(), {"num_frames": clip["end"] - clip["start"],
+                                         "fps": clip["fps"], "width": clip["width"],
+                                         "height": clip["height"]}
+    lim = cfg.media
+    preroll = min(clip["start"], 300)  # frames decoded from the keyframe before the start
+    res = run_isolated(
+        "pipeline.shard:encode_span",
+        {"path": path, "start": clip["start"], "end": clip["end"], "fps": clip["fps"],
+         "rotation": clip.get("rotation") or 0, "source_frames": clip.get("source_frames"),
+         "crf": cfg.crf, "preset": cfg.preset},
+        lim, lim.timeout_for(clip["end"] - clip["start"] + preroll, clip["width"],
+                             clip["height"]), stage="encode")
+    return res.pop("payload"), res
 
 
-def encode_h264(frames, fps: float, crf: int, preset: str) -> bytes:
-    """(T, H, W, 3) uint8 -> mp4 bytes; one x264 thread (Ray gives each task one CPU)."""
+def frame_times(path: str) -> tuple[list[int], float]:
+    """Presentation timestamps of every video frame (demuxed, not decoded), sorted, and the
+    stream's time base."""
+    import av
+
+    with av.open(path) as c:
+        s = c.streams.video[0]
+        ts = sorted({p.pts for p in c.demux(s) if p.size and p.pts is not None})
+        return ts, float(s.time_base)
+
+
+def encode_span(path: str, start: int, end: int, fps: float, rotation: int,
+                source_frames: int | None, crf: int, preset: str) -> dict:
+    """In the media child: frames [start, end) of `path` re-encoded at a constant `fps`, in
+    display orientation, streamed frame by frame from the decoder into x264 (memory does not
+    grow with the clip's length or resolution).
+
+    Frames are chosen by timestamp, as video2dataset does: output frame k shows the source
+    frame on screen at ``t(start) + k / fps``, over ``[t(start), t(end))`` (``t(n)`` is the last
+    frame's time plus the mean frame gap). A constant-rate source gives back exactly its
+    frames ``start..end-1``; a variable-rate one has frames repeated where it was slower
+    than `fps` and dropped where it was faster. Without usable timestamps, frames are taken
+    by count. -> {"payload": mp4 bytes, "num_frames", "fps", "width", "height"}."""
     import io
 
     import av
 
-    from data.video_io import _rate
+    from fractions import Fraction
 
+    from data.video_io import _rate
+    from pipeline.media import to_display, turned
+
+    ts, tb = frame_times(path)
+    by_time = len(ts) >= 2 and (source_frames is None or len(ts) == source_frames)
+    if by_time:
+        gap = (ts[-1] - ts[0]) / (len(ts) - 1)
+        t0 = ts[start]
+        t_end = ts[end] if end < len(ts) else ts[-1] + gap
+        n_out = max(1, round((t_end - t0) * tb * fps))
+        step = 1.0 / (fps * tb)  # output frame period, in source ticks
+        targets = [t0 + k * step for k in range(n_out)]
+        eps = 0.25 * step
+    else:
+        n_out = end - start
     buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=_rate(fps))
-        stream.height, stream.width = frames.shape[1], frames.shape[2]
-        stream.pix_fmt = "yuv420p"
-        stream.codec_context.thread_count = 1
-        stream.options = {"crf": str(crf), "preset": preset}
-        for frame in frames:  # (H, W, 3) uint8
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buf.getvalue()
+    out = av.open(buf, mode="w", format="mp4")
+    enc = out.add_stream("libx264", rate=_rate(fps))
+    enc.pix_fmt = "yuv420p"
+    enc.codec_context.thread_count = 1  # Ray gives each task one CPU
+    enc.options = {"crf": str(crf), "preset": preset}
+    written = 0
+    shape = None
+
+    def emit(frame) -> None:
+        nonlocal written, shape
+        h, w = frame.height, frame.width
+        if turned(rotation):
+            h, w = w, h
+        if shape is None:
+            shape = (h // 2 * 2, w // 2 * 2)
+            enc.height, enc.width = shape
+            enc.codec_context.time_base = Fraction(1, 1) / _rate(fps)
+        if rotation or (h, w) != shape:  # turn or crop the pixels (odd sizes: yuv420p)
+            rgb = to_display(frame.to_ndarray(format="rgb24")[None], rotation)[0]  # (H, W, 3)
+            vf = av.VideoFrame.from_ndarray(
+                np.ascontiguousarray(rgb[: shape[0], : shape[1]]), format="rgb24")
+        else:  # as decoded: no RGB round trip
+            vf = frame if frame.format.name == "yuv420p" else frame.reformat(format="yuv420p")
+        vf.pts, vf.time_base = written, enc.codec_context.time_base
+        for packet in enc.encode(vf):
+            out.mux(packet)
+        written += 1
+
+    try:
+        with av.open(path) as src:
+            stream = src.streams.video[0]
+            stream.codec_context.thread_count = 1
+            if by_time:
+                src.seek(int(t0), stream=stream, backward=True, any_frame=False)
+                prev = None
+                for frame in src.decode(stream):
+                    t = frame.pts
+                    if t is None:
+                        raise ValueError("a decoded frame has no timestamp")
+                    while written < n_out and t > targets[written] + eps:
+                        emit(prev if prev is not None else frame)
+                    if written >= n_out:
+                        break
+                    prev = frame
+                while prev is not None and written < n_out:
+                    emit(prev)
+            else:
+                for i, frame in enumerate(src.decode(stream)):
+                    if i >= end:
+                        break
+                    if i >= start:
+                        emit(frame)
+        for packet in enc.encode():
+            out.mux(packet)
+    finally:
+        out.close()
+    if written != n_out:
+        raise ValueError(f"encoded {written} of {n_out} frames")
+    return {"payload": buf.getvalue(), "num_frames": written, "fps": fps,
+            "width": shape[1], "height": shape[0]}
 
 
 META_KEYS = ("clip_id", "source_id", "path", "start", "end", "fps", "width", "height",
-             "caption", "caption_source", "scores", "source")
+             "caption", "caption_source", "scores", "source", "source_fps", "source_vfr")
 
 
 def write_one_shard(path: str, clips: list[dict], cfg: ShardConfig,
@@ -135,10 +251,14 @@ def write_one_shard(path: str, clips: list[dict], cfg: ShardConfig,
     """Runs as a Ray task: the tar, then its sidecar. Returns the sidecar's content.
 
     With `upload_url` (a bucket run root, where the driver's directory is not shared), the tar
-    is written to this node's temporary directory and uploaded to ``<upload_url>/shards/``."""
+    is written to this node's temporary directory and uploaded to ``<upload_url>/shards/``;
+    a transient upload failure is retried with backoff, then raised as
+    `pipeline.retry.TransientError`, which Ray retries the task on."""
     import tempfile
 
     from data.shards import write_shard
+    from pipeline.ingest import FetchError
+    from pipeline.media import MediaError
 
     final = path
     if upload_url:
@@ -146,27 +266,50 @@ def write_one_shard(path: str, clips: list[dict], cfg: ShardConfig,
     samples, rows, failed = [], [], []
     for c in clips:
         try:
-            mp4 = encode_clip(c, cfg)
-        except Exception as e:  # noqa: BLE001 - one bad clip must not lose the shard
-            failed.append({"source_id": c["source_id"], "path": c["path"], "stage": "shard",
-                           "reason": "encode_failed", "detail": f"{type(e).__name__}: {e}",
-                           "start": c["start"], "end": c["end"]})
+            mp4, got = encode_clip(c, cfg)
+        except (MediaError, FetchError) as e:
+            failed.append(_failed(c, e.reason, e.detail))
             continue
-        meta = {k: c.get(k) for k in META_KEYS}
+        except Exception as e:  # noqa: BLE001 - one bad clip must not lose the shard
+            failed.append(_failed(c, "encode_failed", f"{type(e).__name__}: {e}"))
+            continue
+        # What the mp4 holds: display size, constant frame rate; the source's rate and
+        # orientation are kept beside it.
+        meta = {**{k: c.get(k) for k in META_KEYS}, **got,
+                "source_rotation": c.get("rotation") or 0}
         samples.append({"__key__": c["clip_id"], "mp4": mp4, "json": meta, "txt": c["caption"]})
-        rows.append({"key": c["clip_id"], "shard": Path(path).name, "bytes": len(mp4)})
+        rows.append({"key": c["clip_id"], "shard": Path(path).name, "bytes": len(mp4),
+                     "num_frames": got["num_frames"]})
     nbytes = write_shard(path, samples) if samples else 0
     side = {"shard": Path(path).name, "rows": rows, "failed": failed, "bytes": nbytes}
     if upload_url:
-        from pipeline.storage import Store
-
         if samples:
-            Store(upload_url).put_file(path, f"shards/{Path(path).name}")
+            upload(path, upload_url, f"shards/{Path(path).name}", cfg)
             os.remove(path)
         os.rmdir(Path(path).parent)
         return side
     write_sidecar(final, side)
     return side
+
+
+def _failed(c: dict, reason: str, detail: str) -> dict:
+    return {"source_id": c["source_id"], "path": c["path"], "stage": "shard", "reason": reason,
+            "detail": detail[:1000], "start": c["start"], "end": c["end"],
+            "scores": c.get("scores")}
+
+
+def upload(local: str, url: str, rel: str, cfg: ShardConfig) -> None:
+    """Put one file under a bucket root, retrying transient failures."""
+    from pipeline.retry import TransientError, is_transient, retry
+    from pipeline.storage import Store
+
+    try:
+        retry(lambda: Store(url).put_file(local, rel), attempts=cfg.upload_retries + 1,
+              backoff_s=cfg.upload_backoff_s)
+    except Exception as e:
+        if is_transient(e):  # outlasted the retries: let Ray run the task again
+            raise TransientError(f"uploading {rel}: {type(e).__name__}: {e}") from e
+        raise
 
 
 def write_sidecar(path: str, side: dict) -> None:
@@ -177,7 +320,11 @@ def write_sidecar(path: str, side: dict) -> None:
 
 def run_sharding(clips: list[dict], cfg: ShardConfig, out: Path, concurrency: int = 2,
                  log=print, upload_url: str | None = None) -> dict:
+    """Write the planned shards that are not written yet, as Ray tasks (at most 2 x
+    `concurrency` in flight), logging progress every `cfg.progress_every_s` seconds."""
     import ray
+
+    from pipeline.retry import TransientError
 
     shard_dir = out / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
@@ -185,23 +332,42 @@ def run_sharding(clips: list[dict], cfg: ShardConfig, out: Path, concurrency: in
     done = {name for name, _ in plan if (shard_dir / f"{name}.rows.json").exists()}
     if done:
         log(f"shard: {len(done)} of {len(plan)} shards already written, resuming")
-    task = ray.remote(num_cpus=1, max_retries=cfg.max_retries)(write_one_shard)
+    # Worker deaths are retried max_retries times (not Ray's default of forever: the media
+    # work is isolated, so a death is the node's, not a file's); so are uploads that stayed
+    # transiently failing through their own retries.
+    task = ray.remote(num_cpus=1, max_retries=cfg.max_retries,
+                      retry_exceptions=[TransientError])(write_one_shard)
     t0 = time.time()
     pending = [(name, group) for name, group in plan if name not in done]
+    total_clips = sum(len(g) for _, g in pending)
+    progress = {"shards": 0, "clips": 0, "failed": 0, "logged": t0}
     refs: list = []
 
     def finish(ready) -> None:  # sidecars of uploaded shards are written here, by the driver
         for side in ray.get(ready):
             if upload_url:
                 write_sidecar(str(shard_dir / side["shard"]), side)
+            progress["shards"] += 1
+            progress["clips"] += len(side["rows"]) + len(side["failed"])
+            progress["failed"] += len(side["failed"])
+        now = time.time()
+        if now - progress["logged"] >= cfg.progress_every_s and progress["shards"] < len(pending):
+            progress["logged"] = now
+            log(f"shard: {progress['shards']}/{len(pending)} shards, {progress['clips']}/"
+                f"{total_clips} clips ({progress['failed']} failed), "
+                f"{progress['clips'] / (now - t0):.2f} clips/s")
 
     for name, group in pending:  # at most 2 x concurrency in flight: backpressure
         if len(refs) >= 2 * concurrency:
             ready, refs = ray.wait(refs, num_returns=1)
             finish(ready)
         refs.append(task.remote(str(shard_dir / name), group, cfg, upload_url))
-    finish(refs)
-    log(f"shard: wrote {len(pending)} shards in {time.time() - t0:.1f}s, reused {len(done)}")
+    while refs:
+        ready, refs = ray.wait(refs, num_returns=1)
+        finish(ready)
+    dt = time.time() - t0
+    log(f"shard: wrote {len(pending)} shards ({total_clips} clips, "
+        f"{total_clips / max(dt, 1e-9):.2f} clips/s) in {dt:.1f}s, reused {len(done)}")
     by_key = {c["clip_id"]: c for c in clips}
     rows, failed, shards = [], [], {"train": [], "val": []}
     for name, _ in plan:

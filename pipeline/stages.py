@@ -195,20 +195,22 @@ def filter_stage(ctx: StageContext) -> dict:
         actors, gpus = actor_pool(embed.concurrency, embed.num_gpus, ray.cluster_resources(),
                                   "embed")
         print(f"model scores: {actors} actor(s), {gpus:g} GPU(s) each")
-        res = run_model_scores(clips, embed, cur.frame_long_side, ctx.out_dir, actors, gpus)
+        res = run_model_scores(clips, embed, cur.frame_long_side, ctx.out_dir, actors, gpus,
+                               limits=cur.media)
         kept = []
         for c in clips:
             r = res[c["clip_id"]]
             item = {"id": c["source_id"], "url": c["path"]}
             if "error" in r:
-                rejects.append(reject(item, "filter", "decode_failed", r["error"],
-                                      c["start"], c["end"]))
+                rejects.append(reject(item, "filter", r.get("reason", "decode_failed"),
+                                      r["error"], c["start"], c["end"], scores=c["scores"]))
                 continue
             c["scores"].update({k: r[k] for k in ("aesthetic", "clip_score") if k in r})
             emb[c["clip_id"]] = np.asarray(r["embedding"], np.float32)
             failed = apply_filters(c["scores"], scores_cfg)
             if failed:
-                rejects.append(reject(item, "filter", failed[0], failed[1], c["start"], c["end"]))
+                rejects.append(reject(item, "filter", failed[0], failed[1], c["start"], c["end"],
+                                      scores=c["scores"]))
             else:
                 kept.append(c)
         clips = kept
@@ -225,7 +227,8 @@ def filter_stage(ctx: StageContext) -> dict:
         if d:
             rejects.append(reject({"id": c["source_id"], "url": c["path"]}, "dedup",
                                   "near_duplicate", f"of {d['kept']} (cosine "
-                                  f"{d['similarity']:.4f})", c["start"], c["end"]))
+                                  f"{d['similarity']:.4f})", c["start"], c["end"],
+                                  scores=c["scores"]))
         else:
             kept.append(c)
     clips = kept
@@ -271,7 +274,7 @@ def caption_stage(ctx: StageContext) -> dict:
 def shard_stage(ctx: StageContext) -> dict:
     """Cut, encode and pack the captioned clips; resumable (finished shards are kept)."""
     from data.shards import write_parquet
-    from pipeline.curate import REJECT_SCHEMA, account, read_clips, read_rejects
+    from pipeline.curate import account, read_clips, read_rejects, write_rejects
     from pipeline.funnel import step
     from pipeline.shard import run_sharding
 
@@ -306,8 +309,7 @@ def shard_stage(ctx: StageContext) -> dict:
         "captioners": stats_up.get("captioners", []),
     })
     write_parquet(res["rows"], ctx.out_dir / "clips.parquet")
-    write_parquet([{k: r.get(k) for k in REJECT_SCHEMA} for r in rejects],
-                  ctx.out_dir / "rejects.parquet", schema=REJECT_SCHEMA)
+    write_rejects(rejects, ctx.out_dir / "rejects.parquet")
     _log_curation(ctx, stats, rejects, kept)
     (ctx.out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
     (ctx.out_dir / "index.json").write_text(json.dumps(
@@ -339,13 +341,16 @@ def vae_stage(ctx: StageContext) -> dict:
 
 
 def precompute_stage(ctx: StageContext) -> dict:
-    """Encode the curated shards into latent shards once, so training never runs the VAE."""
+    """Encode the curated shards into latent shards once, so training never runs the VAE; with
+    a frozen text encoder (its config is then in this stage's hash) the captions' embeddings
+    go into the shards too, so training never runs the encoder either."""
     from training.latents import precompute_latents
 
     lat = ctx.section("latent")
+    text = ctx.section("model.text") if "model.text" in ctx.stage.config_keys else None
     stats = precompute_latents(
         lat, {sp: shard_urls(ctx, sp) for sp in ("train", "val")}, ctx.out_dir, lat.num_frames,
-        (lat.height, lat.width), lat.target_fps,
+        (lat.height, lat.width), lat.target_fps, text=text,
         vae_dir=str(ctx.inputs["vae"]) if lat.kind == "ours" else None)
     ctx.tracker.summary({f"precompute/{k}": v for k, v in stats.items()
                          if isinstance(v, (int, float))})
@@ -393,17 +398,19 @@ def eval_stage(ctx: StageContext) -> dict:
 # Keys that cannot change a stage's output, excluded from its hash (listed, not implied).
 STAGES = [
     Stage("source", source_stage, config_keys=("source", "ingest"), version=3,
-          exclude=("ingest.storage_options",),
+          exclude=("ingest.storage_options", "ingest.fetch_retries", "ingest.fetch_backoff_s"),
           description="generate the synthetic videos or list the inputs (dirs, URLs, manifests)"),
     Stage("curate", curate_stage, inputs=("source",),
           config_keys=("ingest", "probe", "shots", "scores", "curate"), version=2,
-          exclude=("ingest.storage_options", "probe.startup_timeout_s", "curate.group_size",
-                   "curate.fetch_cache", "curate.model_scores"), resumable=True,
+          exclude=("ingest.storage_options", "ingest.fetch_retries", "ingest.fetch_backoff_s",
+                   "probe.startup_timeout_s", "curate.group_size", "curate.fetch_cache",
+                   "curate.model_scores", "curate.media.startup_timeout_s"), resumable=True,
           description="fetch, probe, split into shots, CPU scores and filters (Ray tasks)"),
     Stage("filter", filter_stage, inputs=("curate",), config_keys=("curate", "embed", "scores",
                                                                    "dedup"),
-          exclude=("curate.group_size", "curate.fetch_cache", "dedup.device", "dedup.block_size",
-                   "dedup.chunk_size", "embed.device", "embed.concurrency", "embed.num_gpus"),
+          exclude=("curate.group_size", "curate.fetch_cache", "curate.media.startup_timeout_s",
+                   "dedup.device", "dedup.block_size", "dedup.chunk_size", "embed.device",
+                   "embed.concurrency", "embed.num_gpus"),
           resumable=True,
           description="model scores (open_clip actor pool) and global near-duplicates"),
     Stage("caption", caption_stage, inputs=("filter",), config_keys=("caption",),
@@ -411,10 +418,12 @@ STAGES = [
                    "caption.group_size"), resumable=True,
           description="pass source captions through or recaption with a VLM (actor pool)"),
     Stage("shard", shard_stage, inputs=("caption",), config_keys=("shard",), version=2,
-          exclude=("shard.max_retries",), resumable=True,
+          exclude=("shard.max_retries", "shard.upload_retries", "shard.upload_backoff_s",
+                   "shard.progress_every_s", "shard.media.startup_timeout_s"), resumable=True,
           description="cut, encode and pack clips into WebDataset tars"),
     Stage("train", train_stage, inputs=("shard",), config_keys=("model", "train", "deepspeed"),
-          exclude=("train.log_every", "train.max_failures"), resumable=True,
+          exclude=("train.log_every", "train.max_failures", "train.data.prefetch"),
+          resumable=True,
           stream=("shards/*",),
           description="train the DiT with DeepSpeed ZeRO on Ray Train workers"),
     Stage("eval", eval_stage, inputs=("train", "shard"), config_keys=("eval",), version=2,
@@ -432,10 +441,17 @@ LATENT_STAGES = [
 ]
 
 
+# With a frozen text encoder the precompute stage stores caption embeddings: it hashes the
+# encoder's config too (not its cache settings, which cannot change an embedding).
+TEXT_KEYS = dict(config_keys=("latent", "model.text"),
+                 exclude=("model.text.cache_size", "model.text.cache_dir"))
+
+
 def build_graph(root: str | Path, local_cache: str | None = None, *, data_kind: str = "raw",
-                latent_kind: str = "none") -> Graph:
+                latent_kind: str = "none", text_frozen: bool = False) -> Graph:
     """The graph for a config: with ``train.data.kind=latent`` the DiT trains on latent shards,
-    ``shard -> [vae ->] precompute -> train`` (the vae stage only for ``latent.kind=ours``)."""
+    ``shard -> [vae ->] precompute -> train`` (the vae stage only for ``latent.kind=ours``;
+    ``text_frozen``: the model's text encoder is frozen, so precompute embeds the captions)."""
     if data_kind != "latent":
         return Graph(STAGES, root, local_cache=local_cache)
     if latent_kind == "none":
@@ -444,6 +460,8 @@ def build_graph(root: str | Path, local_cache: str | None = None, *, data_kind: 
     extra = [s for s in LATENT_STAGES if s.name != "vae" or latent_kind == "ours"]
     if latent_kind != "ours":
         extra = [dataclasses.replace(s, inputs=("shard",)) for s in extra]
+    if text_frozen:
+        extra = [dataclasses.replace(s, **TEXT_KEYS) if s.name == "precompute" else s for s in extra]
     stages = []
     for s in STAGES:
         if s.name == "train":
@@ -457,5 +475,8 @@ def graph_for(cfg) -> Graph:
     """The graph of a (typed or dict) config."""
     get = (lambda o, k: o[k]) if isinstance(cfg, dict) else getattr
     run, train, latent = get(cfg, "run"), get(cfg, "train"), get(cfg, "latent")
+    from training.text import FROZEN_KINDS
+
     return build_graph(get(run, "root"), get(run, "local_cache"),
-                       data_kind=get(get(train, "data"), "kind"), latent_kind=get(latent, "kind"))
+                       data_kind=get(get(train, "data"), "kind"), latent_kind=get(latent, "kind"),
+                       text_frozen=get(get(get(cfg, "model"), "text"), "kind") in FROZEN_KINDS)

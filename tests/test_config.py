@@ -130,6 +130,16 @@ def test_cli_surface_is_frozen():
         "runs/x/lineage.json")
     assert parse_args("logs", ["j", "--follow"])["job"] == "j"
     assert parse_args("stop", ["j"])["job"] == "j" and parse_args("jobs", [])["job"] is None
+    # Where and how wide training runs (conf/cluster/): GPUs per worker is a number.
+    from dataclasses import fields
+
+    from pipeline.config import ClusterConfig
+
+    assert [f.name for f in fields(ClusterConfig)] == [
+        "name", "address", "num_workers", "gpus_per_worker", "cpus_per_worker",
+        "curate_concurrency", "peak_tflops_per_worker", "dashboard_host"]
+    assert to_object(compose_cfg(["cluster=ray"])).cluster.gpus_per_worker == 1
+    assert to_object(compose_cfg()).cluster.gpus_per_worker == 0
 
 
 def run_cli(*args, cwd):
@@ -157,3 +167,48 @@ def test_cli_missing_directory_is_named(tmp_path):
                 f"run.root={tmp_path}/out", cwd=tmp_path)
     assert r.returncode != 0 and "missing' is not a directory" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_latent_experiment_follows_the_vae_and_checks_shapes_before_work():
+    """experiment=latent: in_channels null (follows the VAE); a mismatching explicit value, a
+    frame count the VAE cannot encode or latents the patch cannot cut fail in preflight; a
+    frozen text encoder puts model.text (not its cache) into the precompute stage's hash."""
+    import copy
+    from dataclasses import replace
+
+    from pipeline.config import to_dict
+    from pipeline.stages import graph_for
+    from training.trainer import follow_data
+
+    cfg = to_object(compose_cfg(["experiment=latent"]))
+    assert cfg.model.dit.in_channels is None
+    preflight(cfg)
+    assert follow_data(cfg.train, cfg.model, {"channels": 16}).dit.in_channels == 16
+    raw = replace(cfg.train, data=replace(cfg.train.data, kind="raw"))
+    assert follow_data(raw, cfg.model, None).dit.in_channels == 3
+
+    def dit(**kw):
+        return replace(cfg, model=replace(cfg.model, dit=replace(cfg.model.dit, **kw)))
+
+    for bad, match in ((dit(in_channels=16), r"in_channels \(16\) must equal the VAE's latent channels"),
+                       (replace(cfg, train=replace(cfg.train, num_frames=8)),
+                        r"train.num_frames/height/width.*T = 1 \+ k\*4"),
+                       (dit(patch_size=[2, 2, 2]), r"latents \(3, 4, 4\).*patch_size \[2, 2, 2\]")):
+        with pytest.raises(SystemExit, match=match):
+            preflight(bad)
+    preflight(dit(in_channels=4))  # explicit and right
+
+    assert "model.text" not in graph_for(cfg).stages["precompute"].config_keys  # tiny: trained, not stored
+    clip = compose_cfg(["experiment=latent", "+model/text=open_clip"])
+    d = to_dict(clip)
+    g = graph_for(to_object(clip))
+    hashed = g.hashed_config("precompute", d)
+    assert hashed["model"]["text"]["kind"] == "open_clip" and "cache_size" not in hashed["model"]["text"]
+    assert set(hashed["model"]) == {"text"}  # not the DiT: latents and embeddings do not depend on it
+    h = g.hashes(d)
+    for section, k, v, same in (("text", "cache_size", 7, True), ("text", "max_length", 32, False),
+                                ("dit", "hidden_size", 64, True)):
+        d2 = copy.deepcopy(d)
+        d2["model"][section][k] = v
+        assert (g.hashes(d2)["precompute"] == h["precompute"]) is same, k
+        assert g.hashes(d2)["train"] != h["train"]

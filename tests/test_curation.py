@@ -16,6 +16,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import webdataset as wds
 
@@ -159,8 +160,17 @@ def kill_when(args: list[str], cwd: Path, log: Path, pattern: str) -> list[Path]
                 break
             time.sleep(0.05)  # polling for the file, not waiting for luck
         assert found and p.poll() is None, log.read_text()[-3000:]
+        # Every process of the run, Ray's workers included (not all stay in the driver's
+        # process group): killed, and gone before the caller looks at what was written.
+        procs = [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
         os.killpg(p.pid, signal.SIGKILL)
+        for q in procs:
+            try:
+                q.kill()
+            except psutil.NoSuchProcess:
+                pass
         p.wait()
+        psutil.wait_procs(procs, timeout=60)
     return found
 
 

@@ -33,6 +33,19 @@ def spacetime(*args, cwd: Path) -> subprocess.CompletedProcess:
     return r
 
 
+def graph_status(overrides: list[str]) -> dict[str, str]:
+    """What `spacetime status` prints (stage -> state), computed in this process."""
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import CONF_DIR, register, to_dict, to_object
+    from pipeline.stages import graph_for
+
+    register()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    return {r.name: r.state for r in graph_for(to_object(cfg)).status(to_dict(cfg))}
+
+
 def lineage_of(r: subprocess.CompletedProcess, root: Path) -> dict:
     line = next(s for s in r.stdout.splitlines() if s.strip().startswith("lineage :"))
     return json.loads(Path(line.split(":", 1)[1].strip()).read_text())
@@ -317,13 +330,25 @@ def test_sigterm_checkpoints_then_the_rerun_resumes(run1):
 
 
 def test_latent_experiment_reuses_curation_and_trains_on_vae_latents(run1):
-    """experiment=latent on the same root: curation is cached (same hashes), our VAE is
-    trained, the shards are encoded once into latent shards, the DiT trains on them (its
-    channels follow the VAE) and evaluation decodes its samples through the VAE."""
+    """experiment=latent on the same root, with a frozen (tiny, random, local) open_clip text
+    encoder: curation is cached (same hashes), our VAE is trained, the shards are encoded once
+    into latent shards with the captions' embeddings, the DiT trains on them (its channels
+    follow the VAE, the text encoder never runs) and evaluation decodes its samples through the
+    VAE. Then the precompute stage reruns alone: the VAE stays cached, training goes stale."""
+    import numpy as np
     import webdataset as wds
+    from test_text import write_open_clip_checkpoint, write_open_clip_dir
+
+    from training.text import TextEncoderConfig, encode_captions
 
     cwd = run1["cwd"]
-    r = spacetime("run", "experiment=latent", "tracking=disabled", cwd=cwd)
+    name = write_open_clip_dir(cwd / "clip")
+    text = TextEncoderConfig(kind="open_clip", name=name, dim=64, max_length=16,
+                             pretrained=write_open_clip_checkpoint(cwd / "clip" / "text.pt", name))
+    args = ["experiment=latent", "tracking=disabled", "model.text.kind=open_clip",
+            f"model.text.name='{text.name}'", f"model.text.pretrained='{text.pretrained}'",
+            "model.text.dim=64", "model.text.max_length=16", "model.dit.text_dim=64"]
+    r = spacetime("run", *args, cwd=cwd)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     lin = lineage_of(r, run1["root"])
     states = {n: s["state"] for n, s in lin["stages"].items()}
@@ -335,13 +360,39 @@ def test_latent_experiment_reuses_curation_and_trains_on_vae_latents(run1):
     stats = json.loads((d["precompute"] / "stats.json").read_text())
     shard_stats = json.loads((d["shard"] / "stats.json").read_text())
     assert stats["clips_in"] == shard_stats["clips_sharded"] == stats["clips_encoded"]
+    info = json.loads((d["precompute"] / "info.json").read_text())
+    assert info["config"]["model"] == {"text": {k: v for k, v in lin["config"]["model"]["text"].items()
+                                                if k not in ("cache_size", "cache_dir")}}
     index = json.loads((d["precompute"] / "index.json").read_text())
     sample = next(iter(wds.WebDataset(str(d["precompute"] / index["train"][0]),
                                       shardshuffle=False).decode()))
     assert sample["latent.npy"].shape == (4, 3, 4, 4)  # (C, 1 + 8/4, 32/8, 32/8)
+    enc = text.build()  # the stored embeddings are a fresh encode of the caption
+    assert stats["text_encoder"] == enc.identity
+    fresh, mask = encode_captions(enc, text.build_tokenizer(), [sample["txt"]])
+    np.testing.assert_allclose(sample["text.npy"], fresh[0, mask[0]].numpy(), rtol=1e-5, atol=1e-6)
     tcfg = json.loads((d["train"] / "train_config.json").read_text())
     assert tcfg["latent"]["identity"] == stats["vae"]
+    assert json.loads((d["train"] / "model_config.json").read_text())["dit"]["in_channels"] == 4
+    tres = json.loads((d["train"] / "train_result.json").read_text())
+    assert tres["text_from_shards"] and tres["text_encoder_calls"] == 0  # never ran in training
     res = json.loads((d["eval"] / "results.json").read_text())
-    assert 0 < res["val/loss"] < 10 and 0 < res["recon/psnr"] < 60
+    assert 0 < res["val/loss"] < 10 and 0 < res["recon/psnr"] < 60 and 0 < res["recon/ssim"] <= 1
     frames = read_frames(d["eval"] / res["samples"][0]["path"])
     assert frames.shape == (9, 32, 32, 3)
+
+    # rerunnable alone: new latent shards (fp16) while the VAE is reused; training is now stale
+    r = spacetime("run", "--only", "precompute", *args, "latent.store_dtype=fp16", cwd=cwd)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lin = lineage_of(r, run1["root"])
+    states = {n: s["state"] for n, s in lin["stages"].items()}
+    assert states == {**CURATION, "vae": "cached", "precompute": "done", "train": "skipped",
+                      "eval": "skipped"}
+    again = json.loads((Path(lin["stages"]["precompute"]["path"]) / "stats.json").read_text())
+    assert again["clips_encoded"] == stats["clips_encoded"] and again["vae"] == stats["vae"]
+    sample = next(iter(wds.WebDataset(str(Path(lin["stages"]["precompute"]["path"]) / index["train"][0]),
+                                      shardshuffle=False).decode()))
+    assert sample["latent.npy"].dtype == np.float16
+    status = graph_status([*args, "latent.store_dtype=fp16", f"run.root={run1['root']}"])
+    assert status == {**CURATION, "vae": "cached", "precompute": "done", "train": "stale",
+                      "eval": "stale"}

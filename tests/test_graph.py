@@ -208,3 +208,25 @@ def test_local_root_gives_stages_their_paths_as_urls(tmp_path):
     assert seen["out_url"] == str(seen["out_dir"])
     assert seen["out_dir"].parent == tmp_path / "r" / "stages"
     assert seen["urls"] == {"a": str(seen["inputs"]["a"])}
+
+
+def test_a_stage_can_hash_and_read_a_subsection_alone(tmp_path):
+    """config_keys "m.text": only that part of m is hashed (nested, with its exclusions) and
+    readable; the rest of m is neither."""
+    seen = {}
+
+    def fn(ctx):
+        seen["text"] = ctx.section("m.text")
+        seen["deeper"] = ctx.section("m.text.kind")  # inside a hashed subsection
+        ctx.section("m")
+
+    g = Graph([Stage("p", fn, config_keys=("lat", "m.text"), exclude=("m.text.cache",))], tmp_path)
+    cfg = {"lat": {"a": 1}, "m": {"dit": {"w": 1}, "text": {"kind": "clip", "cache": 0}}}
+    assert g.hashed_config("p", cfg) == {"lat": {"a": 1}, "m": {"text": {"kind": "clip"}}}
+    h = g.hashes(cfg)["p"]
+    assert g.hashes({**cfg, "m": {**cfg["m"], "dit": {"w": 2}}})["p"] == h  # outside the subsection
+    assert g.hashes({**cfg, "m": {**cfg["m"], "text": {"kind": "clip", "cache": 9}}})["p"] == h  # excluded
+    assert g.hashes({**cfg, "m": {**cfg["m"], "text": {"kind": "t5", "cache": 0}}})["p"] != h
+    with pytest.raises(StageFailed, match="reads config section 'm' that is not in its hash"):
+        g.run(cfg, cfg, "r", log=lambda s: None)
+    assert seen == {"text": cfg["m"]["text"], "deeper": "clip"}

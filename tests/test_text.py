@@ -53,6 +53,16 @@ def write_open_clip_dir(path, width: int = 64) -> str:
     return f"local-dir:{path}"
 
 
+def write_open_clip_checkpoint(path, name: str, seed: int = 0) -> str:
+    """Random weights for the text tower of open_clip model `name`, saved as a local checkpoint
+    file (model.text.pretrained): every build from it has the same weights and identity."""
+    torch.manual_seed(seed)
+    enc = TextEncoderConfig(kind="open_clip", name=name, dim=64, max_length=16).build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(enc.tower.state_dict(), path)
+    return str(path)
+
+
 def write_t5_dir(path, seed: int = 0, d_model: int = 32) -> str:
     """A tiny random T5 encoder + a word-level tokenizer, saved as `save_pretrained` would for a real one."""
     from tokenizers import Tokenizer as RawTokenizer

@@ -7,9 +7,11 @@ trainer alone; the Ray Train runs share one local Ray.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
+import tarfile
 import threading
 import time
 from dataclasses import replace
@@ -27,8 +29,9 @@ from training.checkpoint import COMPLETE, Checkpoints
 from training.ema import EMA
 from training.loader import Bucket, ClipStream, Loader, LoaderConfig, normalize
 from training.model import ModelConfig
-from training.trainer import NonFiniteGuard, TrainConfig, run_training
-from training.zero import DeepSpeedConfig
+from training.trainer import (NonFiniteGuard, TrainConfig, lr_lambda, run_training,
+                              worker_resources)
+from training.zero import DeepSpeedConfig, build_ds_config
 
 NUM_FRAMES, SIZE = 8, (32, 32)
 
@@ -114,6 +117,77 @@ def test_loader_resumes_exactly(shards):
         assert ka == kb and ca == cb and torch.equal(va, vb)
 
 
+def test_loader_resumes_exactly_with_loader_workers(shards):
+    """The DataLoader takes batches from its workers round-robin from worker 0; a restore
+    rotates the worker -> reader mapping so the next batch comes from the right reader."""
+    def make(state=None):
+        return Loader(ClipStream(shards, buckets=[Bucket(NUM_FRAMES, *SIZE, 1)], rank=0, world=1,
+                                 seed=4, cfg=LoaderConfig(shuffle_buffer=3, num_workers=2),
+                                 state=state))
+
+    a = make()
+    for _ in range(3):
+        next(a)
+    saved = json.loads(json.dumps(a.state_dict()))
+    assert saved["next_worker"] == 1
+    b = make(Loader.restore_state(saved, 2))
+    for _ in range(5):
+        va, _, ka = next(a)
+        vb, _, kb = next(b)
+        assert ka == kb and torch.equal(va, vb)
+    a.close(), b.close()
+
+
+@pytest.fixture(scope="module")
+def damaged_shards(shards, tmp_path_factory) -> list[str]:
+    """A shard with a .json that is not JSON and a .txt that is not UTF-8 among good samples,
+    and a good shard cut off in the middle of its 4th sample's mp4."""
+    from data.shards import read_shards
+
+    root = tmp_path_factory.mktemp("damaged")
+    good = [dict(s, json=dict(s["json"])) for s in read_shards(shards[:2])][:8]
+    for s in good:
+        for k in ("__url__", "__local_path__"):
+            s.pop(k, None)
+    bad = [dict(good[0], __key__="badjson", json=b'{"start": 0, "end'),
+           dict(good[1], __key__="badtxt", txt=b"\xff\xfe not utf-8")]
+    write_shard(str(root / "a.tar"), good[:2] + bad + good[2:4])
+    write_shard(str(root / "b.tar"), good[4:8])
+    with tarfile.open(root / "b.tar") as tf:
+        cut = next(m for m in tf.getmembers() if m.name.endswith(".mp4")
+                   and m.name.startswith(good[7]["__key__"])).offset_data + 100
+    with open(root / "b.tar", "r+b") as f:
+        f.truncate(cut)
+    return [str(root / "a.tar"), str(root / "b.tar")]
+
+
+def test_damaged_shards_are_skipped_counted_and_the_count_survives_a_restore(damaged_shards):
+    def make(state=None):
+        return Loader(ClipStream(damaged_shards, buckets=[Bucket(NUM_FRAMES, *SIZE, 1)], rank=0,
+                                 world=1, seed=0, cfg=LoaderConfig(shuffle_buffer=2),
+                                 state=state))
+
+    a = make()
+    seen, counts = [], []
+    while not seen or a.last["epoch"] == 0:
+        seen += next(a)[2]
+        counts.append(a.skipped_total)
+    epoch0 = seen[:-1]  # the last batch is epoch 1's first
+    assert len(epoch0) == len(set(epoch0)) == 7  # 4 + 3 whole samples before the cut
+    assert "badjson" not in epoch0 and "badtxt" not in epoch0
+    assert counts[-2] == 3  # bad json, bad txt, the truncated tar
+    b = make()
+    for _ in range(3):
+        next(b)
+    c = make(Loader.restore_state(json.loads(json.dumps(b.state_dict())), 0))
+    for _ in range(11):  # to the end of the second epoch
+        kb, kc = next(b)[2], next(c)[2]
+        assert kb == kc and b.skipped_total == c.skipped_total
+    assert c.last["epoch"] == 1 and c.skipped_total == 6  # the second epoch counted again
+    for loader in (a, b, c):
+        loader.close()
+
+
 def test_loader_resizes_and_crops_keeping_aspect(tmp_path):
     from data.video_io import encode_mp4
 
@@ -164,6 +238,49 @@ def test_incomplete_checkpoint_is_never_latest_and_old_ones_are_pruned(tmp_path)
         "step00000020", "step00000030", "step00000040"]
 
 
+def test_deepspeed_config_comes_from_the_hydra_config_with_raw_keys_merged():
+    ds = build_ds_config(DeepSpeedConfig(
+        zero_stage=3, grad_clip=0.5, grad_accum=2, offload_param=True,
+        extra={"zero_optimization": {"stage3_max_live_parameters": 7},
+               "bf16": {"check_grad_overflow": True}, "wall_clock_breakdown": True}), 3, "bf16")
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"],
+            ds["gradient_clipping"]) == (3, 2, 0.5)
+    z = ds["zero_optimization"]
+    assert z["stage"] == 3 and z["offload_param"] == {"device": "cpu", "pin_memory": False}
+    assert z["stage3_max_live_parameters"] == 7  # the raw key wins ...
+    assert z["reduce_bucket_size"] == 50_000_000  # ... and the rest of the section stays
+    assert ds["bf16"] == {"enabled": True, "check_grad_overflow": True}
+    assert ds["wall_clock_breakdown"] is True
+    with pytest.raises(ValueError, match="offload_param needs zero_stage=3"):
+        build_ds_config(DeepSpeedConfig(zero_stage=2, offload_param=True), 1, "fp32")
+    with pytest.raises(ValueError, match="zero_stage must be 0-3"):
+        build_ds_config(DeepSpeedConfig(zero_stage=4), 1, "fp32")
+    with pytest.raises(ValueError, match="train.precision"):
+        build_ds_config(DeepSpeedConfig(), 1, "fp16")
+
+
+def test_workers_gpus_and_backend_come_from_the_cluster_config():
+    from pipeline.config import ClusterConfig
+
+    assert worker_resources(ClusterConfig()) == {
+        "num_workers": 2, "use_gpu": False, "resources_per_worker": {"CPU": 1}, "backend": "gloo"}
+    gpu = ClusterConfig(num_workers=16, gpus_per_worker=1, cpus_per_worker=8)
+    assert gpu.use_gpu and worker_resources(gpu) == {
+        "num_workers": 16, "use_gpu": True, "resources_per_worker": {"CPU": 8, "GPU": 1.0},
+        "backend": "nccl"}
+    with pytest.raises(ValueError, match="cluster.gpus_per_worker"):
+        worker_resources(ClusterConfig(gpus_per_worker=-1))
+
+
+def test_resuming_with_another_number_of_workers_fails_before_training(shards, tmp_path):
+    tag = tmp_path / "checkpoints" / "step00000004"
+    tag.mkdir(parents=True)
+    (tag / COMPLETE).write_text(json.dumps({"step": 4, "world_size": 3}))
+    with pytest.raises(ValueError, match=r"written by 3 training workers but cluster.num_workers=2"):
+        train(shards, tmp_path, zero=2)  # no Ray needed: it fails before any worker starts
+    assert not (tmp_path / "ray_train").exists()
+
+
 # ----- Ray Train + DeepSpeed ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_local():
@@ -176,31 +293,41 @@ def ray_local():
 
 
 class Cluster:
-    num_workers, use_gpu, cpus_per_worker, peak_tflops_per_worker = 2, False, 1, None
+    num_workers, gpus_per_worker, cpus_per_worker, peak_tflops_per_worker = 2, 0, 1, None
+
+
+def train_cfg(steps: int = 16, **kw) -> TrainConfig:
+    return TrainConfig(**{**dict(steps=steps, global_batch_size=4, lr=3e-3, warmup_steps=1,
+                                 log_every=1, seed=1, num_frames=NUM_FRAMES, height=SIZE[0],
+                                 width=SIZE[1], data=LoaderConfig(shuffle_buffer=4)), **kw})
 
 
 def train(shards, out: Path, *, zero: int, steps: int = 16, ckpt_every: int = 100,
-          max_failures: int = 0, offload: bool = False, mcfg: ModelConfig | None = None) -> dict:
+          max_failures: int = 0, offload: bool = False, mcfg: ModelConfig | None = None,
+          ds: dict | None = None, **train_kw) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    tcfg = TrainConfig(steps=steps, global_batch_size=4, lr=3e-3, warmup_steps=1, log_every=1,
-                       ckpt_every=ckpt_every, max_failures=max_failures, seed=1,
-                       num_frames=NUM_FRAMES, height=SIZE[0], width=SIZE[1],
-                       data=LoaderConfig(shuffle_buffer=4))
+    tcfg = train_cfg(steps, ckpt_every=ckpt_every, max_failures=max_failures, **train_kw)
     spec = TrackerSpec(mode="disabled", project="t", entity=None, dir=str(out), group="g",
                        job_type="train", name="train", config={}, tags=[],
                        jsonl=str(out / "metrics.jsonl"))
     if mcfg is None:
         mcfg = ModelConfig()
         mcfg.dit.patch_size = [2, 4, 4]
-    return run_training(train_cfg=tcfg, model_cfg=mcfg, ds_cfg=DeepSpeedConfig(zero_stage=zero, offload_optimizer=offload),
+    dcfg = DeepSpeedConfig(zero_stage=zero, offload_optimizer=offload, **(ds or {}))
+    return run_training(train_cfg=tcfg, model_cfg=mcfg, ds_cfg=dcfg,
                         cluster=Cluster(), out_dir=out, train_shards=shards,
                         tracker_spec=spec, stage="train", stage_hash="0" * 64, inputs={})
 
 
+def metrics(out: Path) -> list[dict]:
+    """Every logged step's metrics in order (a step replayed after a restore appears twice)."""
+    recs = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{"step": r["step"], **r["metrics"]} for r in recs if r["kind"] == "metrics"]
+
+
 def losses(out: Path) -> dict[int, float]:
     """Step -> loss; a step logged twice (replayed after a restore) keeps its last value."""
-    recs = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["metrics"]["train/loss"] for r in recs if r["kind"] == "metrics"}
+    return {m["step"]: m["train/loss"] for m in metrics(out)}
 
 
 @pytest.fixture(scope="module")
@@ -217,12 +344,22 @@ def falling(ls: dict[int, float]) -> bool:
 
 def test_zero2_trains_with_falling_loss(baseline):
     assert falling(losses(baseline))
-    recs = [json.loads(s) for s in (baseline / "metrics.jsonl").read_text().splitlines()]
-    m = next(r["metrics"] for r in recs if r["kind"] == "metrics")
-    assert 0 < m["train/mfu"] < 1.5 and m["train/tflops_per_worker"] > 0
-    assert m["train/compute_s"] + m["train/data_wait_s"] == pytest.approx(
-        m["train/step_time_s"])
-    assert m["train/peak_memory_bytes"] > 0
+    ms = metrics(baseline)
+    assert [m["step"] for m in ms] == list(range(16))  # every step
+    schedule = lr_lambda(train_cfg())
+    tokens = (NUM_FRAMES // 2) * (SIZE[0] // 4) * (SIZE[1] // 4)  # per clip, patches (2, 4, 4)
+    for m in ms:
+        assert m["train/lr"] == pytest.approx(3e-3 * schedule(m["step"]))  # the rate applied
+        assert 0 < m["train/grad_norm"] < math.inf
+        samples = m["train/samples_per_s"] * m["train/step_time_s"]  # 4, 3 at an epoch's end
+        assert samples == pytest.approx(round(samples)) and round(samples) in (3, 4)
+        assert m["train/tokens_per_s"] == pytest.approx(tokens * m["train/samples_per_s"])
+        buckets = [v for k, v in m.items() if k.startswith("train/loss_t")]
+        assert buckets and all(math.isfinite(v) for v in buckets)
+        assert 0 < m["train/mfu"] < 1.5 and m["train/tflops_per_worker"] > 0
+        assert m["train/compute_s"] + m["train/data_wait_s"] == pytest.approx(
+            m["train/step_time_s"])
+        assert m["train/peak_memory_bytes"] > 0 and m["train/nonfinite_steps"] == 0
     res = json.loads((baseline / "train_result.json").read_text())
     assert res["zero_stage"] == 2 and res["world_size"] == 2 and res["skipped_samples"] >= 0
 
@@ -234,6 +371,44 @@ def test_zero_stage_trains_with_falling_loss(ray_local, shards, tmp_path, zero, 
     assert falling(losses(tmp_path))
     if zero == 3:
         check_zero_to_fp32(tmp_path)
+
+
+def test_zero3_param_offload_bf16_accumulation_clipping_and_checkpointing(ray_local, shards,
+                                                                         tmp_path):
+    """One run of the options the stage tests leave out: ZeRO-3 with parameters offloaded to
+    the CPU, bf16 on the CPU under DeepSpeed, 2 accumulation steps, gradient clipping and the
+    DiT's activation checkpointing inside the engine."""
+    mcfg = ModelConfig()
+    mcfg.dit.patch_size = [2, 4, 4]
+    mcfg.dit.grad_checkpointing = True
+    res = train(shards, tmp_path, zero=3, steps=10, mcfg=mcfg, precision="bf16",
+                ds={"offload_param": True, "grad_accum": 2, "grad_clip": 0.05})
+    assert res["zero_stage"] == 3 and res["micro_batch"] == 1  # 4 = 2 workers x 2 x 1
+    ms = metrics(tmp_path)
+    assert falling(losses(tmp_path)) and all(math.isfinite(m["train/loss"]) for m in ms)
+    # the pre-clip norm is above the threshold at every step: clipping acted on every update
+    assert all(0.05 < m["train/grad_norm"] < math.inf for m in ms)
+    samples = [round(m["train/samples_per_s"] * m["train/step_time_s"]) for m in ms]
+    assert max(samples) == 4  # 2 micro-batches per step on each of 2 workers
+
+
+def test_nonfinite_losses_stop_the_run_with_a_message_and_no_retry(ray_local, shards, tmp_path):
+    """An absurd learning rate: step 0 is finite and blows the weights up, every later loss
+    is inf. Each such step is skipped whole (2 micro-batches each), the lr stays on its
+    schedule, and after train.max_nonfinite in a row the run stops; the driver raises the
+    guard's message and Ray Train does not retry (max_failures=2 would rerun from step 0)."""
+    with pytest.raises(FloatingPointError, match=r"2 consecutive non-finite losses \(last at "
+                                                 r"step 2\).*train.max_nonfinite"):
+        train(shards, tmp_path, zero=2, steps=8, lr=1e30, max_nonfinite=2, max_failures=2,
+              ds={"grad_accum": 2})
+    ms = metrics(tmp_path)
+    assert [m["step"] for m in ms] == [0, 1, 2]  # logged once each: no second attempt
+    assert math.isfinite(ms[0]["train/loss"]) and ms[0]["train/grad_norm"] > 0
+    assert [m["train/nonfinite_steps"] for m in ms] == [0, 1, 2]
+    schedule = lr_lambda(train_cfg(8, lr=1e30))
+    assert [m["train/lr"] for m in ms] == pytest.approx([1e30 * schedule(s) for s in range(3)])
+    assert not (tmp_path / "train_result.json").exists()
+    assert not (tmp_path / "NONFINITE.json").exists()  # consumed by the driver
 
 
 def check_zero_to_fp32(out: Path):
@@ -345,8 +520,9 @@ def test_loader_resumes_exactly_with_partly_filled_buckets(mixed_shards):
 
 
 def test_frozen_open_clip_encoder_trains_through_the_embedding_cache(ray_local, shards, tmp_path):
-    """A frozen text tower (tiny random open_clip, no download) under ZeRO-2: its embeddings
-    come from the cache, it gets no optimizer state, and the DiT still learns."""
+    """A frozen text tower (tiny random open_clip, no download) under ZeRO-0 (the one stage the
+    other runs leave out; fp32, so the trainer computes the gradient norm itself): its
+    embeddings come from the cache, it gets no optimizer state, and the DiT still learns."""
     from test_text import write_open_clip_dir
     from training.dit import DiTConfig
     from training.text import TextEncoderConfig
@@ -355,8 +531,9 @@ def test_frozen_open_clip_encoder_trains_through_the_embedding_cache(ray_local, 
     mcfg = ModelConfig(dit=DiTConfig(patch_size=[2, 4, 4], text_dim=64),
                        text=TextEncoderConfig(kind="open_clip", name=name, dim=64,
                                               max_length=16, cache_size=1024))
-    res = train(shards, tmp_path / "out", zero=2, mcfg=mcfg)
+    res = train(shards, tmp_path / "out", zero=0, mcfg=mcfg)
     assert falling(losses(tmp_path / "out"))
+    assert all(0 < m["train/grad_norm"] < math.inf for m in metrics(tmp_path / "out"))
     ema = torch.load(tmp_path / "out" / "model_ema.pt", weights_only=True)
     assert ema and not any(k.startswith("text_encoder.") for k in ema)  # frozen: no EMA
-    assert res["zero_stage"] == 2
+    assert res["zero_stage"] == 0

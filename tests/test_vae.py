@@ -239,18 +239,74 @@ def test_diffusers_cogvideox_vae_uses_its_scaling_factor(tmp_path):
         LatentConfig(kind="diffusers", path=str(tmp_path / "cog"), class_name="NoSuchVAE").build()
 
 
+def test_diffusers_wan_vae_precomputes_shards_that_train_and_evaluate(shards, tmp_path):
+    """latent=diffusers as the precompute stage calls it: a tiny 16-channel Wan VAE from a local
+    directory encodes latent shards; a DiT whose in_channels follow the shards takes a training
+    step on them, and evaluation's val loss and samples go through the same VAE."""
+    from diffusers import AutoencoderKLWan
+
+    from training.evaluate import EvalConfig, sample_videos, validation_loss, load_val_clips
+    from training.flow import FlowConfig, flow_loss
+    from training.model import ModelConfig
+    from training.trainer import TrainConfig, check_latent_data, follow_data
+
+    torch.manual_seed(0)
+    AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                     temperal_downsample=[False, True, True]).save_pretrained(tmp_path / "wan")
+    cfg = LatentConfig(kind="diffusers", path=str(tmp_path / "wan"), clips_per_shard=8, batch_size=4)
+    stats = precompute_latents(cfg, {"train": shards["train"][:1]}, tmp_path / "out", T, SIZE, None,
+                               log=lambda *a: None)
+    assert stats["clips_in"] == 6 == stats["clips_encoded"] and stats["latent_shape"] == [16, 3, 4, 4]
+    rec = json.loads((tmp_path / "out" / "latent_space.json").read_text())
+    assert rec["channels"] == 16 and rec["config"]["kind"] == "diffusers" and rec["text"] is None
+
+    tcfg = TrainConfig(num_frames=T, height=SIZE[0], width=SIZE[1], data=LoaderConfig(kind="latent"))
+    mcfg = ModelConfig()
+    mcfg.dit.patch_size, mcfg.dit.in_channels = [1, 2, 2], None
+    check_latent_data(tcfg, mcfg, rec)
+    mcfg = follow_data(tcfg, mcfg, rec)
+    assert mcfg.dit.in_channels == 16
+    torch.manual_seed(0)
+    model = mcfg.build()
+    urls = [str(tmp_path / "out" / p) for p in json.loads((tmp_path / "out" / "index.json").read_text())["train"]]
+    z, caps, _ = next(Loader(ClipStream(urls, buckets=[Bucket(T, *SIZE, 3)], rank=0, world=1, seed=0,
+                                        cfg=LoaderConfig(kind="latent"))))
+    assert z.shape == (3, 16, 3, 4, 4)
+    ids, mask = model.tokenize(caps)
+    loss, _, _ = flow_loss(lambda x, t: model(x, t, ids, mask), z, FlowConfig(), generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and model.dit.final.linear.weight.grad.abs().sum() > 0  # adaLN-Zero: the last layer first
+
+    space = load_latent_space(rec)  # what evaluation rebuilds from train_config.json's `latent`
+    ecfg = EvalConfig(val_timesteps=[0.5], sample_steps=2, batch_size=2)
+    clips = load_val_clips(shards["val"], 2, T, SIZE, None)
+    val = validation_loss(model.eval(), model.tokenizer, clips, ecfg, torch.device("cpu"), space)
+    assert val["val/clips"] == 2 and np.isfinite(val["val/loss"])
+    frames = sample_videos(model, model.tokenizer, ["a red circle"], ecfg, (16, 3, 4, 4), 1.0,
+                           torch.device("cpu"), space)
+    assert frames.shape == (1, T, *SIZE, 3) and frames.dtype == torch.uint8
+
+
 # ----- latent shards and the latent loader ---------------------------------------------------
 @pytest.fixture(scope="module")
-def latent_dir(shards, tmp_path_factory) -> Path:
-    from test_text import write_open_clip_dir
+def clip_text(tmp_path_factory):
+    """A tiny frozen open_clip text tower with fixed random weights (a local checkpoint file)."""
+    from test_text import write_open_clip_checkpoint, write_open_clip_dir
 
     from training.text import TextEncoderConfig
 
+    root = tmp_path_factory.mktemp("clip")
+    name = write_open_clip_dir(root / "clip")
+    return TextEncoderConfig(kind="open_clip", name=name, dim=64, max_length=16,
+                             pretrained=write_open_clip_checkpoint(root / "text.pt", name))
+
+
+@pytest.fixture(scope="module")
+def latent_dir(shards, clip_text, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("latents")
     vae_dir = save_vae(root / "vae")
-    text = TextEncoderConfig(kind="open_clip", name=write_open_clip_dir(root / "clip"), dim=64, max_length=16)
     cfg = LatentConfig(kind="ours", clips_per_shard=4, batch_size=3)
-    precompute_latents(cfg, shards, root / "out", T, SIZE, None, text=text, vae_dir=str(vae_dir))
+    precompute_latents(cfg, shards, root / "out", T, SIZE, None, text=clip_text, vae_dir=str(vae_dir))
     return root / "out"
 
 
@@ -302,9 +358,37 @@ def test_latent_loader_batches_and_resumes_exactly(latent_dir):
         next(make(buckets=(Bucket(5, *SIZE, 2),)))
 
 
+def test_stored_caption_tokens_equal_a_fresh_encode(latent_dir, clip_text):
+    """The latent loader brings each clip's stored caption tokens; assembled with caption
+    dropout (the empty caption's tokens from the record) they are what the frozen encoder
+    gives for the same captions, so the trainer never runs it."""
+    from training.latents import stored_text
+    from training.text import encode_captions
+
+    rec = json.loads((latent_dir / "latent_space.json").read_text())["text"]
+    enc, tok = clip_text.build(), clip_text.build_tokenizer()
+    assert rec["identity"] == enc.identity and (rec["dim"], rec["max_length"]) == (64, 16)
+    urls = [str(latent_dir / p) for p in json.loads((latent_dir / "index.json").read_text())["train"]]
+    loader = Loader(ClipStream(urls, buckets=[Bucket(T, *SIZE, 4)], rank=0, world=1, seed=0,
+                               cfg=LoaderConfig(kind="latent")))
+    _, caps, _ = next(loader)
+    tokens = loader.last["text"]  # one (n, 64) per clip
+    assert len(tokens) == 4 and all(t.shape[1] == 64 for t in tokens)
+    dropped = [False, True, False, True]
+    text, mask = stored_text(tokens, dropped, rec)  # (4, 16, 64), (4, 16)
+    fresh, fmask = encode_captions(enc, tok, ["" if d else c for c, d in zip(caps, dropped)])
+    assert text.shape == fresh.shape == (4, 16, 64) and torch.equal(mask, fmask)
+    torch.testing.assert_close(text, fresh, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="no .text.npy"):
+        stored_text(None, dropped, rec)
+
+
 def test_latent_training_checks_channels_and_shapes(latent_dir):
+    from dataclasses import replace
+
     from training.model import ModelConfig
-    from training.trainer import TrainConfig, check_latent_data
+    from training.text import TextEncoderConfig
+    from training.trainer import TrainConfig, check_latent_data, follow_data
 
     rec = json.loads((latent_dir / "latent_space.json").read_text())
     tcfg = TrainConfig(num_frames=T, height=SIZE[0], width=SIZE[1], data=LoaderConfig(kind="latent"))
@@ -312,8 +396,16 @@ def test_latent_training_checks_channels_and_shapes(latent_dir):
     mcfg.dit.patch_size = [1, 2, 2]
     with pytest.raises(ValueError, match=r"model.dit.in_channels \(3\) must equal the VAE's latent channels \(4"):
         check_latent_data(tcfg, mcfg, rec)
+    mcfg.dit.in_channels = None  # follow the VAE
+    check_latent_data(tcfg, mcfg, rec)
+    assert follow_data(tcfg, mcfg, rec).dit.in_channels == 4
     mcfg.dit.in_channels = 4
     check_latent_data(tcfg, mcfg, rec)
+    assert follow_data(tcfg, mcfg, rec) is mcfg
+    clip = replace(mcfg, text=TextEncoderConfig(kind="open_clip", name="ViT-B-32", dim=64, max_length=32),
+                   dit=replace(mcfg.dit, text_dim=64))
+    with pytest.raises(ValueError, match="caption tokens of the open_clip encoder.*precompute them again"):
+        check_latent_data(tcfg, clip, rec)  # the shards' tokens are 16 long
     with pytest.raises(ValueError, match="train.num_frames"):
         check_latent_data(TrainConfig(num_frames=8, data=LoaderConfig(kind="latent")), mcfg, rec)
     with pytest.raises(ValueError, match="needs the latent shards' record"):

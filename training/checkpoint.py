@@ -169,6 +169,17 @@ class Checkpoints:
         _write_atomic(self.root / "latest", tag)
         return tag
 
+    def resume_world_size(self) -> int | None:
+        """The number of ranks that wrote the tag :meth:`restore` would pick (read from its
+        ``_COMPLETE.json``, nothing downloaded); None when training would start afresh."""
+        remote = self.mirror_tags()
+        if remote:
+            return self.mirror.read_json(f"{remote[-1]}/{COMPLETE}").get("world_size")
+        tag = self.latest()
+        if tag is None:
+            return None
+        return json.loads((self.root / tag / COMPLETE).read_text()).get("world_size")
+
     # ----- loading -----------------------------------------------------------------------
     def load(self, engine, tag: str, rank: int) -> tuple[int, dict, dict | None]:
         """Restore the engine; returns (step, this rank's state, EMA state or None)."""

@@ -76,7 +76,7 @@ class DiTConfig:
     """
 
     preset: str = "tiny"
-    in_channels: int = 3  # latent / pixel channels C
+    in_channels: Optional[int] = 3  # latent / pixel channels C; null: follow the data (trainer.follow_data)
     patch_size: list[int] = field(default_factory=lambda: [1, 4, 4])  # (pt, ph, pw)
     hidden_size: int = 128
     depth: int = 4
@@ -123,6 +123,9 @@ class DiTConfig:
 
     @property
     def patch_dim(self) -> int:
+        if self.in_channels is None:
+            raise ValueError("model.dit.in_channels is null (follow the data): the trainer sets it from the "
+                             "shards (3 for clips, the VAE's latent channels for latents); set it to build alone")
         pt, ph, pw = self.patch_size
         return pt * ph * pw * self.in_channels
 

@@ -66,6 +66,15 @@ def _gen_device(generator: torch.Generator | None, device) -> torch.device:
     return generator.device if generator is not None else torch.device("cpu")
 
 
+def _draw(fn, shape, generator: torch.Generator | None, device, **kw) -> torch.Tensor:
+    """torch.randn / torch.rand of `shape` on `device`, drawn on the generator's own device
+    (a generator draws only there: a CPU one for CUDA data, or the reverse, would raise) and
+    moved. Same numbers as drawing in place when the devices agree."""
+    target = _gen_device(generator, device)  # `device`, else the generator's, else the CPU
+    src = generator.device if generator is not None else target
+    return fn(shape, generator=generator, device=src, **kw).to(target)
+
+
 def shift_for(cfg: FlowConfig, num_tokens: int | torch.Tensor | None = None) -> float | torch.Tensor:
     """The timestep shift for clips of `num_tokens` tokens (an int, or (B,) for mixed sizes).
 
@@ -103,12 +112,11 @@ def sample_timesteps(
     num_tokens: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Training timesteps t (B,) in (0, 1), sampled per cfg and then shifted by shift_for(cfg, num_tokens)."""
-    device = _gen_device(generator, device)
     if cfg.timestep_sampling == "logit_normal":
-        u = torch.randn(batch, generator=generator, device=device) * cfg.logit_std + cfg.logit_mean  # (B,)
+        u = _draw(torch.randn, (batch,), generator, device) * cfg.logit_std + cfg.logit_mean  # (B,)
         t = torch.sigmoid(u)  # (B,)
     else:
-        t = torch.rand(batch, generator=generator, device=device)  # (B,)
+        t = _draw(torch.rand, (batch,), generator, device)  # (B,)
     return shift_timesteps(t, shift_for(cfg, num_tokens))  # (B,)
 
 
@@ -132,7 +140,7 @@ def flow_loss(
     if t is None:
         t = sample_timesteps(cfg, B, generator, device=x0.device, num_tokens=num_tokens)  # (B,)
     if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)  # (B, C, T, H, W)
+        noise = _draw(torch.randn, x0.shape, generator, x0.device, dtype=x0.dtype)  # (B, C, T, H, W)
     t = t.to(x0.device)
     t_b = t.view(B, *([1] * (x0.ndim - 1))).to(x0.dtype)  # (B, 1, 1, 1, 1)
     x_t = (1 - t_b) * x0 + t_b * noise  # (B, C, T, H, W)
@@ -179,7 +187,7 @@ def euler_sample(
     """
     device = _gen_device(generator, device)
     if noise is None:
-        noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)  # (B, C, T, H, W)
+        noise = _draw(torch.randn, shape, generator, device, dtype=dtype)  # (B, C, T, H, W)
     x = noise
     ts = sampling_schedule(steps, shift, device=x.device)  # (S+1,)
     B = x.shape[0]

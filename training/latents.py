@@ -5,7 +5,7 @@
             <key>.latent.npy   the normalised latent, float32 (or float16: latent.store_dtype)
             <key>.txt          the caption
             <key>.json         the clip's metadata + video_shape, latent_shape, the VAE identity
-            <key>.text.npy     optional: a frozen text encoder's real caption tokens (n, D)
+            <key>.text.npy     with a frozen text encoder: the caption's real tokens (n, D) float32
 
 Each clip is encoded from its first window of ``num_frames`` frames at ``target_fps``
 (``decode_sample`` with no RNG), resized keeping the aspect ratio and centre-cropped to
@@ -17,6 +17,10 @@ The output directory mirrors the shard stage's: ``index.json`` (``{"train": [...
 [...]}`` relative paths), ``stats.json`` where clips in = encoded + failed for every split,
 with every failure listed with its key and reason, and ``latent_space.json`` (the VAE's
 config, identity, channels, compression, the shapes), which ``load_latent_space`` reads back.
+With a text encoder its ``text`` entry names the encoder (``identity``, ``dim``, ``max_length``)
+and holds the empty caption's tokens (``null``, what caption dropout trains on), so a trainer
+can assemble every batch's text from the shards alone (``stored_text``) and never run the
+encoder. Only frozen encoders (open_clip, t5) can be stored: a trained one changes every step.
 Shards are written atomically and the same inputs give the same shards, so the precompute can
 be rerun on its own at any time.
 """
@@ -66,6 +70,32 @@ def latent_text(sample: dict) -> Optional[torch.Tensor]:
     return None if raw is None else torch.from_numpy(npy_load(raw).astype(np.float32, copy=False))
 
 
+def stored_text(tokens: Optional[list[torch.Tensor]], dropped: list[bool], record: dict
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's text from the shards: the stored tokens of each caption, or the empty
+    caption's (``record["null"]``) where caption dropout dropped it.
+
+    tokens: per sample (n_i, D); record: ``latent_space.json``'s ``text`` entry. Returns text
+    (B, L, D) float32 zero-padded to the encoder's max_length, mask (B, L): what
+    ``training.text.encode_captions`` returns for the same captions."""
+    if tokens is None:
+        raise ValueError("the latent shards' record has caption tokens but this batch's samples have no .text.npy")
+    null = torch.tensor(record["null"], dtype=torch.float32)  # (n0, D)
+    L, D = int(record["max_length"]), int(record["dim"])
+    text = torch.zeros(len(tokens), L, D)  # (B, L, D)
+    mask = torch.zeros(len(tokens), L, dtype=torch.bool)  # (B, L)
+    for i, (emb, drop) in enumerate(zip(tokens, dropped)):
+        emb = null if drop else emb  # (n, D)
+        if emb is None:
+            raise ValueError("a latent sample has no stored caption tokens (.text.npy) while its batch has")
+        if emb.ndim != 2 or emb.shape[1] != D or not 1 <= emb.shape[0] <= L:
+            raise ValueError(f"stored caption tokens of shape {tuple(emb.shape)} do not fit the text "
+                             f"encoder's (<= {L}, {D}): the latent shards were made for another encoder")
+        text[i, : emb.shape[0]] = emb
+        mask[i, : emb.shape[0]] = True
+    return text, mask
+
+
 def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
 
@@ -77,7 +107,7 @@ def precompute_latents(latent_cfg, shard_urls_by_split: dict[str, list[str]], ou
 
     latent_cfg: `training.latent_space.LatentConfig` (which VAE, how to encode, how to store).
     shard_urls_by_split: e.g. {"train": [...], "val": [...]} (``pipeline.stages.shard_urls``).
-    text: optionally a frozen `training.text.TextEncoderConfig`; its caption tokens are stored.
+    text: optionally a frozen `training.text.TextEncoderConfig`; each caption's tokens are stored.
     vae_dir: for latent.kind=ours, the VAE-training output directory (else latent_cfg.path).
     """
     from data.shards import read_shards, write_shard
@@ -91,8 +121,13 @@ def precompute_latents(latent_cfg, shard_urls_by_split: dict[str, list[str]], ou
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     space = latent_cfg.build(vae_dir=vae_dir, device=device)
     video_shape = (int(num_frames), int(size[0]), int(size[1]))
-    lat_shape = (space.channels, *space.latent_shape(video_shape))
+    try:
+        lat_shape = (space.channels, *space.latent_shape(video_shape))
+    except ValueError as e:  # before anything is encoded, naming the keys
+        raise ValueError(f"latent.num_frames/height/width (the training shape, train.num_frames/height/"
+                         f"width): {e}") from None
     encoder = tokenizer = cache = None
+    text_record = None
     if text is not None:
         from training.text import encode_captions
 
@@ -100,10 +135,13 @@ def precompute_latents(latent_cfg, shard_urls_by_split: dict[str, list[str]], ou
             raise ValueError(f"storing text embeddings needs a frozen text encoder (model.text.kind open_clip "
                              f"or t5), not {text.kind!r}: a trained encoder's embeddings go stale")
         encoder, tokenizer, cache = text.build().to(device), text.build_tokenizer(), text.build_cache()
+        null, nmask = encode_captions(encoder, tokenizer, [""], cache)  # (1, L, D), (1, L)
+        text_record = {"identity": encoder.identity, "kind": text.kind, "name": text.name,
+                       "dim": encoder.out_dim, "max_length": tokenizer.max_length,
+                       "null": null[0, nmask[0]].cpu().tolist()}  # (n0, D): caption dropout's tokens
     store = STORE[latent_cfg.store_dtype]
     record = {**space.describe(), "video_shape": list(video_shape), "latent_shape": list(lat_shape),
-              "target_fps": target_fps, "store_dtype": latent_cfg.store_dtype,
-              "text": encoder.identity if encoder is not None else None}
+              "target_fps": target_fps, "store_dtype": latent_cfg.store_dtype, "text": text_record}
 
     t0 = time.time()
     index: dict[str, list[str]] = {}
@@ -184,6 +222,7 @@ def precompute_latents(latent_cfg, shard_urls_by_split: dict[str, list[str]], ou
     stats = {"clips_in": n_in, "clips_encoded": n_ok, "clips_failed": len(failed), "per_split": per_split,
              "fail_reasons": reasons, "failed": failed, "bytes": int(total_bytes), "seconds": seconds,
              "clips_per_s": n_in / seconds if seconds > 0 else 0.0, "vae": space.identity,
+             "text_encoder": encoder.identity if encoder is not None else None,
              "video_shape": list(video_shape), "latent_shape": list(lat_shape)}
     (out / "index.json").write_text(json.dumps(index, indent=2))
     (out / "latent_space.json").write_text(json.dumps(record, indent=2))

@@ -2,8 +2,10 @@
 
 Two kinds of shards (``LoaderConfig.kind``): ``raw`` clip shards (mp4, decoded here; batches are
 uint8 video (B, 3, T, H, W)) and ``latent`` shards from ``training.latents`` (a stored latent
-per clip; batches are float32 latents (B, C, t, h, w), nothing to decode or normalise). Both go
-through the same readers, shuffle buffer, buckets and exact-resume state below.
+per clip; batches are float32 latents (B, C, t, h, w), nothing to decode or normalise; when the
+shards hold a frozen text encoder's caption tokens, the batch info carries them as ``text``, one
+(n, D) tensor per sample). Both go through the same readers, shuffle buffer, buckets and
+exact-resume state below.
 
 Readers: every (rank, loader worker) pair is one reader, ``g = rank * W + worker`` of
 ``G = world * W``. Each epoch the shard list is shuffled by ``(seed, epoch)``; with at least
@@ -21,18 +23,31 @@ samples were encoded at one pixel shape (their ``video_shape``) and go to the bu
 that (frames, height, width); a latent that fits no bucket is skipped and counted.
 
 State (saved with checkpoints): per reader, the epoch, how many raw samples it has taken out
-of its shuffle buffer in that epoch, and the keys waiting in partly filled buckets. Restoring
-replays the buffer without decoding (except the waiting samples) up to that point, so the
-batches after a restore are exactly the batches an uninterrupted run would have produced
-(granularity: one batch). Corrupt samples are skipped and counted, never fatal; the batch is
-filled from the next samples.
+of its shuffle buffer in that epoch, the keys waiting in partly filled buckets and its count of
+skipped samples; and which loader worker's batch comes next. Restoring replays the buffer
+without decoding (except the waiting samples) up to that point, so the batches after a restore
+are exactly the batches an uninterrupted run would have produced (granularity: one batch). The
+DataLoader takes batches from its workers round-robin starting at worker 0, so a restore
+rotates the worker -> reader mapping to make worker 0 the reader whose batch was next.
+
+Corrupt samples are skipped and counted, never fatal; the batch is filled from the next
+samples. That covers an mp4 that does not decode, a ``.json`` member that is not JSON, a
+``.txt`` that is not UTF-8 and a truncated or garbled tar (the rest of that shard is lost, and
+counted as one skip). A missing shard file still raises: the shard list is wrong.
+
+Prefetch: ``Loader`` decodes ``prefetch`` batches ahead in a background thread (decord and
+torch release the GIL), so decoding overlaps the training step. The saved position is always
+that of the batches the trainer has taken, never of those decoded ahead.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import queue
 import random
+import threading
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -58,6 +73,7 @@ class LoaderConfig:
     target_fps: Optional[float] = None  # sample frames at this rate; None keeps the clip's fps
     shuffle_buffer: int = 64  # raw samples per reader
     num_workers: int = 0  # DataLoader worker processes per rank
+    prefetch: int = 2  # batches decoded ahead in a background thread; 0: decode in the loop
     # Shapes to batch by; empty: one bucket of train.num_frames x height x width at the
     # micro batch size.
     buckets: list[Bucket] = field(default_factory=list)
@@ -65,6 +81,8 @@ class LoaderConfig:
     def __post_init__(self) -> None:
         if self.kind not in LOADER_KINDS:
             raise ValueError(f"unknown train.data.kind {self.kind!r}; valid: {', '.join(LOADER_KINDS)}")
+        if self.prefetch < 0:
+            raise ValueError(f"train.data.prefetch must be >= 0, got {self.prefetch}")
 
 
 def _seed(*parts) -> int:
@@ -102,15 +120,16 @@ def resize_crop_size(h: int, w: int, size: tuple[int, int]) -> tuple[int, int]:
     return max(th, math.ceil(h * scale)), max(tw, math.ceil(w * scale))
 
 
-def decode_sample(sample: dict, num_frames: int, size: tuple[int, int],
+def decode_frames(sample: dict, num_frames: int, size: tuple[int, int],
                   target_fps: float | None, rng: random.Random | None
-                  ) -> tuple[torch.Tensor, str]:
-    """One WebDataset sample -> ((3, T, H, W) uint8, caption)."""
+                  ) -> tuple[np.ndarray, str]:
+    """One WebDataset sample -> ((T, H, W, 3) uint8, possibly a strided view; caption)."""
     from data.video_io import probe, read_frames
 
     meta = sample.get("json") or {}
     if "end" in meta and "fps" in meta:
-        n, fps = meta["end"] - meta["start"], float(meta["fps"])
+        # num_frames: what the mp4 holds (a variable-rate source's span is resampled)
+        n, fps = meta.get("num_frames") or meta["end"] - meta["start"], float(meta["fps"])
         h, w = meta.get("height"), meta.get("width")
     else:
         p = probe(sample["mp4"])
@@ -123,8 +142,40 @@ def decode_sample(sample: dict, num_frames: int, size: tuple[int, int],
     frames = read_frames(sample["mp4"], indices=clip_window(n, num_frames, stride, rng),
                          size=(rh, rw))  # (T, rh, rw, 3)
     top, left = (rh - size[0]) // 2, (rw - size[1]) // 2
-    frames = frames[:, top : top + size[0], left : left + size[1]]  # (T, H, W, 3)
-    return to_tensor(frames), sample.get("txt") or ""
+    return frames[:, top : top + size[0], left : left + size[1]], sample.get("txt") or ""
+
+
+def decode_sample(sample: dict, num_frames: int, size: tuple[int, int],
+                  target_fps: float | None, rng: random.Random | None
+                  ) -> tuple[torch.Tensor, str]:
+    """One WebDataset sample -> ((3, T, H, W) uint8, caption)."""
+    frames, caption = decode_frames(sample, num_frames, size, target_fps, rng)  # (T, H, W, 3)
+    return to_tensor(frames), caption
+
+
+def collate(items: list) -> torch.Tensor:
+    """Clips (T, H, W, 3) uint8 arrays -> (B, 3, T, H, W) uint8; latents (C, t, h, w) -> (B, C,
+    t, h, w). One numpy copy into a preallocated batch: torch.stack's multi-threaded copy
+    competes with decord's threads (and the trainer's) for the same cores."""
+    if isinstance(items[0], np.ndarray):
+        T, H, W, C = items[0].shape
+        out = np.empty((len(items), C, T, H, W), np.uint8)  # (B, 3, T, H, W)
+        for i, frames in enumerate(items):
+            np.copyto(out[i], frames.transpose(3, 0, 1, 2))  # (3, T, H, W)
+        return torch.from_numpy(out)
+    return torch.from_numpy(np.stack([x.numpy() for x in items]))  # (B, C, t, h, w)
+
+
+def parse_sample(s: dict) -> dict:
+    """A raw shard sample with its .json parsed and its .txt decoded (raises if either is bad)."""
+    out = dict(s)
+    if isinstance(out.get("json"), (bytes, bytearray)):
+        out["json"] = json.loads(out["json"])
+        if not isinstance(out["json"], dict):
+            raise ValueError(f"sample {s.get('__key__')!r}: .json is not an object")
+    if isinstance(out.get("txt"), (bytes, bytearray)):
+        out["txt"] = out["txt"].decode("utf-8")
+    return out
 
 
 class ClipStream(IterableDataset):
@@ -146,30 +197,51 @@ class ClipStream(IterableDataset):
         self.urls, self.buckets = list(urls), list(buckets)
         self.rank, self.world, self.seed = rank, world, seed
         self.cfg = cfg or LoaderConfig()
-        self.state = dict(state or {})  # reader g -> {"epoch", "consumed", "pending"}
+        state = state or {}
+        # reader g -> {"epoch", "consumed", "pending", "skipped"}
+        self.state = {int(k): v for k, v in (state.get("positions") or {}).items()}
+        self.next_worker = int(state.get("next_worker", 0))  # the loader worker whose batch is next
 
     def _reader(self) -> tuple[int, int]:
         info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        return self.rank * nw + wid, self.world * nw
+        if info is None:
+            return self.rank, self.world
+        wid = (info.id + self.next_worker) % info.num_workers  # DataLoader worker -> reader
+        return self.rank * info.num_workers + wid, self.world * info.num_workers
 
-    def _raw(self, g: int, G: int, epoch: int) -> Iterator[dict]:
+    def _raw(self, g: int, G: int, epoch: int, errors: list[int]) -> Iterator[dict]:
+        """This reader's raw samples of one epoch, shard by shard. A shard that fails to read
+        (a truncated or garbled tar) ends there and counts once in `errors` (for the reader it
+        belongs to), and the sample cut short by the damage is dropped."""
         from data.shards import read_shards
 
         order = list(self.urls)
         random.Random(_seed(self.seed, epoch, "shards")).shuffle(order)
-        if len(order) >= G:
-            yield from read_shards(order[g::G])
-        else:
-            for i, s in enumerate(read_shards(order)):
-                if i % G == g:
-                    yield s
+        mine = len(order) >= G
+        i = 0
+        for j, url in enumerate(order[g::G] if mine else order):
+            failed = []
 
-    def _shuffled(self, g: int, G: int, epoch: int) -> Iterator[dict]:
+            def handler(exn: Exception) -> bool:
+                if isinstance(exn, FileNotFoundError):  # the shard list is wrong: not data damage
+                    raise exn
+                failed.append(exn)
+                return True  # go on: webdataset ends this shard
+
+            for s in read_shards([url], decode_json=False, decode_text=False, handler=handler):
+                if failed:
+                    break  # the sample cut short by the damage (webdataset yields what it got)
+                if mine or i % G == g:
+                    yield s
+                i += 1
+            if failed and (mine or j % G == g):
+                errors[0] += 1
+
+    def _shuffled(self, g: int, G: int, epoch: int, errors: list[int]) -> Iterator[dict]:
         """Raw samples of one epoch in shuffle-buffer order (no decoding)."""
         rng = random.Random(_seed(self.seed, epoch, g))
         buf: list[dict] = []
-        for s in self._raw(g, G, epoch):
+        for s in self._raw(g, G, epoch, errors):
             buf.append(s)
             if len(buf) >= self.cfg.shuffle_buffer:
                 yield buf.pop(rng.randrange(len(buf)))
@@ -185,7 +257,8 @@ class ClipStream(IterableDataset):
                          if [b.num_frames, b.height, b.width] == shape), None)
         if not {"start", "end", "fps", "width", "height"} <= meta.keys():
             return 0  # no metadata: the first bucket; decode_sample probes the file
-        n, fps = meta["end"] - meta["start"], float(meta["fps"])
+        # num_frames: what the mp4 holds (a variable-rate source's span is resampled)
+        n, fps = meta.get("num_frames") or meta["end"] - meta["start"], float(meta["fps"])
         stride = max(1, round(fps / self.cfg.target_fps)) if self.cfg.target_fps else 1
         aspect = math.log(meta["width"] / meta["height"])
         fits = [i for i, b in enumerate(self.buckets) if (b.num_frames - 1) * stride + 1 <= n]
@@ -199,41 +272,52 @@ class ClipStream(IterableDataset):
         if b is None:
             raise ValueError(f"sample {s.get('__key__')!r} fits no bucket")
         if self.cfg.kind == "latent":
-            from training.latents import decode_latent_sample
+            from training.latents import decode_latent_sample, latent_text
 
-            return decode_latent_sample(s)  # (C, t, h, w) float32, caption, key
+            return (*decode_latent_sample(s), latent_text(s))  # (C, t, h, w) float32, caption, key, (n, D) or None
         bk = self.buckets[b]
         key = s.get("__key__", "?")
-        v, cap = decode_sample(s, bk.num_frames, (bk.height, bk.width), self.cfg.target_fps,
+        v, cap = decode_frames(s, bk.num_frames, (bk.height, bk.width), self.cfg.target_fps,
                                random.Random(_seed(self.seed, epoch, key)))
-        return v, cap, key  # (3, T, H, W)
+        return v, cap, key  # (T, H, W, 3)
 
     def __iter__(self):
         g, G = self._reader()
         st = self.state.get(g) or {"epoch": 0, "consumed": 0, "pending": {}}
         epoch, skip = st["epoch"], st["consumed"]
         restore = {k: int(b) for b, keys in st.get("pending", {}).items() for k in keys}
-        skipped = 0
+        # Skipped samples: corrupt ones (`skipped`) + unreadable shard tails (`errors`, counted
+        # while reading ahead). A restore replays the same reads up to the saved position and
+        # sets the count there to the saved one.
+        saved_skipped: int | None = int(st.get("skipped", 0))
+        skipped, errors = 0, [0]
         while True:
             consumed = emitted = 0
             held: dict[int, list] = {i: [] for i in range(len(self.buckets))}
 
             def emit(b: int):
                 items, held[b] = held[b], []
-                return (torch.stack([x[0] for x in items]),  # (B, 3, T, H, W)
+                return (collate([x[0] for x in items]),  # (B, 3, T, H, W)
                         [x[1] for x in items],
-                        {"reader": g, "epoch": epoch, "consumed": consumed, "skipped": skipped,
-                         "keys": [x[2] for x in items],
+                        {"reader": g, "epoch": epoch, "consumed": consumed,
+                         "skipped": skipped + errors[0], "keys": [x[2] for x in items],
+                         "text": [x[3] for x in items] if len(items[0]) > 3 and items[0][3] is not None else None,
                          "pending": {str(i): [x[2] for x in v] for i, v in held.items() if v}})
 
-            for s in self._shuffled(g, G, epoch):
+            if saved_skipped is not None and skip == 0:
+                skipped, saved_skipped = saved_skipped, None
+            for s in self._shuffled(g, G, epoch, errors):
                 consumed += 1
                 key = s.get("__key__", "?")
                 if consumed <= skip:  # fast-forward without decoding, refilling the buckets
                     if key in restore:
-                        held[restore[key]].append(self._decode(s, restore[key], epoch))
+                        held[restore[key]].append(self._decode(parse_sample(s), restore[key],
+                                                               epoch))
+                    if consumed == skip:
+                        skipped, saved_skipped = saved_skipped - errors[0], None
                     continue
                 try:
+                    s = parse_sample(s)
                     b = self.assign(s)
                     held[b].append(self._decode(s, b, epoch))
                 except Exception:  # noqa: BLE001 - a corrupt (or bucketless) sample is skipped and counted
@@ -242,7 +326,7 @@ class ClipStream(IterableDataset):
                 if len(held[b]) == self.buckets[b].batch_size:
                     emitted += 1
                     yield emit(b)
-            if consumed == 0:
+            if consumed == 0 and errors[0] == 0:
                 raise RuntimeError(f"reader {g}: no samples in {len(self.urls)} shards")
             for b in range(len(self.buckets)):  # end of epoch: flush partial buckets
                 if held[b]:
@@ -251,13 +335,34 @@ class ClipStream(IterableDataset):
             if emitted == 0 and skip == 0:  # a whole epoch and not one usable sample: never loop on
                 raise RuntimeError(
                     f"reader {g}: none of its {consumed} samples decoded or fit a bucket "
-                    f"(buckets (frames, height, width): "
+                    f"({errors[0]} unreadable shard reads; buckets (frames, height, width): "
                     f"{[(b.num_frames, b.height, b.width) for b in self.buckets]}; kind={self.cfg.kind})")
             epoch, skip, restore = epoch + 1, 0, {}
 
 
+def _produce(it, q: queue.Queue, stop: threading.Event) -> None:
+    """The prefetch thread: batches from `it` into `q` (an exception ends it, handed over in
+    the queue to be raised by the consumer) until `stop` is set."""
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        while not stop.is_set() and put(next(it)):
+            pass
+    except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+        put(e)
+
+
 class Loader:
-    """Wraps ClipStream in a DataLoader and tracks the position of every reader."""
+    """Wraps ClipStream in a DataLoader, decodes ahead in a background thread (``prefetch``
+    batches) and tracks the position of every reader from the batches taken."""
 
     def __init__(self, stream: ClipStream):
         self.stream = stream
@@ -265,32 +370,71 @@ class Loader:
         self.dl = DataLoader(stream, batch_size=None, num_workers=nw,
                              persistent_workers=nw > 0, prefetch_factor=2 if nw else None)
         self.positions: dict[int, dict] = dict(stream.state)
-        self.skipped: dict[int, int] = {}
+        self.next_worker = stream.next_worker
         self.epochs = 0
-        self.last: dict = {}  # reader state of the latest batch
+        self.last: dict = {}  # the latest batch's reader state and info (keys, stored text)
         self._it = iter(self.dl)
+        self._queue: queue.Queue | None = None
+        self._error: BaseException | None = None
+        if stream.cfg.prefetch > 0:
+            self._queue = queue.Queue(maxsize=stream.cfg.prefetch)
+            self._stop = threading.Event()
+            # The thread holds the iterator, not the Loader: a Loader dropped without close()
+            # is still collected (and its __del__ stops the thread and the DataLoader workers).
+            self._thread = threading.Thread(target=_produce, name="loader-prefetch", daemon=True,
+                                            args=(self._it, self._queue, self._stop))
+            self._thread.start()
 
     def __next__(self) -> tuple[torch.Tensor, list[str], list[str]]:
-        video, captions, st = next(self._it)
+        if self._error is not None:
+            raise self._error
+        if self._queue is None:
+            video, captions, st = next(self._it)
+        else:
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._error = item
+                raise item
+            video, captions, st = item
         self.last = st
-        self.positions[st["reader"]] = {k: st[k] for k in ("epoch", "consumed", "pending")}
-        self.skipped[st["reader"]] = st["skipped"]
+        self.positions[st["reader"]] = {k: st[k] for k in ("epoch", "consumed", "pending",
+                                                           "skipped")}
+        nw = self.stream.cfg.num_workers
+        self.next_worker = (st["reader"] % nw + 1) % nw if nw else 0
         self.epochs = max(p["epoch"] for p in self.positions.values())
         return video, captions, st["keys"]
 
+    def close(self) -> None:
+        """Stop the prefetch thread and the DataLoader workers."""
+        if self._queue is not None:
+            self._stop.set()
+            while not self._queue.empty():
+                self._queue.get_nowait()
+            self._thread.join(timeout=30)
+            self._queue = None
+        self._error = self._error or RuntimeError("the loader is closed")
+        self._it = None
+
+    def __del__(self):
+        if getattr(self, "_queue", None) is not None:
+            self._stop.set()
+
     @property
     def skipped_total(self) -> int:
-        return sum(self.skipped.values())
+        return sum(p.get("skipped", 0) for p in self.positions.values())
 
     def state_dict(self) -> dict:
         return {"positions": {str(k): v for k, v in self.positions.items()},
-                "num_workers": self.stream.cfg.num_workers}
+                "num_workers": self.stream.cfg.num_workers, "next_worker": self.next_worker}
 
     @staticmethod
     def restore_state(d: dict | None, num_workers: int) -> dict:
+        """A saved `state_dict` -> the `state` for ClipStream (checks the worker count)."""
         if not d:
             return {}
         if d.get("num_workers") != num_workers:
             raise ValueError("the loader position was saved with "
-                             f"{d.get('num_workers')} workers per rank, not {num_workers}")
-        return {int(k): v for k, v in d["positions"].items()}
+                             f"{d.get('num_workers')} workers per rank (train.data.num_workers), "
+                             f"not {num_workers}")
+        return {"positions": {int(k): v for k, v in d["positions"].items()},
+                "next_worker": int(d.get("next_worker", 0))}

@@ -10,14 +10,20 @@ Failures: Ray Train restarts a dead worker group up to ``train.max_failures`` ti
 restart resumes from the latest complete checkpoint. Preemption: SIGTERM to the driver (or to a
 worker, where the signal can be caught) writes ``PREEMPT`` in the output directory; at the next
 step boundary every rank saves a checkpoint and the stage stops as failed-but-resumable, and
-the next ``spacetime run`` continues from there.
+the next ``spacetime run`` continues from there. Non-finite losses: a step with one on any rank
+is skipped whole (every micro-batch of it); after ``train.max_nonfinite`` in a row the workers
+write ``NONFINITE.json`` and return (so Ray Train does not retry a run that would diverge again)
+and the driver raises the message.
 
 Latent training (``train.data.kind=latent``): the shards are latent shards from
 ``training.latents`` and ``run_training`` gets their ``latent_space.json`` record; batches are
-latents used as they are (no ``normalize``), the DiT's ``model.dit.in_channels`` must equal the
-VAE's latent channels, and one bucket must have the clips' encoded (frames, height, width).
-The record is saved under ``latent`` in ``train_config.json`` so that evaluation decodes
-samples through the same VAE (``training.latent_space.load_latent_space(train_dir)``).
+latents used as they are (no ``normalize``), the DiT's ``model.dit.in_channels`` follows the
+VAE's latent channels (``null``; an explicit value must equal them), and one bucket must have
+the clips' encoded (frames, height, width). When the shards hold a frozen text encoder's
+caption tokens (the record's ``text``), batches bring their text and the encoder never runs
+(the model's encoder must be the one that made them: same identity). The record is saved under
+``latent`` in ``train_config.json`` so that evaluation decodes samples through the same VAE
+(``training.latent_space.load_latent_space(train_dir)``).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from training.flow import FlowConfig
 from training.loader import Bucket, LoaderConfig
 
 PREEMPT = "PREEMPT"
+NONFINITE = "NONFINITE.json"  # written by rank 0 when the non-finite guard stops the run
 
 
 @dataclass
@@ -54,7 +61,7 @@ class TrainConfig:
     width: int = 32
     precision: str = "fp32"  # fp32 | bf16
     seed: int = 0
-    log_every: int = 10
+    log_every: int = 1  # steps between metric logs (a log costs ~3 ms: W&B offline + jsonl)
     ckpt_every: int = 100  # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 2
     ema_decay: float = 0.999
@@ -108,10 +115,15 @@ def check_latent_data(tcfg: TrainConfig, mcfg, latent: dict | None) -> None:
         raise ValueError("train.data.kind=latent needs the latent shards' record (latent_space.json of "
                          "the precompute output): pass latent= to run_training")
     C = int(latent["channels"])
-    if mcfg.dit.in_channels != C:
+    if mcfg.dit.in_channels not in (None, C):
         raise ValueError(f"model.dit.in_channels ({mcfg.dit.in_channels}) must equal the VAE's latent channels "
                          f"({C}, latent.kind={latent['config']['kind']}, latent.path={latent['config']['path']}); "
-                         f"set model.dit.in_channels={C}")
+                         f"set model.dit.in_channels={C}, or null to follow the VAE")
+    text = latent.get("text")
+    if text and mcfg.text.frozen and (text["dim"], text["max_length"]) != (mcfg.text.dim, mcfg.text.max_length):
+        raise ValueError(f"the latent shards hold caption tokens of the {text['kind']} encoder {text['name']!r} "
+                         f"(dim {text['dim']}, max_length {text['max_length']}), not of model.text (dim "
+                         f"{mcfg.text.dim}, max_length {mcfg.text.max_length}): precompute them again")
     shape = list(latent["video_shape"])
     shapes = [[b.num_frames, b.height, b.width] for b in buckets_of(tcfg, 1)]
     if shape not in shapes:
@@ -123,6 +135,17 @@ def check_latent_data(tcfg: TrainConfig, mcfg, latent: dict | None) -> None:
     if lt % pt or lh % ph or lw % pw:
         raise ValueError(f"latents of (t, h, w)=({lt}, {lh}, {lw}) are not divisible by model.dit.patch_size "
                          f"{list(mcfg.dit.patch_size)}")
+
+
+def follow_data(tcfg: TrainConfig, mcfg, latent: dict | None):
+    """The model config with ``model.dit.in_channels: null`` resolved from the data: the VAE's
+    latent channels for latent shards, 3 (RGB) for raw clips."""
+    from dataclasses import replace
+
+    if mcfg.dit.in_channels is not None:
+        return mcfg
+    C = int(latent["channels"]) if tcfg.data.kind == "latent" and latent is not None else 3
+    return replace(mcfg, dit=replace(mcfg.dit, in_channels=C))
 
 
 def buckets_of(cfg: TrainConfig, micro: int) -> list[Bucket]:
@@ -170,6 +193,12 @@ class NonFiniteGuard:
                 f"{self.run} consecutive non-finite losses (last at step {step}); stopping. "
                 f"Lower train.lr, check the data, or raise train.max_nonfinite")
         return False
+
+
+def global_grad_norm(params) -> float:
+    """The L2 norm of all gradients (already reduced across ranks), before clipping."""
+    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -233,7 +262,12 @@ def train_loop(config: dict[str, Any]) -> None:
                                            model_parameters=params, config=ds_config,
                                            dist_init_required=False)
     dtype = torch.bfloat16 if tcfg.precision == "bf16" else torch.float32
-    gen = torch.Generator(device="cpu").manual_seed(tcfg.seed * 1000 + rank)
+    # Noise, timesteps and caption dropout draw from this generator on the training device (the
+    # flow functions draw on the generator's device and move the result to the data's).
+    gen = torch.Generator(device=device).manual_seed(tcfg.seed * 1000 + rank)
+    # ZeRO-0 in fp32 hands the optimizer to DeepSpeed as it is: no overflow check that drops a
+    # step with non-finite gradients, and no recorded gradient norm. We do both for it.
+    plain = not hasattr(engine.optimizer, "overflow")
 
     ckpts = Checkpoints(out / "checkpoints", tcfg.keep_checkpoints,
                         mirror=config.get("ckpt_mirror"))
@@ -250,6 +284,13 @@ def train_loop(config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"resumed from {tag} at step {start}", flush=True)
 
+    from training.flops import matmul_flops_per_s, token_grid, train_flops
+
+    # MFU's denominator: the worker's peak FLOP/s from the cluster config, or (unset, e.g. on a
+    # CPU) this worker's measured dense matmul rate in the training precision (measured before
+    # the loader's prefetch thread starts decoding).
+    peak = config.get("peak_flops_per_worker") or (
+        matmul_flops_per_s(n=1024, seconds=0.5, dtype=dtype, device=device) if rank == 0 else 0.0)
     stream = ClipStream(config["train_shards"], buckets=buckets_of(tcfg, micro), rank=rank,
                         world=world, seed=tcfg.seed, cfg=tcfg.data,
                         state=Loader.restore_state(loader_state, tcfg.data.num_workers))
@@ -260,15 +301,21 @@ def train_loop(config: dict[str, Any]) -> None:
     # A frozen encoder's embeddings are cached (encoded once per distinct caption) outside the
     # engine; under ZeRO-3 its weights are partitioned, so it runs inside the engine instead.
     frozen = not any(p.requires_grad for p in engine.module.text_encoder.parameters())
-    cache = mcfg.text.build_cache() if frozen and dcfg.zero_stage < 3 else None
-    guard = NonFiniteGuard(tcfg.max_nonfinite)
-    from training.flops import matmul_flops_per_s, token_grid, train_flops
+    # Latent shards may hold that frozen encoder's caption tokens: then it never runs at all.
+    stored = (latent or {}).get("text") if frozen else None
+    if stored is not None and stored["identity"] != engine.module.text_encoder.identity:
+        raise ValueError(f"the latent shards' caption tokens were made by text encoder {stored['identity']!r}, "
+                         f"model.text builds {engine.module.text_encoder.identity!r}: precompute them again")
+    cache = mcfg.text.build_cache() if frozen and stored is None and dcfg.zero_stage < 3 else None
+    text_calls = 0  # text-encoder forwards, reported in the result
 
+    def count_text_call(module, args) -> None:
+        nonlocal text_calls
+        text_calls += 1
+
+    engine.module.text_encoder.register_forward_pre_hook(count_text_call)
+    guard = NonFiniteGuard(tcfg.max_nonfinite)
     text_len = mcfg.text.max_length
-    # MFU's denominator: the worker's peak FLOP/s from the cluster config, or (unset, e.g. on a
-    # CPU) this worker's measured dense matmul rate in the training precision.
-    peak = config.get("peak_flops_per_worker") or (
-        matmul_flops_per_s(n=1024, seconds=0.5, dtype=dtype, device=device) if rank == 0 else 0.0)
 
     def save(step: int) -> None:
         ckpts.save(engine, step, {"rng": rng_state(gen), "loader": data.state_dict()},
@@ -276,12 +323,15 @@ def train_loop(config: dict[str, Any]) -> None:
 
     t_start = time.time()
     history: list[dict] = []
+    stopped: str | None = None  # the non-finite guard's message
+    nan = torch.tensor(float("nan"), device=device)
     step = start
     for step in range(start, tcfg.steps):
         preempt = torch.tensor(float((out / PREEMPT).exists()), device=device)
         dist.all_reduce(preempt)
         if preempt.item() > 0:
             save(step)
+            data.close()
             if rank == 0:
                 print(f"preempted: checkpoint at step {step}", flush=True)
                 tracker.summary({"preempted_at": step})
@@ -289,8 +339,10 @@ def train_loop(config: dict[str, Any]) -> None:
             dist.barrier()
             return
         t0 = time.time()
+        lr = float(engine.get_lr()[0])  # the rate this step applies (the scheduler moves in step())
         wait, n_samples, n_tokens, n_flops = 0.0, 0, 0, 0
         losses, per_t = [], []
+        bad, grad_norm = False, None
         for _ in range(dcfg.grad_accum):
             tw = time.time()
             video, captions, _keys = next(data)  # (B, 3, T, H, W)
@@ -303,8 +355,16 @@ def train_loop(config: dict[str, Any]) -> None:
                 video = normalize(video.to(device, non_blocking=True), dtype)  # (B, 3, T, H, W)
             else:  # latents are model inputs already
                 video = video.to(device, dtype, non_blocking=True)  # (B, C, t, h, w)
-            captions = drop_captions(captions, tcfg.flow, gen)
-            if cache is not None:
+            kept, captions = captions, drop_captions(captions, tcfg.flow, gen)
+            if stored is not None:
+                from training.latents import stored_text
+
+                dropped = [c != k for c, k in zip(captions, kept)]  # replaced by "" for guidance
+                text, tmask = stored_text(data.last["text"], dropped, stored)  # (B, L, Dt), (B, L)
+
+                def fwd(x, tt, text=text.to(device), tmask=tmask.to(device)):
+                    return engine(x, tt, text=text, text_mask=tmask)
+            elif cache is not None:
                 with torch.no_grad():
                     text, tmask = engine.module.encode_captions(captions, cache)  # (B, L, Dt)
 
@@ -319,12 +379,35 @@ def train_loop(config: dict[str, Any]) -> None:
                                             num_tokens=math.prod(grid))
             finite = torch.isfinite(loss.detach()).float()
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if not guard.check(bool(finite.item()), step):
-                continue  # every rank skips backward and step together
+            bad = bad or not finite.item()
+            if bad:
+                # A non-finite loss on any rank loses the whole optimizer step, not one
+                # micro-batch: every rank still runs backward and step() for every micro-batch
+                # (DeepSpeed's accumulation boundary stays where it is) with gradients made
+                # non-finite, and at the boundary DeepSpeed's overflow check drops everything
+                # accumulated in this step.
+                loss = loss * nan
+            else:
+                losses.append(loss.detach().float())
+                per_t.append((t.detach().cpu(), per_sample.detach().float().cpu()))
             engine.backward(loss)
+            if plain and engine.is_gradient_accumulation_boundary():
+                if bad:
+                    engine.zero_grad()  # the optimizer then steps over no gradients
+                else:
+                    grad_norm = global_grad_norm(engine.module.parameters())
             engine.step()
-            losses.append(loss.detach().float())
-            per_t.append((t.detach().cpu(), per_sample.detach().float().cpu()))
+        if bad:
+            if not plain and engine.was_step_applied():
+                raise RuntimeError("DeepSpeed applied an optimizer step with non-finite gradients; "
+                                   "is its overflow check off (deepspeed.extra)?")
+            if not engine.was_step_applied():  # the scheduler did not move: keep lr on the schedule
+                engine.lr_scheduler.step()
+            losses, per_t = [], []  # the step is skipped on every rank
+        try:
+            guard.check(not bad, step)
+        except FloatingPointError as e:
+            stopped = str(e)
         if (step + 1) % tcfg.ema_every == 0:
             with full_params(engine, dcfg.zero_stage) as named:
                 if ema is not None:
@@ -339,8 +422,9 @@ def train_loop(config: dict[str, Any]) -> None:
         if rank == 0 and (step % tcfg.log_every == 0 or step == tcfg.steps - 1):
             m = {
                 "train/loss": float(stats[0] / stats[1]) if stats[1] > 0 else float("nan"),
-                "train/lr": float(engine.get_lr()[0]),
-                "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                "train/lr": lr,
+                "train/grad_norm": float(grad_norm if grad_norm is not None
+                                         else engine.get_global_grad_norm() or 0.0),
                 "train/step_time_s": step_time,
                 "train/data_wait_s": wait,
                 "train/compute_s": step_time - wait,
@@ -362,9 +446,21 @@ def train_loop(config: dict[str, Any]) -> None:
                         m[f"train/loss_t{lo:.2f}-{hi:.2f}"] = float(ls[sel].mean())
             tracker.log(m, step=step)
             history.append({"step": step, **m})
-            print(f"step {step:5d} loss {m['train/loss']:.4f} "
-                  f"{m['train/samples_per_s']:.1f} samples/s", flush=True)
+            if step % 10 == 0 or step == tcfg.steps - 1 or stopped:
+                print(f"step {step:5d} loss {m['train/loss']:.4f} "
+                      f"{m['train/samples_per_s']:.1f} samples/s", flush=True)
+        if stopped:
+            break
 
+    data.close()
+    if stopped:  # not an error of this worker (Ray Train would retry it): the driver raises
+        if rank == 0:
+            print(stopped, flush=True)
+            (out / NONFINITE).write_text(json.dumps({"message": stopped, "step": step}))
+            tracker.summary({"stopped": stopped, "nonfinite_steps": guard.total})
+            tracker.finish()
+        dist.barrier()
+        return
     save(tcfg.steps)
     with full_params(engine, dcfg.zero_stage) as named:
         sd = {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
@@ -379,7 +475,8 @@ def train_loop(config: dict[str, Any]) -> None:
                    "steps": tcfg.steps, "resumed_from_step": start,
                    "train_seconds": time.time() - t_start, "skipped_samples": data.skipped_total,
                    "nonfinite_steps": guard.total, "world_size": world, "micro_batch": micro,
-                   "zero_stage": dcfg.zero_stage, "run_ids_seen": run_ids}
+                   "zero_stage": dcfg.zero_stage, "run_ids_seen": run_ids,
+                   "text_encoder_calls": text_calls, "text_from_shards": stored is not None}
         tracker.summary(summary)
         log_lineage_paths(tracker, config["stage"], config["stage_hash"], str(out),
                           config["inputs"])
@@ -400,6 +497,28 @@ EXPORTS = ("model.pt", "model_ema.pt", "model_config.json", "train_config.json",
            "train_result.json")
 
 
+def worker_resources(cluster) -> dict:
+    """Ray Train's per-worker scaling from the cluster config: CPUs and GPUs per worker
+    (``cluster.gpus_per_worker``; 0 runs on CPU with gloo, > 0 on GPU with NCCL)."""
+    gpus = float(cluster.gpus_per_worker or 0)
+    if gpus < 0:
+        raise ValueError(f"cluster.gpus_per_worker must be >= 0, got {gpus}")
+    res = {"CPU": cluster.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+    return {"num_workers": cluster.num_workers, "use_gpu": gpus > 0, "resources_per_worker": res,
+            "backend": "nccl" if gpus > 0 else "gloo"}
+
+
+def check_resume_world_size(ckpts, num_workers: int) -> None:
+    """The checkpoint training would resume from must have been written by as many workers:
+    reader positions and ZeRO partitions are per rank. Raises naming the key."""
+    saved = ckpts.resume_world_size()
+    if saved is not None and saved != num_workers:
+        raise ValueError(
+            f"the latest checkpoint in {ckpts.root} was written by {saved} training workers but "
+            f"cluster.num_workers={num_workers}: resume with cluster.num_workers={saved}, or "
+            f"start this stage over (spacetime run --only train)")
+
+
 def run_training(*, train_cfg: TrainConfig, model_cfg, ds_cfg, cluster, out_dir: Path,
                  train_shards: list[str], tracker_spec, stage: str, stage_hash: str,
                  inputs: dict[str, str], latent: dict | None = None,
@@ -409,12 +528,22 @@ def run_training(*, train_cfg: TrainConfig, model_cfg, ds_cfg, cluster, out_dir:
     latent: for train.data.kind=latent, the latent shards' record (their ``latent_space.json``).
     ckpt_mirror: a URL every checkpoint is uploaded to (a bucket run root), so workers on any
     node, or a later run on another machine, resume from it."""
+    from training.checkpoint import Checkpoints
+
     check_latent_data(train_cfg, model_cfg, latent)  # before any worker starts
+    out_dir = Path(out_dir).resolve()
+    res = worker_resources(cluster)
+    check_resume_world_size(Checkpoints(out_dir / "checkpoints", train_cfg.keep_checkpoints,
+                                        mirror=ckpt_mirror), cluster.num_workers)
+    model_cfg = follow_data(train_cfg, model_cfg, latent)  # what model_config.json records
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    out_dir = Path(out_dir).resolve()
-    (out_dir / PREEMPT).unlink(missing_ok=True)
+    if res["use_gpu"] and train_cfg.precision == "fp32":
+        print("training in fp32 on GPUs: set train.precision=bf16 for bf16 matmuls (the usual "
+              "GPU setting)", flush=True)
+    for name in (PREEMPT, NONFINITE):
+        (out_dir / name).unlink(missing_ok=True)
     (out_dir / "train_result.json").unlink(missing_ok=True)
     config = {
         "train": asdict(train_cfg), "model": asdict(model_cfg), "deepspeed": asdict(ds_cfg),
@@ -426,9 +555,9 @@ def run_training(*, train_cfg: TrainConfig, model_cfg, ds_cfg, cluster, out_dir:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
-                                     resources_per_worker={"CPU": cluster.cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=res["num_workers"], use_gpu=res["use_gpu"],
+                                     resources_per_worker=res["resources_per_worker"]),
+        torch_config=TorchConfig(backend=res["backend"]),
         run_config=RunConfig(storage_path=str(out_dir / "ray_train"), name="train",
                              failure_config=FailureConfig(max_failures=train_cfg.max_failures)),
     )
@@ -440,6 +569,11 @@ def run_training(*, train_cfg: TrainConfig, model_cfg, ds_cfg, cluster, out_dir:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+    stop = out_dir / NONFINITE
+    if stop.exists():  # the workers returned (so Ray Train did not retry): the run diverged
+        msg = json.loads(stop.read_text())["message"]
+        stop.unlink()
+        raise FloatingPointError(msg)
     result = out_dir / "train_result.json"
     if not result.exists() and ckpt_mirror:  # rank 0 ran on another node: fetch its exports
         from pipeline.storage import Store

@@ -1,0 +1,151 @@
+"""Reading a clip's source after the probe: isolated decoding, display orientation and
+fetch-on-miss. Used by every stage that decodes sources (curate, filter, caption, shard).
+
+Isolation. The probe only proves that a file opens and that its first frame decodes; the full
+decode, the scoring and the shard encode meet the rest of the file. They run in a reused child
+process (`data.isolate`) with a wall-clock timeout and an address-space cap, so a file that
+crashes, hangs or exhausts the decoder becomes a reject with a reason (``<stage>_crashed``,
+``<stage>_timeout``, ``<stage>_out_of_memory``, ``<stage>_failed``) instead of a dead Ray worker
+that Ray retries. The timeout grows with the work: `MediaLimits.timeout_for` allows
+``timeout_s`` plus ``s_per_mpx`` seconds per megapixel of source frames decoded (0.05 s is a
+floor of 20 Mpx/s, 5-20x slower than one core decodes H.264), so a long legitimate video is
+not cut off and a stuck one is.
+
+Orientation. Phone videos are stored sideways with a display matrix (the probe's
+``rotation``, degrees counter-clockwise). PyAV returns the stored pixels; decord 0.6 turns
+90 and 270 degree sources itself (taking the size asked for as the displayed size) but a 180
+degree one only when it does not also resize. `read_display` hides that: frames always come
+back as displayed (decord where it is right, PyAV + `to_display` for 180 degrees), every width
+and height in the manifests is the display size, and sizes are asked for in display
+orientation.
+
+Fetch-on-miss. A remote source is fetched into the fetch cache of the node that curates it,
+and the clip records that path (``abs_path``). On another node of a cluster that path does
+not exist: `source_path` fetches the clip's URL again into the same place on this node
+(through `pipeline.ingest.fetch`, at most the probed number of bytes, which it must match).
+Credentials and endpoints then come from the environment and fsspec's config, as for the
+run's storage.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+# Imported by the media child before it answers: every call then pays only its own work.
+PRELOAD = ("numpy", "cv2", "av", "decord", "data.video_io", "pipeline.media",
+           "pipeline.scores", "pipeline.shots", "pipeline.curate", "pipeline.shard")
+
+
+@dataclass
+class MediaLimits:
+    """Limits of the child process that decodes (and encodes) sources."""
+
+    timeout_s: float = 60.0  # wall clock per call, plus:
+    s_per_mpx: float = 0.05  # seconds per megapixel of source frames the call decodes
+    max_memory_mb: int = 4096  # the child's address space (RLIMIT_AS); 0 = none
+    startup_timeout_s: float = 60.0  # the child's start (imports); not charged to a call
+
+    def timeout_for(self, frames: int, width: int, height: int) -> float:
+        return self.timeout_s + self.s_per_mpx * frames * width * height / 1e6
+
+
+class MediaError(Exception):
+    """Decoding or encoding a source failed: `reason` is ``<stage>_<failure>``."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
+def run_isolated(fn: str, kwargs: dict, limits: MediaLimits, timeout_s: float,
+                 stage: str = "decode"):
+    """``fn(**kwargs)`` in this process's media child; raises MediaError with a reason
+    ``<stage>_timeout | <stage>_crashed | <stage>_out_of_memory | <stage>_failed``."""
+    from data.isolate import IsolatedError, shared_isolated
+
+    worker = shared_isolated(limits.max_memory_mb, limits.startup_timeout_s, PRELOAD)
+    try:
+        return worker.call(fn, kwargs, timeout_s)
+    except IsolatedError as e:
+        detail = e.detail
+        if e.reason in ("crashed", "out_of_memory") and limits.max_memory_mb:
+            detail += f" (memory limit {limits.max_memory_mb} MB)"
+        reason = "failed" if e.reason == "error" else e.reason
+        raise MediaError(f"{stage}_{reason}", detail[:500]) from None
+
+
+# ----- orientation ---------------------------------------------------------------------------
+def turned(rotation: int | None) -> bool:
+    return (rotation or 0) % 180 == 90
+
+
+def stored_size(size: tuple[int, int] | None, rotation: int | None) -> tuple[int, int] | None:
+    """A display (h, w) -> the (h, w) to ask the decoder for."""
+    return (size[1], size[0]) if size is not None and turned(rotation) else size
+
+
+def to_display(frames: np.ndarray, rotation: int | None) -> np.ndarray:
+    """(T, h, w, 3) stored -> (T, h', w', 3) as displayed: turned `rotation` degrees
+    counter-clockwise, as FFmpeg's autorotate does; contiguous."""
+    k = ((rotation or 0) % 360) // 90
+    return np.ascontiguousarray(np.rot90(frames, k, axes=(1, 2))) if k else frames
+
+
+# ----- sources -------------------------------------------------------------------------------
+def source_path(clip: dict) -> str:
+    """A local path holding the clip's source bytes: the curating node's copy when this node
+    has it, else the clip's URL fetched again into this node's fetch cache.
+    Raises pipeline.ingest.FetchError."""
+    from pipeline.ingest import FetchError, fetch, is_remote
+
+    local = clip.get("abs_path")
+    if local and os.path.exists(local):
+        return local
+    url = clip["path"]
+    if not local or not is_remote(url):
+        raise FetchError("fetch_failed", f"{local or url} does not exist on this node")
+    size = clip.get("source_bytes")
+    got = fetch(url, os.path.dirname(local), max_bytes=size)  # the same name as `local`
+    if size is not None and os.path.getsize(got) != size:
+        os.remove(got)
+        raise FetchError("fetch_failed", f"{url} changed since it was probed "
+                                         f"({os.path.getsize(got)} bytes, probed {size})")
+    return got
+
+
+def read_display(path: str, indices: list[int] | None, size: tuple[int, int] | None,
+                 rotation: int | None, threads: int = 1) -> np.ndarray:
+    """Frames `indices` (None: all) of `path` as displayed, at display size `size` (h, w)
+    (None: full) -> (T, h, w, 3) uint8 RGB. Raises data.video_io.VideoError. `threads`:
+    decord's decoder threads; 1, as the media child works for a Ray task holding one CPU."""
+    from data.video_io import read_frames, read_frames_av
+
+    rot = (rotation or 0) % 360
+    if rot in (0, 90, 270):  # decord turns 90 and 270 itself, `size` being the displayed size
+        return read_frames(path, indices=indices, size=size, threads=threads)
+    return to_display(read_frames_av(path, indices, stored_size(size, rot)), rot)
+
+
+def decode_frames(path: str, indices: list[int], size: tuple[int, int] | None,
+                  rotation: int | None) -> dict:
+    """In the media child: frames `indices` of `path` at display size `size` (h, w)."""
+    return {"payload": read_display(path, indices, size, rotation)}  # (T, h, w, 3) uint8
+
+
+def read_clip_frames(clip: dict, indices: list[int], size: tuple[int, int] | None,
+                     limits: MediaLimits | None = None) -> np.ndarray:
+    """Frames `indices` of the clip's source, at display size `size` (h, w) (None: full),
+    decoded in the media child -> (T, h, w, 3) uint8 RGB. Fetches the source on a miss.
+    Raises MediaError or pipeline.ingest.FetchError."""
+    limits = limits or MediaLimits()
+    path = source_path(clip)
+    span = max(1, clip.get("end", 1) - clip.get("start", 0))
+    timeout = limits.timeout_for(span, clip.get("width", 0), clip.get("height", 0))
+    res = run_isolated("pipeline.media:decode_frames",
+                       {"path": path, "indices": [int(i) for i in indices],
+                        "size": None if size is None else tuple(size),
+                        "rotation": clip.get("rotation")}, limits, timeout)
+    return res["payload"]
