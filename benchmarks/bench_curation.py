@@ -10,7 +10,12 @@ Inputs: synthetic 10-second 360p videos (640x360, 24 fps; a third of them with 2
   Ray cluster of 1 CPU and on one of 2 CPUs (every curation task asks for one CPU, so that is
   1 and 2 workers), each after a warm-up run, so worker start-up and imports are not counted.
 - decode floor: decord alone, in one process, reading the same frames the curation path
-  decodes: every video at the curation size, and every re-encoded clip's span at full size.
+  decodes: every video at the curation size, each kept clip's keyframes at
+  `curate.keyframe_long_side` (blur and text overlays are scored on those), and every
+  re-encoded clip's span at full size.
+
+Curation runs with the stage's default config: tasks of `curate.group_size` (4) videos, so
+the default 40 videos make 10 tasks, 5 per worker on 2.
 
 Every decoder and encoder runs on one thread, in the floor and in the workers (decord
 ``threads=1``, x264 ``thread_count=1``, OpenCV ``setNumThreads(1)``), so the comparison is per
@@ -20,7 +25,7 @@ Targets (issue 3), on 2 cores: curation (1 worker) >= 0.5x the decode floor (1 p
 2 workers >= 1.7x faster than 1. Clips/s counts the clips the videos split into (the unit the
 issue asks for); videos/s is printed too.
 
-    python benchmarks/bench_curation.py [--videos 12] [--seconds 10]
+    python benchmarks/bench_curation.py [--videos 40] [--seconds 10]
 """
 
 from __future__ import annotations
@@ -59,45 +64,59 @@ def make_inputs(root: Path, n: int, seconds: float) -> list[dict]:
     return items
 
 
-def decode_floor(items: list[dict], clips: list[dict], long_side: int) -> float:
+def decode_floor(items: list[dict], clips: list[dict], c) -> float:
     """Seconds for decord (one thread) to read what curation reads: each video at the
-    curation size, each re-encoded clip's span at full size."""
+    curation size, each kept clip's keyframes at the keyframe size (for blur and text), each
+    re-encoded clip's span at full size."""
     from data.video_io import probe, read_frames
-    from pipeline.curate import decode_size
+    from pipeline.curate import _sample, decode_size, keyframe_size
     from pipeline.shard import whole_source
 
-    sizes = {}
+    sizes, keys = {}, {}
     for it in items:
         p = probe(it["url"])
-        sizes[it["url"]] = decode_size(p.width, p.height, long_side)
+        sizes[it["url"]] = decode_size(p.width, p.height, c.curate.frame_long_side)
+        keys[it["url"]] = (keyframe_size(p.width, p.height, c.curate.keyframe_long_side), set())
+    for cl in clips:
+        keys[cl["path"]][1].update(int(i) for i in cl["start"] + _sample(
+            cl["end"] - cl["start"], c.scores.sample_frames))
     t = time.perf_counter()
     for it in items:
         read_frames(it["url"], size=sizes[it["url"]], threads=1)  # (T, h, w, 3)
-    for c in clips:
-        if not whole_source(c):
-            read_frames(c["abs_path"], indices=list(range(c["start"], c["end"])), threads=1)
+        size, wanted = keys[it["url"]]
+        if wanted:
+            read_frames(it["url"], indices=sorted(wanted), size=size, threads=1)  # (K, H, W, 3)
+    for cl in clips:
+        if not whole_source(cl):
+            read_frames(cl["abs_path"], indices=list(range(cl["start"], cl["end"])), threads=1)
     return time.perf_counter() - t
+
+
+def configs(cache_dir: Path):
+    """The curate stage's default configs (groups of `curate.group_size` videos per task)."""
+    from data.probe import ProbeConfig
+    from pipeline.curate import CurateConfig, CurateConfigs
+    from pipeline.ingest import IngestConfig
+    from pipeline.scores import ScoreConfig
+    from pipeline.shots import ShotConfig
+
+    return CurateConfigs(ingest=IngestConfig(), probe=ProbeConfig(), shots=ShotConfig(),
+                         scores=ScoreConfig(), curate=CurateConfig(), cache_dir=str(cache_dir))
 
 
 def curation(items: list[dict], workers: int, out: Path) -> dict:
     """The CPU curation path on the running Ray cluster -> clips, timings and the clips."""
-    from data.probe import ProbeConfig
-    from pipeline.curate import CurateConfig, CurateConfigs, curate_group
-    from pipeline.ingest import IngestConfig
+    from pipeline.curate import curate_group
     from pipeline.parts import read_parts, run_parts
-    from pipeline.scores import ScoreConfig
     from pipeline.shard import ShardConfig, run_sharding
-    from pipeline.shots import ShotConfig
 
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    c = CurateConfigs(ingest=IngestConfig(), probe=ProbeConfig(), shots=ShotConfig(),
-                      scores=ScoreConfig(), curate=CurateConfig(group_size=1),
-                      cache_dir=str(out / "cache"))
+    c = configs(out / "cache")
     quiet = lambda *a: None  # noqa: E731
     t0 = time.perf_counter()
-    run_parts(items, partial(curate_group, c=c), out / "parts", group_size=1,
+    run_parts(items, partial(curate_group, c=c), out / "parts", group_size=c.curate.group_size,
               concurrency=workers, log=quiet)
     clips = [r for r in read_parts(out / "parts") if r.pop("kind") == "clip"]
     t1 = time.perf_counter()
@@ -116,7 +135,8 @@ def on_cluster(num_cpus: int, items: list[dict], tmp: Path) -> dict:
              log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
-        curation(items[:2 * num_cpus], num_cpus, tmp / f"warm{num_cpus}")  # every worker warm
+        group = configs(tmp).curate.group_size  # videos per task
+        curation(items[:2 * num_cpus * group], num_cpus, tmp / f"warm{num_cpus}")  # all warm
         return curation(items, num_cpus, tmp / f"w{num_cpus}")
     finally:
         ray.shutdown()
@@ -124,11 +144,9 @@ def on_cluster(num_cpus: int, items: list[dict], tmp: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--videos", type=int, default=12)
+    ap.add_argument("--videos", type=int, default=40)
     ap.add_argument("--seconds", type=float, default=10.0)
     args = ap.parse_args()
-
-    from pipeline.curate import CurateConfig
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-curation-"))
     (tmp / "in").mkdir()
@@ -136,9 +154,9 @@ def main() -> None:
         items = make_inputs(tmp / "in", args.videos, args.seconds)
         one = on_cluster(1, items, tmp)
         two = on_cluster(2, items, tmp)
-        long_side = CurateConfig().frame_long_side
-        decode_floor(items[:2], one["clip_records"][:2], long_side)  # warm the decoder
-        floor = min(decode_floor(items, one["clip_records"], long_side) for _ in range(2))
+        c = configs(tmp / "cache")
+        decode_floor(items[:2], one["clip_records"][:2], c)  # warm the decoder
+        floor = min(decode_floor(items, one["clip_records"], c) for _ in range(2))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     n, clips = args.videos, one["clips"]

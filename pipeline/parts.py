@@ -210,6 +210,10 @@ def _stream(rows: list[dict], fn, concurrency: int, actor_factory, prepare, num_
                             compute=ray.data.ActorPoolStrategy(size=concurrency),
                             max_restarts=max_retries, max_task_retries=max_retries)
     else:
+        # One operator: Ray Data's per-operator reservation (half the CPUs, kept for other
+        # operators) only idles CPUs here. Measured on 2 CPUs, 0.8 s tasks: 1.5 tasks in flight
+        # on average with it, 1.9 without.
+        ds.context.op_resource_reservation_enabled = False
         ds = ds.map(_run_group, fn_kwargs={"fn": fn}, num_cpus=1,
                     compute=ray.data.TaskPoolStrategy(size=concurrency),
                     max_retries=max_retries)
