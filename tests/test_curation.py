@@ -147,43 +147,28 @@ def test_shards_carry_metadata_and_read_with_plain_tools(run):
 
 
 # Put on PYTHONPATH, this is imported by every Python process of a run (the driver and the
-# Ray workers it starts): shard tasks other than the first `SPACETIME_TEST_SHARDS_FREE` of
-# the plan never finish, so a driver killed once a shard is written always dies with shards
+# Ray workers it starts): shard tasks past the first `SPACETIME_TEST_SHARDS_FREE` of each
+# split never finish, so a driver killed once a shard is written always dies with shards
 # still to write (the tiny run's shard tasks take milliseconds: no kill lands between them).
 HOLD_SHARDS = """
-import os, sys
+import os
+import threading
+
+import pipeline.shard as shard
 
 FREE = int(os.environ["SPACETIME_TEST_SHARDS_FREE"])
+real = shard.write_one_shard
 
 
-class HoldShards:
-    def find_spec(self, name, path=None, target=None):
-        if name != "pipeline.shard":
-            return None
-        sys.meta_path.remove(self)
-        import importlib.util
-        spec = importlib.util.find_spec(name)
-        run = spec.loader.exec_module
-
-        def exec_module(mod):
-            run(mod)
-            real = mod.write_one_shard
-
-            def write_one_shard(path, clips, cfg, upload_url=None):
-                index = int(os.path.basename(path).split(".")[0].rsplit("-", 1)[1])
-                if index >= FREE:  # train-NNNNNN.tar, val-NNNNNN.tar
-                    import threading
-                    threading.Event().wait()  # held until the test kills the run
-                return real(path, clips, cfg, upload_url)
-
-            write_one_shard.__module__, write_one_shard.__qualname__ = mod.__name__, "write_one_shard"
-            mod.write_one_shard = write_one_shard
-
-        spec.loader.exec_module = exec_module
-        return spec
+def write_one_shard(path, clips, cfg, upload_url=None):
+    index = int(os.path.basename(path).split(".")[0].rsplit("-", 1)[1])  # train-NNNNNN.tar
+    if index >= FREE:
+        threading.Event().wait()  # held until the test kills the run
+    return real(path, clips, cfg, upload_url)
 
 
-sys.meta_path.insert(0, HoldShards())
+write_one_shard.__module__, write_one_shard.__qualname__ = shard.__name__, "write_one_shard"
+shard.write_one_shard = write_one_shard
 """
 
 
