@@ -9,6 +9,10 @@ Inputs: synthetic 10-second 360p videos (640x360, 24 fps; a third of them with 2
   decoded at full size and re-encoded with x264, then packed into tars). It is measured on a
   Ray cluster of 1 CPU and on one of 2 CPUs (every curation task asks for one CPU, so that is
   1 and 2 workers), each after a warm-up run, so worker start-up and imports are not counted.
+  `--rounds` (3) rounds each measure 1 worker, 2 workers and the floor; the
+  ratios are the medians over rounds of each round's own ratio, the rates those of the
+  fastest runs, and every round is printed (this machine's speed drifts: single runs of one
+  config differed by up to 30% over a quarter of an hour).
 - decode floor: decord alone, in one process, reading the same frames the curation path
   decodes: every video at the curation size, each kept clip's keyframes at
   `curate.keyframe_long_side` (blur and text overlays are scored on those), and every
@@ -146,19 +150,33 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--videos", type=int, default=40)
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of (1 worker, 2 workers, floor)")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-curation-"))
     (tmp / "in").mkdir()
+    rounds = []
     try:
         items = make_inputs(tmp / "in", args.videos, args.seconds)
-        one = on_cluster(1, items, tmp)
-        two = on_cluster(2, items, tmp)
         c = configs(tmp / "cache")
-        decode_floor(items[:2], one["clip_records"][:2], c)  # warm the decoder
-        floor = min(decode_floor(items, one["clip_records"], c) for _ in range(2))
+        for _ in range(args.rounds):  # 1 worker, 2 workers and the floor side by side in time
+            one = on_cluster(1, items, tmp)
+            two = on_cluster(2, items, tmp)
+            decode_floor(items[:2], one["clip_records"][:2], c)  # warm the decoder
+            floor = min(decode_floor(items, one["clip_records"], c) for _ in range(2))
+            rounds.append((one, two, floor))
+            print(f"round {len(rounds)}: 1 worker {one['seconds']:.2f}s, 2 workers "
+                  f"{two['seconds']:.2f}s, floor {floor:.2f}s", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    # Each ratio is the median over rounds of that round's own ratio: a round's runs are under
+    # a minute apart, and the machine's speed drifts more than that between rounds.
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    speedup = median([o["seconds"] / t["seconds"] for o, t, _ in rounds])
+    ratio = median([f / o["seconds"] for o, _, f in rounds])
+    one = min((r[0] for r in rounds), key=lambda r: r["seconds"])  # rates: the fastest runs
+    two = min((r[1] for r in rounds), key=lambda r: r["seconds"])
+    floor = min(f for *_, f in rounds)
     n, clips = args.videos, one["clips"]
     assert two["clips"] == clips and one["sharded"] == two["sharded"] == clips, (one, two)
     rate = lambda count, seconds: round(count / seconds, 3)  # noqa: E731
@@ -174,8 +192,10 @@ def main() -> None:
         "seconds": {"decode_floor": round(floor, 2),
                     **{f"{k}_{w}": round(r[k], 2) for w, r in (("1w", one), ("2w", two))
                        for k in ("curate_seconds", "shard_seconds")}},
+        "all_rounds": [{"1w_s": round(o["seconds"], 2), "2w_s": round(t["seconds"], 2),
+                        "floor_s": round(f, 2), "speedup": round(o["seconds"] / t["seconds"], 3),
+                        "vs_floor": round(f / o["seconds"], 3)} for o, t, f in rounds],
     }
-    ratio, speedup = floor / one["seconds"], one["seconds"] / two["seconds"]
     res.update(curation_vs_decode_floor=round(ratio, 3), speedup_2_vs_1_workers=round(speedup, 3))
     print(json.dumps(res, indent=2))
     print(f"clips/s: curation 1 worker {res['curation_1_worker_clips_per_s']}, 2 workers "

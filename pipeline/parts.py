@@ -189,6 +189,21 @@ def run_parts(
     return {"parts": len(groups), "parts_run": len(todo), "parts_reused": done_before}
 
 
+def tasks_in_flight(concurrency: int) -> int:
+    """Tasks submitted at once for a CPU task pool of `concurrency`.
+
+    When the pool is as wide as the cluster (or wider), the cluster's CPUs already cap the
+    tasks that run, so twice as many are submitted: the extra ones wait in the raylet's queue
+    and start the moment a CPU frees, instead of after a round trip through the driver's
+    streaming executor (measured on 2 CPUs, 1.2 s tasks: ~0.3 s idle between tasks, 13% of
+    the run, against ~0.02 s queued). On a larger cluster the pool's own size is the cap.
+    """
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 0)) if ray.is_initialized() else 0
+    return 2 * concurrency if 0 < cpus <= concurrency else concurrency
+
+
 def _stream(rows: list[dict], fn, concurrency: int, actor_factory, prepare, num_gpus: float,
             actor_init_retries: int, max_retries: int, tolerate: bool) -> Iterator[dict]:
     """The groups through Ray Data, streamed back as they finish. With `tolerate`, groups
@@ -215,7 +230,7 @@ def _stream(rows: list[dict], fn, concurrency: int, actor_factory, prepare, num_
         # on average with it, 1.9 without.
         ds.context.op_resource_reservation_enabled = False
         ds = ds.map(_run_group, fn_kwargs={"fn": fn}, num_cpus=1,
-                    compute=ray.data.TaskPoolStrategy(size=concurrency),
+                    compute=ray.data.TaskPoolStrategy(size=tasks_in_flight(concurrency)),
                     max_retries=max_retries)
     yield from ds.iter_rows()
 

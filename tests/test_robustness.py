@@ -194,6 +194,25 @@ def test_a_worker_killing_input_is_retried_finitely_and_loses_only_itself(tmp_pa
     assert "died or failed 1 time," in got["killer"]["why"]
 
 
+def test_task_pools_queue_a_task_per_cpu_only_when_the_cluster_caps_them(tmp_path, ray_local):
+    from pipeline.parts import read_parts, run_parts, tasks_in_flight
+
+    # 2 CPUs: a pool as wide as the cluster submits twice its size (the extra tasks wait in
+    # the raylet's queue); a narrower pool is its own cap.
+    assert (tasks_in_flight(2), tasks_in_flight(3), tasks_in_flight(1)) == (4, 6, 1)
+
+    def work(items):
+        t0 = time.time()
+        time.sleep(0.2)  # the work
+        return [{"id": it["id"], "span": [t0, time.time()]} for it in items]
+
+    items = [{"id": f"v{i}"} for i in range(4)]
+    run_parts(items, work, tmp_path / "parts", group_size=1, concurrency=1, log=lambda *a: None)
+    spans = sorted(r["span"] for r in read_parts(tmp_path / "parts"))
+    assert len(spans) == 4
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans  # never two at once
+
+
 # ----- transient failures --------------------------------------------------------------------
 def test_fetch_retries_transient_failures_and_not_permanent_ones(tmp_path, http_server):
     www, base, state = http_server
