@@ -378,7 +378,9 @@ def test_stored_caption_tokens_equal_a_fresh_encode(latent_dir, clip_text):
     text, mask = stored_text(tokens, dropped, rec)  # (4, 16, 64), (4, 16)
     fresh, fmask = encode_captions(enc, tok, ["" if d else c for c, d in zip(caps, dropped)])
     assert text.shape == fresh.shape == (4, 16, 64) and torch.equal(mask, fmask)
-    torch.testing.assert_close(text, fresh, rtol=1e-5, atol=1e-6)
+    # Stored tokens were encoded in other batches than this one: float32 matmuls of another
+    # batch shape round differently (1.3e-6 seen on O(1) LayerNorm outputs).
+    torch.testing.assert_close(text, fresh, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="no .text.npy"):
         stored_text(None, dropped, rec)
 
