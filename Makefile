@@ -11,6 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m training.prebuild || echo "note: DeepSpeed's ops did not build now; they build on first use"
 	touch $@
 
 demo: $(VENV)/.installed  ## the whole graph on the embedded default (synthetic source, local Ray, W&B offline)

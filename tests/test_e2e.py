@@ -238,7 +238,7 @@ def test_wandb_offline_runs_one_per_stage_grouped_by_run_id(run1):
         assert got["funnel_chart"]["_type"] == "image-file"
 
 
-def test_rerun_is_all_cached_then_a_training_override_reruns_train_and_eval(run1):
+def test_rerun_is_all_cached_and_an_override_makes_only_train_and_eval_stale(run1):
     cwd = run1["cwd"]
     r = spacetime("run", "experiment=tiny", cwd=cwd)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -246,24 +246,10 @@ def test_rerun_is_all_cached_then_a_training_override_reruns_train_and_eval(run1
     assert {s["state"] for s in lin["stages"].values()} == {"cached"}
     assert "running" not in r.stdout  # nothing executed, so Ray was never started
 
-    r = spacetime("run", "experiment=tiny", "train.lr=1e-3", cwd=cwd)
-    assert r.returncode == 0, r.stderr[-2000:]
-    lin = lineage_of(r, run1["root"])
-    states = {n: s["state"] for n, s in lin["stages"].items()}
-    assert states == {**CURATION, "train": "done", "eval": "done"}
-
-    def status(*overrides):
-        r = spacetime("status", "experiment=tiny", *overrides, cwd=cwd)
-        return {line.split()[0]: line.split()[1] for line in r.stdout.splitlines()[1:]}
-
-    assert status("train.lr=1e-3") == {**CURATION, "train": "done", "eval": "done"}
-    assert status() == dict.fromkeys(STAGES, "cached")
-    assert status("train.lr=5e-4") == {**CURATION, "train": "stale", "eval": "stale"}
-
-    r = spacetime("run", "--only", "eval", "experiment=tiny", "train.lr=1e-3", cwd=cwd)
-    lin = lineage_of(r, run1["root"])
-    states = {n: s["state"] for n, s in lin["stages"].items()}
-    assert states == {**CURATION, "train": "cached", "eval": "done"}
+    r = spacetime("status", "experiment=tiny", "train.lr=5e-4", cwd=cwd)
+    states = {line.split()[0]: line.split()[1] for line in r.stdout.splitlines()[1:]}
+    assert states == {**CURATION, "train": "stale", "eval": "stale"}
+    # (the override's run, what status then says, and --only eval: the SIGTERM test below)
 
 
 def test_a_real_stage_that_raises_is_failed_and_redone(run1):
@@ -292,7 +278,9 @@ def test_a_real_stage_that_raises_is_failed_and_redone(run1):
 
 def test_sigterm_checkpoints_then_the_rerun_resumes(run1):
     """Preemption: SIGTERM to `spacetime run` -> every rank checkpoints, the stage stops as
-    failed; the next run resumes training from that checkpoint and finishes the graph."""
+    failed; the next run resumes training from that checkpoint and finishes the graph. The
+    run is a training override of run1's graph: only train and eval run, and `--only eval`
+    then reruns eval alone."""
     import signal
     import time
 
@@ -325,8 +313,16 @@ def test_sigterm_checkpoints_then_the_rerun_resumes(run1):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((train_dir / "train_result.json").read_text())
     assert res["resumed_from_step"] == step and res["steps"] == 60
+    # the training override reran train and eval and nothing upstream
     states = {n: s["state"] for n, s in lineage_of(r, run1["root"])["stages"].items()}
-    assert states["train"] == "done" and states["eval"] == "done"
+    assert states == {**CURATION, "train": "done", "eval": "done"}
+    root = f"run.root={run1['root']}"
+    assert graph_status([*overrides, root]) == {**CURATION, "train": "done", "eval": "done"}
+    assert graph_status(["experiment=tiny", root]) == dict.fromkeys(STAGES, "cached")
+
+    r = spacetime("run", "--only", "eval", *overrides, cwd=cwd)  # one stage, forced
+    states = {n: s["state"] for n, s in lineage_of(r, run1["root"])["stages"].items()}
+    assert states == {**CURATION, "train": "cached", "eval": "done"}
 
 
 def test_latent_experiment_reuses_curation_and_trains_on_vae_latents(run1):

@@ -1,0 +1,44 @@
+"""Build DeepSpeed's native ops once, at install time, instead of on first use in a run.
+
+DeepSpeed compiles some of its C++ ops just in time (torch's cpp_extension, cached in
+``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``): on CPU workers the
+shared-memory allreduce every ZeRO run loads (``ShareMemCommBuilder``) and the CPU Adam that
+ZeRO-Offload steps with (``CPUAdamBuilder``). Each takes tens of seconds to compile, which a
+fresh machine would otherwise pay inside its first training run. ``make`` runs this after
+installing the project; it builds the ops this machine's accelerator can use and skips the
+others (on a GPU node the CPU-only shared-memory op is not offered).
+
+    python -m training.prebuild
+"""
+
+from __future__ import annotations
+
+import time
+
+OPS = ("ShareMemCommBuilder", "CPUAdamBuilder")
+
+
+def prebuild(ops: tuple[str, ...] = OPS) -> dict[str, str]:
+    """Build (or find in the cache) each op -> {op: "built in N s" | "cached" | why skipped}."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    out = {}
+    for name in ops:
+        builder = get_accelerator().create_op_builder(name)
+        if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+            out[name] = f"skipped: not offered by the {get_accelerator().device_name()} accelerator"
+            continue
+        t0 = time.time()
+        builder.load(verbose=False)
+        out[name] = f"ready in {time.time() - t0:.1f}s"
+    return out
+
+
+def main() -> None:
+    for name, what in prebuild().items():
+        print(f"deepspeed op {name}: {what}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
