@@ -2,6 +2,11 @@
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
+# The venv's bin first on PATH: DeepSpeed JIT-builds its ops with whichever `ninja` PATH finds,
+# and ninja 1.11 (Debian) and 1.13 (pip, a DeepSpeed dependency) each discard the other's build
+# log, so processes with different PATHs (the test runner, Ray workers, a Ray job) would rebuild
+# the cached ops in turn (~30-50 s each).
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 CHROMIUM ?= /usr/bin/chromium
 
 .PHONY: demo test status clean chromium

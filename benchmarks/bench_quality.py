@@ -6,12 +6,13 @@ give on data that is right by construction) and chance (1/8 colours, 1/4 directi
 Target: on the built-in synthetic source, colour correct in >= 90% of samples and motion
 direction in >= 80%, within 15 minutes of CPU training.
 
-    python benchmarks/bench_quality.py [--root DIR] [--num-prompts 32] [hydra overrides ...]
+    python benchmarks/bench_quality.py [--root DIR] [hydra overrides ...]
 
 It runs the real graph (`spacetime run`: synthetic source, Ray curation, shards, DeepSpeed on
-Ray Train, eval) with experiment=demo and the given overrides (e.g. `train.steps=1500
-source.num_videos=400`), W&B off, in a fresh run root unless --root reuses one (then cached
-stages are reused and their recorded training time is reported).
+Ray Train, eval) with experiment=quality (conf/experiment/quality.yaml: 400 videos, ~15 min of
+training on one 2-core worker, eval at five checkpoints) and the given overrides (e.g.
+`train.steps=1500`), W&B off, in a fresh run root unless --root reuses one (then cached stages
+are reused and their recorded training time is reported).
 """
 
 from __future__ import annotations
@@ -71,12 +72,11 @@ def ceiling(shard_dir: Path, train_cfg: dict) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", type=Path, default=None, help="run root (default: a fresh temp dir)")
-    ap.add_argument("--num-prompts", type=int, default=32, help="eval prompts (4 per colour at 32)")
-    ap.add_argument("overrides", nargs="*", help="Hydra overrides on top of experiment=demo")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides on top of experiment=quality")
     args = ap.parse_args()
     root = (args.root or Path(tempfile.mkdtemp(prefix="bench_quality-"))).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    overrides = ["experiment=demo", f"eval.num_prompts={args.num_prompts}", *args.overrides]
+    overrides = ["experiment=quality", *args.overrides]
     lineage = run_graph(root, overrides)
     dirs = {n: Path(s["path"]) for n, s in lineage["stages"].items()}
 
