@@ -10,7 +10,7 @@ direction in >= 80%, within 15 minutes of CPU training.
 
 It runs the real graph (`spacetime run`: synthetic source, Ray curation, shards, DeepSpeed on
 Ray Train, eval) with experiment=quality (conf/experiment/quality.yaml: 400 videos, ~15 min of
-training on one 2-core worker, eval at five checkpoints) and the given overrides (e.g.
+training on one 2-core worker, eval at three checkpoints) and the given overrides (e.g.
 `train.steps=1500`), W&B off, in a fresh run root unless --root reuses one (then cached stages
 are reused and their recorded training time is reported).
 """
