@@ -6,7 +6,9 @@ shared-memory allreduce every ZeRO run loads (``ShareMemCommBuilder``) and the C
 ZeRO-Offload steps with (``CPUAdamBuilder``). Each takes tens of seconds to compile, which a
 fresh machine would otherwise pay inside its first training run. ``make`` runs this after
 installing the project; it builds the ops this machine's accelerator can use and skips the
-others (on a GPU node the CPU-only shared-memory op is not offered).
+others (on a GPU node the CPU-only shared-memory op is not offered). The cache is only reused
+by processes that find the same ``ninja`` on PATH (its versions discard each other's build
+logs), which is why ``make`` puts the venv's bin first.
 
     python -m training.prebuild
 """
@@ -19,7 +21,7 @@ OPS = ("ShareMemCommBuilder", "CPUAdamBuilder")
 
 
 def prebuild(ops: tuple[str, ...] = OPS) -> dict[str, str]:
-    """Build (or find in the cache) each op -> {op: "built in N s" | "cached" | why skipped}."""
+    """Build (or load from the cache) each op -> {op: "ready in N s" | why it was skipped}."""
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
