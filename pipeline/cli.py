@@ -251,6 +251,9 @@ def cmd_run(graph, cfg, cfg_dict, flags) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from training.prebuild import use_venv_ninja
+
+    use_venv_ninja()  # one ninja for DeepSpeed's op builds here and in the Ray workers it starts
     cmd, flags, rest = parse_argv(sys.argv[1:] if argv is None else argv)
     if cmd == "plan":
         from pipeline.plan import main as plan_main

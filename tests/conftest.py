@@ -3,6 +3,10 @@
 import pytest
 import torch
 
+from training.prebuild import use_venv_ninja
+
+use_venv_ninja()  # in-process DeepSpeed builds its ops with the ninja the workers use
+
 
 @pytest.fixture(scope="module")
 def one_thread():

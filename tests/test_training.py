@@ -537,3 +537,21 @@ def test_frozen_open_clip_encoder_trains_through_the_embedding_cache(ray_local, 
     ema = torch.load(tmp_path / "out" / "model_ema.pt", weights_only=True)
     assert ema and not any(k.startswith("text_encoder.") for k in ema)  # frozen: no EMA
     assert res["zero_stage"] == 0
+
+
+def test_op_builds_use_the_ninja_installed_beside_this_python(monkeypatch):
+    """Debian's ninja and pip's discard each other's build logs, so DeepSpeed's cached ops would
+    rebuild whenever processes found different ones: use_venv_ninja puts the venv's first on
+    PATH, whatever PATH held, once however often it is called."""
+    import shutil
+    import sysconfig
+
+    from training.prebuild import use_venv_ninja
+
+    scripts = sysconfig.get_path("scripts")
+    assert os.path.isfile(os.path.join(scripts, "ninja"))  # pip's ninja: a DeepSpeed dependency
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", "/bin"]))
+    use_venv_ninja()
+    use_venv_ninja()
+    assert shutil.which("ninja") == os.path.join(scripts, "ninja")
+    assert os.environ["PATH"].split(os.pathsep) == [scripts, "/usr/bin", "/bin"]

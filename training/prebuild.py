@@ -6,18 +6,33 @@ shared-memory allreduce every ZeRO run loads (``ShareMemCommBuilder``) and the C
 ZeRO-Offload steps with (``CPUAdamBuilder``). Each takes tens of seconds to compile, which a
 fresh machine would otherwise pay inside its first training run. ``make`` runs this after
 installing the project; it builds the ops this machine's accelerator can use and skips the
-others (on a GPU node the CPU-only shared-memory op is not offered). The cache is only reused
-by processes that find the same ``ninja`` on PATH (its versions discard each other's build
-logs), which is why ``make`` puts the venv's bin first.
+others (on a GPU node the CPU-only shared-memory op is not offered).
+
+The cache is only reused by processes that build with the same ``ninja``: Debian's 1.11 and
+pip's 1.13 (a DeepSpeed dependency) each discard the other's build log, and a missing log
+entry means "rebuild". torch runs whichever ``ninja`` PATH finds, so ``use_venv_ninja`` puts
+the one installed beside this interpreter first; the CLI, every training worker and this
+script call it (and ``make`` puts the venv's bin first on PATH for everything it runs).
 
     python -m training.prebuild
 """
 
 from __future__ import annotations
 
+import os
+import sysconfig
 import time
 
 OPS = ("ShareMemCommBuilder", "CPUAdamBuilder")
+
+
+def use_venv_ninja() -> None:
+    """Put this interpreter's scripts directory (the venv's bin) first on PATH when it holds a
+    ``ninja``, so DeepSpeed's op builds in this process and its children use that one."""
+    scripts = sysconfig.get_path("scripts")
+    path = os.environ.get("PATH", "")
+    if os.path.isfile(os.path.join(scripts, "ninja")) and path.split(os.pathsep)[0] != scripts:
+        os.environ["PATH"] = os.pathsep.join([scripts, path]) if path else scripts
 
 
 def prebuild(ops: tuple[str, ...] = OPS) -> dict[str, str]:
@@ -25,6 +40,7 @@ def prebuild(ops: tuple[str, ...] = OPS) -> dict[str, str]:
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
+    use_venv_ninja()
     out = {}
     for name in ops:
         builder = get_accelerator().create_op_builder(name)

@@ -220,6 +220,9 @@ def _install_sigterm(flag_path: Path) -> None:
 
 def train_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
+    from training.prebuild import use_venv_ninja
+
+    use_venv_ninja()  # before DeepSpeed loads (and maybe builds) its ops
     import deepspeed
     import ray.train
     import torch.distributed as dist
