@@ -422,7 +422,7 @@ STAGES = [
                    "shard.progress_every_s", "shard.media.startup_timeout_s"), resumable=True,
           description="cut, encode and pack clips into WebDataset tars"),
     Stage("train", train_stage, inputs=("shard",), config_keys=("model", "train", "deepspeed"),
-          exclude=("train.log_every", "train.max_failures", "train.data.prefetch"),
+          exclude=("train.log_every", "train.max_failures", "train.data.prefetch", "train.text_sep_every"),
           resumable=True,
           stream=("shards/*",),
           description="train the DiT with DeepSpeed ZeRO on Ray Train workers"),
@@ -475,8 +475,9 @@ def graph_for(cfg) -> Graph:
     """The graph of a (typed or dict) config."""
     get = (lambda o, k: o[k]) if isinstance(cfg, dict) else getattr
     run, train, latent = get(cfg, "run"), get(cfg, "train"), get(cfg, "latent")
-    from training.text import FROZEN_KINDS
+    from training.text import text_frozen
 
+    text = get(get(cfg, "model"), "text")
     return build_graph(get(run, "root"), get(run, "local_cache"),
                        data_kind=get(get(train, "data"), "kind"), latent_kind=get(latent, "kind"),
-                       text_frozen=get(get(get(cfg, "model"), "text"), "kind") in FROZEN_KINDS)
+                       text_frozen=text_frozen(get(text, "kind"), get(text, "lr_scale")))

@@ -123,7 +123,7 @@ def test_tokenizer_empty_and_long_captions():
 
 def test_text_encoder_empty_caption_and_padding():
     torch.manual_seed(0)
-    cfg = TextEncoderConfig()
+    cfg = TextEncoderConfig(lr_scale=0.1)  # the trained variant: gradients must flow
     enc = TinyTextEncoder(cfg)
     assert enc.trainable and enc.out_dim == cfg.dim
     ids, mask = tokenize(["", "a dog running on the beach"], max_length=cfg.max_length)
@@ -260,7 +260,7 @@ def test_config_errors():
     with pytest.raises(ValueError, match="model.text.pretrained is for open_clip"):
         TextEncoderConfig(kind="t5", name="x", pretrained="y")
     with pytest.raises(ValueError, match="cache needs a frozen encoder"):
-        TextEncoderConfig(kind="tiny", cache_size=10)
+        TextEncoderConfig(kind="tiny", lr_scale=0.1, cache_size=10)
     with pytest.raises(ValueError, match="model.text.precision"):
         TextEncoderConfig(kind="t5", name="x", precision="int8")
 
@@ -333,4 +333,4 @@ def test_cache_never_mixes_encoders(tmp_path, t5_dir):
     eb, _ = encode_captions(b, tok, ["a red car"], cache)
     assert cache.hits == 0 and not torch.allclose(ea, eb)
     with pytest.raises(ValueError, match="frozen encoder"):
-        encode_captions(TinyTextEncoder(TextEncoderConfig()), Tokenizer(), ["x"], cache)
+        encode_captions(TinyTextEncoder(TextEncoderConfig(lr_scale=0.1)), Tokenizer(), ["x"], cache)

@@ -59,6 +59,9 @@ class EvalConfig:
     cfg_scale: float = 3.0
     fps: float = 8.0
     probes: bool = True  # probe samples of synthetic prompts (colour, shape, motion, count, flicker)
+    # prompt sensitivity: this many base prompts, each sampled beside one variant per attribute
+    # (colour, shape, direction, count) from the same noise; 0 = off
+    sensitivity_prompts: int = 8
     clip: ClipScoreConfig = field(default_factory=ClipScoreConfig)
     fvd: FVDConfig = field(default_factory=FVDConfig)
 
@@ -214,14 +217,18 @@ def load_val_clips(shards: list[str], max_clips: int, num_frames: int, size: tup
 
 
 @torch.no_grad()
-def validation_loss(model, tokenizer, clips, cfg: EvalConfig, device, space=None
+def validation_loss(model, tokenizer, clips, cfg: EvalConfig, device, space=None, flow=None
                     ) -> dict[str, float]:
     """Flow loss per fixed timestep over `clips` (from load_val_clips), noise seeded per
     (clip index, timestep value) -> {"val/loss_t0.10": ..., "val/loss": mean, "val/clips": n}.
     Keyed by the timestep's value, not its position, so adding or removing a timestep leaves
     the others' numbers unchanged.
-    With a latent `space` the clips are encoded (posterior mean) and the loss is in latents."""
+    With a latent `space` the clips are encoded (posterior mean) and the loss is in latents.
+    `flow`: the training's FlowConfig (its ``prediction`` says what the network outputs); the
+    timesteps and noise are fixed here, so only that field matters."""
     from training.flow import FlowConfig, flow_loss
+
+    flow = flow or FlowConfig()
     from training.loader import normalize
 
     per_t: dict[float, list[float]] = {t: [] for t in cfg.val_timesteps}
@@ -237,7 +244,7 @@ def validation_loss(model, tokenizer, clips, cfg: EvalConfig, device, space=None
             noise = torch.stack([torch.randn(x0.shape[1:], generator=_seeded(cfg.seed, i + j, key))
                                  for j in range(len(chunk))]).to(device)  # (B, 3, T, H, W)
             tt = torch.full((len(chunk),), float(t), device=device)  # (B,)
-            _, per_sample, _ = flow_loss(lambda x, s: model(x, s, ids, mask), x0, FlowConfig(),
+            _, per_sample, _ = flow_loss(lambda x, s: model(x, s, ids, mask), x0, flow,
                                          t=tt, noise=noise)
             per_t[t] += per_sample.tolist()
     out = {f"val/loss_t{t:.2f}": float(np.mean(v)) for t, v in per_t.items()}
@@ -249,10 +256,16 @@ def validation_loss(model, tokenizer, clips, cfg: EvalConfig, device, space=None
 # ----- sampling -------------------------------------------------------------------------------
 @torch.no_grad()
 def sample_videos(model, tokenizer, prompts: list[str], cfg: EvalConfig, shape: tuple[int, ...],
-                  shift: float, device, space=None) -> torch.Tensor:
+                  shift: float, device, space=None, flow=None, seeds: list[int] | None = None
+                  ) -> torch.Tensor:
     """shape: (C, T, H, W) of what the DiT generates (latents when `space` is given, decoded
-    through it). Returns uint8 videos (N, T, H, W, 3); prompt i always starts from the noise
-    seeded by (cfg.seed, i), in batches of cfg.batch_size."""
+    through it). Returns uint8 videos (N, T, H, W, 3); prompt i starts from the noise seeded by
+    (cfg.seed, seeds[i]) (seeds default to 0..N-1), in batches of cfg.batch_size. `flow`: the
+    training's FlowConfig, whose ``prediction`` the sampler converts from."""
+    from training.flow import FlowConfig
+
+    flow = flow or FlowConfig()
+    seeds = list(range(len(prompts))) if seeds is None else list(seeds)
     from training.flow import euler_sample, text_model_fn
 
     null_ids, null_mask = tokenizer([""])
@@ -263,9 +276,10 @@ def sample_videos(model, tokenizer, prompts: list[str], cfg: EvalConfig, shape: 
         ids, mask = tokenizer(chunk)
         text, text_mask = model.encode_text(ids.to(device), mask.to(device))  # (B, L, Dt), (B, L)
         fn = text_model_fn(model.dit, text, text_mask, null_text, null_mask)
-        noise = torch.stack([torch.randn(shape, generator=_seeded(cfg.seed, i + j))
+        noise = torch.stack([torch.randn(shape, generator=_seeded(cfg.seed, seeds[i + j]))
                              for j in range(len(chunk))]).to(device)  # (B, C, T, H, W)
-        x = euler_sample(fn, noise.shape, cfg.sample_steps, cfg.cfg_scale, shift=shift, noise=noise)
+        x = euler_sample(fn, noise.shape, cfg.sample_steps, cfg.cfg_scale, shift=shift, noise=noise,
+                         prediction=flow.prediction, x0_t_min=flow.x0_t_min)
         if space is not None:
             out.append(space.decode_video(x))  # (B, T, H, W, 3) uint8
             continue
@@ -281,7 +295,9 @@ def evaluate(cfg: EvalConfig, train_dir: Path, val_shards: list[str], out_dir: P
     log to `tracker`. Returns the results (see the module docstring for their layout)."""
     from training.checkpoint import tag_of
     from training.eval_report import sample_table
+    from training.flow import FlowConfig
     from training.probes import synthetic_prompts
+    from training.trainer import from_dict
 
     out_dir = Path(out_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -326,9 +342,11 @@ def evaluate(cfg: EvalConfig, train_dir: Path, val_shards: list[str], out_dir: P
     for n, ref in enumerate(refs):
         model, mcfg, tcfg, weights = load_checkpoint(ref, device, cfg.use_ema)
         metrics = validation_loss(model, mcfg.text.build_tokenizer(), clips[: cfg.val_max_clips],
-                                  cfg, device, space)
+                                  cfg, device, space, from_dict(FlowConfig, tcfg["flow"]))
         metrics.update(recon)
         videos = _sample(model, mcfg, tcfg, prompts, cfg, device, space)  # (N, T, H, W, 3)
+        if cfg.probes and cfg.sensitivity_prompts:
+            metrics.update(sensitivity(model, mcfg, tcfg, cfg, device, space))
         del model
         newest = n == len(refs) - 1  # the newest writes samples/, earlier ones samples/stepNNNNNNNN/
         sample_dir = out_dir / "samples" if newest else out_dir / "samples" / tag_of(ref.step)
@@ -352,8 +370,27 @@ def evaluate(cfg: EvalConfig, train_dir: Path, val_shards: list[str], out_dir: P
     return results
 
 
-def _sample(model, mcfg, tcfg: dict, prompts: list[str], cfg: EvalConfig, device, space=None
-            ) -> np.ndarray:
+SENSITIVITY_SEED = 100_000  # noise seeds of the sensitivity samples: apart from the prompts' 0..N-1
+
+
+def sensitivity(model, mcfg, tcfg: dict, cfg: EvalConfig, device, space=None) -> dict[str, float]:
+    """Prompt sensitivity (``probes.prompt_sensitivity``) over cfg.sensitivity_prompts base
+    prompts: base i and its one-attribute variants share the noise seed SENSITIVITY_SEED + i."""
+    from training.probes import prompt_sensitivity
+    from training.text_separation import ATTRIBUTES, caption_pairs
+
+    pairs = caption_pairs(cfg.sensitivity_prompts, cfg.seed)
+    n = cfg.sensitivity_prompts
+    prompts = [b for b, _ in pairs[ATTRIBUTES[0]]] + [v for a in ATTRIBUTES for _, v in pairs[a]]
+    seeds = [SENSITIVITY_SEED + i for i in range(n)] * (1 + len(ATTRIBUTES))
+    videos = _sample(model, mcfg, tcfg, prompts, cfg, device, space, seeds)  # (5n, T, H, W, 3)
+    base = videos[:n]
+    return prompt_sensitivity({a: list(zip(base, videos[n * (k + 1): n * (k + 2)]))
+                               for k, a in enumerate(ATTRIBUTES)})
+
+
+def _sample(model, mcfg, tcfg: dict, prompts: list[str], cfg: EvalConfig, device, space=None,
+            seeds: list[int] | None = None) -> np.ndarray:
     """Samples at the training shape with the training's timestep shift -> (N, T, H, W, 3);
     latent models sample latents of the encoded shape and decode them through `space`."""
     from training.flops import token_grid
@@ -363,9 +400,10 @@ def _sample(model, mcfg, tcfg: dict, prompts: list[str], cfg: EvalConfig, device
     shape = (tcfg["num_frames"], tcfg["height"], tcfg["width"])
     if space is not None:
         shape = tuple(space.latent_shape(shape))
-    shift = shift_for(from_dict(FlowConfig, tcfg["flow"]), math.prod(token_grid(mcfg.dit, shape)))
+    flow = from_dict(FlowConfig, tcfg["flow"])
+    shift = shift_for(flow, math.prod(token_grid(mcfg.dit, shape)))
     return sample_videos(model, mcfg.text.build_tokenizer(), prompts, cfg,
-                         (mcfg.dit.in_channels, *shape), shift, device, space).numpy()
+                         (mcfg.dit.in_channels, *shape), shift, device, space, flow, seeds).numpy()
 
 
 def write_samples(videos: np.ndarray, prompts: list[str], sample_dir: Path, out_dir: Path,

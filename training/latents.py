@@ -133,7 +133,7 @@ def precompute_latents(latent_cfg, shard_urls_by_split: dict[str, list[str]], ou
 
         if not text.frozen:
             raise ValueError(f"storing text embeddings needs a frozen text encoder (model.text.kind open_clip "
-                             f"or t5), not {text.kind!r}: a trained encoder's embeddings go stale")
+                             f"or t5, or tiny with lr_scale 0), not a trained {text.kind!r}: a trained encoder's embeddings go stale")
         encoder, tokenizer, cache = text.build().to(device), text.build_tokenizer(), text.build_cache()
         null, nmask = encode_captions(encoder, tokenizer, [""], cache)  # (1, L, D), (1, L)
         text_record = {"identity": encoder.identity, "kind": text.kind, "name": text.name,

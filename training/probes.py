@@ -367,3 +367,28 @@ def probe_scores(passes: list[dict[str, bool]]) -> dict[str, float]:
     out["probe/all"] = float(np.mean([all(j.values()) for j in judged]))
     out["probe/samples"] = len(judged)
     return out
+
+
+# ----- prompt sensitivity ---------------------------------------------------------------------
+SENSITIVITY_ATTRIBUTES = ("color", "shape", "direction", "count")
+
+
+def measured_attribute(m: Measurement, attribute: str):
+    """The value of `attribute` a measurement read: colour, shape, direction, or the most
+    common per-frame object count."""
+    if attribute == "count":
+        return max(set(m.counts), key=m.counts.count) if m.counts else None
+    return getattr(m, attribute)
+
+
+def prompt_sensitivity(pairs: dict[str, list[tuple[np.ndarray, np.ndarray]]]) -> dict[str, float]:
+    """How much samples follow a change of prompt: for each attribute, the fraction of sample
+    pairs (same noise, prompts differing only in that attribute) whose measured attribute
+    differs -> {"sensitivity/<attribute>": fraction, "sensitivity/all": their mean}.
+    A model that ignores its prompt scores 0 (the same noise gives the same video)."""
+    out = {}
+    for a, videos in pairs.items():
+        diff = [measured_attribute(measure(x), a) != measured_attribute(measure(y), a) for x, y in videos]
+        out[f"sensitivity/{a}"] = float(np.mean(diff)) if diff else float("nan")
+    out["sensitivity/all"] = float(np.mean([out[f"sensitivity/{a}"] for a in pairs]))
+    return out

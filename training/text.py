@@ -5,8 +5,13 @@
 
 Encoders, chosen by ``TextEncoderConfig.kind``:
 
-- ``tiny``: a small trainable transformer over open_clip's CLIP BPE tokenizer (its vocabulary
-  ships inside the open_clip package, so nothing is downloaded). For offline / debug runs.
+- ``tiny``: a small transformer over open_clip's CLIP BPE tokenizer (its vocabulary ships
+  inside the open_clip package, so nothing is downloaded). For offline / debug runs. Its weights
+  are drawn from ``seed`` alone, and by default (``lr_scale: 0``) it stays frozen there: trained
+  jointly at the DiT's learning rate it collapses the captions onto each other (the feature
+  distance of captions that differ only in the direction word fell from 0.31 to 0.006-0.018 in
+  ~400 steps) before the DiT learns to use them, because the caption only lowers the loss at
+  high noise. ``lr_scale > 0`` trains it at ``train.lr * lr_scale``.
 - ``open_clip``: the frozen text tower of an open_clip model (``name``, e.g. ViT-H-14), with
   ``pretrained`` a tag (open_clip resolves and caches it), a local checkpoint file, or None
   for random init (tests). Only the text tower is built. Tokens are the final-LayerNorm
@@ -58,6 +63,8 @@ class TextEncoderConfig:
     precision: str = "fp32"  # weights of a frozen encoder: fp32 | bf16 | fp16 (tokens come out float32)
     cache_size: int = 0  # text-embedding cache: captions kept in memory (frozen encoders); 0 = off
     cache_dir: Optional[str] = None  # text-embedding cache on disk as well (shared across runs)
+    lr_scale: float = 0.0  # tiny only: trained at train.lr * lr_scale; 0 = frozen at its random init
+    seed: int = 0  # tiny only: its weights are drawn from this seed (the same in every process)
 
     def __post_init__(self) -> None:
         if self.kind not in TEXT_ENCODER_KINDS:
@@ -68,14 +75,18 @@ class TextEncoderConfig:
             raise ValueError(f"unknown model.text.precision {self.precision!r}; valid: {', '.join(ENCODER_DTYPES)}")
         if self.cache_size < 0:
             raise ValueError(f"model.text.cache_size must be >= 0, got {self.cache_size}")
+        if self.lr_scale < 0:
+            raise ValueError(f"model.text.lr_scale must be >= 0 (0 = frozen), got {self.lr_scale}")
+        if self.kind != "tiny" and self.lr_scale:
+            raise ValueError(f"model.text.lr_scale is for kind tiny; a {self.kind} encoder is always frozen")
         if self.kind == "tiny":
             if self.dim % self.num_heads != 0:
                 raise ValueError(f"dim {self.dim} not divisible by num_heads {self.num_heads}")
             if self.name or self.pretrained:
                 raise ValueError("model.text.name / model.text.pretrained are for kind open_clip or t5, not tiny")
-            if self.cache_size or self.cache_dir:
-                raise ValueError("the text-embedding cache needs a frozen encoder (kind open_clip or t5); "
-                                 "the tiny encoder is trained")
+            if (self.cache_size or self.cache_dir) and not self.frozen:
+                raise ValueError("the text-embedding cache needs a frozen encoder (kind open_clip or t5, "
+                                 "or tiny with model.text.lr_scale=0); this tiny encoder is trained")
         elif not self.name:
             what = "an open_clip model name, e.g. ViT-H-14" if self.kind == "open_clip" else "a T5 model id or local directory"
             raise ValueError(f"model.text.kind={self.kind} needs model.text.name ({what})")
@@ -84,7 +95,7 @@ class TextEncoderConfig:
 
     @property
     def frozen(self) -> bool:
-        return self.kind in FROZEN_KINDS
+        return text_frozen(self.kind, self.lr_scale)
 
     def build(self) -> nn.Module:
         if self.kind == "open_clip":
@@ -111,6 +122,11 @@ class TextEncoderConfig:
 # --------------------------------------------------------------------------------------
 # Tokenizers
 # --------------------------------------------------------------------------------------
+
+
+def text_frozen(kind: str, lr_scale: float = 0.0) -> bool:
+    """Whether the encoder of `kind` is frozen: the pretrained kinds always, tiny at lr_scale 0."""
+    return kind in FROZEN_KINDS or (kind == "tiny" and not lr_scale)
 
 
 class Tokenizer:
@@ -205,21 +221,28 @@ class TextLayer(nn.Module):
 
 
 class TinyTextEncoder(nn.Module):
-    """Trainable small text transformer for debugging and tiny experiments."""
-
-    trainable = True
+    """Small text transformer for debugging and tiny experiments; frozen at its seeded random
+    init unless ``lr_scale > 0`` (see the module docstring for why)."""
 
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
         self.cfg = cfg
         self.out_dim = cfg.dim
-        self.identity = None  # trained: its embeddings change every step, never cached
-        self.token_embed = nn.Embedding(VOCAB_SIZE, cfg.dim)
-        self.pos_embed = nn.Parameter(torch.zeros(cfg.max_length, cfg.dim))
-        self.layers = nn.ModuleList([TextLayer(cfg.dim, cfg.num_heads) for _ in range(cfg.depth)])
-        self.norm = nn.LayerNorm(cfg.dim)
-        nn.init.normal_(self.token_embed.weight, std=0.02)
-        nn.init.normal_(self.pos_embed, std=0.01)
+        self.trainable = not cfg.frozen
+        with torch.random.fork_rng(devices=[]):  # weights from cfg.seed alone; the caller's RNG untouched
+            torch.manual_seed(cfg.seed)
+            self.token_embed = nn.Embedding(VOCAB_SIZE, cfg.dim)
+            self.pos_embed = nn.Parameter(torch.zeros(cfg.max_length, cfg.dim))
+            self.layers = nn.ModuleList([TextLayer(cfg.dim, cfg.num_heads) for _ in range(cfg.depth)])
+            self.norm = nn.LayerNorm(cfg.dim)
+            nn.init.normal_(self.token_embed.weight, std=0.02)
+            nn.init.normal_(self.pos_embed, std=0.01)
+        # A trained encoder's embeddings change every step: never cached (identity None). A frozen
+        # one is keyed like the pretrained encoders, by what it is and its weights.
+        self.identity = None
+        if not self.trainable:
+            self.requires_grad_(False)
+            self.identity = f"tiny|seed{cfg.seed}|L{cfg.max_length}|{weights_fingerprint(self)}"
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ids (B, L) long, mask (B, L) bool -> tokens (B, L, dim) (zero at padding), mask (B, L)."""
@@ -228,10 +251,11 @@ class TinyTextEncoder(nn.Module):
             raise ValueError(f"sequence length {L} exceeds max_length {self.cfg.max_length}")
         mask = mask.bool()
         attn_mask = mask | ~mask.any(dim=-1, keepdim=True)  # (B, L) guard: no all-False rows -> no NaN
-        x = self.token_embed(ids) + self.pos_embed[:L]  # (B, L, D)
-        for layer in self.layers:
-            x = layer(x, attn_mask)  # (B, L, D)
-        x = self.norm(x) * mask.unsqueeze(-1).to(x.dtype)  # (B, L, D)
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            x = self.token_embed(ids) + self.pos_embed[:L]  # (B, L, D)
+            for layer in self.layers:
+                x = layer(x, attn_mask)  # (B, L, D)
+            x = self.norm(x) * mask.unsqueeze(-1).to(x.dtype)  # (B, L, D)
         return x, mask
 
 

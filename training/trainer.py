@@ -43,6 +43,7 @@ import torch
 
 from training.flow import FlowConfig
 from training.loader import Bucket, LoaderConfig
+from training.text_separation import caption_pairs, text_separation
 
 PREEMPT = "PREEMPT"
 NONFINITE = "NONFINITE.json"  # written by rank 0 when the non-finite guard stops the run
@@ -68,6 +69,7 @@ class TrainConfig:
     ema_every: int = 1  # steps between EMA updates (each gathers the weights under ZeRO-3)
     max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
     max_failures: int = 2  # worker-group restarts Ray Train may make
+    text_sep_every: int = 50  # steps between logs of the text features' separation (train/text_sep/*)
     flow: FlowConfig = field(default_factory=FlowConfig)
     data: LoaderConfig = field(default_factory=LoaderConfig)
 
@@ -92,6 +94,19 @@ def lr_lambda(cfg: TrainConfig):
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos
 
     return f
+
+
+def param_groups(model, lr: float, text_lr_scale: float) -> list[dict]:
+    """The optimizer's parameter groups: the DiT at `lr`; a trained text encoder at
+    lr * text_lr_scale in its own group (LambdaLR scales each group's rate alike); a frozen
+    encoder has no trainable parameters and no group."""
+    text_ids = {id(p) for p in model.text_encoder.parameters()}
+    params = model.trainable_parameters()
+    groups = [{"params": [p for p in params if id(p) not in text_ids], "lr": lr}]
+    text = [p for p in params if id(p) in text_ids]
+    if text:
+        groups.append({"params": text, "lr": lr * text_lr_scale})
+    return groups
 
 
 def micro_batch_size(cfg: TrainConfig, world: int, grad_accum: int) -> int:
@@ -252,7 +267,7 @@ def train_loop(config: dict[str, Any]) -> None:
     model = mcfg.build().to(device)
     micro = micro_batch_size(tcfg, world, dcfg.grad_accum)
     ds_config = build_ds_config(dcfg, micro, tcfg.precision)
-    params = model.trainable_parameters()  # a frozen text encoder is not optimised
+    params = param_groups(model, tcfg.lr, mcfg.text.lr_scale)  # a frozen text encoder is not optimised
     if dcfg.offload_optimizer:  # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed's CPU Adam
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -319,6 +334,7 @@ def train_loop(config: dict[str, Any]) -> None:
     engine.module.text_encoder.register_forward_pre_hook(count_text_call)
     guard = NonFiniteGuard(tcfg.max_nonfinite)
     text_len = mcfg.text.max_length
+    sep_pairs = caption_pairs()
 
     def save(step: int) -> None:
         ckpts.save(engine, step, {"rng": rng_state(gen), "loader": data.state_dict()},
@@ -422,6 +438,7 @@ def train_loop(config: dict[str, Any]) -> None:
         dist.all_reduce(stats)  # SUM over ranks (gloo has no AVG)
         if (step + 1) % tcfg.ckpt_every == 0 and step + 1 < tcfg.steps:
             save(step + 1)
+        m = None
         if rank == 0 and (step % tcfg.log_every == 0 or step == tcfg.steps - 1):
             m = {
                 "train/loss": float(stats[0] / stats[1]) if stats[1] > 0 else float("nan"),
@@ -447,6 +464,12 @@ def train_loop(config: dict[str, Any]) -> None:
                     sel = (ts >= lo) & (ts < hi)
                     if sel.any():
                         m[f"train/loss_t{lo:.2f}-{hi:.2f}"] = float(ls[sel].mean())
+        if step % tcfg.text_sep_every == 0 or step == tcfg.steps - 1:
+            # every rank encodes (under ZeRO-3 the encoder's weights are gathered collectively)
+            sep = text_separation(lambda c: engine.module.encode_captions(c), sep_pairs)
+            if m is not None:
+                m.update({f"train/text_sep/{a}": v for a, v in sep.items()})
+        if m is not None:
             tracker.log(m, step=step)
             history.append({"step": step, **m})
             if step % 10 == 0 or step == tcfg.steps - 1 or stopped:
