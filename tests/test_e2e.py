@@ -163,6 +163,32 @@ def test_training_ran_deepspeed_on_two_workers_and_logged(run1):
     assert (d / "model.pt").exists()
 
 
+def test_text_conditioning_holds_through_training_and_the_prompt_changes_the_sample(run1):
+    """Issue 17: the frozen default keeps one-word-apart captions apart for the whole run
+    (logged as train/text_sep/*), and the trained model's samples depend on the prompt."""
+    import torch
+
+    from training.evaluate import EvalConfig, load_model, sample_videos
+
+    d = run1["dirs"]["train"]
+    logged = [json.loads(s)["metrics"] for s in (d / "metrics.jsonl").read_text().splitlines()
+              if json.loads(s)["kind"] == "metrics"]
+    seps = [m for m in logged if "train/text_sep/direction" in m]
+    assert len(seps) >= 2  # the first and the last step
+    for a in ("color", "shape", "direction", "count"):
+        assert all(m[f"train/text_sep/{a}"] > 0.2 for m in seps), a  # floor: ~0.3 at init
+        assert seps[-1][f"train/text_sep/{a}"] == pytest.approx(seps[0][f"train/text_sep/{a}"])
+    model, mcfg = load_model(d, torch.device("cpu"))
+    prompts = ["one red circle moving right on a black background",
+               "one green circle moving left on a black background"]
+    v = sample_videos(model, mcfg.text.build_tokenizer(), prompts, EvalConfig(sample_steps=4),
+                      (3, 8, 32, 32), 1.0, torch.device("cpu"), seeds=[7, 7])  # the same noise
+    assert (v[0].int() - v[1].int()).abs().float().mean() > 0.5  # in 0-255 levels
+    res = json.loads((run1["dirs"]["eval"] / "results.json").read_text())
+    for a in ("color", "shape", "direction", "count", "all"):
+        assert 0.0 <= res[f"sensitivity/{a}"] <= 1.0
+
+
 def test_eval_wrote_val_loss_and_decodable_samples(run1):
     d = run1["dirs"]["eval"]
     res = json.loads((d / "results.json").read_text())
@@ -197,6 +223,7 @@ def test_the_report_renders_the_real_runs_files(run1):
     assert "color" in page and lin["git"]["commit"][:12] in page
     assert lin["stages"]["train"]["hash"][:12] in page
     assert "<svg" in page and "train/loss" in page
+    assert "sensitivity/direction" in page and "train/text_sep/direction" in page  # issue 17
     refs = re.findall(r'(?:src|href)="([^"]+)"', page)
     assert refs and not [u for u in refs if re.match(r"[a-z]+://", u) or u.startswith("//")]
 
