@@ -20,9 +20,10 @@ before any expensive work:
 3. Open with FFmpeg: no video stream (audio-only) -> `no_video_stream`; an image demuxer
    (a PNG named `.mp4`) -> `mislabelled`; a codec FFmpeg has no decoder for, or one outside
    `allowed_codecs` -> `unsupported_codec`.
-4. Caps from the container's own metadata, before reading any packet: frame size
-   (`low_resolution`, `high_resolution`) and declared duration (`too_long`). The caps hold
-   even when the header lies: no frame is decoded before step 6.
+4. Caps from the container's own metadata, before reading any packet: frame size, stored and
+   as displayed with the sample aspect ratio (`low_resolution`, `high_resolution`), and
+   declared duration (`too_long`). The caps hold even when the header lies: no frame is
+   decoded before step 6.
 5. Demux (no decoding) every video packet: counts the frames actually present (an index
    promising more is `truncated`), and gives the timestamps from which fps, variable frame
    rate and the true duration come. Demuxing stops as soon as the timestamps pass
@@ -31,6 +32,11 @@ before any expensive work:
 6. Decode the first frame (one thread): proves the stream decodes (`decode_failed`
    otherwise) and gives the rotation from the display matrix, which PyAV exposes on frames
    only.
+
+Sizes. ``width``/``height`` are the stored frame; ``display_width``/``display_height`` what a
+player shows: non-square pixels (``sar``, the sample aspect ratio, e.g. "16:11" for a 704x576
+frame shown at 16:9) widen the frame to ``round(width * sar)`` at the same height, then the
+rotation turns it.
 
 A file whose extension disagrees with its content (an mp4 named `.mkv`) is kept: FFmpeg
 and decord both go by content. `ext_mismatch` in the info records it. A file that opens
@@ -50,6 +56,7 @@ import os
 import stat
 import time
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from typing import Optional
 
 # Every reason a probe can reject a file with (stable: dashboards and tests key on them).
@@ -126,11 +133,15 @@ def _looks_like_text(head: bytes) -> bool:
     return printable >= 0.95 * max(1, len(text))
 
 
-def _timing(ts: list[int], tb: float) -> dict:
+def _timing(ts: list[int], tb: float, declared: tuple = ()) -> dict:
     """Frame timing from packet timestamps (any order; B-frames reorder them).
 
     A stream is variable-frame-rate when some gap between consecutive frames differs from
-    the median gap by more than one tick (timestamp rounding) plus 2%.
+    the median gap by more than one tick (timestamp rounding) plus 2%. A constant-rate
+    stream's fps is the first `declared` rate (the stream's average, then its guessed rate)
+    that its timestamps agree with (`_agrees`), else frames over time, which rounding to
+    ticks cannot bias the way it biases the median gap (24 fps in 1 ms ticks: gaps of 41 and
+    42 ms, median 42, 23.81 fps).
     """
     ts = sorted(set(ts))
     gaps = [b - a for a, b in zip(ts[:-1], ts[1:])]
@@ -141,13 +152,42 @@ def _timing(ts: list[int], tb: float) -> dict:
     tol = 1 + 0.02 * median
     vfr = gaps_sorted[-1] - median > tol or median - gaps_sorted[0] > tol
     span = (ts[-1] - ts[0]) * tb
+    fps = (len(ts) - 1) / span
+    if not vfr:
+        fps = next((float(r) for r in declared if r and _agrees(ts, float(r) * tb)), fps)
     return {
-        "fps": (len(ts) - 1) / span if vfr else 1.0 / (median * tb),
+        "fps": fps,
         "fps_min": 1.0 / (gaps_sorted[-1] * tb),
         "fps_max": 1.0 / (gaps_sorted[0] * tb),
         "vfr": vfr,
-        "duration": span + median * tb,  # the last frame lasts a typical gap
+        # the last frame lasts a typical gap
+        "duration": span + (median * tb if vfr else 1.0 / fps),
     }
+
+
+def _agrees(ts: list[int], rate_ticks: float) -> bool:
+    """Sorted timestamps are those of a constant `rate_ticks` (frames per tick) rounded to
+    ticks: every gap within a tick of the period, and so the whole span (no drift)."""
+    period = 1.0 / rate_ticks  # ticks per frame
+    tol = 1.0 + 1e-6
+    return (abs(ts[-1] - ts[0] - (len(ts) - 1) * period) <= tol
+            and all(abs(b - a - period) <= tol for a, b in zip(ts[:-1], ts[1:])))
+
+
+def sample_aspect(stream) -> Fraction:
+    """A video stream's sample aspect ratio (FFmpeg's guess: the container's, else the
+    codec's); 1 when unset or meaningless."""
+    sar = stream.sample_aspect_ratio
+    return Fraction(sar) if sar and sar > 0 else Fraction(1)
+
+
+def display_size(width: int, height: int, sar: str | Fraction = "1:1",
+                 rotation: int | None = 0) -> tuple[int, int]:
+    """Stored (width, height) -> displayed (width, height): the width scaled by the sample
+    aspect ratio (``"16:11"``, the height kept, as players do), then turned by `rotation`."""
+    sar = Fraction(sar.replace(":", "/")) if isinstance(sar, str) else Fraction(sar)
+    w = max(1, round(width * sar))
+    return (height, w) if (rotation or 0) % 180 == 90 else (w, height)
 
 
 def probe_file(path: str, cfg: ProbeConfig) -> dict:
@@ -199,10 +239,13 @@ def probe_file(path: str, cfg: ProbeConfig) -> dict:
         w, h = cc.width, cc.height
         if w <= 0 or h <= 0:
             raise Reject("unreadable", f"no frame size ({w}x{h})")
-        if min(w, h) < cfg.min_side:
-            raise Reject("low_resolution", f"{w}x{h}, shortest side < {cfg.min_side}")
-        if max(w, h) > cfg.max_side or w * h > cfg.max_pixels:
-            raise Reject("high_resolution", f"{w}x{h} > max side {cfg.max_side} or "
+        sar = sample_aspect(stream)
+        sar_w, _ = display_size(w, h, sar)  # non-square pixels: the width as displayed
+        size = f"{w}x{h}" + (f" (displayed {sar_w}x{h})" if sar_w != w else "")
+        if min(w, h, sar_w) < cfg.min_side:
+            raise Reject("low_resolution", f"{size}, shortest side < {cfg.min_side}")
+        if max(w, h, sar_w) > cfg.max_side or max(w, sar_w) * h > cfg.max_pixels:
+            raise Reject("high_resolution", f"{size} > max side {cfg.max_side} or "
                                             f"{cfg.max_pixels} pixels")
         tb = float(stream.time_base) if stream.time_base else 0.0
         declared = None
@@ -250,7 +293,7 @@ def probe_file(path: str, cfg: ProbeConfig) -> dict:
         if present == 0 or (indexed > 0 and present < indexed):
             raise Reject("truncated", f"{present} of {indexed} frames present")
 
-        timing = _timing(ts, tb) if tb else {}
+        timing = _timing(ts, tb, (stream.average_rate, stream.guessed_rate)) if tb else {}
         if not timing:
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             fps = float(rate) if rate else 0.0
@@ -272,7 +315,7 @@ def probe_file(path: str, cfg: ProbeConfig) -> dict:
             if first_frame is None:
                 raise Reject("decode_failed", (decode_error or "no frame decoded")[:300])
             rotation = int(first_frame.rotation) % 360
-        turned = rotation in (90, 270)
+        disp_w, disp_h = display_size(w, h, sar, rotation)
         return {
             "container": fmt,
             "codec": codec,
@@ -280,8 +323,9 @@ def probe_file(path: str, cfg: ProbeConfig) -> dict:
             "width": w,
             "height": h,
             "rotation": rotation,  # display matrix, degrees counter-clockwise; None: not read
-            "display_width": h if turned else w,
-            "display_height": w if turned else h,
+            "sar": f"{sar.numerator}:{sar.denominator}",  # sample (pixel) aspect ratio
+            "display_width": disp_w,  # as shown: widened by the sar, then turned
+            "display_height": disp_h,
             "num_frames": present,
             **timing,  # fps, fps_min, fps_max, vfr, duration
             "has_audio": bool(audio),

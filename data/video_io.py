@@ -115,6 +115,34 @@ def encode_mp4(frames: np.ndarray, fps: float, crf: int = 20, *, deterministic: 
     return buf.getvalue()
 
 
+# Audio codecs an mp4 holds as they are (stream copy); others are left out of our mp4s.
+MP4_AUDIO = ("aac", "mp3", "ac3", "eac3", "alac", "opus")
+
+
+def remux_mp4(src: str | os.PathLike, audio: bool = False) -> tuple[bytes, int, bool]:
+    """The first video stream of `src` stream-copied (nothing decoded or re-encoded) into a
+    new mp4 that holds nothing else: no other stream, none of the source's metadata (title,
+    GPS location, ...). With `audio`, its first audio stream too when its codec is one of
+    `MP4_AUDIO`. -> (mp4 bytes, video packets, whether audio was kept)."""
+    buf = io.BytesIO()
+    with av.open(os.fspath(src), options={"protocol_whitelist": "file"}) as inp, \
+            av.open(buf, mode="w", format="mp4") as out:
+        video = inp.streams.video[0]
+        outs = {video.index: out.add_stream_from_template(video)}
+        sound = inp.streams.audio[0] if audio and inp.streams.audio else None
+        if sound is not None and sound.codec_context is not None \
+                and sound.codec_context.name in MP4_AUDIO:
+            outs[sound.index] = out.add_stream_from_template(sound)
+        frames = 0
+        for packet in inp.demux(*[inp.streams[i] for i in outs]):
+            if not packet.size:  # the demuxer's flush packets
+                continue
+            frames += packet.stream.index == video.index
+            packet.stream = outs[packet.stream.index]
+            out.mux(packet)
+    return buf.getvalue(), frames, len(outs) > 1
+
+
 def _open_arg(src: Source) -> str | io.BytesIO:
     return io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else os.fspath(src)
 

@@ -10,8 +10,9 @@ stopped it; a clip that a filter drops is a reject too (with its span), so at ev
 `account` checks it. Clips stay spans ``(source, start, end)`` until the shard stage cuts them.
 
 The ``curate`` stage decodes each video once, at ``curate.frame_long_side`` pixels (aspect
-kept, display orientation), and splits and scores those frames; sharpness and text are scored
-on a few keyframes per clip decoded larger (``curate.keyframe_long_side``). The decoding and
+kept, as displayed: rotation and non-square pixels applied), and splits and scores those
+frames; sharpness and text are scored on a few keyframes per clip decoded larger
+(``curate.keyframe_long_side``). The decoding and
 scoring run in an isolated child process (`pipeline.media`): a file that crashes, hangs or
 exhausts the decoder is a reject (``decode_crashed``, ``decode_timeout``, ...), not a dead
 worker. The stage runs as resumable parts (`pipeline.parts`): a killed driver loses only the
@@ -227,6 +228,7 @@ def _split_and_score(item: dict, path: str, info: dict, c: CurateConfigs, frames
                 "clip_id": f"{item['id']}-{start:06d}-{end:06d}", "source_id": item["id"],
                 "path": item["url"], "abs_path": path, "start": start, "end": end, "fps": fps,
                 "width": width, "height": height, "rotation": rot or 0,
+                "sar": info.get("sar") or "1:1", "pix_fmt": info.get("pix_fmt"),
                 "source_fps": fps, "source_vfr": bool(info.get("vfr")),
                 "caption": shot_caption(item, start, end), "scores": scores,
                 "source": {"license": item.get("license"), "source_url": item.get("source_url"),

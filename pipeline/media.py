@@ -17,7 +17,8 @@ Orientation. Phone videos are stored sideways with a display matrix (the probe's
 degree one only when it does not also resize. `read_display` hides that: frames always come
 back as displayed (decord where it is right, PyAV + `to_display` for 180 degrees), every width
 and height in the manifests is the display size, and sizes are asked for in display
-orientation.
+orientation. Non-square pixels (the probe's ``sar``) need no more than that: the display size
+already has the width scaled by the sample aspect ratio, and the decoders resize to it.
 
 Fetch-on-miss. A remote source is fetched into the fetch cache of the node that curates it,
 and the clip records that path (``abs_path``). On another node of a cluster that path does
@@ -119,8 +120,9 @@ def source_path(clip: dict) -> str:
 def read_display(path: str, indices: list[int] | None, size: tuple[int, int] | None,
                  rotation: int | None, threads: int = 1) -> np.ndarray:
     """Frames `indices` (None: all) of `path` as displayed, at display size `size` (h, w)
-    (None: full) -> (T, h, w, 3) uint8 RGB. Raises data.video_io.VideoError. `threads`:
-    decord's decoder threads; 1, as the media child works for a Ray task holding one CPU."""
+    (None: the stored size, turned; non-square pixels not applied) -> (T, h, w, 3) uint8 RGB.
+    Raises data.video_io.VideoError. `threads`: decord's decoder threads; 1, as the media
+    child works for a Ray task holding one CPU."""
     from data.video_io import read_frames, read_frames_av
 
     rot = (rotation or 0) % 360

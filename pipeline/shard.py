@@ -14,17 +14,24 @@ renamed when complete, then a sidecar ``<shard>.rows.json`` listing what it hold
 clips failed to encode). Resuming: a shard whose sidecar exists is done and is not written
 again, so a driver killed mid-stage and rerun ends with every planned clip exactly once.
 
-Encoding: a clip that spans its whole source, already H.264 in mp4 at a constant frame rate
-and upright, is copied byte for byte (``passthrough``); other clips are re-encoded with x264
-(``crf``, ``preset``) in the media child (`pipeline.media`: a timeout and a memory cap, so a
-file that breaks the decoder is an ``encode_*`` reject, not a dead task), streaming frames
-from the decoder into the encoder so memory stays flat whatever the clip's length. Re-encoded
-clips are in display orientation (the source's rotation applied to the pixels, as no reader
-of ours applies a display matrix) at a constant frame rate (variable-rate sources resampled
-by timestamp, `encode_span`); the ``.json`` records the mp4's ``num_frames``, ``fps``,
-``width`` and ``height`` and the source's ``source_fps``, ``source_vfr`` and
-``source_rotation``. A source missing on this node (fetched by another) is fetched again
-(`pipeline.media.source_path`). A transient upload failure (bucket roots) is retried.
+Encoding: every clip's mp4 holds one H.264 yuv420p video stream with square pixels, upright,
+at a constant frame rate, and none of the source's metadata (title, GPS location, ...); no
+audio unless ``keep_audio``. A clip that spans its whole source, already such a stream in an
+mp4 (H.264, yuv420p, constant rate, upright, square pixels), is remuxed (``passthrough``:
+its video packets stream-copied into a new mp4, nothing decoded, `remux_source`); other clips
+are re-encoded with x264 (``crf``, ``preset``), streaming frames from the decoder into the
+encoder so memory stays flat whatever the clip's length (`encode_span`). Both run in the
+media child (`pipeline.media`: a timeout and a memory cap, so a file that breaks the demuxer
+or decoder is an ``encode_*`` reject, not a dead task). Re-encoding applies the source's
+rotation and sample aspect ratio to the pixels (no reader of ours applies a display matrix or
+a pixel aspect: a 704x576 frame with 16:11 pixels becomes 1024x576) and resamples
+variable-rate sources by timestamp. With ``keep_audio`` the source's first audio stream is
+copied too (over the clip's span when re-encoding) when an mp4 holds its codec
+(`data.video_io.MP4_AUDIO`). The ``.json`` records the mp4's ``num_frames``, ``fps``,
+``width``, ``height`` and ``has_audio`` and the source's ``source_fps``, ``source_vfr``,
+``source_rotation`` and ``source_sar``. A source missing on this node (fetched by another) is
+fetched again (`pipeline.media.source_path`). A transient upload failure (bucket roots) is
+retried.
 """
 
 from __future__ import annotations
@@ -49,7 +56,8 @@ class ShardConfig:
     min_val_clips: int = 2
     crf: int = 18  # H.264 quality of re-encoded clips
     preset: str = "veryfast"  # x264 speed preset of re-encoded clips
-    passthrough: bool = True  # copy whole-source H.264/mp4 clips without re-encoding
+    passthrough: bool = True  # remux whole-source H.264/mp4 clips without re-encoding
+    keep_audio: bool = False  # copy the source's first audio stream into the clip's mp4
     max_retries: int = 2  # Ray task retries of a shard (worker lost, upload still failing)
     upload_retries: int = 3  # retries of a transient upload failure, within the task
     upload_backoff_s: float = 1.0
@@ -105,34 +113,54 @@ def plan_shards(clips: list[dict], cfg: ShardConfig) -> list[tuple[str, list[dic
     return plan
 
 
+# Pixel formats a whole-source clip is remuxed in; others are re-encoded to yuv420p.
+PASSTHROUGH_PIX_FMTS = ("yuv420p",)
+
+
 def whole_source(clip: dict) -> bool:
-    """Copied byte for byte: the whole source, H.264 in mp4, constant frame rate, upright."""
+    """Remuxed, not re-encoded: the whole source, H.264 yuv420p in mp4, constant frame rate,
+    upright, square pixels (a clip from before ``pix_fmt`` was recorded is re-encoded)."""
     return (clip["start"] == 0 and clip["end"] == clip.get("source_frames")
             and clip.get("codec") == "h264" and "mp4" in (clip.get("container") or "")
+            and clip.get("pix_fmt") in PASSTHROUGH_PIX_FMTS
+            and (clip.get("sar") or "1:1") == "1:1"
             and not clip.get("source_vfr") and not clip.get("rotation"))
 
 
 def encode_clip(clip: dict, cfg: ShardConfig) -> tuple[bytes, dict]:
-    """The clip's mp4 and what it holds ({"num_frames", "fps", "width", "height"}): a copy
-    of the source, or a re-encode in the media child (`encode_span`). Fetches the source on
-    a miss. Raises pipeline.media.MediaError (``encode_*``) or pipeline.ingest.FetchError."""
+    """The clip's mp4 and what it holds ({"num_frames", "fps", "width", "height",
+    "has_audio"}): the source remuxed (`remux_source`) or re-encoded (`encode_span`), in the
+    media child. Fetches the source on a miss. Raises pipeline.media.MediaError
+    (``encode_*``) or pipeline.ingest.FetchError."""
     from pipeline.media import run_isolated, source_path
 
     path = source_path(clip)
-    if cfg.passthrough and whole_source(clip):
-        return Path(path).read_bytes(), {"num_frames": clip["end"] - clip["start"],
-                                         "fps": clip["fps"], "width": clip["width"],
-                                         "height": clip["height"]}
     lim = cfg.media
+    if cfg.passthrough and whole_source(clip):
+        res = run_isolated(  # demuxing only: the time grows with the bytes, not the pixels
+            "pipeline.shard:remux_source", {"path": path, "keep_audio": cfg.keep_audio},
+            lim, lim.timeout_s + (clip.get("source_bytes") or 0) / 50e6, stage="encode")
+        return res.pop("payload"), {**res, "fps": clip["fps"], "width": clip["width"],
+                                    "height": clip["height"]}
     preroll = min(clip["start"], 300)  # frames decoded from the keyframe before the start
     res = run_isolated(
         "pipeline.shard:encode_span",
         {"path": path, "start": clip["start"], "end": clip["end"], "fps": clip["fps"],
          "rotation": clip.get("rotation") or 0, "source_frames": clip.get("source_frames"),
-         "crf": cfg.crf, "preset": cfg.preset},
+         "crf": cfg.crf, "preset": cfg.preset, "sar": clip.get("sar") or "1:1",
+         "keep_audio": cfg.keep_audio},
         lim, lim.timeout_for(clip["end"] - clip["start"] + preroll, clip["width"],
                              clip["height"]), stage="encode")
     return res.pop("payload"), res
+
+
+def remux_source(path: str, keep_audio: bool) -> dict:
+    """In the media child: the source's video stream (and with `keep_audio` its audio)
+    stream-copied into a new mp4 without its metadata (`data.video_io.remux_mp4`)."""
+    from data.video_io import remux_mp4
+
+    mp4, frames, has_audio = remux_mp4(path, audio=keep_audio)
+    return {"payload": mp4, "num_frames": frames, "has_audio": has_audio}
 
 
 def frame_times(path: str) -> tuple[list[int], float]:
@@ -147,25 +175,30 @@ def frame_times(path: str) -> tuple[list[int], float]:
 
 
 def encode_span(path: str, start: int, end: int, fps: float, rotation: int,
-                source_frames: int | None, crf: int, preset: str) -> dict:
-    """In the media child: frames [start, end) of `path` re-encoded at a constant `fps`, in
-    display orientation, streamed frame by frame from the decoder into x264 (memory does not
-    grow with the clip's length or resolution).
+                source_frames: int | None, crf: int, preset: str, sar: str = "1:1",
+                keep_audio: bool = False) -> dict:
+    """In the media child: frames [start, end) of `path` re-encoded at a constant `fps`, as
+    displayed (turned by `rotation`, resampled to square pixels by the sample aspect ratio
+    `sar`), streamed frame by frame from the decoder into x264 (memory does not grow with the
+    clip's length or resolution). With `keep_audio`, the source's first audio stream's packets
+    over the span are copied in (`copy_audio`).
 
     Frames are chosen by timestamp, as video2dataset does: output frame k shows the source
     frame on screen at ``t(start) + k / fps``, over ``[t(start), t(end))`` (``t(n)`` is the last
     frame's time plus the mean frame gap). A constant-rate source gives back exactly its
     frames ``start..end-1``; a variable-rate one has frames repeated where it was slower
     than `fps` and dropped where it was faster. Without usable timestamps, frames are taken
-    by count. -> {"payload": mp4 bytes, "num_frames", "fps", "width", "height"}."""
+    by count. -> {"payload": mp4 bytes, "num_frames", "fps", "width", "height",
+    "has_audio"}."""
     import io
 
     import av
 
     from fractions import Fraction
 
+    from data.probe import display_size
     from data.video_io import _rate
-    from pipeline.media import to_display, turned
+    from pipeline.media import stored_size, to_display, turned
 
     ts, tb = frame_times(path)
     by_time = len(ts) >= 2 and (source_frames is None or len(ts) == source_frames)
@@ -185,18 +218,25 @@ def encode_span(path: str, start: int, end: int, fps: float, rotation: int,
     enc.pix_fmt = "yuv420p"
     enc.codec_context.thread_count = 1  # Ray gives each task one CPU
     enc.options = {"crf": str(crf), "preset": preset}
-    written = 0
-    shape = None
+    audio = open_audio(path, out) if keep_audio and by_time else None
+    written = sounds = 0
+    shape = resample = None
 
     def emit(frame) -> None:
-        nonlocal written, shape
-        h, w = frame.height, frame.width
-        if turned(rotation):
-            h, w = w, h
+        nonlocal written, shape, resample
         if shape is None:
+            w, h = display_size(frame.width, frame.height, sar, rotation)
             shape = (h // 2 * 2, w // 2 * 2)
             enc.height, enc.width = shape
             enc.codec_context.time_base = Fraction(1, 1) / _rate(fps)
+            if sar != "1:1":  # non-square pixels: resample to the displayed size, as stored
+                resample = stored_size(shape, rotation)  # (h, w)
+        if resample is not None:
+            frame = frame.reformat(width=resample[1], height=resample[0],
+                                   interpolation="BICUBIC")
+        h, w = frame.height, frame.width
+        if turned(rotation):
+            h, w = w, h
         if rotation or (h, w) != shape:  # turn or crop the pixels (odd sizes: yuv420p)
             rgb = to_display(frame.to_ndarray(format="rgb24")[None], rotation)[0]  # (H, W, 3)
             vf = av.VideoFrame.from_ndarray(
@@ -234,12 +274,54 @@ def encode_span(path: str, start: int, end: int, fps: float, rotation: int,
                         emit(frame)
         for packet in enc.encode():
             out.mux(packet)
+        if audio is not None:
+            sounds = copy_audio(*audio, out, t0 * tb, t_end * tb)
     finally:
         out.close()
+        if audio is not None:
+            audio[0].close()
     if written != n_out:
         raise ValueError(f"encoded {written} of {n_out} frames")
     return {"payload": buf.getvalue(), "num_frames": written, "fps": fps,
-            "width": shape[1], "height": shape[0]}
+            "width": shape[1], "height": shape[0], "has_audio": sounds > 0}
+
+
+def open_audio(path: str, out) -> tuple | None:
+    """(source container, its first audio stream, the stream added to `out`) when `path` has
+    an audio stream an mp4 holds as it is (`data.video_io.MP4_AUDIO`), else None."""
+    import av
+
+    from data.video_io import MP4_AUDIO
+
+    src = av.open(path, options={"protocol_whitelist": "file"})
+    sound = src.streams.audio[0] if src.streams.audio else None
+    if sound is None or sound.codec_context is None or sound.codec_context.name not in MP4_AUDIO:
+        src.close()
+        return None
+    return src, sound, out.add_stream_from_template(sound)
+
+
+def copy_audio(src, sound, dest, out, t0: float, t1: float) -> int:
+    """Audio packets of `sound` presented in [t0, t1) seconds, moved to start at 0 (the
+    re-encoded video's start) and muxed into `out` as `dest` -> how many. Stream copy: the cut
+    falls on the codec's frame boundaries (~20 ms for AAC)."""
+    tb = float(sound.time_base)
+    shift = round(t0 / tb)
+    copied = 0
+    for packet in src.demux(sound):
+        if not packet.size or packet.pts is None:
+            continue
+        if packet.pts * tb >= t1:
+            break
+        if packet.pts * tb < t0:
+            continue
+        packet.pts -= shift
+        if packet.dts is not None:
+            packet.dts -= shift
+        packet.stream = dest
+        out.mux(packet)
+        copied += 1
+    return copied
 
 
 META_KEYS = ("clip_id", "source_id", "path", "start", "end", "fps", "width", "height",
@@ -273,10 +355,10 @@ def write_one_shard(path: str, clips: list[dict], cfg: ShardConfig,
         except Exception as e:  # noqa: BLE001 - one bad clip must not lose the shard
             failed.append(_failed(c, "encode_failed", f"{type(e).__name__}: {e}"))
             continue
-        # What the mp4 holds: display size, constant frame rate; the source's rate and
-        # orientation are kept beside it.
+        # What the mp4 holds: display size, constant frame rate; the source's rate,
+        # orientation and pixel aspect are kept beside it.
         meta = {**{k: c.get(k) for k in META_KEYS}, **got,
-                "source_rotation": c.get("rotation") or 0}
+                "source_rotation": c.get("rotation") or 0, "source_sar": c.get("sar") or "1:1"}
         samples.append({"__key__": c["clip_id"], "mp4": mp4, "json": meta, "txt": c["caption"]})
         rows.append({"key": c["clip_id"], "shard": Path(path).name, "bytes": len(mp4),
                      "num_frames": got["num_frames"]})
