@@ -215,7 +215,8 @@ def probe_file(path: str, cfg: ProbeConfig) -> dict:
     if not head:
         raise Reject("empty_file")
     if _looks_like_text(head):
-        raise Reject("mislabelled", f"text, not a video: {head[:40]!r}")
+        # Never the bytes themselves: a reject's detail travels to manifests, reports and W&B.
+        raise Reject("mislabelled", "text, not a video")
     try:
         container = av.open(path, options={"protocol_whitelist": "file"})
     except av.FFmpegError as e:

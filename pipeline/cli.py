@@ -119,6 +119,10 @@ def preflight(cfg) -> None:
             raise SystemExit("spacetime: source.kind=directory needs source.path")
         if not Path(src.path).is_dir():
             raise SystemExit(f"spacetime: source.path '{src.path}' is not a directory")
+    if src.kind == "ingest":
+        from pipeline.ingest import check_inputs
+
+        check_inputs(cfg.ingest)  # ValueError naming ingest.inputs[i]
     from training.trainer import buckets_of
 
     micro = micro_batch_size(cfg.train, cfg.cluster.num_workers, cfg.deepspeed.grad_accum)

@@ -12,15 +12,32 @@ Inputs (`IngestConfig.inputs`), each one of:
   A path with a scheme is a URL, an absolute path is local, anything else is relative to the
   manifest's own location (so a manifest travels with its bucket).
 
-An item is `{"id", "url", "caption", "license", "source_url", "meta"}`. `url` is the resolved
-location: an absolute path for local files, a full URL otherwise. `id` is a readable stem
+A remote manifest (http(s), s3, ...) is not trusted with the workers' disks or network
+(`RemoteManifestConfig`): its entries resolve against its own URL, and one naming a local
+path, a `file://` URL or another scheme is a reject (`not_allowed_scheme`), one naming
+another host or bucket too (`not_allowed_host`), unless `ingest.remote_manifests` allows it.
+Local manifests and the inputs themselves are the user's own and name anything.
+
+Local files are identified by their resolved path (symlinks followed), so a file reached
+through a symlink and directly is one item. Directory listings do not follow symlinked
+directories. What a listing cannot read is recorded, never fatal for the other files: an
+unreadable sidecar caption makes its video a reject (`sidecar_unreadable`), a directory
+named like a video one too (`not_a_file`), and an unreadable subdirectory or a symlinked
+one is a warning of `list_inputs` (the source stage lists them in its result).
+
+An item is `{"id", "url", "caption", "license", "source_url", "meta"}`, plus `"reject":
+[reason, detail]` when listing already refused it (the curate stage records it, stage
+`ingest`, without touching the URL). `url` is the resolved location: the real path of a
+local file, a full URL otherwise. `id` is a readable stem
 plus 12 hex digits of the sha1 of `url`: stable across runs and machines that see the same
 URL, and unique among inputs (a URL listed twice is one item, first listing wins). Items come
 out in input order, each input's files sorted, so the same inputs give the same list.
 
 Listing never reads video bytes: a bucket of millions of files stays a listing on the driver.
 Reading happens per item on the workers (`fetch_item`): the download, the optional sha256,
-and the blocklist's hash rule, which needs the bytes.
+and the blocklist's hash rule, which needs the bytes. A download has a total deadline per file
+(`fetch_timeout_s`, retries included), a read timeout (`fetch_read_timeout_s`: a server that
+accepts and never answers) and its own byte cap (`fetch_max_bytes`, below the probe's).
 
 The blocklist (`BlocklistConfig`, inline lists and/or a JSON/YAML file at a path or URL)
 excludes an item with a reason:
@@ -38,21 +55,29 @@ reject with a reason.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
 import math
 import os
 import posixpath
+import queue
 import re
 import stat
+import threading
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 VIDEO_EXTENSIONS = [".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"]
 MANIFEST_SUFFIXES = (".csv", ".csv.gz", ".jsonl", ".jsonl.gz", ".parquet")
-REASONS = ("opted_out", "license_not_allowed", "blocked_hash", "fetch_failed", "too_large")
+REASONS = ("opted_out", "license_not_allowed", "blocked_hash", "fetch_failed", "too_large",
+           "fetch_timeout", "not_allowed_scheme", "not_allowed_host", "sidecar_unreadable",
+           "not_a_file")
+DEFAULT_FETCH_TIMEOUT_S = 600.0  # total per file, retries included
+DEFAULT_READ_TIMEOUT_S = 60.0  # connecting, or waiting for the next bytes
 
 
 @dataclass
@@ -89,6 +114,18 @@ class BlocklistConfig:
 
 
 @dataclass
+class RemoteManifestConfig:
+    """What the entries of a remote manifest (http(s), s3, gs, ...) may name. By default only
+    its own scheme and location (host and port, or bucket): a manifest from elsewhere cannot
+    make the workers read their local files or fetch from other servers (SSRF)."""
+
+    allow_schemes: list[str] = field(default_factory=list)  # more schemes; "file": local paths
+    allow_hosts: list[str] = field(default_factory=list)  # more hosts, buckets; "*": any
+    deny_hosts: list[str] = field(default_factory=list)  # never these, its own included
+    # (a domain in either list includes its subdomains)
+
+
+@dataclass
 class IngestConfig:
     inputs: list[str] = field(default_factory=list)  # dirs, globs, files, URLs, manifests
     extensions: list[str] = field(default_factory=lambda: list(VIDEO_EXTENSIONS))
@@ -104,6 +141,10 @@ class IngestConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)  # passed to fsspec
     fetch_retries: int = 3  # retries of a transient fetch failure (5xx, reset, timeout)
     fetch_backoff_s: float = 1.0  # the first retry's wait; doubles with each retry
+    fetch_timeout_s: float = DEFAULT_FETCH_TIMEOUT_S  # a remote file's download, retries included
+    fetch_read_timeout_s: float = DEFAULT_READ_TIMEOUT_S  # connect, or wait for the next bytes
+    fetch_max_bytes: int = 2 * 2**30  # a remote file's cap (local files: probe.max_bytes)
+    remote_manifests: RemoteManifestConfig = field(default_factory=RemoteManifestConfig)
 
 
 # ----- the blocklist ------------------------------------------------------------------------
@@ -125,6 +166,11 @@ class Blocklist:
                 continue
             if "://" in e or e.startswith("/"):
                 self.prefixes.setdefault(_host(e), []).append(e)
+                if e.startswith("/"):  # local items are listed by resolved path
+                    raw = str(entry).strip()
+                    real = (os.path.realpath(raw) + ("/" if raw.endswith("/") else "")).lower()
+                    if real != e:
+                        self.prefixes[""].append(real)
             elif "/" in e:  # domain/path: same as an http(s) URL prefix, either scheme
                 self.prefixes.setdefault(e.split("/", 1)[0], []).append(e)
             else:
@@ -179,8 +225,14 @@ def _is_local(fs) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
 
 
+def _protocols(fs) -> set[str]:
+    return set(fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
+
+
 def _canonical(fs, path: str) -> str:
-    return os.path.abspath(path) if _is_local(fs) else fs.unstrip_protocol(path)
+    """A local file's resolved absolute path (symlinks followed: one file is one item), or a
+    remote file's full URL."""
+    return os.path.realpath(path) if _is_local(fs) else fs.unstrip_protocol(path)
 
 
 def _url_to_fs(url: str, storage_options: dict):
@@ -240,11 +292,72 @@ def _read_manifest(url: str, storage_options: dict) -> list[dict]:
     return rows
 
 
+def _host_listed(host: str, hosts: list[str]) -> bool:
+    """`host` is one of `hosts` or a subdomain of one."""
+    labels = host.split(".")
+    listed = {h.strip().lower().lstrip(".") for h in hosts} - {""}
+    return any(".".join(labels[i:]) in listed for i in range(len(labels)))
+
+
+def _location(parts) -> str:
+    """'host[:port]' of a split URL (no credentials; '?' for a port that is not a number)."""
+    try:
+        port = parts.port
+    except ValueError:
+        return f"{(parts.hostname or '').lower()}:?"
+    return (parts.hostname or "").lower() + (f":{port}" if port is not None else "")
+
+
+def _remote_entry(manifest: str, schemes: set[str], p: str, policy: RemoteManifestConfig
+                  ) -> tuple[str, tuple[str, str] | None]:
+    """An entry `p` of the remote manifest at `manifest` (whose filesystem speaks `schemes`)
+    -> (its URL, None) or, refused, (its URL or the entry as written, (reason, detail)).
+    Relative entries resolve against the manifest's URL, and what they resolve to is checked
+    like any other entry (`//host/x` names another host). Details name the entry and the
+    setting that would allow it, never the manifest's URL (it may be a signed one)."""
+    allowed = schemes | {s.lower() for s in policy.allow_schemes}
+    web = urlsplit(manifest).scheme in ("http", "https")
+    local = (os.path.isabs(p) and not (web and p.startswith("//"))  # //host/x: a URL on the web
+             or p.lower().startswith("file:"))
+    if "::" in p:  # fsspec URL chaining (zip://x::file:///...) could reach anything
+        return p, ("not_allowed_scheme", f"{p!r}: a chained URL, from a remote manifest")
+    if local:
+        if "file" not in allowed:
+            return p, ("not_allowed_scheme", f"{p!r}: a local path, from a remote manifest "
+                                             f"(ingest.remote_manifests.allow_schemes)")
+        return os.path.realpath(urlsplit(p).path if p.lower().startswith("file:") else p), None
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", p):  # a URL
+        url = p
+    elif web:
+        url = urljoin(manifest, p)
+    else:  # bucket keys are opaque: no '..' collapsing, the bucket stays the manifest's
+        url = f"{manifest.rsplit('/', 1)[0]}/{p}"
+    parts, own = urlsplit(url), urlsplit(manifest)
+    if parts.scheme not in allowed:
+        return p, ("not_allowed_scheme", f"{p!r}: scheme {parts.scheme!r}, from a remote "
+                                         f"manifest on {own.scheme!r} "
+                                         f"(ingest.remote_manifests.allow_schemes)")
+    host, where = (parts.hostname or "").lower(), _location(parts)
+    if _host_listed(host, policy.deny_hosts):
+        return url, ("not_allowed_host", f"{where!r} is in ingest.remote_manifests.deny_hosts")
+    if not (where == _location(own) or "*" in policy.allow_hosts
+            or _host_listed(host, policy.allow_hosts)):
+        return url, ("not_allowed_host", f"{where!r} is not the remote manifest's own "
+                                         f"{_location(own)!r} "
+                                         f"(ingest.remote_manifests.allow_hosts)")
+    return url, None
+
+
+def _listing_options(spec: str, cfg: IngestConfig) -> dict:
+    """Storage options for listing `spec`: a dead server fails after the read timeout."""
+    return _with_timeouts(spec, cfg.storage_options, cfg.fetch_read_timeout_s, None)
+
+
 def _manifest_items(url: str, cfg: IngestConfig) -> list[dict]:
-    rows = _read_manifest(url, cfg.storage_options)
+    rows = _read_manifest(url, _listing_options(url, cfg))
     fs, mpath = _url_to_fs(url, cfg.storage_options)
     local = _is_local(fs)
-    base = os.path.dirname(os.path.abspath(mpath)) if local else url.rsplit("/", 1)[0]
+    base = os.path.dirname(os.path.abspath(mpath)) if local else ""
     known = {cfg.path_column, cfg.caption_column, cfg.license_column, cfg.source_url_column}
     items = []
     for n, row in enumerate(rows, 1):
@@ -253,13 +366,14 @@ def _manifest_items(url: str, cfg: IngestConfig) -> list[dict]:
             raise ValueError(f"manifest {url} row {n}: no '{cfg.path_column}' "
                              f"(columns: {sorted(row)})")
         p = p.strip()
-        if "://" in p:
+        refused = None
+        if not local:  # not trusted: see RemoteManifestConfig
+            resolved, refused = _remote_entry(url, _protocols(fs), p, cfg.remote_manifests)
+        elif "://" in p:
             rfs, rpath = _url_to_fs(p, cfg.storage_options)
             resolved = _canonical(rfs, rpath)
-        elif os.path.isabs(p):
-            resolved = os.path.normpath(p)
         else:
-            resolved = os.path.normpath(os.path.join(base, p)) if local else f"{base}/{p}"
+            resolved = os.path.realpath(os.path.join(base, p))
 
         def cell(col: str) -> str | None:
             v = _jsonable(row.get(col))
@@ -271,54 +385,129 @@ def _manifest_items(url: str, cfg: IngestConfig) -> list[dict]:
             "license": cell(cfg.license_column) or cfg.default_license,
             "source_url": cell(cfg.source_url_column),
             "meta": {k: _jsonable(v) for k, v in row.items() if k not in known},
+            **({"reject": list(refused)} if refused else {}),
         })
     return items
 
 
-def _listing_items(spec: str, cfg: IngestConfig) -> list[dict]:
-    fs, path = _url_to_fs(spec, cfg.storage_options)
+def _local_tree(root: str, recursive: bool, warnings: list[str]) -> dict[str, str]:
+    """Everything under a local directory -> {path: "file" | "directory" | "dirlink"}.
+    Symlinked directories are not followed (no loops, no file twice); they and unreadable
+    subdirectories become warnings instead of silent gaps."""
+    out: dict[str, str] = {}
+
+    def unreadable(e: OSError) -> None:
+        if e.filename == root:
+            raise PermissionError(f"ingest input {root} cannot be read: {e.strerror}")
+        warnings.append(f"{e.filename}: unreadable directory, not listed ({e.strerror})")
+
+    def entries(d: str) -> list[tuple[str, str]]:
+        try:
+            with os.scandir(d) as it:
+                found = [(e.path, "dirlink" if e.is_symlink() and e.is_dir() else
+                          "directory" if e.is_dir(follow_symlinks=False) else "file")
+                         for e in it]
+        except OSError as e:
+            unreadable(e)
+            return []
+        return found
+
+    todo = [root]
+    while todo:
+        for path, kind in entries(todo.pop()):
+            out[path] = kind
+            if kind == "directory" and recursive:
+                todo.append(path)
+            elif kind == "dirlink":
+                warnings.append(f"{path}: a symlink to a directory, not followed")
+    return out
+
+
+def _listing_items(spec: str, cfg: IngestConfig, warnings: list[str]) -> list[dict]:
+    fs, path = _url_to_fs(spec, _listing_options(spec, cfg))
     exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in cfg.extensions)
     is_http = spec.startswith(("http://", "https://"))
     if not is_http and any(c in path for c in "*?["):
-        found = fs.glob(path, detail=True)
+        found = {n: i.get("type", "file") for n, i in fs.glob(path, detail=True).items()}
     elif not path.lower().endswith(exts) and fs.isdir(path):
-        found = (fs.find(path, detail=True) if cfg.recursive
-                 else {e["name"]: e for e in fs.ls(path, detail=True)})
+        if _is_local(fs):
+            found = _local_tree(path, cfg.recursive, warnings)
+        else:
+            found = {n: i.get("type", "file") for n, i in (
+                fs.find(path, detail=True) if cfg.recursive
+                else {e["name"]: e for e in fs.ls(path, detail=True)}).items()}
     elif fs.exists(path):  # one file (named with a video extension: no directory probe)
-        return [{"url": _canonical(fs, path), "caption": _sidecar(fs, path, None, cfg),
-                 "license": cfg.default_license, "source_url": None, "meta": {}}]
+        found = {path: "directory" if _is_local(fs) and os.path.isdir(path) else "file"}
     else:
         raise FileNotFoundError(f"ingest input not found: {spec}")
-    files = sorted(name for name, info in found.items() if info.get("type") != "directory")
-    present = set(files)
-    return [{"url": _canonical(fs, f), "caption": _sidecar(fs, f, present, cfg),
-             "license": cfg.default_license, "source_url": None, "meta": {}}
-            for f in files if f.lower().endswith(exts)]
+    # A listing says which sidecars exist; for one file, reading its sidecar tells.
+    present = None if len(found) == 1 else {n for n, kind in found.items()
+                                           if kind not in ("directory", "dirlink")}
+    items = []
+    for name in sorted(found):
+        if not name.lower().endswith(exts):
+            continue
+        item = {"url": _canonical(fs, name), "caption": "", "license": cfg.default_license,
+                "source_url": None, "meta": {}}
+        if found[name] in ("directory", "dirlink"):
+            item["reject"] = ["not_a_file", f"{name} is a directory"]
+        else:
+            item["caption"], why = _sidecar(fs, name, present, cfg)
+            if why:
+                item["reject"] = ["sidecar_unreadable", why]
+        items.append(item)
+    return items
 
 
-def _sidecar(fs, path: str, present: set[str] | None, cfg: IngestConfig) -> str:
+def _sidecar(fs, path: str, present: set[str] | None, cfg: IngestConfig
+             ) -> tuple[str, str | None]:
+    """-> (the caption in `<name>.txt` beside `path`, or ""; why it could not be read)."""
     if not cfg.sidecar_captions:
-        return ""
+        return "", None
     txt = posixpath.splitext(path)[0] + ".txt"
     if present is not None and txt not in present:
-        return ""
+        return "", None
     try:
-        return fs.cat_file(txt).decode("utf-8", errors="replace").strip()
+        return fs.cat_file(txt).decode("utf-8", errors="replace").strip(), None
     except (FileNotFoundError, IsADirectoryError):
-        return ""
+        return "", None
+    except OSError as e:  # unreadable: the video is a reject, not one without its caption
+        return "", f"caption {txt}: {type(e).__name__}: {e.strerror or e}"
 
 
-def list_inputs(cfg: IngestConfig) -> list[dict]:
-    """All items of all inputs, deduplicated by URL, in a deterministic order.
+def check_inputs(cfg: IngestConfig) -> None:
+    """Before any stage: the configuration names inputs, and each local one (a path, a
+    `file://` URL, or a glob's fixed leading directories) exists. Remote ones are listed by
+    the source stage. Raises ValueError naming the key."""
+    if not cfg.inputs:
+        raise ValueError("ingest.inputs is empty: list directories, globs, files, URLs or "
+                         "manifests")
+    for i, spec in enumerate(cfg.inputs):
+        if "://" in spec and not spec.startswith("file://"):
+            continue
+        path = spec.removeprefix("file://")
+        magic = re.search(r"[*?\[]", path)
+        if magic:
+            path = os.path.dirname(path[: magic.start()]) or "."
+        if not os.path.exists(path):
+            what = "directory of the glob" if magic else "input"
+            raise ValueError(f"ingest.inputs[{i}]: the {what} {path} does not exist")
+
+
+def list_inputs(cfg: IngestConfig, warnings: list[str] | None = None) -> list[dict]:
+    """All items of all inputs, deduplicated by URL, in a deterministic order. What a listing
+    could not look into (unreadable or symlinked subdirectories) is appended to `warnings`.
 
     Raises (a configuration error, before any work) for a missing input, an input that
     yields no files, or a manifest row without a path."""
     items: list[dict] = []
     seen: set[str] = set()
+    warnings = [] if warnings is None else warnings
     if not cfg.inputs:
         raise ValueError("ingest.inputs is empty")
     for spec in cfg.inputs:
-        found = _manifest_items(spec, cfg) if _is_manifest(spec) else _listing_items(spec, cfg)
+        found = (_manifest_items(spec, cfg) if _is_manifest(spec)
+                 else _listing_items(spec, cfg, warnings))
         if not found:
             raise ValueError(f"ingest input {spec} holds no files with extensions "
                              f"{list(cfg.extensions)}")
@@ -340,16 +529,91 @@ def is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
 
 
+class _Deadline(Exception):
+    """The caller stopped waiting for a download (its thread may still be finishing)."""
+
+
+class _FetchThreads:
+    """Daemon threads that run downloads, so a caller can stop waiting at the deadline
+    whatever the transport is blocked in. Reused: fsspec keeps one filesystem instance (one
+    HTTP session) per thread. A thread whose download was abandoned ends by itself (its
+    transport's read timeout, or the cancel flag between chunks); until then others serve."""
+
+    def __init__(self):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle = 0
+        self._lock = threading.Lock()
+
+    def run(self, fn, timeout_s: float):
+        """fn() in a download thread; raises _Deadline after `timeout_s`."""
+        done, out = threading.Event(), {}
+
+        def job():
+            try:
+                out["value"] = fn()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                out["error"] = e
+            finally:
+                done.set()
+
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+            else:
+                threading.Thread(target=self._serve, name="spacetime-fetch", daemon=True).start()
+        self._jobs.put(job)
+        if not done.wait(timeout_s):
+            raise _Deadline
+        if "error" in out:
+            raise out["error"]
+        return out["value"]
+
+    def _serve(self):
+        while True:
+            self._jobs.get()()
+            with self._lock:
+                self._idle += 1
+
+
+@functools.lru_cache(maxsize=1)
+def _fetch_threads(pid: int) -> _FetchThreads:  # per process: threads do not survive a fork
+    return _FetchThreads()
+
+
+def _with_timeouts(url: str, storage_options: dict, read_timeout_s: float | None,
+                   timeout_s: float | None) -> dict:
+    """`storage_options` plus the transport's own timeouts (unless they set them): aiohttp's
+    for http(s) (each request also ends by the deadline), botocore's for s3."""
+    so = dict(storage_options)
+    scheme = urlsplit(url).scheme
+    if scheme in ("http", "https"):
+        import aiohttp
+
+        ck = dict(so.get("client_kwargs") or {})
+        ck.setdefault("timeout", aiohttp.ClientTimeout(
+            total=timeout_s or None, sock_connect=read_timeout_s or None,
+            sock_read=read_timeout_s or None))
+        so["client_kwargs"] = ck
+    elif scheme in ("s3", "s3a") and read_timeout_s:
+        ck = dict(so.get("config_kwargs") or {})
+        ck.setdefault("connect_timeout", read_timeout_s)
+        ck.setdefault("read_timeout", read_timeout_s)
+        so["config_kwargs"] = ck
+    return so
+
+
 def fetch(url: str, cache_dir: str | os.PathLike, *, max_bytes: int | None = None,
-          storage_options: dict | None = None, retries: int = 3,
-          backoff_s: float = 1.0) -> str:
+          storage_options: dict | None = None, retries: int = 3, backoff_s: float = 1.0,
+          timeout_s: float | None = DEFAULT_FETCH_TIMEOUT_S,
+          read_timeout_s: float | None = DEFAULT_READ_TIMEOUT_S) -> str:
     """A local path holding `url`'s bytes. Local paths (and file:// URLs) are returned as
     they are; remote ones are downloaded once into `cache_dir` (named by the URL's hash,
     written to a temporary name and renamed, so a crash never leaves a partial file that
     looks complete). A transient failure (a 5xx, a reset connection, a timeout: see
     `pipeline.retry`) is retried up to `retries` times with exponential backoff from
-    `backoff_s`; a permanent one (404, 403) is not. Raises FetchError("too_large" |
-    "fetch_failed")."""
+    `backoff_s`; a permanent one (404, 403) is not. The whole download, retries included,
+    has `timeout_s` (None: no deadline); connecting and each wait for bytes `read_timeout_s`.
+    Raises FetchError("too_large" | "fetch_failed" | "fetch_timeout")."""
     from pipeline.retry import describe, is_transient, retry
 
     if not is_remote(url):
@@ -359,16 +623,23 @@ def fetch(url: str, cache_dir: str | os.PathLike, *, max_bytes: int | None = Non
     dest = os.path.join(os.fspath(cache_dir), hashlib.sha1(url.encode()).hexdigest() + ext)
     if os.path.exists(dest):
         return dest
-    tmp = f"{dest}.{os.getpid()}.part"
+    tmp = f"{dest}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"
+    so = _with_timeouts(url, storage_options or {}, read_timeout_s, timeout_s)
+    cancelled = threading.Event()
+    late = FetchError("fetch_timeout", "abandoned at the deadline")
 
     def attempt() -> str:
-        fs, path = _url_to_fs(url, storage_options or {})
+        if cancelled.is_set():
+            raise late
+        fs, path = _url_to_fs(url, so)
         size = fs.size(path)  # may be None (an HTTP server without Content-Length)
         if max_bytes is not None and size is not None and size > max_bytes:
             raise FetchError("too_large", f"{size} bytes > {max_bytes}")
         copied = 0
         with fs.open(path, "rb") as src, open(tmp, "wb") as dst:
             while chunk := src.read(1 << 20):
+                if cancelled.is_set():
+                    raise late
                 copied += len(chunk)
                 if max_bytes is not None and copied > max_bytes:
                     raise FetchError("too_large", f"more than {max_bytes} bytes")
@@ -376,16 +647,26 @@ def fetch(url: str, cache_dir: str | os.PathLike, *, max_bytes: int | None = Non
         os.replace(tmp, dest)
         return dest
 
+    def download() -> str:
+        try:
+            return retry(attempt, attempts=retries + 1, backoff_s=backoff_s)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
     try:
-        return retry(attempt, attempts=retries + 1, backoff_s=backoff_s)
+        if not timeout_s:
+            return download()
+        return _fetch_threads(os.getpid()).run(download, timeout_s)
+    except _Deadline:
+        cancelled.set()
+        raise FetchError("fetch_timeout", f"not downloaded in {timeout_s:g}s "
+                                          f"(ingest.fetch_timeout_s)") from None
     except FetchError:
         raise
     except Exception as e:  # noqa: BLE001 - any transport error is this file's problem
         tried = f" (after {retries + 1} attempts)" if is_transient(e) and retries else ""
         raise FetchError("fetch_failed", describe(e)[:300] + tried) from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def file_sha256(path: str) -> str:
@@ -397,17 +678,28 @@ def fetch_item(item: dict, cfg: IngestConfig, blocklist: Blocklist, cache_dir: s
                *, max_bytes: int | None = None) -> tuple[dict | None, tuple[str, str] | None]:
     """Everything ingest does for one item on a worker; never raises for a bad input.
 
-    Checks the source and licence rules (free), fetches the bytes (remote only), hashes them
-    when asked to or when the blocklist lists hashes, and checks the hash rule.
+    A reject listing already decided (`item["reject"]`) is returned untouched. Checks the
+    source and licence rules (free), fetches the bytes (remote only, at most
+    `cfg.fetch_max_bytes` and `max_bytes`), hashes them when asked to or when the blocklist
+    lists hashes, and checks the hash rule.
     -> (item + {"local_path", "sha256"?}, None) or (None, (reason, detail))."""
+    if item.get("reject"):
+        return None, tuple(item["reject"])
     hit = check_blocklist(item, blocklist)
     if hit:
         return None, hit
+    remote = is_remote(item["url"])
+    cap = max_bytes
+    if remote and cfg.fetch_max_bytes and (cap is None or cfg.fetch_max_bytes < cap):
+        cap = cfg.fetch_max_bytes
     try:
-        local = fetch(item["url"], cache_dir, max_bytes=max_bytes,
+        local = fetch(item["url"], cache_dir, max_bytes=cap,
                       storage_options=cfg.storage_options, retries=cfg.fetch_retries,
-                      backoff_s=cfg.fetch_backoff_s)
+                      backoff_s=cfg.fetch_backoff_s, timeout_s=cfg.fetch_timeout_s,
+                      read_timeout_s=cfg.fetch_read_timeout_s)
     except FetchError as e:
+        if e.reason == "too_large" and cap != max_bytes:
+            return None, (e.reason, f"{e.detail} (ingest.fetch_max_bytes)")
         return None, (e.reason, e.detail)
     out = {**item, "local_path": local}
     if cfg.hash_files or blocklist.sha256:

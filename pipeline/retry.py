@@ -55,10 +55,15 @@ def _chain(e: BaseException):
 
 
 def describe(exc: BaseException) -> str:
-    """'Type: message', with the HTTP status of a cause when the error itself hides it."""
+    """'Type: message', with the HTTP status of a cause when the error itself hides it, or
+    else the first cause of another type (fsspec reports a read timeout as FileNotFoundError)."""
     text = f"{type(exc).__name__}: {exc}"
-    status = next((_status(e) for e in _chain(exc) if _status(e) is not None), None)
-    return f"{text} (HTTP {status})" if status is not None and str(status) not in text else text
+    chain = list(_chain(exc))
+    status = next((_status(e) for e in chain if _status(e) is not None), None)
+    if status is not None:
+        return f"{text} (HTTP {status})" if str(status) not in text else text
+    cause = next((e for e in chain if type(e) is not type(exc)), None)
+    return f"{text} (from {type(cause).__name__}: {cause})" if cause is not None else text
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -41,6 +41,7 @@ def ensure_ray(ctx: StageContext) -> None:
 def source_stage(ctx: StageContext) -> dict:
     """The inputs as a manifest (inputs.jsonl): generated (synthetic) or listed (ingest)."""
     cfg = ctx.section("source")
+    warnings: list[str] = []
     if cfg.kind == "synthetic":
         from data.synthetic import generate
 
@@ -55,20 +56,25 @@ def source_stage(ctx: StageContext) -> dict:
         ing = ctx.section("ingest")
         if cfg.kind == "directory":
             ing = dataclasses.replace(ing, inputs=[cfg.path])
-        items = ingest_items(ing)
+        items = ingest_items(ing, warnings)
     else:
         raise ValueError(f"unknown source.kind '{cfg.kind}' (synthetic | ingest)")
     with open(ctx.out_dir / "inputs.jsonl", "w") as f:
         f.writelines(json.dumps(i) + "\n" for i in items)
-    ctx.tracker.summary({"source/videos": len(items)})
-    return {"videos": len(items)}
+    for w in warnings:
+        print(f"source: warning: {w}")
+    refused = sum("reject" in i for i in items)
+    ctx.tracker.summary({"source/videos": len(items), "source/refused": refused,
+                         "source/warnings": len(warnings)})
+    # Refused items stay inputs: the curate stage records each as a reject with its reason.
+    return {"videos": len(items), "refused": refused, "warnings": warnings}
 
 
-def ingest_items(ing) -> list[dict]:
+def ingest_items(ing, warnings: list[str] | None = None) -> list[dict]:
     """`list_inputs`, input by input, recording in each captioned item's metadata where its
     caption came from (``caption_origin``: ``manifest`` or ``sidecar``, a ``.txt`` beside the
     video) unless its manifest row says so itself. Same items, same order (first listing of a
-    URL wins)."""
+    URL wins). What the listings could not look into is appended to `warnings`."""
     from pipeline.ingest import _is_manifest, list_inputs
 
     if not ing.inputs:
@@ -76,7 +82,7 @@ def ingest_items(ing) -> list[dict]:
     items, seen = [], set()
     for spec in ing.inputs:
         origin = "manifest" if _is_manifest(spec) else "sidecar"
-        for it in list_inputs(dataclasses.replace(ing, inputs=[spec])):
+        for it in list_inputs(dataclasses.replace(ing, inputs=[spec]), warnings):
             if it["url"] in seen:
                 continue
             seen.add(it["url"])
@@ -397,14 +403,18 @@ def eval_stage(ctx: StageContext) -> dict:
 
 # Keys that cannot change a stage's output, excluded from its hash (listed, not implied).
 STAGES = [
-    Stage("source", source_stage, config_keys=("source", "ingest"), version=3,
-          exclude=("ingest.storage_options", "ingest.fetch_retries", "ingest.fetch_backoff_s"),
+    Stage("source", source_stage, config_keys=("source", "ingest"), version=4,
+          exclude=("ingest.storage_options", "ingest.fetch_retries", "ingest.fetch_backoff_s",
+                   "ingest.fetch_timeout_s", "ingest.fetch_read_timeout_s",
+                   "ingest.fetch_max_bytes"),
           description="generate the synthetic videos or list the inputs (dirs, URLs, manifests)"),
     Stage("curate", curate_stage, inputs=("source",),
           config_keys=("ingest", "probe", "shots", "scores", "curate"), version=3,
           exclude=("ingest.storage_options", "ingest.fetch_retries", "ingest.fetch_backoff_s",
-                   "probe.startup_timeout_s", "curate.group_size", "curate.fetch_cache",
-                   "curate.model_scores", "curate.media.startup_timeout_s"), resumable=True,
+                   "ingest.fetch_timeout_s", "ingest.fetch_read_timeout_s",
+                   "ingest.remote_manifests", "probe.startup_timeout_s", "curate.group_size",
+                   "curate.fetch_cache", "curate.model_scores",
+                   "curate.media.startup_timeout_s"), resumable=True,
           description="fetch, probe, split into shots, CPU scores and filters (Ray tasks)"),
     Stage("filter", filter_stage, inputs=("curate",), config_keys=("curate", "embed", "scores",
                                                                    "dedup"),
