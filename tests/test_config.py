@@ -198,7 +198,11 @@ def test_latent_experiment_follows_the_vae_and_checks_shapes_before_work():
             preflight(bad)
     preflight(dit(in_channels=4))  # explicit and right
 
-    assert "model.text" not in graph_for(cfg).stages["precompute"].config_keys  # tiny: trained, not stored
+    # the tiny encoder is frozen by default (issue 17), so precompute stores its embeddings and
+    # hashes it; trained (lr_scale > 0) its embeddings go stale, so they are neither
+    assert "model.text" in graph_for(cfg).stages["precompute"].config_keys
+    trained = compose_cfg(["experiment=latent", "model.text.lr_scale=0.1"])
+    assert "model.text" not in graph_for(to_object(trained)).stages["precompute"].config_keys
     clip = compose_cfg(["experiment=latent", "+model/text=open_clip"])
     d = to_dict(clip)
     g = graph_for(to_object(clip))
