@@ -50,6 +50,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
+from data.checks import check_ranges
+
 VIDEO_EXTENSIONS = [".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"]
 MANIFEST_SUFFIXES = (".csv", ".csv.gz", ".jsonl", ".jsonl.gz", ".parquet")
 REASONS = ("opted_out", "license_not_allowed", "blocked_hash", "fetch_failed", "too_large")
@@ -104,6 +106,9 @@ class IngestConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)  # passed to fsspec
     fetch_retries: int = 3  # retries of a transient fetch failure (5xx, reset, timeout)
     fetch_backoff_s: float = 1.0  # the first retry's wait; doubles with each retry
+
+    def __post_init__(self) -> None:
+        check_ranges(self, fetch_retries=">= 0", fetch_backoff_s=">= 0")
 
 
 # ----- the blocklist ------------------------------------------------------------------------

@@ -29,6 +29,10 @@ class TrackingConfig:
     dir: Optional[str] = None  # W&B writes <dir>/wandb/; default <run.root>
     tags: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+
 
 MODES = ("auto", "online", "offline", "disabled")
 

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.checks import check_ranges
 from training.checkpoint import COMPLETE
 from training.video_metrics import ClipScoreConfig, FVDConfig
 
@@ -61,6 +62,11 @@ class EvalConfig:
     probes: bool = True  # probe samples of synthetic prompts (colour, shape, motion, count, flicker)
     clip: ClipScoreConfig = field(default_factory=ClipScoreConfig)
     fvd: FVDConfig = field(default_factory=FVDConfig)
+
+    def __post_init__(self) -> None:
+        check_ranges(self, steps=">= 0", val_timesteps="in [0, 1]", val_max_clips=">= 1",
+                     batch_size=">= 1", num_prompts=">= 1", sample_steps=">= 1", cfg_scale=">= 0",
+                     fps="> 0")
 
 
 # ----- which weights --------------------------------------------------------------------------
