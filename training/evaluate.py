@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from data.checks import check_ranges
-from training.checkpoint import COMPLETE
+from training.checkpoint import COMPLETE, weights_only_loads
 from training.video_metrics import ClipScoreConfig, FVDConfig
 
 
@@ -155,13 +155,16 @@ def train_configs(train_dir: Path) -> tuple:
 
 def _deepspeed_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     """fp32 weights of a DeepSpeed tag: DeepSpeed's zero_to_fp32 for ZeRO 1-3 (it merges every
-    rank's partitions); ZeRO-0 tags hold the whole module in the model-states file."""
-    if any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    rank's partitions); ZeRO-0 tags hold the whole module in the model-states file. Every file
+    is unpickled as weights only (training.checkpoint.weights_only_loads): a tag holding
+    anything else raises UnsafeCheckpoint, and nothing of it runs."""
+    with weights_only_loads(tag_dir):
+        if any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu",
-                        weights_only=False)  # DeepSpeed's own pickle (holds its config objects)
+            return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu",
+                            weights_only=True)
     return {k: v.float() for k, v in states["module"].items()}
 
 
