@@ -59,6 +59,8 @@ from dataclasses import asdict, dataclass
 from fractions import Fraction
 from typing import Optional
 
+from data.checks import check_ranges
+
 # Every reason a probe can reject a file with (stable: dashboards and tests key on them).
 REASONS = (
     "not_found",  # the path does not exist (listed, then gone)
@@ -104,6 +106,14 @@ class ProbeConfig:
     max_fps: float = 240.0  # demuxing stops past max_seconds * max_fps packets
     allowed_codecs: Optional[list[str]] = None  # FFmpeg decoder names; None = any decodable
     decode_first_frame: bool = True  # proves decodability and gives the rotation
+
+    def __post_init__(self) -> None:
+        check_ranges(self, timeout_s="> 0", startup_timeout_s="> 0", max_memory_mb=">= 0",
+                     max_bytes=">= 1", min_side=">= 1", max_side=">= 1", max_pixels=">= 1",
+                     min_seconds=">= 0", max_seconds="> 0", max_fps="> 0")
+        for lo, hi in (("min_side", "max_side"), ("min_seconds", "max_seconds")):
+            if getattr(self, lo) > getattr(self, hi):
+                raise ValueError(f"{lo} must be <= {hi}, got {getattr(self, lo)} > {getattr(self, hi)}")
 
     def build(self) -> Prober:
         return Prober(self)

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
+from data.checks import check_ranges
 from data.video_io import encode_mp4
 
 COLORS = (
@@ -85,6 +86,13 @@ class SourceConfig:
     multishot_fraction: float = 0.15  # videos of 2-3 shots with hard cuts
     bad_fraction: float = 0.15  # videos that are bad inputs, see BAD_KINDS
     bad_kinds: list[str] = field(default_factory=lambda: list(BAD_KINDS))
+
+    def __post_init__(self) -> None:
+        check_ranges(self, num_videos=">= 1", width=">= 1", height=">= 1", fps="> 0",
+                     seconds="> 0", multishot_fraction="in [0, 1]", bad_fraction="in [0, 1]")
+        unknown = sorted(set(self.bad_kinds) - set(BAD_KINDS))
+        if unknown:
+            raise ValueError(f"bad_kinds: unknown {unknown}; valid: {', '.join(BAD_KINDS)}")
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ from typing import Optional, Protocol
 
 import numpy as np
 
+from data.checks import check_ranges
 from pipeline.parts import actor_pool, read_parts, run_parts
 from pipeline.parts import resolve_num_gpus  # noqa: F401 - part of this module's interface
 
@@ -87,6 +88,11 @@ class CaptionConfig:
     dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16
     keep_source_caption: bool = True  # keep the source's caption as source_caption
     max_retries: int = 3  # retries of a model load that raised (e.g. a hub timeout), per actor
+
+    def __post_init__(self) -> None:
+        check_ranges(self, num_frames=">= 1", frame_size=">= 1", max_new_tokens=">= 1",
+                     batch_size=">= 1", group_size=">= 1", concurrency=">= 1", num_gpus=">= 0",
+                     max_retries=">= 0")
 
 
 class Captioner(Protocol):

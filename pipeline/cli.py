@@ -231,7 +231,9 @@ def cmd_run(graph, cfg, cfg_dict, flags) -> int:
                             until=flags["until"],
                             tracker_factory=tracker_factory, extra_info=extra)
     except StageFailed as e:
-        print(f"spacetime: {e}", file=sys.stderr)
+        from pipeline.redact import scrub, secret_values
+
+        print(f"spacetime: {scrub(str(e), secret_values(cfg_dict))}", file=sys.stderr)
         lineage, code = None, 1
     finally:
         if "ray" in sys.modules:
@@ -272,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     from omegaconf import DictConfig
 
     from pipeline.config import CONF_DIR, register, to_dict, to_object
+    from pipeline.redact import credential_overrides, redact
 
     register()
     sys.argv = [sys.argv[0], *rest]
@@ -286,6 +289,14 @@ def main(argv: list[str] | None = None) -> None:
             cfg = to_object(dcfg)
         except Exception as e:  # __post_init__ checks of the component configs
             raise SystemExit(f"spacetime: invalid config: {e}") from None
+        # The config keeps a credential given as an override; what records the command line
+        # (lineage.json, info.json, W&B's run metadata) sees it redacted.
+        literal = credential_overrides(rest)
+        sys.argv = [sys.argv[0], *redact(rest)]
+        if literal and cmd == "run":
+            print(f"spacetime: {', '.join(literal)} set on the command line: redacted in what the run "
+                  f"writes, but visible to anyone who lists this machine's processes; pass it as "
+                  f"'${{oc.env:NAME}}' with NAME in the environment", file=sys.stderr)
         if cmd == "params":
             outcome["code"] = cmd_params(cfg)
             return

@@ -8,13 +8,16 @@ before any stage starts.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from data.checks import check_ranges
 from data.probe import ProbeConfig
 from data.synthetic import SourceConfig
 from pipeline.caption import CaptionConfig
@@ -55,6 +58,10 @@ class ClusterConfig:
     # run measures the worker's dense matmul rate and uses that.
     peak_tflops_per_worker: Optional[float] = None
     dashboard_host: str = "127.0.0.1"  # keep the Ray dashboard on loopback
+
+    def __post_init__(self) -> None:
+        check_ranges(self, num_workers=">= 1", gpus_per_worker=">= 0", cpus_per_worker=">= 0",
+                     curate_concurrency=">= 1", peak_tflops_per_worker="> 0")
 
     @property
     def use_gpu(self) -> bool:
@@ -121,8 +128,58 @@ def register() -> None:
     ConfigStore.instance().store(name="schema", node=RunConfig)
 
 
+class ConfigError(ValueError):
+    """A value a component's ``__post_init__`` refused, named by its dotted key."""
+
+
 def to_object(cfg: DictConfig) -> RunConfig:
-    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    """The typed config. A component's ``__post_init__`` check names the field relative to its
+    dataclass (``lr must be > 0, got -1.0``); the error raised here names the dotted key
+    (``train.lr must be > 0, got -1.0``)."""
+    try:
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except Exception as e:  # noqa: BLE001 - whatever the check raised, named and re-raised
+        raise ConfigError(named_error(cfg, e)) from e
+
+
+def failures(node: DictConfig, prefix: str = "") -> list[tuple[str, DictConfig, str]]:
+    """(dotted key, node, message) of each deepest typed section under `node` that fails to
+    build (its own ``__post_init__`` raised, not a subsection's)."""
+    out: list[tuple[str, DictConfig, str]] = []
+    for key in node:
+        child = node._get_node(key)
+        items = []  # a list of sections: train.data.buckets
+        if isinstance(child, ListConfig) and not child._is_none() and not child._is_missing():
+            items = [(f"{key}[{i}]", child._get_node(i)) for i in range(len(child))]
+        for name, sub in [(key, child), *items]:
+            if isinstance(sub, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(sub)):
+                try:
+                    OmegaConf.to_object(sub)
+                except Exception:  # noqa: BLE001
+                    out += failures(sub, f"{prefix}{name}.")
+    if not out and prefix:
+        try:
+            OmegaConf.to_object(node)
+        except Exception as e:  # noqa: BLE001
+            out.append((prefix.rstrip("."), node, str(e)))
+    return out
+
+
+def named_error(cfg: DictConfig, e: BaseException) -> str:
+    """`e`'s message naming the dotted key of the section that raised it: prefixed to the field
+    the message starts with, else before it (unless the message names the section already).
+    A value set where it fails is named before one that only follows it by interpolation
+    (``vae.target_fps: ${train.data.target_fps}``)."""
+    named = []
+    for key, node, msg in failures(cfg):
+        first = re.match(r"\w+", msg)
+        if first and first.group(0) in node:
+            named.append((f"{key}.{msg}", OmegaConf.is_interpolation(node, first.group(0))))
+        elif re.search(rf"(?<![\w.]){re.escape(key)}\b", msg):
+            named.append((msg, False))
+        else:
+            named.append((f"{key}: {msg}", False))
+    return next((m for m, follows in named if not follows), named[0][0] if named else str(e))
 
 
 def to_dict(cfg: DictConfig) -> dict:

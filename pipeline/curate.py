@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from data.checks import check_ranges
 from pipeline.media import MediaLimits
 
 
@@ -49,6 +50,10 @@ class CurateConfig:
     keyframe_long_side: int = 640
     # Decoding and scoring run in a child process under these limits (`pipeline.media`).
     media: MediaLimits = field(default_factory=MediaLimits)
+
+    def __post_init__(self) -> None:
+        check_ranges(self, frame_long_side=">= 1", group_size=">= 1", score_fps="> 0",
+                     keyframe_long_side=">= 1")
 
 
 # `scores`: JSON of a scored span's scores (filter, dedup and later rejects keep them).

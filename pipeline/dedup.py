@@ -34,6 +34,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from data.checks import check_ranges
+
 
 @dataclass
 class DedupConfig:
@@ -43,6 +45,11 @@ class DedupConfig:
     chunk_size: int = 65536  # kept clips compared at once (memory: block_size x chunk_size floats)
     device: str = "auto"  # auto = cuda when available
     dtype: str = "fp32"  # fp32 | fp16 (halves memory on GPU; similarities to ~1e-3)
+
+    def __post_init__(self) -> None:
+        check_ranges(self, threshold="in [0, 1]", block_size=">= 1", chunk_size=">= 1")
+        if self.dtype not in ("fp32", "fp16"):
+            raise ValueError(f"unknown dtype {self.dtype!r}; valid: fp32, fp16")
 
 
 def thumbnail_embeddings(frames, size: int = 16) -> np.ndarray:

@@ -45,6 +45,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data.checks import check_ranges
+
 ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "gelu": nn.GELU}
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
@@ -72,6 +74,7 @@ class EmbedConfig:
                              f"valid: {', '.join(ACTIVATIONS)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown embed precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
+        check_ranges(self, concurrency=">= 1", num_gpus=">= 0")
 
     def resolved_device(self) -> str:
         return ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device

@@ -9,6 +9,7 @@ stale or pending without running anything.
 Each stage writes into ``<root>/stages/<name>-<hash12>/``. The directory explains itself:
 
 - ``info.json``      resolved config, hashes, upstream paths, git commit, versions, timings
+                     (credentials redacted, as in lineage.json: :mod:`pipeline.redact`)
 - ``_RUNNING.json``  present while a process works on it (pid, host, run id)
 - ``_FAILED.json``   the traceback of the last failed attempt
 - ``_SUCCESS.json``  written atomically, last: only its presence marks the output complete
@@ -43,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from pipeline.redact import redact, scrub, secret_values
 from pipeline.storage import URL, Store, local_root, read_json, write_json_atomic
 
 SUCCESS = "_SUCCESS.json"
@@ -206,6 +208,7 @@ class Graph:
         # Workers in other directories read these paths: a local root is made absolute.
         self.root = URL(self.store.url) if self.store.remote else Path(self.store.path)
         self.local_root = local_root(self.store, local_cache)
+        self._secrets: set[str] = set()  # the running config's credentials (pipeline.redact)
 
     def _toposort(self) -> list[str]:
         order, seen, visiting = [], set(), set()
@@ -369,6 +372,7 @@ class Graph:
         """Run the plan. Returns the lineage record (also written under runs/<run_id>/)."""
         plan = self.plan(cfg_dict, only, from_, until)
         hashes = self.hashes(cfg_dict)
+        self._secrets = secret_values(cfg_dict)  # scrubbed from error messages it writes
         lineage_key = f"runs/{run_id}/lineage.json"
         lineage: dict[str, Any] = {
             "run_id": run_id,
@@ -414,13 +418,13 @@ class Graph:
                     log(f"[{n}] done in {result['duration_s']:.1f}s")
                 except StageFailed as e:
                     failure = e
-                    rec.update(state="failed", error=str(e.cause))
-                    log(f"[{n}] FAILED: {e.cause!r} (see {d / FAILED})")
+                    rec.update(state="failed", error=scrub(str(e.cause), self._secrets))
+                    log(f"[{n}] FAILED: {scrub(repr(e.cause), self._secrets)} (see {d / FAILED})")
             lineage["stages"][n] = rec
-            self.store.write_json_atomic(lineage_key, lineage)
+            self.store.write_json_atomic(lineage_key, redact(lineage))
         lineage["finished"] = time.time()
         lineage["ok"] = failure is None
-        self.store.write_json_atomic(lineage_key, lineage)
+        self.store.write_json_atomic(lineage_key, redact(lineage))
         self.store.write_json_atomic("runs/latest.json", {"run_id": run_id})
         if failure is not None:
             raise failure
@@ -474,7 +478,7 @@ class Graph:
             },
             **extra_info,
         }
-        st.write_json_atomic(f"{key}/{INFO}", info)
+        st.write_json_atomic(f"{key}/{INFO}", redact(info))
         t0 = time.time()
         try:
             result = dict(ctx.stage.fn(ctx) or {})
@@ -490,14 +494,15 @@ class Graph:
                     ctx._tracker.finish(exit_code=1)
                 except Exception:  # noqa: BLE001
                     pass
-            failed = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
+            failed = {"error": scrub(f"{type(e).__name__}: {e}", self._secrets),
+                      "traceback": scrub(traceback.format_exc(), self._secrets),
                       "run_id": ctx.run_id}
             if remote and ctx.stage.resumable:  # what the next attempt, anywhere, resumes from
                 try:
                     st.put_dir(d, key, select=lambda f: f not in MARKERS and f != INFO)
                 except Exception as up:  # noqa: BLE001 - the stage's own error comes first
                     failed["upload_error"] = f"{type(up).__name__}: {up}"
-            st.write_json_atomic(f"{key}/{FAILED}", failed)
+            st.write_json_atomic(f"{key}/{FAILED}", redact(failed))
             st.rm(f"{key}/{RUNNING}")
             raise StageFailed(ctx.stage.name, e) from e
         duration = time.time() - t0
@@ -505,8 +510,8 @@ class Graph:
         ok = {"hash": ctx.stage_hash, "run_id": ctx.run_id, "duration_s": duration}
         if remote:  # files first, then info.json, then the marker
             st.put_dir(d, key, select=lambda f: f not in MARKERS and f != INFO)
-            write_json_atomic(d / INFO, info)
-        st.write_json_atomic(f"{key}/{INFO}", info)
+            write_json_atomic(d / INFO, redact(info))
+        st.write_json_atomic(f"{key}/{INFO}", redact(info))
         st.write_json_atomic(f"{key}/{SUCCESS}", ok)
         if remote:
             # The local copy is that output, or (if the stage wrote files to out_url directly)

@@ -71,6 +71,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 from urllib.parse import urljoin, urlsplit
 
+from data.checks import check_ranges
+
 VIDEO_EXTENSIONS = [".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"]
 MANIFEST_SUFFIXES = (".csv", ".csv.gz", ".jsonl", ".jsonl.gz", ".parquet")
 REASONS = ("opted_out", "license_not_allowed", "blocked_hash", "fetch_failed", "too_large",
@@ -145,6 +147,9 @@ class IngestConfig:
     fetch_read_timeout_s: float = DEFAULT_READ_TIMEOUT_S  # connect, or wait for the next bytes
     fetch_max_bytes: int = 2 * 2**30  # a remote file's cap (local files: probe.max_bytes)
     remote_manifests: RemoteManifestConfig = field(default_factory=RemoteManifestConfig)
+
+    def __post_init__(self) -> None:
+        check_ranges(self, fetch_retries=">= 0", fetch_backoff_s=">= 0")
 
 
 # ----- the blocklist ------------------------------------------------------------------------

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from data.checks import check_ranges
+
 # Imported by the media child before it answers: every call then pays only its own work.
 PRELOAD = ("numpy", "cv2", "av", "decord", "data.video_io", "pipeline.media",
            "pipeline.scores", "pipeline.shots", "pipeline.curate", "pipeline.shard")
@@ -48,6 +50,10 @@ class MediaLimits:
     s_per_mpx: float = 0.05  # seconds per megapixel of source frames the call decodes
     max_memory_mb: int = 4096  # the child's address space (RLIMIT_AS); 0 = none
     startup_timeout_s: float = 60.0  # the child's start (imports); not charged to a call
+
+    def __post_init__(self) -> None:
+        check_ranges(self, timeout_s="> 0", s_per_mpx=">= 0", max_memory_mb=">= 0",
+                     startup_timeout_s="> 0")
 
     def timeout_for(self, frames: int, width: int, height: int) -> float:
         return self.timeout_s + self.s_per_mpx * frames * width * height / 1e6

@@ -171,7 +171,7 @@ def dit_config(cfg: PlanConfig):
 def block_params(dit) -> int:
     from training.dit import count_params
 
-    return count_params(replace(dit, depth=1)) - count_params(replace(dit, depth=0))
+    return count_params(replace(dit, depth=2)) - count_params(replace(dit, depth=1))
 
 
 def state_bytes(psi: int, precision: str, zero_stage: int, shards: int) -> dict[str, float]:

@@ -20,6 +20,8 @@ Design decisions:
   URIs instead, for a single portable file.
 - **Stage directories are looked up under ``<root>/stages/`` first**: ``lineage.json`` records
   absolute paths, which are stale after a copy.
+- **Credentials are redacted** (:mod:`pipeline.redact`) from everything shown, also for runs
+  whose files were written before redaction existed.
 - **Repeated steps keep the last value**: a resumed training stage appends to the same
   ``metrics.jsonl`` and re-logs the steps after its checkpoint.
 """
@@ -38,6 +40,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from pipeline.graph import FAILED, INFO, SUCCESS
+from pipeline.redact import redact
 
 PALETTE = ("#3b6fd4", "#e0663a", "#3aa26b", "#9b59b6", "#c9a227", "#17a2b8", "#d6457a",
            "#6c757d", "#8c564b", "#2f4f4f")
@@ -161,16 +164,16 @@ def load_run(root: str | Path, run_id: str | None = None) -> RunData:
                           f"root down (runs/ and stages/ without shards) and point run.root at it")
     root = Path(root).absolute()
     run_id = resolve_run_id(root, run_id)
-    lineage = read_json(root / "runs" / run_id / "lineage.json")
+    lineage = redact(read_json(root / "runs" / run_id / "lineage.json"))  # (older runs: unredacted)
     stages = []
     for name, rec in lineage.get("stages", {}).items():
         recorded = Path(rec.get("path", ""))
         local = root / "stages" / recorded.name
         d = local if local.exists() else recorded
         s = StageData(name=name, record=rec, dir=d)
-        s.info = _json_or_none(d / INFO) or {}
+        s.info = redact(_json_or_none(d / INFO) or {})
         s.success = _json_or_none(d / SUCCESS)
-        s.failure = _json_or_none(d / FAILED)
+        s.failure = redact(_json_or_none(d / FAILED))
         read_metrics(d / "metrics.jsonl", s)
         s.stats = _json_or_none(d / "stats.json")
         s.results = _json_or_none(d / "results.json")

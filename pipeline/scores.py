@@ -70,6 +70,8 @@ from typing import Optional
 import cv2
 import numpy as np
 
+from data.checks import check_ranges
+
 
 @dataclass
 class Bounds:
@@ -80,6 +82,10 @@ class Bounds:
     filter: bool = True
     min: Optional[float] = None
     max: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min must be <= max, got min={self.min}, max={self.max}")
 
 
 STILL_DIFF = 0.3  # frame pairs differing by less (mean abs, 0-255) are still: codec noise, no motion
@@ -123,6 +129,8 @@ class ScoreConfig:
             v = getattr(self, f.name)
             if isinstance(v, dict):  # from YAML without structured configs
                 setattr(self, f.name, Bounds(**v))
+        check_ranges(self, flow_size=">= 1", flow_anchors=">= 1", black_luma=">= 0",
+                     black_pixels="in [0, 1]", text_size=">= 1", sample_frames=">= 1")
 
 
 # (score, reason below min, reason above max), in the order filters are checked: cheap and

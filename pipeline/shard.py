@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data.checks import check_ranges
 from pipeline.media import MediaLimits
 
 
@@ -65,6 +66,11 @@ class ShardConfig:
     # Re-encoding runs in a child process under these limits (`pipeline.media`); x264 at full
     # resolution is slower than decoding, hence the larger allowance per megapixel.
     media: MediaLimits = field(default_factory=lambda: MediaLimits(s_per_mpx=0.2))
+
+    def __post_init__(self) -> None:
+        check_ranges(self, target_shard_bytes=">= 1", max_clips_per_shard=">= 0",
+                     val_fraction="in [0, 1]", min_val_clips=">= 0", crf=">= 0", max_retries=">= 0",
+                     upload_retries=">= 0", upload_backoff_s=">= 0", progress_every_s=">= 0")
 
 
 def split_of(key: str, val_fraction: float) -> str:

@@ -37,6 +37,8 @@ from typing import Optional
 
 import numpy as np
 
+from data.checks import check_ranges
+
 DETECTORS = ("content", "adaptive", "threshold", "window")
 DEFAULT_THRESHOLDS = {"content": 27.0, "adaptive": 3.0, "threshold": 12.0}  # PySceneDetect's defaults
 
@@ -56,8 +58,8 @@ class ShotConfig:
     def __post_init__(self) -> None:
         if self.detector not in DETECTORS:
             raise ValueError(f"unknown shot detector {self.detector!r}; valid: {', '.join(DETECTORS)}")
-        if self.window < 1:
-            raise ValueError(f"shots.window must be >= 1, got {self.window}")
+        check_ranges(self, threshold="> 0", window=">= 1", min_content=">= 0", min_frames=">= 1",
+                     max_frames=">= 1")
         if not 0 < self.min_seconds <= self.window_seconds <= self.max_seconds:
             raise ValueError("shot lengths must satisfy 0 < min_seconds <= window_seconds <= max_seconds, got "
                              f"{self.min_seconds}, {self.window_seconds}, {self.max_seconds}")

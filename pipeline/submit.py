@@ -27,6 +27,8 @@ A submission is ``python -m pipeline.cli run [--only/--from STAGE] overrides...`
   text to each node's ``runtime_env_agent.log`` and serves it to anyone who can read the job
   API (ray-project/ray#39502). The key reaches the cluster through its own secret store,
   filled from the submitter's environment without a file (cluster/README.md, "W&B key").
+  Nor in the command line: an override that sets a credential (``pipeline.redact``, e.g.
+  ``ingest.storage_options.secret=...``) is refused; ``'${oc.env:NAME}'`` passes it by name.
 
 The job id is ``spacetime-<run id>``; ``logs``/``stop`` accept either.
 
@@ -244,8 +246,16 @@ def build_submission(overrides: list[str], only: str | None, from_: str | None,
                      replay_of: dict | None = None, git: dict | None = None) -> dict[str, Any]:
     """Everything `submit` sends, without sending it (tests read this)."""
     from pipeline.graph import GraphError
+    from pipeline.redact import credential_overrides
     from pipeline.stages import graph_for
 
+    literal = credential_overrides(overrides)
+    if literal:
+        raise SubmitError(
+            f"{', '.join(literal)} would send a credential in the job's command line, which Ray "
+            f"keeps in plain text; give the nodes the storage's own variables "
+            f"(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS) or pass "
+            f"it as '${{oc.env:NAME}}', with NAME set here and on the nodes")
     cfg, cfg_dict = compose_run_config(overrides)
     check_run_root(cfg.run.root)
     for stage in (only, from_, until):
@@ -344,8 +354,13 @@ def build_replay(ref: str, overrides: list[str], address: str, run_id: str | Non
                  only: str | None = None, from_: str | None = None) -> dict[str, Any]:
     """The submission that reruns a recorded run (refused if it would not reproduce it);
     `only`/`from_` replace the run's own stage selection."""
+    from pipeline.redact import REDACTED
+
     lineage, where = load_lineage(ref, overrides)
     flags, recorded = recorded_invocation(lineage)
+    # A credential the run was given on its command line was not recorded: the job gets it
+    # from its environment (or from an override given here).
+    recorded = [o for o in recorded if REDACTED not in o]
     if only or from_:
         flags = ["--only", only] if only else ["--from", from_]
     by_hand = shlex.join(["spacetime", "submit", *flags, *recorded, *overrides])

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from pipeline.redact import redact
+
 
 @dataclass
 class TrackingConfig:
@@ -28,6 +30,10 @@ class TrackingConfig:
     entity: Optional[str] = None
     dir: Optional[str] = None  # W&B writes <dir>/wandb/; default <run.root>
     tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
 
 
 MODES = ("auto", "online", "offline", "disabled")
@@ -318,7 +324,7 @@ def spec_for(ctx, tracking: TrackingConfig, root: str, local_cache: str | None =
         group=ctx.run_id,
         job_type=ctx.stage.name,
         name=f"{ctx.stage.name}-{ctx.stage_hash[:8]}",
-        config={**ctx.hashed_config, "_stage_hash": ctx.stage_hash, "_run_id": ctx.run_id},
+        config=redact({**ctx.hashed_config, "_stage_hash": ctx.stage_hash, "_run_id": ctx.run_id}),
         tags=list(tracking.tags),
         jsonl=str(ctx.out_dir / "metrics.jsonl"),
     )

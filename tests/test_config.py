@@ -84,6 +84,56 @@ def test_invalid_values_fail_in_component_checks():
     assert "sideways" in str(e.value)
 
 
+# A bad value in each kind of section, and how the error names it (the field, by its dotted key).
+OUT_OF_RANGE = {
+    "train.lr=-1": "train.lr must be > 0, got -1.0",
+    "train.steps=0": "train.steps must be >= 1, got 0",
+    "train.lr=nan": "train.lr must be > 0, got nan",
+    "train.flow.caption_dropout=1.5": "train.flow.caption_dropout must be in [0, 1], got 1.5",
+    "train.data.shuffle_buffer=0": "train.data.shuffle_buffer must be >= 1, got 0",
+    "train.data.target_fps=0": "train.data.target_fps must be > 0, got 0.0",  # not vae.*, which follows it
+    "train.data.buckets=[{num_frames:8,height:8,width:8,batch_size:1},{num_frames:8,height:8,width:8,batch_size:0}]":
+        "train.data.buckets[1].batch_size must be >= 1, got 0",
+    "source.bad_fraction=-0.1": "source.bad_fraction must be in [0, 1], got -0.1",
+    "source.fps=0": "source.fps must be > 0, got 0.0",
+    "probe.min_side=5000": "probe.min_side must be <= max_side, got 5000 > 4096",
+    "scores.aspect.min=3": "scores.aspect.min must be <= max, got min=3.0, max=2.5",
+    "curate.media.timeout_s=0": "curate.media.timeout_s must be > 0, got 0.0",
+    "dedup.threshold=1.2": "dedup.threshold must be in [0, 1], got 1.2",
+    "caption.batch_size=0": "caption.batch_size must be >= 1, got 0",
+    "shard.val_fraction=2": "shard.val_fraction must be in [0, 1], got 2.0",
+    "vae.lr=0": "vae.lr must be > 0, got 0.0",
+    "latent.batch_size=0": "latent.batch_size must be >= 1, got 0",
+    "model.dit.depth=0": "model.dit.depth must be >= 1, got 0",
+    "model.text.num_heads=0": "model.text.num_heads must be >= 1, got 0",
+    "deepspeed.grad_accum=0": "deepspeed.grad_accum must be >= 1, got 0",
+    "eval.fps=0": "eval.fps must be > 0, got 0.0",
+    "eval.val_timesteps=[0.5,1.5]": "eval.val_timesteps must be in [0, 1], got [0.5, 1.5]",
+    "eval.fvd.num_real=1": "eval.fvd.num_real must be >= 2, got 1",
+    "cluster.num_workers=0": "cluster.num_workers must be >= 1, got 0",
+    "train.flow.timestep_sampling=sideways": "train.flow: unknown timestep_sampling 'sideways'",
+}
+
+
+@pytest.mark.parametrize("override", OUT_OF_RANGE)
+def test_out_of_range_values_are_named_by_their_dotted_key(override):
+    with pytest.raises(ValueError) as e:
+        to_object(compose_cfg([override]))
+    assert str(e.value).startswith(OUT_OF_RANGE[override])
+
+
+def test_a_bad_value_stops_the_cli_and_submit_before_any_stage(tmp_path):
+    r = run_cli("run", "train.lr=-1", f"run.root={tmp_path}/out", cwd=tmp_path)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == "spacetime: invalid config: train.lr must be > 0, got -1.0"
+    assert not (tmp_path / "out").exists()  # nothing started
+    from pipeline.submit import SubmitError, build_submission
+
+    with pytest.raises(SubmitError, match=r"train\.flow\.caption_dropout must be in \[0, 1\], got 1\.5"):
+        build_submission(["run.root=/shared/st", "train.flow.caption_dropout=1.5"], None, None,
+                         "http://127.0.0.1:8265")
+
+
 def test_preflight_rejects_missing_input_directory(tmp_path):
     cfg = to_object(compose_cfg(["source=directory", f"source.path={tmp_path / 'nope'}"]))
     with pytest.raises(SystemExit, match="is not a directory"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from data.shards import write_shard
 from data.synthetic import SourceConfig, generate
 from data.video_io import read_frames
 from pipeline.tracking import MemoryTracker
+from training.checkpoint import UnsafeCheckpoint
 from training.evaluate import (CheckpointRef, EvalConfig, evaluate, load_checkpoint,
                                resolve_checkpoints)
 from training.eval_report import grid_video
@@ -276,6 +278,118 @@ def test_a_deepspeed_tag_loads_as_it_was_saved(train_dir):
     for k, v in snaps[1][1].items():
         torch.testing.assert_close(params[k].data, v, rtol=0, atol=0)
     assert not torch.equal(snaps[1][1]["dit.x_embed.weight"], snaps[1][0]["dit.x_embed.weight"])
+
+
+# ----- checkpoints that would run code --------------------------------------------------------
+class Payload:
+    """Unpickled without weights_only, this creates the file `marker` (any code could run)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def crafted_copy(train_dir: Path, dest: Path, replace: str) -> Path:
+    """A copy of the training output whose tag step00000002 has the files matching `replace`
+    swapped for a payload (alongside the genuine rest); returns the marker the payload makes."""
+    shutil.copytree(train_dir, dest)
+    marker = dest.parent / f"{dest.name}-PAYLOAD-RAN"
+    files = list((dest / "checkpoints" / "step00000002").glob(replace))
+    assert files
+    for f in files:
+        torch.save({"module": Payload(marker), "step": 2}, f)
+    return marker
+
+
+@pytest.mark.parametrize("layout,replace", [
+    ("zero0", "mp_rank_00_model_states.pt"),  # no optimizer files: the model-states file alone
+    ("zero2", "*optim_states.pt"),  # DeepSpeed's zero_to_fp32 reads these
+    ("zero2", "mp_rank_00_model_states.pt")])  # ... and this
+def test_a_crafted_deepspeed_tag_is_refused_and_runs_nothing(train_dir, tmp_path, layout, replace):
+    """eval.checkpoint pointing at a tag (e.g. one in a shared bucket) whose pickles carry code."""
+    d, _ = train_dir
+    marker = crafted_copy(d, tmp_path / "train", replace)
+    tag = tmp_path / "train" / "checkpoints" / "step00000002"
+    if layout == "zero0":
+        for f in tag.glob("*optim_states.pt"):
+            f.unlink()
+    (ref,) = resolve_checkpoints(EvalConfig(checkpoint=str(tag)), tmp_path / "elsewhere")
+    assert ref == CheckpointRef(2, tag, "deepspeed")
+    with pytest.raises(UnsafeCheckpoint, match=r"step00000002.*io\.open"):
+        load_checkpoint(ref, "cpu", use_ema=False)
+    assert not marker.exists()
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ  # put back as it was
+
+
+def test_a_genuine_zero0_layout_loads_its_model_states(train_dir, tmp_path):
+    """The model-states file DeepSpeed wrote, alone in a tag (as ZeRO-0 saves), loads weights only."""
+    d, snaps = train_dir
+    shutil.copytree(d, tmp_path / "train")
+    tag = tmp_path / "train" / "checkpoints" / "step00000002"
+    for f in tag.glob("*optim_states.pt"):
+        f.unlink()
+    raw, *_ = load_checkpoint(CheckpointRef(2, tag, "deepspeed"), "cpu", use_ema=False)
+    for k, v in raw.state_dict().items():
+        torch.testing.assert_close(v, snaps[2][0][k], rtol=0, atol=0)
+
+
+def resume_from_mirrors(train_dir: Path, work: Path) -> None:
+    """In a subprocess (see write_train_dir): a ZeRO-2 engine resumes through `Checkpoints`
+    from each mirror under work/ (restore downloads the tag into an empty local directory, then
+    load); writes work/resumed.json: mirror -> the step and whether the weights are the saved
+    ones, or the refusal."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from training.checkpoint import Checkpoints
+    from training.zero import DeepSpeedConfig, build_ds_config
+
+    with closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
+                       "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    model = tiny_model_cfg().build()
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=3e-2),
+        model_parameters=model.parameters(),
+        config=build_ds_config(DeepSpeedConfig(zero_stage=2), 2, "fp32"), dist_init_required=False)
+    saved = torch.load(train_dir / "snapshots.pt", weights_only=True)[2][0]
+    out = {}
+    for mirror in sorted(work.glob("mirror-*")):
+        ckpts = Checkpoints(work / f"local-{mirror.name}", keep=5, mirror=str(mirror))
+        tag = ckpts.restore()
+        try:
+            step, _, ema = ckpts.load(engine, tag, 0)
+        except UnsafeCheckpoint as e:
+            out[mirror.name] = {"tag": tag, "refused": str(e)}
+            continue
+        same = all(torch.equal(v, saved[k]) for k, v in engine.module.state_dict().items())
+        out[mirror.name] = {"tag": tag, "step": step, "weights_saved": same, "ema": ema is not None}
+    (work / "resumed.json").write_text(json.dumps(out))
+    dist.destroy_process_group()
+
+
+def test_resume_from_a_shared_mirror_loads_weights_only(train_dir, tmp_path):
+    d, _ = train_dir
+    shutil.copytree(d / "checkpoints", tmp_path / "mirror-genuine")
+    marker = crafted_copy(d, tmp_path / "crafted", "*optim_states.pt")
+    shutil.copytree(tmp_path / "crafted" / "checkpoints", tmp_path / "mirror-crafted")
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+              f"from test_eval import resume_from_mirrors; from pathlib import Path; "
+              f"resume_from_mirrors(Path({str(d)!r}), Path({str(tmp_path)!r}))")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "resumed.json").read_text())
+    assert res["mirror-genuine"] == {"tag": "step00000002", "step": 2, "weights_saved": True,
+                                     "ema": True}
+    assert res["mirror-crafted"]["tag"] == "step00000002"
+    assert "refusing to load checkpoint" in res["mirror-crafted"]["refused"]
+    assert not marker.exists()
 
 
 # ----- the evaluation -------------------------------------------------------------------------

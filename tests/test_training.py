@@ -268,7 +268,7 @@ def test_workers_gpus_and_backend_come_from_the_cluster_config():
     assert gpu.use_gpu and worker_resources(gpu) == {
         "num_workers": 16, "use_gpu": True, "resources_per_worker": {"CPU": 8, "GPU": 1.0},
         "backend": "nccl"}
-    with pytest.raises(ValueError, match="cluster.gpus_per_worker"):
+    with pytest.raises(ValueError, match="gpus_per_worker must be >= 0"):  # by the config itself
         worker_resources(ClusterConfig(gpus_per_worker=-1))
 
 

@@ -26,12 +26,23 @@ rank's files are in the mirror. :meth:`restore` resumes from the mirror's newest
 downloading what this disk lacks (all of the tag's files: DeepSpeed's ZeRO loader reads every
 rank's partition); every rank reads the same mirror, so all ranks pick the same tag even when
 their disks differ. Local tags newer than it are dropped.
+
+**What loading trusts.** A checkpoint is a set of pickles, and unpickling can run any code, so
+every file is loaded with ``torch.load(weights_only=True)``: tensors, plain containers and
+numbers, and the few DeepSpeed records its optimizer states hold (:func:`deepspeed_globals`),
+whose unpickling sets fields and runs none of their code. :func:`weights_only_loads` imposes it
+on DeepSpeed's own loads too (they ask for ``weights_only=False``). A file holding anything else
+(a crafted payload) fails to load, naming the tag, and runs nothing. The files' values are
+trusted: whoever can write the checkpoint directory or its mirror decides the weights, optimizer
+state, RNG and loader position a resume continues from, and which tag is the latest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -40,6 +51,7 @@ from pathlib import Path
 import torch
 
 COMPLETE = "_COMPLETE.json"
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch's own switch, read by every load
 _OWNER = re.compile(r"(?:^|_)pp_rank_(\d+)_|^rank(\d+)_state\.pt$")
 
 
@@ -60,6 +72,46 @@ def _doomed(tags: list[str], complete: list[str], keep: int) -> list[str]:
 
 def tag_of(step: int) -> str:
     return f"step{step:08d}"
+
+
+class UnsafeCheckpoint(Exception):
+    """A checkpoint file holds objects that are not weights; it was not loaded."""
+
+
+def deepspeed_globals() -> list:
+    """The classes in DeepSpeed's checkpoint files besides tensors and containers (ZeRO 1-3
+    optimizer states, fp32 or bf16, with or without offload; DeepSpeed 0.16-0.19): plain records
+    (a loss scaler's numbers, a stage enum, a fragment's offset and size)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loads(what: str | Path):
+    """Within the block every ``torch.load`` of this process unpickles only weights (see the
+    module docstring), DeepSpeed's included: torch's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` overrides
+    their ``weights_only=False``. A file holding anything else raises UnsafeCheckpoint naming
+    `what` (the tag) and the object refused; none of it ran."""
+    before = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(deepspeed_globals()):
+            yield
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)|Unsupported operand \S+", str(e))
+        raise UnsafeCheckpoint(
+            f"refusing to load checkpoint {what}: a file in it holds "
+            f"{found.group(1) or found.group(0) if found else 'objects'} besides weights; "
+            f"nothing of it was run (only tensors, containers and DeepSpeed's state records are "
+            f"unpickled)") from None
+    finally:
+        if before is None:
+            os.environ.pop(FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = before
 
 
 class Checkpoints:
@@ -182,13 +234,15 @@ class Checkpoints:
 
     # ----- loading -----------------------------------------------------------------------
     def load(self, engine, tag: str, rank: int) -> tuple[int, dict, dict | None]:
-        """Restore the engine; returns (step, this rank's state, EMA state or None)."""
-        _, client = engine.load_checkpoint(str(self.root), tag=tag)
-        rank_state = torch.load(self.root / tag / f"rank{rank:05d}_state.pt",
-                                map_location="cpu", weights_only=True)
-        ema_path = self.root / tag / "ema.pt"
-        ema = (torch.load(ema_path, map_location="cpu", weights_only=True)
-               if rank == 0 and ema_path.exists() else None)
+        """Restore the engine; returns (step, this rank's state, EMA state or None). Raises
+        UnsafeCheckpoint for a tag with anything but weights in it (nothing of it runs)."""
+        with weights_only_loads(self.root / tag):
+            _, client = engine.load_checkpoint(str(self.root), tag=tag)
+            rank_state = torch.load(self.root / tag / f"rank{rank:05d}_state.pt",
+                                    map_location="cpu", weights_only=True)
+            ema_path = self.root / tag / "ema.pt"
+            ema = (torch.load(ema_path, map_location="cpu", weights_only=True)
+                   if rank == 0 and ema_path.exists() else None)
         return int(client["step"]), rank_state, ema
 
 

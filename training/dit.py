@@ -45,6 +45,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from data.checks import check_ranges
+
 # Size presets. Only the transformer trunk changes; everything else comes from the config.
 PRESETS: dict[str, dict] = {
     "tiny": dict(hidden_size=128, depth=4, num_heads=4),  # debug / CI, ~1.6M params
@@ -97,6 +99,8 @@ class DiTConfig:
             raise ValueError(f"unknown adaln {self.adaln!r} (model.dit.adaln); valid: {', '.join(ADALNS)}")
         if len(self.patch_size) != 3 or any(int(p) < 1 for p in self.patch_size):
             raise ValueError(f"patch_size must be 3 positive ints (pt, ph, pw), got {self.patch_size}")
+        check_ranges(self, in_channels=">= 1", hidden_size=">= 1", depth=">= 1", num_heads=">= 1",
+                     mlp_ratio="> 0", text_dim=">= 1", rope_theta="> 0")
         if self.hidden_size % self.num_heads != 0:
             raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
         head_dim = self.hidden_size // self.num_heads

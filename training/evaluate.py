@@ -40,7 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.checkpoint import COMPLETE
+from data.checks import check_ranges
+from training.checkpoint import COMPLETE, weights_only_loads
 from training.video_metrics import ClipScoreConfig, FVDConfig
 
 
@@ -64,6 +65,11 @@ class EvalConfig:
     sensitivity_prompts: int = 8
     clip: ClipScoreConfig = field(default_factory=ClipScoreConfig)
     fvd: FVDConfig = field(default_factory=FVDConfig)
+
+    def __post_init__(self) -> None:
+        check_ranges(self, steps=">= 0", val_timesteps="in [0, 1]", val_max_clips=">= 1",
+                     batch_size=">= 1", num_prompts=">= 1", sample_steps=">= 1", cfg_scale=">= 0",
+                     fps="> 0")
 
 
 # ----- which weights --------------------------------------------------------------------------
@@ -152,13 +158,16 @@ def train_configs(train_dir: Path) -> tuple:
 
 def _deepspeed_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     """fp32 weights of a DeepSpeed tag: DeepSpeed's zero_to_fp32 for ZeRO 1-3 (it merges every
-    rank's partitions); ZeRO-0 tags hold the whole module in the model-states file."""
-    if any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    rank's partitions); ZeRO-0 tags hold the whole module in the model-states file. Every file
+    is unpickled as weights only (training.checkpoint.weights_only_loads): a tag holding
+    anything else raises UnsafeCheckpoint, and nothing of it runs."""
+    with weights_only_loads(tag_dir):
+        if any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu",
-                        weights_only=False)  # DeepSpeed's own pickle (holds its config objects)
+            return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu",
+                            weights_only=True)
     return {k: v.float() for k, v in states["module"].items()}
 
 

@@ -66,6 +66,8 @@ class FlowConfig:
             raise ValueError(f"unknown timestep_sampling {self.timestep_sampling!r}; valid: {', '.join(TIMESTEP_SAMPLINGS)}")
         if self.shift <= 0:
             raise ValueError(f"shift must be > 0, got {self.shift}")
+        if not self.logit_std > 0:
+            raise ValueError(f"logit_std must be > 0, got {self.logit_std}")
         if self.shift_mode not in SHIFT_MODES:
             raise ValueError(f"unknown shift_mode {self.shift_mode!r} (flow.shift_mode); valid: {', '.join(SHIFT_MODES)}")
         if self.shift_base_tokens < 1:

@@ -35,6 +35,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from data.checks import check_ranges
+
 LATENT_KINDS = ("none", "ours", "diffusers")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STORE_DTYPES = ("fp32", "fp16")
@@ -75,8 +77,8 @@ class LatentConfig:
         if self.tile_size < 0 or not 0 <= self.tile_overlap < max(self.tile_size, 1):
             raise ValueError(f"latent.tile_overlap ({self.tile_overlap}) must be in [0, latent.tile_size "
                              f"({self.tile_size})); tile_size 0 turns tiling off")
-        if self.batch_size < 1 or self.clips_per_shard < 1:
-            raise ValueError("latent.batch_size and latent.clips_per_shard must be >= 1")
+        check_ranges(self, chunk_frames=">= 0", num_frames=">= 1", height=">= 1", width=">= 1",
+                     target_fps="> 0", batch_size=">= 1", clips_per_shard=">= 1")
 
     @property
     def enabled(self) -> bool:

@@ -55,6 +55,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data.checks import check_ranges
+
 
 @dataclass
 class Bucket:
@@ -62,6 +64,9 @@ class Bucket:
     height: int
     width: int
     batch_size: int  # per rank
+
+    def __post_init__(self) -> None:
+        check_ranges(self, num_frames=">= 1", height=">= 1", width=">= 1", batch_size=">= 1")
 
 
 LOADER_KINDS = ("raw", "latent")
@@ -81,8 +86,7 @@ class LoaderConfig:
     def __post_init__(self) -> None:
         if self.kind not in LOADER_KINDS:
             raise ValueError(f"unknown train.data.kind {self.kind!r}; valid: {', '.join(LOADER_KINDS)}")
-        if self.prefetch < 0:
-            raise ValueError(f"train.data.prefetch must be >= 0, got {self.prefetch}")
+        check_ranges(self, target_fps="> 0", shuffle_buffer=">= 1", num_workers=">= 0", prefetch=">= 0")
 
 
 def _seed(*parts) -> int:

@@ -71,6 +71,9 @@ class TextEncoderConfig:
             raise ValueError(f"unknown text encoder kind {self.kind!r}; valid kinds: {', '.join(TEXT_ENCODER_KINDS)}")
         if self.max_length < 2:
             raise ValueError("max_length must be >= 2 (start and end tokens)")
+        for name in ("dim", "depth", "num_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.precision not in ENCODER_DTYPES:
             raise ValueError(f"unknown model.text.precision {self.precision!r}; valid: {', '.join(ENCODER_DTYPES)}")
         if self.cache_size < 0:

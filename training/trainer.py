@@ -73,6 +73,15 @@ class TrainConfig:
     flow: FlowConfig = field(default_factory=FlowConfig)
     data: LoaderConfig = field(default_factory=LoaderConfig)
 
+    def __post_init__(self) -> None:
+        from data.checks import check_ranges  # here, not at the top: keeps this edit local
+
+        check_ranges(self, steps=">= 1", global_batch_size=">= 1", lr="> 0", weight_decay=">= 0",
+                     warmup_steps=">= 0", min_lr_ratio="in [0, 1]", num_frames=">= 1",
+                     height=">= 1", width=">= 1", log_every=">= 1", ckpt_every=">= 1",
+                     keep_checkpoints=">= 1", ema_decay="in [0, 1]", ema_every=">= 1",
+                     max_nonfinite=">= 1", max_failures=">= 0")
+
 
 class Preempted(Exception):
     pass

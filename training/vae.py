@@ -47,6 +47,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data.checks import check_ranges
+
 # Size presets; every preset compresses (4, 8, 8) like the pretrained video VAEs (Wan, CogVideoX).
 PRESETS: dict[str, dict] = {
     "tiny": dict(base_channels=8, channel_mult=[1, 2, 2, 2], num_res_blocks=1, latent_channels=4),  # debug / CI
@@ -82,6 +84,8 @@ class VAEConfig:
 
     def __post_init__(self) -> None:
         _check_preset(self.preset)
+        check_ranges(self, in_channels=">= 1", latent_channels=">= 1", base_channels=">= 1",
+                     num_res_blocks=">= 0")
         if len(self.channel_mult) < 1 or min(self.channel_mult) < 1:
             raise ValueError(f"channel_mult must be positive ints, got {self.channel_mult}")
         if len(self.temporal_downsample) != len(self.channel_mult) - 1:

@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data.checks import check_ranges
 from training.vae import VAEConfig
 
 RECON_LOSSES = ("l1", "mse")
@@ -68,9 +69,14 @@ class VAETrainConfig:
     log_every: int = 10
 
     def __post_init__(self) -> None:
+        check_ranges(self, steps=">= 1", batch_size=">= 1", lr="> 0", weight_decay=">= 0",
+                     warmup_steps=">= 0", grad_clip=">= 0", num_frames=">= 1", height=">= 1",
+                     width=">= 1", target_fps="> 0", shuffle_buffer=">= 1", kl_weight=">= 0",
+                     perceptual_weight=">= 0", val_max_clips=">= 1", stats_clips=">= 1",
+                     log_every=">= 1")
         tc = self.model.compression[0]
         if (self.num_frames - 1) % tc:
-            raise ValueError(f"vae_train.num_frames={self.num_frames} must be 1 + k*{tc} (the VAE's temporal "
+            raise ValueError(f"num_frames={self.num_frames} must be 1 + k*{tc} (the VAE's temporal "
                              f"compression), e.g. {1 + tc} or {1 + 2 * tc}")
         if self.recon_loss not in RECON_LOSSES:
             raise ValueError(f"unknown recon_loss {self.recon_loss!r}; valid: {', '.join(RECON_LOSSES)}")

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data.checks import check_ranges
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EXTRACTORS = ("videomae", "i3d")
@@ -167,6 +169,7 @@ class FVDConfig:
     def __post_init__(self) -> None:
         if self.extractor not in EXTRACTORS:
             raise ValueError(f"unknown eval.fvd.extractor {self.extractor!r}; valid: {', '.join(EXTRACTORS)}")
+        check_ranges(self, num_real=">= 2", batch_size=">= 1")
 
     def build(self, device: str | torch.device = "cpu") -> VideoFeatureExtractor:
         if not self.path:
@@ -190,6 +193,9 @@ class ClipScoreConfig:
     pretrained: Optional[str] = None  # with a built-in name: a tag (e.g. laion2b_s34b_b79k) or a local file
     frames: int = 4  # evenly spaced frames scored per video
     batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        check_ranges(self, frames=">= 1", batch_size=">= 1")
 
     def build(self, device: str | torch.device = "cpu") -> "ClipScorer":
         if not self.name:

@@ -10,6 +10,8 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
+from data.checks import check_ranges
+
 
 @dataclass
 class DeepSpeedConfig:
@@ -23,6 +25,13 @@ class DeepSpeedConfig:
     # need; raise it on large GPU runs for fewer, larger collectives.
     bucket_elements: int = 50_000_000
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0-3, got {self.zero_stage}")
+        check_ranges(self, grad_clip=">= 0", grad_accum=">= 1", bucket_elements=">= 1")
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError("offload_param needs zero_stage=3")
 
 
 def _merge(base: dict, over: dict) -> dict:
