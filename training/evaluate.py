@@ -69,7 +69,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check_ranges(self, steps=">= 0", val_timesteps="in [0, 1]", val_max_clips=">= 1",
                      batch_size=">= 1", num_prompts=">= 1", sample_steps=">= 1", cfg_scale=">= 0",
-                     fps="> 0")
+                     fps="> 0", sensitivity_prompts=">= 0")
 
 
 # ----- which weights --------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from data.checks import check_ranges
 from training.flow import FlowConfig
 from training.loader import Bucket, LoaderConfig
 from training.text_separation import caption_pairs, text_separation
@@ -74,13 +75,11 @@ class TrainConfig:
     data: LoaderConfig = field(default_factory=LoaderConfig)
 
     def __post_init__(self) -> None:
-        from data.checks import check_ranges  # here, not at the top: keeps this edit local
-
         check_ranges(self, steps=">= 1", global_batch_size=">= 1", lr="> 0", weight_decay=">= 0",
                      warmup_steps=">= 0", min_lr_ratio="in [0, 1]", num_frames=">= 1",
                      height=">= 1", width=">= 1", log_every=">= 1", ckpt_every=">= 1",
                      keep_checkpoints=">= 1", ema_decay="in [0, 1]", ema_every=">= 1",
-                     max_nonfinite=">= 1", max_failures=">= 0")
+                     max_nonfinite=">= 1", max_failures=">= 0", text_sep_every=">= 1")
 
 
 class Preempted(Exception):
