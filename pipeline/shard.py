@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data.shards import write_sidecar
 from pipeline.media import MediaLimits
 
 
@@ -310,12 +311,6 @@ def upload(local: str, url: str, rel: str, cfg: ShardConfig) -> None:
         if is_transient(e):  # outlasted the retries: let Ray run the task again
             raise TransientError(f"uploading {rel}: {type(e).__name__}: {e}") from e
         raise
-
-
-def write_sidecar(path: str, side: dict) -> None:
-    tmp = f"{path}.rows.json.tmp"
-    Path(tmp).write_text(json.dumps(side))
-    os.replace(tmp, f"{path}.rows.json")
 
 
 def run_sharding(clips: list[dict], cfg: ShardConfig, out: Path, concurrency: int = 2,
