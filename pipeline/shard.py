@@ -38,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 
-from data.shards import write_sidecar
 from pipeline.media import MediaLimits
 
 
@@ -257,7 +256,7 @@ def write_one_shard(path: str, clips: list[dict], cfg: ShardConfig,
     `pipeline.retry.TransientError`, which Ray retries the task on."""
     import tempfile
 
-    from data.shards import write_shard
+    from data.shards import write_shard, write_sidecar
     from pipeline.ingest import FetchError
     from pipeline.media import MediaError
 
@@ -319,6 +318,7 @@ def run_sharding(clips: list[dict], cfg: ShardConfig, out: Path, concurrency: in
     `concurrency` in flight), logging progress every `cfg.progress_every_s` seconds."""
     import ray
 
+    from data.shards import write_sidecar
     from pipeline.retry import TransientError
 
     shard_dir = out / "shards"
