@@ -7,9 +7,10 @@
 A *video* is one `sample_spec` clip (3 s at 8 fps, 64 px) over one of five backgrounds in turn:
 plain, grey noise fixed in time, grey noise new in every frame, black letterbox bars, or a
 bright gradient; the last two are the same in every video, as bars and skies are in real
-footage, which is what made the old thumbnail score call different videos copies. Its *renders* are what a re-upload of the same footage looks like: the reference (x264
-crf 20 at 64 px), x264 crf 35, MPEG-4 part 2, VP9, resized to 96 and 48 px, a ~10% crop,
-+15 brightness, and two frames trimmed off the start. Every render is decoded and its keyframes
+footage (what made the old thumbnail signature call different videos copies). Its *renders*
+are what a re-upload of the same footage looks like: the reference (x264 crf 20 at 64 px),
+x264 crf 35, MPEG-4 part 2, VP9, resized to 96 and 48 px, a ~10% crop, +15 brightness, and
+two frames trimmed off the start. Every render is decoded and its keyframes
 taken as the curate stage does (`pipeline.curate`: the whole span decoded at up to
 ``frame_long_side`` px, 4 frames evenly spaced), so a score measured here is the score dedup
 sees.
@@ -25,10 +26,12 @@ import io
 from dataclasses import replace
 
 import av
+import cv2
 import numpy as np
 
 from data.synthetic import render, sample_spec
-from data.video_io import encode_mp4, read_frames
+from data.video_io import encode_mp4, probe, read_frames
+from pipeline.curate import decode_size
 
 FPS = 8.0
 NUM_FRAMES = 24
@@ -57,9 +60,6 @@ def _encode(frames: np.ndarray, codec: str) -> bytes:
 
 def keyframes(video: bytes, long_side: int = 160, k: int = 4) -> np.ndarray:
     """The keyframes curation takes from a whole-video clip -> (k, h, w, 3) uint8."""
-    from data.video_io import probe
-    from pipeline.curate import decode_size
-
     p = probe(video)
     frames = read_frames(video, size=decode_size(p.width, p.height, long_side))  # (T, h, w, 3)
     return frames[np.linspace(0, len(frames) - 1, k).round().astype(int)]
@@ -70,8 +70,6 @@ def _video(seed: int, background: str, spec) -> np.ndarray:
     frames = render(spec, NUM_FRAMES, SIZE, SIZE).astype(np.float32)  # (T, S, S, 3)
     rng = np.random.default_rng([seed, 1])
     if background == "letterbox":  # the picture squeezed to 2.4:1 between black bars
-        import cv2
-
         band = round(SIZE / 2.4)
         top = (SIZE - band) // 2
         boxed = np.zeros_like(frames)
@@ -88,8 +86,7 @@ def _video(seed: int, background: str, spec) -> np.ndarray:
 
 
 def _resized(frames: np.ndarray, size: int) -> np.ndarray:
-    import cv2
-
+    """(T, S, S, 3) -> (T, size, size, 3), area-downscaled or bicubic-upscaled."""
     interp = cv2.INTER_AREA if size < frames.shape[1] else cv2.INTER_CUBIC
     return np.stack([cv2.resize(f, (size, size), interpolation=interp) for f in frames])
 

@@ -113,7 +113,7 @@ class ScoreConfig:
     black_fraction: Bounds = _b(max=0.5)
     brightness: Bounds = _b(max=245.0)
     motion: Bounds = _b(min=0.5)
-    # Defaults: where each comes from is in the README ("Score defaults"): real clips
+    # Where each default comes from: README, Curation, the scores table. Real clips
     # (tests/media) must pass, the synthetic bad inputs must not.
     jitter: Bounds = _b(max=0.35)
     flow_residual: Bounds = _b()  # recorded; `noise` filters (real motion inflates the residual)
