@@ -9,6 +9,13 @@ key.
 
 Everything is written to `path + ".tmp"` and renamed into place, so a crashed
 writer never leaves a file that looks complete.
+
+Sidecars: the stages that write shards put ``<shard>.rows.json`` beside each tar
+(`write_sidecar`: ``{"shard", "rows": [{"key", ...}, ...], ...}``, written after the tar), one
+row per sample the tar holds. That count is how a reader tells a whole shard from a damaged
+one: Python's `tarfile` (under WebDataset) takes a garbled member header in the middle of a
+tar for the end of the archive and raises nothing, so without it the rest of the shard would
+vanish silently. `read_shards` checks every shard against its sidecar (`ShardIncomplete`).
 """
 
 from __future__ import annotations
@@ -23,6 +30,22 @@ import webdataset as wds
 from webdataset.gopen import gopen_schemes
 
 SHARD_MTIME = 0.0  # fixed tar member mtime, for reproducible shard bytes
+SIDECAR = ".rows.json"  # <shard>.rows.json: one row per sample the shard holds
+
+
+class ShardIncomplete(IOError):
+    """A shard yielded fewer samples than its sidecar lists: the tar is damaged (truncated,
+    or a garbled member header, which tarfile reads as the end of the archive)."""
+
+    def __init__(self, url: str, expected: int, got: int):
+        self.url, self.expected, self.got = url, expected, got
+        super().__init__(f"shard {url}: read {got} of the {expected} samples its {SIDECAR} "
+                         f"lists, {expected - got} lost: the tar is damaged (truncated, or a "
+                         f"garbled member header); rerun the stage that wrote it")
+
+    @property
+    def missing(self) -> int:
+        return self.expected - self.got
 
 
 def write_shard(path: str | os.PathLike, samples: Iterable[dict]) -> int:
@@ -50,6 +73,38 @@ def write_shard(path: str | os.PathLike, samples: Iterable[dict]) -> int:
     return os.path.getsize(path)
 
 
+def write_sidecar(path: str | os.PathLike, side: dict) -> None:
+    """Write ``<path>.rows.json`` atomically; ``side["rows"]`` has one entry per sample of the
+    tar at `path`. Write it after the tar: its presence says the tar is complete."""
+    tmp = f"{os.fspath(path)}{SIDECAR}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(side, f)
+    os.replace(tmp, f"{os.fspath(path)}{SIDECAR}")
+
+
+def sidecar_count(url: str | os.PathLike) -> int | None:
+    """How many samples the shard at `url` holds, from its sidecar; None without one (a shard
+    written by `write_shard` alone). A sidecar that is there but unreadable raises."""
+    side = os.fspath(url) + SIDECAR
+    if "://" in side:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(side)
+        if not fs.exists(path):
+            return None
+        with fs.open(path, "r") as f:
+            text = f.read()
+    elif not os.path.exists(side):
+        return None
+    else:
+        with open(side) as f:
+            text = f.read()
+    try:
+        return len(json.loads(text)["rows"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{side}: not a shard sidecar ({type(e).__name__}: {e})") from None
+
+
 def _fsspec_open(url, mode="rb", bufsize=8192, **kw):
     """WebDataset opener for any fsspec URL (s3://, gs://, az://, memory://, ...)."""
     import fsspec
@@ -68,27 +123,61 @@ def _all_urls(urls):
 
 
 def read_shards(urls: str | list[str], decode_json: bool = True, decode_text: bool = True,
-                handler=None) -> Iterator[dict]:
+                handler=None, verify: bool = True) -> Iterator[dict]:
     """Yield samples from shards in order: "mp4" as raw bytes, "txt" as str,
     "json" as a dict (raw bytes if decode_json=False, "txt" likewise with
     decode_text=False), plus WebDataset's "__key__", "__url__" and
     "__local_path__".
 
     An empty shard yields nothing (WebDataset's empty_check is off: a shard
-    whose clips were all rejected is legitimate). `handler(exception) -> bool`
-    sees errors reading a shard (a truncated or garbled tar); True goes on
-    with the next shard (WebDataset's protocol). By default they raise.
+    whose clips were all rejected is legitimate). A damaged shard raises by
+    default: a truncated or garbled tar, and (with `verify`) a shard that
+    yields fewer samples than its sidecar lists (`ShardIncomplete`, raised
+    after its last readable sample), which is how a garbled member header,
+    which tarfile silently takes for the end of the archive, is caught.
+    `handler(exception) -> bool` sees those errors instead (WebDataset's
+    protocol: True goes on with the next shard, False stops); the sample the
+    damage cut short is dropped. A shard with more samples than its sidecar
+    lists always raises: the sidecar belongs to another tar.
     """
-    urls = [os.fspath(u) for u in urls] if isinstance(urls, (list, tuple)) else os.fspath(urls)
-    kw = {"handler": handler} if handler is not None else {}
-    # Callers split shards across ranks and loader workers themselves: every url given is read.
-    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False,
-                                 nodesplitter=_all_urls, workersplitter=_all_urls, **kw):
-        if decode_text and "txt" in sample:
-            sample["txt"] = sample["txt"].decode("utf-8")
-        if decode_json and "json" in sample:
-            sample["json"] = json.loads(sample["json"])
-        yield sample
+    if isinstance(urls, (list, tuple)):
+        urls = [os.fspath(u) for u in urls]
+    else:  # one url or a brace pattern ("train-{000000..000009}.tar"), as WebDataset takes
+        from braceexpand import braceexpand
+
+        urls = list(braceexpand(os.fspath(urls)))
+    for url in urls:
+        expected = sidecar_count(url) if verify else None
+        failed: list[Exception] = []
+        go_on = [True]
+
+        def on_error(exn: Exception) -> bool:
+            if handler is None:
+                raise exn
+            failed.append(exn)
+            go_on[0] = bool(handler(exn))
+            return go_on[0]
+
+        got = 0
+        # Callers split shards across ranks and loader workers themselves: every url is read.
+        for sample in wds.WebDataset([url], shardshuffle=False, empty_check=False,
+                                     nodesplitter=_all_urls, workersplitter=_all_urls,
+                                     handler=on_error):
+            if failed:
+                continue  # the sample cut short by the damage (webdataset yields what it got)
+            got += 1
+            if expected is not None and got > expected:
+                raise ValueError(f"shard {url} holds more samples than the {expected} its "
+                                 f"{SIDECAR} lists: the sidecar belongs to another tar")
+            if decode_text and "txt" in sample:
+                sample["txt"] = sample["txt"].decode("utf-8")
+            if decode_json and "json" in sample:
+                sample["json"] = json.loads(sample["json"])
+            yield sample
+        if expected is not None and got < expected:
+            on_error(ShardIncomplete(url, expected, got))
+        if not go_on[0]:
+            return
 
 
 def write_parquet(rows: list[dict], path: str | os.PathLike, schema: dict | None = None) -> None:

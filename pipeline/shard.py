@@ -344,7 +344,7 @@ def write_one_shard(path: str, clips: list[dict], cfg: ShardConfig,
     `pipeline.retry.TransientError`, which Ray retries the task on."""
     import tempfile
 
-    from data.shards import write_shard
+    from data.shards import write_shard, write_sidecar
     from pipeline.ingest import FetchError
     from pipeline.media import MediaError
 
@@ -400,18 +400,13 @@ def upload(local: str, url: str, rel: str, cfg: ShardConfig) -> None:
         raise
 
 
-def write_sidecar(path: str, side: dict) -> None:
-    tmp = f"{path}.rows.json.tmp"
-    Path(tmp).write_text(json.dumps(side))
-    os.replace(tmp, f"{path}.rows.json")
-
-
 def run_sharding(clips: list[dict], cfg: ShardConfig, out: Path, concurrency: int = 2,
                  log=print, upload_url: str | None = None) -> dict:
     """Write the planned shards that are not written yet, as Ray tasks (at most 2 x
     `concurrency` in flight), logging progress every `cfg.progress_every_s` seconds."""
     import ray
 
+    from data.shards import write_sidecar
     from pipeline.retry import TransientError
 
     shard_dir = out / "shards"

@@ -225,8 +225,10 @@ def filter_stage(ctx: StageContext) -> dict:
     prio = np.asarray([c["scores"].get("aesthetic", c["end"] - c["start"]) for c in clips],
                       np.float64)
     matrix = np.stack([emb[i] for i in ids]) if ids else np.zeros((0, 1), np.float32)
-    dropped = {d["clip_id"]: d for d in find_near_duplicates(ids, matrix, ctx.section("dedup"),
-                                                             prio)}
+    dedup = ctx.section("dedup")
+    if not cur.model_scores:  # thumbnail signatures: their own, measured threshold
+        dedup = dataclasses.replace(dedup, threshold=dedup.thumb_threshold)
+    dropped = {d["clip_id"]: d for d in find_near_duplicates(ids, matrix, dedup, prio)}
     kept = []
     for c in clips:
         d = dropped.get(c["clip_id"])

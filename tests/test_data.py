@@ -364,3 +364,34 @@ def test_shards_stream_from_fsspec_urls(tmp_path):
         f.write(local.read_bytes())
     (s,) = list(read_shards(["memory://bucket/a.tar"]))
     assert s["__key__"] == "k1" and s["txt"] == "hello" and s["json"] == {"a": 1}
+
+
+def test_a_garbled_header_mid_shard_is_detected_from_the_sidecar(tmp_path):
+    """tarfile takes a garbled member header for the end of the archive and raises nothing: 7
+    of 8 samples vanish. The sidecar's count makes it an error (or, with a handler, a count)."""
+    from data.shards import ShardIncomplete, sidecar_count, write_sidecar
+    from tar_damage import garble_header
+
+    samples = [{"__key__": f"k{i}", "mp4": os.urandom(3000), "json": {"i": i}, "txt": "x"}
+               for i in range(8)]
+    path = tmp_path / "train-000000.tar"
+    write_shard(path, samples)
+    write_sidecar(path, {"shard": path.name, "rows": [{"key": s["__key__"]} for s in samples]})
+    garble_header(path, "k1")
+    assert [s["__key__"] for s in read_shards([path], verify=False)] == ["k0"]  # silently short
+    assert sidecar_count(path) == 8 and sidecar_count(tmp_path / "none.tar") is None
+    with pytest.raises(ShardIncomplete, match="read 1 of the 8 samples"):
+        list(read_shards([path]))
+    seen = []
+    got = list(read_shards([path, path], handler=lambda e: seen.append(e) or True))
+    assert [s["__key__"] for s in got] == ["k0", "k0"] and [e.missing for e in seen] == [7, 7]
+    got = list(read_shards([path, path], handler=lambda e: False))  # False stops, as in webdataset
+    assert [s["__key__"] for s in got] == ["k0"]
+    # a brace pattern still reads as WebDataset would
+    assert len(list(read_shards(str(tmp_path / "train-{000000..000000}.tar"), verify=False))) == 1
+    # a sidecar that lists fewer samples than the tar holds belongs to another tar
+    whole = tmp_path / "whole.tar"
+    write_shard(whole, samples)
+    write_sidecar(whole, {"shard": whole.name, "rows": [{"key": "k0"}]})
+    with pytest.raises(ValueError, match="more samples than the 1"):
+        list(read_shards([whole]))

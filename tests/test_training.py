@@ -188,6 +188,65 @@ def test_damaged_shards_are_skipped_counted_and_the_count_survives_a_restore(dam
         loader.close()
 
 
+@pytest.fixture(scope="module")
+def garbled_shards(shards, tmp_path_factory) -> list[str]:
+    """Two shards of 6 good clips with their sidecars (as the shard stage writes them); a
+    member header of the second shard's 3rd sample garbled: tarfile stops there silently."""
+    from data.shards import read_shards, write_sidecar
+    from tar_damage import garble_header
+
+    root = tmp_path_factory.mktemp("garbled")
+    good = [dict(s, json=dict(s["json"])) for s in read_shards(shards[:2])]
+    for s in good:
+        for k in ("__url__", "__local_path__"):
+            s.pop(k, None)
+    urls = []
+    for i, part in enumerate((good[:6], good[6:12])):
+        path = root / f"train-{i:06d}.tar"
+        write_shard(str(path), part)
+        write_sidecar(path, {"shard": path.name, "rows": [{"key": s["__key__"]} for s in part]})
+        urls.append(str(path))
+    garble_header(urls[1], good[8]["__key__"])
+    return urls
+
+
+def test_a_garbled_header_mid_shard_counts_every_lost_sample_across_a_restore(garbled_shards):
+    def make(state=None, rank=0, world=1):
+        return Loader(ClipStream(garbled_shards, buckets=[Bucket(NUM_FRAMES, *SIZE, 1)],
+                                 rank=rank, world=world, seed=0,
+                                 cfg=LoaderConfig(shuffle_buffer=3), state=state))
+
+    a = make()
+    seen, counts = [], []
+    while not seen or a.last["epoch"] == 0:
+        seen += next(a)[2]
+        counts.append(a.skipped_total)
+    assert len(seen[:-1]) == len(set(seen[:-1])) == 8  # 6 + the 2 before the garbled header
+    assert counts[-2] == 4  # the 4 samples tarfile never reached, not 0 (nor 1)
+    b = make()
+    for _ in range(5):
+        next(b)
+    c = make(Loader.restore_state(json.loads(json.dumps(b.state_dict())), 0))
+    for _ in range(11):  # to the end of the second epoch
+        kb, kc = next(b)[2], next(c)[2]
+        assert kb == kc and b.skipped_total == c.skipped_total
+    assert c.last["epoch"] == 1 and c.skipped_total == 8
+    # 3 readers over 2 shards: every reader reads both and keeps its share; the lost samples
+    # count for the readers they belonged to, each once
+    ranks = [make(rank=r, world=3) for r in range(3)]
+    keys, lost = [], 0
+    for loader in ranks:
+        k, count = [], 0
+        while not k or loader.last["epoch"] == 0:
+            count = loader.skipped_total  # as of the last batch of epoch 0
+            k += next(loader)[2]
+        keys += k[:-1]
+        lost += count
+    assert len(keys) == len(set(keys)) == 8 and lost == 4
+    for loader in (a, b, c, *ranks):
+        loader.close()
+
+
 def test_loader_resizes_and_crops_keeping_aspect(tmp_path):
     from data.video_io import encode_mp4
 

@@ -358,6 +358,46 @@ def test_latent_loader_batches_and_resumes_exactly(latent_dir):
         next(make(buckets=(Bucket(5, *SIZE, 2),)))
 
 
+def test_garbled_shards_lose_nothing_silently_in_the_latent_path(shards, latent_dir, tmp_path):
+    """A garbled member header ends a tar without an error in tarfile. The latent shards carry
+    sidecars, so the latent loader counts what was lost; a garbled clip shard stops the
+    precompute with an error naming it instead of encoding what was left of it."""
+    import shutil
+
+    from data.shards import ShardIncomplete, write_sidecar
+    from tar_damage import garble_header
+
+    index = json.loads((latent_dir / "index.json").read_text())
+    copies = []
+    for p in index["train"]:  # sidecars list exactly the tars' samples
+        side = json.loads((latent_dir / f"{p}.rows.json").read_text())
+        keys = [s["__key__"] for s in read_shards([str(latent_dir / p)], verify=False)]
+        assert [r["key"] for r in side["rows"]] == keys
+        shutil.copy(latent_dir / p, tmp_path / Path(p).name)
+        shutil.copy(latent_dir / f"{p}.rows.json", tmp_path / f"{Path(p).name}.rows.json")
+        copies.append(str(tmp_path / Path(p).name))
+    first = [s["__key__"] for s in read_shards(copies[:1], verify=False)]  # 4 latents
+    garble_header(copies[0], first[1])  # 3 of its 4 latents lost
+    loader = Loader(ClipStream(copies, buckets=[Bucket(T, *SIZE, 1)], rank=0, world=1, seed=0,
+                               cfg=LoaderConfig(kind="latent", shuffle_buffer=2)))
+    seen, counts = [], []
+    while not seen or loader.last["epoch"] == 0:
+        seen += next(loader)[2]
+        counts.append(loader.skipped_total)
+    assert len(set(seen[:-1])) == 11 - 3 and counts[-2] == 3
+    loader.close()
+
+    clip_shard = tmp_path / "clips-000000.tar"
+    shutil.copy(shards["train"][0], clip_shard)
+    rows = [{"key": s["__key__"]} for s in read_shards([str(clip_shard)])]
+    write_sidecar(clip_shard, {"shard": clip_shard.name, "rows": rows})
+    garble_header(clip_shard, rows[2]["key"])
+    with pytest.raises(ShardIncomplete, match="clips-000000.tar: read 2 of the 6"):
+        precompute_latents(LatentConfig(kind="ours", clips_per_shard=4, batch_size=3),
+                           {"train": [str(clip_shard)]}, tmp_path / "out", T, SIZE, None,
+                           vae_dir=str(save_vae(tmp_path / "vae")))
+
+
 def test_stored_caption_tokens_equal_a_fresh_encode(latent_dir, clip_text):
     """The latent loader brings each clip's stored caption tokens; assembled with caption
     dropout (the empty caption's tokens from the record) they are what the frozen encoder

@@ -7,6 +7,11 @@
             <key>.json         the clip's metadata + video_shape, latent_shape, the VAE identity
             <key>.text.npy     with a frozen text encoder: the caption's real tokens (n, D) float32
 
+Each latent shard has a ``<shard>.rows.json`` sidecar listing its samples (as the shard stage's
+tars do), so a reader tells a damaged shard from a whole one (`data.shards.read_shards`); a
+damaged input shard stops the precompute with an error naming it (`ShardIncomplete`), rather
+than encoding what was left of it.
+
 Each clip is encoded from its first window of ``num_frames`` frames at ``target_fps``
 (``decode_sample`` with no RNG), resized keeping the aspect ratio and centre-cropped to
 ``size``: one fixed window per clip, where raw training draws a random window each epoch. The
@@ -110,13 +115,13 @@ def precompute_latents(latent_cfg, shard_urls_by_split: dict[str, list[str]], ou
     text: optionally a frozen `training.text.TextEncoderConfig`; each caption's tokens are stored.
     vae_dir: for latent.kind=ours, the VAE-training output directory (else latent_cfg.path).
     """
-    from data.shards import read_shards, write_shard
+    from data.shards import SIDECAR, read_shards, write_shard, write_sidecar
     from training.loader import decode_sample, normalize
 
     out = Path(out_dir)
     shard_dir = out / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
-    for old in shard_dir.glob("*.tar"):  # a rerun replaces everything
+    for old in [*shard_dir.glob("*.tar"), *shard_dir.glob(f"*.tar{SIDECAR}")]:  # a rerun replaces everything
         old.unlink()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     space = latent_cfg.build(vae_dir=vae_dir, device=device)
@@ -157,7 +162,11 @@ def precompute_latents(latent_cfg, shard_urls_by_split: dict[str, list[str]], ou
             nonlocal pending, total_bytes
             while len(pending) >= latent_cfg.clips_per_shard or (final and pending):
                 name = f"{split}-{len(names):06d}.tar"
-                total_bytes += write_shard(shard_dir / name, pending[: latent_cfg.clips_per_shard])
+                chunk = pending[: latent_cfg.clips_per_shard]
+                nbytes = write_shard(shard_dir / name, chunk)
+                write_sidecar(shard_dir / name, {"shard": name, "bytes": nbytes, "rows": [
+                    {"key": c["__key__"], "source_shard": c["json"]["source_shard"]} for c in chunk]})
+                total_bytes += nbytes
                 names.append(f"shards/{name}")
                 pending = pending[latent_cfg.clips_per_shard :]
 

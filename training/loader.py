@@ -32,8 +32,12 @@ rotates the worker -> reader mapping to make worker 0 the reader whose batch was
 
 Corrupt samples are skipped and counted, never fatal; the batch is filled from the next
 samples. That covers an mp4 that does not decode, a ``.json`` member that is not JSON, a
-``.txt`` that is not UTF-8 and a truncated or garbled tar (the rest of that shard is lost, and
-counted as one skip). A missing shard file still raises: the shard list is wrong.
+``.txt`` that is not UTF-8 and a damaged tar: truncated, or with a garbled member header, which
+Python's tarfile takes for the end of the archive without an error. The rest of that shard is
+lost and every lost sample is counted, from the shard's ``.rows.json`` sidecar (the samples it
+holds; the shard and precompute stages write one per tar); a damaged shard without a sidecar
+counts as one skip, and a garbled header there goes unseen. A missing shard file still raises:
+the shard list is wrong.
 
 Prefetch: ``Loader`` decodes ``prefetch`` batches ahead in a background thread (decord and
 torch release the GIL), so decoding overlaps the training step. The saved position is always
@@ -205,6 +209,7 @@ class ClipStream(IterableDataset):
         # reader g -> {"epoch", "consumed", "pending", "skipped"}
         self.state = {int(k): v for k, v in (state.get("positions") or {}).items()}
         self.next_worker = int(state.get("next_worker", 0))  # the loader worker whose batch is next
+        self._counts: dict[str, int | None] = {}  # url -> samples its sidecar lists (None: none)
 
     def _reader(self) -> tuple[int, int]:
         info = get_worker_info()
@@ -213,10 +218,20 @@ class ClipStream(IterableDataset):
         wid = (info.id + self.next_worker) % info.num_workers  # DataLoader worker -> reader
         return self.rank * info.num_workers + wid, self.world * info.num_workers
 
+    def _count(self, url: str) -> int | None:
+        """The samples a shard holds, from its sidecar (read once per process); None without."""
+        from data.shards import sidecar_count
+
+        if url not in self._counts:
+            self._counts[url] = sidecar_count(url)
+        return self._counts[url]
+
     def _raw(self, g: int, G: int, epoch: int, errors: list[int]) -> Iterator[dict]:
-        """This reader's raw samples of one epoch, shard by shard. A shard that fails to read
-        (a truncated or garbled tar) ends there and counts once in `errors` (for the reader it
-        belongs to), and the sample cut short by the damage is dropped."""
+        """This reader's raw samples of one epoch, shard by shard. A damaged shard (truncated,
+        or a garbled member header, which tarfile takes for the end of the archive) ends where
+        the damage is; what it lost counts in `errors` for the readers the lost samples belong
+        to: every sample its sidecar lists and it did not yield (the one cut short included),
+        or once for a damaged shard without a sidecar."""
         from data.shards import read_shards
 
         order = list(self.urls)
@@ -230,16 +245,25 @@ class ClipStream(IterableDataset):
                 if isinstance(exn, FileNotFoundError):  # the shard list is wrong: not data damage
                     raise exn
                 failed.append(exn)
-                return True  # go on: webdataset ends this shard
+                return True  # go on: the shard ends here
 
-            for s in read_shards([url], decode_json=False, decode_text=False, handler=handler):
-                if failed:
-                    break  # the sample cut short by the damage (webdataset yields what it got)
+            n, got = self._count(url), 0
+            # verify=False: the sidecar was read once (`_count`), the comparison is here
+            for s in read_shards([url], decode_json=False, decode_text=False, handler=handler,
+                                 verify=False):
                 if mine or i % G == g:
                     yield s
                 i += 1
-            if failed and (mine or j % G == g):
-                errors[0] += 1
+                got += 1
+            if n is None:  # no sidecar: a damaged shard counts once, for the reader it is
+                errors[0] += int(bool(failed) and (mine or j % G == g))
+            elif got > n:
+                raise ValueError(f"shard {url} holds more samples than the {n} its sidecar "
+                                 f"lists: the sidecar belongs to another tar")
+            elif got < n:  # the lost samples had the indices i .. i + lost - 1 of this epoch
+                lost = n - got
+                errors[0] += lost if mine else sum(k % G == g for k in range(i, i + lost))
+                i += lost
 
     def _shuffled(self, g: int, G: int, epoch: int, errors: list[int]) -> Iterator[dict]:
         """Raw samples of one epoch in shuffle-buffer order (no decoding)."""
