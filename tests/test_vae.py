@@ -434,7 +434,11 @@ def test_latent_training_checks_channels_and_shapes(latent_dir):
 
     rec = json.loads((latent_dir / "latent_space.json").read_text())
     tcfg = TrainConfig(num_frames=T, height=SIZE[0], width=SIZE[1], data=LoaderConfig(kind="latent"))
-    mcfg = ModelConfig()
+    # a trained tiny encoder ignores the shards' stored tokens; a frozen one must match them
+    with pytest.raises(ValueError, match="caption tokens of the open_clip encoder.*precompute them again"):
+        check_latent_data(tcfg, replace(ModelConfig(), dit=replace(ModelConfig().dit, in_channels=None,
+                                                                     patch_size=[1, 2, 2])), rec)
+    mcfg = ModelConfig(text=TextEncoderConfig(lr_scale=0.1))
     mcfg.dit.patch_size = [1, 2, 2]
     with pytest.raises(ValueError, match=r"model.dit.in_channels \(3\) must equal the VAE's latent channels \(4"):
         check_latent_data(tcfg, mcfg, rec)

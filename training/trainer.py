@@ -335,9 +335,11 @@ def train_loop(config: dict[str, Any]) -> None:
     cache = mcfg.text.build_cache() if frozen and stored is None and dcfg.zero_stage < 3 else None
     text_calls = 0  # text-encoder forwards, reported in the result
 
+    measuring = False  # the separation metric's encodes are not training's
+
     def count_text_call(module, args) -> None:
         nonlocal text_calls
-        text_calls += 1
+        text_calls += not measuring
 
     engine.module.text_encoder.register_forward_pre_hook(count_text_call)
     guard = NonFiniteGuard(tcfg.max_nonfinite)
@@ -474,7 +476,9 @@ def train_loop(config: dict[str, Any]) -> None:
                         m[f"train/loss_t{lo:.2f}-{hi:.2f}"] = float(ls[sel].mean())
         if step % tcfg.text_sep_every == 0 or step == tcfg.steps - 1:
             # every rank encodes (under ZeRO-3 the encoder's weights are gathered collectively)
+            measuring = True
             sep = text_separation(lambda c: engine.module.encode_captions(c), sep_pairs)
+            measuring = False
             if m is not None:
                 m.update({f"train/text_sep/{a}": v for a, v in sep.items()})
         if m is not None:
