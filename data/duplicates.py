@@ -30,8 +30,7 @@ import cv2
 import numpy as np
 
 from data.synthetic import render, sample_spec
-from data.video_io import encode_mp4, probe, read_frames
-from pipeline.curate import decode_size
+from data.video_io import decode_size, encode_mp4, probe, read_frames
 
 FPS = 8.0
 NUM_FRAMES = 24

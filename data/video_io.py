@@ -283,3 +283,9 @@ def read_frames_av(
     if not want:
         return np.zeros((0, *shape), np.uint8)  # (0, H, W, 3)
     return np.stack([kept[i] for i in want])  # (T, H, W, 3) uint8
+
+
+def decode_size(width: int, height: int, long_side: int) -> tuple[int, int]:
+    """(h, w) with the long side at most `long_side`, aspect kept, both even."""
+    s = min(1.0, long_side / max(width, height))
+    return max(2, round(height * s / 2) * 2), max(2, round(width * s / 2) * 2)

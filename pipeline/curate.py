@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from data.checks import check_ranges
+from data.video_io import decode_size  # noqa: F401 - also imported from here (tests, benchmarks)
 from pipeline.media import MediaLimits
 
 
@@ -75,12 +76,6 @@ def shot_caption(item: dict, start: int, end: int) -> str:
         if shot["start"] <= mid < shot["end"] and shot.get("caption"):
             return shot["caption"]
     return item.get("caption") or ""
-
-
-def decode_size(width: int, height: int, long_side: int) -> tuple[int, int]:
-    """(h, w) with the long side at most `long_side`, aspect kept, both even."""
-    s = min(1.0, long_side / max(width, height))
-    return max(2, round(height * s / 2) * 2), max(2, round(width * s / 2) * 2)
 
 
 @dataclass
