@@ -113,16 +113,6 @@ def trickle_url():
     server.server_close()
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
-
-
 def reasons(items: list[dict]) -> list:
     return [it.get("reject", [None])[0] for it in items]
 
