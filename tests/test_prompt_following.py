@@ -10,7 +10,7 @@ import torch
 
 from data.synthetic import ClipSpec, render
 from training.dit import DiTConfig
-from training.flow import FlowConfig, euler_sample, flow_loss, to_velocity
+from training.flow import FlowConfig, euler_sample, flow_loss, to_velocity, to_x0
 from training.model import ModelConfig
 from training.probes import prompt_sensitivity
 from training.text import TextEncoderConfig, TinyTextEncoder
@@ -111,6 +111,24 @@ def test_x0_conversion_is_exact_on_a_point_mass_and_at_the_clamp():
     assert torch.allclose(out, x0[:2], atol=1e-4)
     with pytest.raises(ValueError, match="prediction"):
         FlowConfig(prediction="eps")
+
+
+def test_x0_loss_is_the_velocity_loss_weighted_by_t_squared():
+    torch.manual_seed(1)
+    x0, noise = torch.randn(3, 3, 2, 8, 8), torch.randn(3, 3, 2, 8, 8)
+    t = torch.tensor([0.9, 0.5, 0.2])
+    tb = t.view(-1, 1, 1, 1, 1)
+    x_t = (1 - tb) * x0 + tb * noise
+    assert torch.allclose(to_x0(noise - x0, x_t, t, "velocity"), x0, atol=1e-5)  # exact inverse
+    wrong = torch.randn_like(x0)  # one arbitrary network output, read under both predictions
+    for prediction in ("velocity", "x0"):
+        net = lambda x, s: wrong  # noqa: E731
+        _, per_v, _ = flow_loss(net, x0, FlowConfig(prediction=prediction), t=t, noise=noise)
+        _, per_x, _ = flow_loss(net, x0, FlowConfig(prediction=prediction, loss="x0"), t=t, noise=noise)
+        assert torch.allclose(per_x, per_v * t**2, rtol=1e-4)  # t >= x0_t_min: the same error, reweighted
+        assert not torch.allclose(per_x, per_v, rtol=1e-2)
+    with pytest.raises(ValueError, match="flow.loss"):
+        FlowConfig(loss="eps")
 
 
 def _clip(**kw):

@@ -41,6 +41,7 @@ import torch
 TIMESTEP_SAMPLINGS = ("logit_normal", "uniform")
 SHIFT_MODES = ("constant", "tokens")
 PREDICTIONS = ("velocity", "x0")
+LOSSES = ("velocity", "x0")
 
 
 @dataclass
@@ -56,8 +57,11 @@ class FlowConfig:
     caption_dropout: float = 0.1  # probability a training caption is replaced by "" (for CFG)
     prediction: str = "velocity"  # what the network outputs: velocity | x0 (see to_velocity)
     x0_t_min: float = 0.05  # prediction=x0: v = (x_t - x0_hat) / max(t, x0_t_min)
+    loss: str = "velocity"  # the MSE's quantity: velocity | x0 (= t^2 * the velocity MSE, see to_x0)
 
     def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown flow.loss {self.loss!r}; valid: {', '.join(LOSSES)}")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"unknown flow.prediction {self.prediction!r}; valid: {', '.join(PREDICTIONS)}")
         if not 0.0 < self.x0_t_min <= 1.0:
@@ -153,6 +157,21 @@ def to_velocity(out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, predictio
     return (x_t - out) / t_b  # (B, C, T, H, W)
 
 
+def to_x0(out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction: str = "velocity") -> torch.Tensor:
+    """The network's output `out` (B, ...) at (x_t, t (B,)) as a clean-sample estimate x0_hat.
+
+    x0: `out` itself. velocity: x0_hat = x_t - t * v (exact: x_t - x0 = t * (noise - x0)).
+    A loss on x0_hat weights the velocity error by t^2: it spends the gradient at high noise,
+    where the layout (and so the prompt) is decided, instead of on the fine detail near t = 0
+    that the velocity loss of an x0-predictor weights by 1/t^2.
+    """
+    if prediction == "x0":
+        return out
+    if prediction != "velocity":
+        raise ValueError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
+    return x_t - t.to(out.device, out.dtype).view(-1, *([1] * (out.ndim - 1))) * out  # (B, C, T, H, W)
+
+
 def flow_loss(
     model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     x0: torch.Tensor,
@@ -162,8 +181,9 @@ def flow_loss(
     noise: torch.Tensor | None = None,
     num_tokens: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rectified-flow MSE on the velocity. model_fn(x_t (B, ...), t (B,)) -> the network's
-    output (B, ...), converted by `to_velocity` per cfg.prediction.
+    """Rectified-flow MSE on the velocity (cfg.loss = velocity) or on the clean sample (x0).
+    model_fn(x_t (B, ...), t (B,)) -> the network's output (B, ...), converted by
+    `to_velocity` / `to_x0` per cfg.prediction.
 
     `t` and `noise` may be given to fix them (tests, loss-parity checks); otherwise they are
     drawn from `generator`. `num_tokens` (the clips' T'H'W') sets the shift when
@@ -178,9 +198,12 @@ def flow_loss(
     t = t.to(x0.device)
     t_b = t.view(B, *([1] * (x0.ndim - 1))).to(x0.dtype)  # (B, 1, 1, 1, 1)
     x_t = (1 - t_b) * x0 + t_b * noise  # (B, C, T, H, W)
-    target = noise - x0  # (B, C, T, H, W)
-    v_pred = to_velocity(model_fn(x_t, t), x_t, t, cfg.prediction, cfg.x0_t_min)  # (B, C, T, H, W)
-    per_sample = (v_pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)  # (B,)
+    out = model_fn(x_t, t)  # (B, C, T, H, W)
+    if cfg.loss == "x0":
+        pred, target = to_x0(out, x_t, t, cfg.prediction), x0  # (B, C, T, H, W)
+    else:
+        pred, target = to_velocity(out, x_t, t, cfg.prediction, cfg.x0_t_min), noise - x0  # (B, C, T, H, W)
+    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)  # (B,)
     return per_sample.mean(), per_sample, t
 
 
