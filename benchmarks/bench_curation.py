@@ -73,8 +73,8 @@ def decode_floor(items: list[dict], clips: list[dict], c) -> float:
     curation size, each kept clip's keyframes at the keyframe size (for blur and text), each
     re-encoded clip's span at full size."""
     from data.video_io import probe, read_frames
-    from pipeline.curate import _sample, decode_size, keyframe_size
-    from pipeline.shard import whole_source
+    from pipeline.curation.curate import _sample, decode_size, keyframe_size
+    from pipeline.curation.shard import whole_source
 
     sizes, keys = {}, {}
     for it in items:
@@ -99,10 +99,10 @@ def decode_floor(items: list[dict], clips: list[dict], c) -> float:
 def configs(cache_dir: Path):
     """The curate stage's default configs (groups of `curate.group_size` videos per task)."""
     from data.probe import ProbeConfig
-    from pipeline.curate import CurateConfig, CurateConfigs
-    from pipeline.ingest import IngestConfig
-    from pipeline.scores import ScoreConfig
-    from pipeline.shots import ShotConfig
+    from pipeline.curation.curate import CurateConfig, CurateConfigs
+    from pipeline.curation.ingest import IngestConfig
+    from pipeline.curation.scores import ScoreConfig
+    from pipeline.curation.shots import ShotConfig
 
     return CurateConfigs(ingest=IngestConfig(), probe=ProbeConfig(), shots=ShotConfig(),
                          scores=ScoreConfig(), curate=CurateConfig(), cache_dir=str(cache_dir))
@@ -110,9 +110,9 @@ def configs(cache_dir: Path):
 
 def curation(items: list[dict], workers: int, out: Path) -> dict:
     """The CPU curation path on the running Ray cluster -> clips, timings and the clips."""
-    from pipeline.curate import curate_group
-    from pipeline.parts import read_parts, run_parts
-    from pipeline.shard import ShardConfig, run_sharding
+    from pipeline.curation.curate import curate_group
+    from pipeline.curation.parts import read_parts, run_parts
+    from pipeline.curation.shard import ShardConfig, run_sharding
 
     if out.exists():
         shutil.rmtree(out)

@@ -33,7 +33,7 @@ def legacy_signature(clip: np.ndarray, size: int = 16) -> np.ndarray:
 
 def main() -> None:
     from data.duplicates import build_set, precision_recall
-    from pipeline.dedup import DedupConfig, find_near_duplicates, thumbnail_embeddings
+    from pipeline.curation.dedup import DedupConfig, find_near_duplicates, thumbnail_embeddings
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--videos", type=int, default=30)

@@ -58,7 +58,7 @@ def make_shards(root: Path, n: int, frames: int, size: int) -> list[str]:
 def save_vae(path: Path, preset: str) -> None:
     from dataclasses import asdict
 
-    from training.vae import VAEConfig
+    from training.latent.vae import VAEConfig
 
     torch.manual_seed(0)
     vae = VAEConfig.from_preset(preset).build()
@@ -117,7 +117,7 @@ def interleaved(arms: dict, step, steps: int, text_record: dict | None = None) -
     """One step of each arm in turn (so background load on a shared machine hits both alike).
     arms: name -> (loader, encode or None). Returns name -> samples/s and input-path share.
     text_record: the latent shards' text entry; the precomputed arm then takes stored text."""
-    from training.latents import stored_text
+    from training.latent.precompute import stored_text
     from training.loader import normalize
 
     def one(loader, encode):
@@ -145,7 +145,7 @@ def interleaved(arms: dict, step, steps: int, text_record: dict | None = None) -
 
 
 def bench_encode(presets: list[str], frames: int, size: int, reps: int = 2) -> None:
-    from training.vae import VAEConfig
+    from training.latent.vae import VAEConfig
 
     x = torch.rand(2, 3, frames, size, size) * 2 - 1
     print(f"\n(b) VAE clips/s at {frames}x{size}x{size}, batch 2, {torch.get_num_threads()} threads")
@@ -182,8 +182,8 @@ def main() -> None:
     ap.add_argument("--text-model", default="ViT-B-32", help="open_clip model of --text open_clip")
     args = ap.parse_args()
 
-    from training.latent_space import LatentConfig
-    from training.latents import precompute_latents
+    from training.latent.space import LatentConfig
+    from training.latent.precompute import precompute_latents
     from training.loader import Bucket, ClipStream, Loader, LoaderConfig
 
     if "a" not in args.parts:

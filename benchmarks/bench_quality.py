@@ -56,7 +56,7 @@ def ceiling(shard_dir: Path, train_cfg: dict) -> dict[str, float]:
 
     from data.shards import read_shards
     from training.loader import decode_sample
-    from training.probes import probe_scores, probe_video
+    from training.evaluation.probes import probe_scores, probe_video
 
     index = json.loads((shard_dir / "index.json").read_text())
     urls = [str(shard_dir / p) for split in ("train", "val") for p in index[split]]

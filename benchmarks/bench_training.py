@@ -220,7 +220,7 @@ def bench_data_wait(steps: int = 40, prefetch: tuple[int, ...] = (0, 2)) -> dict
     from hydra import compose, initialize_config_dir
 
     from pipeline.config import CONF_DIR, register, to_object
-    from pipeline.tracking import TrackerSpec
+    from data.tracking import TrackerSpec
     from training.trainer import run_training
 
     register()

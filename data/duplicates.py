@@ -11,7 +11,7 @@ footage (what made the old thumbnail signature call different videos copies). It
 are what a re-upload of the same footage looks like: the reference (x264 crf 20 at 64 px),
 x264 crf 35, MPEG-4 part 2, VP9, resized to 96 and 48 px, a ~10% crop, +15 brightness, and
 two frames trimmed off the start. Every render is decoded and its keyframes
-taken as the curate stage does (`pipeline.curate`: the whole span decoded at up to
+taken as the curate stage does (`pipeline.curation.curate`: the whole span decoded at up to
 ``frame_long_side`` px, 4 frames evenly spaced), so a score measured here is the score dedup
 sees.
 

@@ -8,7 +8,7 @@ bound fails inside the child (a reject) instead of taking the worker's memory. R
 child keeps the cost per file to one pipe round trip (~1 ms) instead of a process start with
 PyAV's import (~130 ms); `shared_prober(cfg)` gives one child per worker process, which is
 what Ray task pools want. The decoding after the probe runs isolated the same way (see
-`pipeline.media`).
+`pipeline.curation.media`).
 
 What the child does for one file, cheapest checks first, so a hostile file is refused
 before any expensive work:

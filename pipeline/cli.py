@@ -120,7 +120,7 @@ def preflight(cfg) -> None:
         if not Path(src.path).is_dir():
             raise SystemExit(f"spacetime: source.path '{src.path}' is not a directory")
     if src.kind == "ingest":
-        from pipeline.ingest import check_inputs
+        from pipeline.curation.ingest import check_inputs
 
         check_inputs(cfg.ingest)  # ValueError naming ingest.inputs[i]
     from training.trainer import buckets_of
@@ -134,7 +134,7 @@ def preflight(cfg) -> None:
         if b.num_frames % pt or b.height % ph or b.width % pw:
             raise SystemExit(f"spacetime: train shape {b.num_frames}x{b.height}x{b.width} is "
                              f"not divisible by model.dit.patch_size {list(cfg.model.dit.patch_size)}")
-    from pipeline.tracking import resolve_mode
+    from data.tracking import resolve_mode
 
     resolve_mode(cfg.tracking.mode)
 
@@ -143,7 +143,7 @@ def check_our_latents(cfg, shapes: list[tuple[int, int, int]]) -> None:
     """latent=ours: the training shapes fit the VAE's compression, their latents the DiT's patch,
     and an explicit model.dit.in_channels is the VAE's (before the vae stage spends its time).
     A diffusers VAE is checked when it is loaded (precompute) and before training starts."""
-    from training.vae import latent_shape
+    from training.latent.vae import latent_shape
 
     vae, dit = cfg.vae.model, cfg.model.dit
     if dit.in_channels not in (None, vae.latent_channels):
@@ -203,7 +203,7 @@ def cmd_report(root: str, flags: dict) -> int:
 
 def cmd_run(graph, cfg, cfg_dict, flags) -> int:
     from pipeline.graph import GraphError, StageFailed
-    from pipeline.tracking import make_tracker, spec_for
+    from data.tracking import make_tracker, spec_for
 
     run_id = os.environ.get("SPACETIME_RUN_ID") or cfg.run.id or new_run_id()
     os.environ["SPACETIME_RUN_ID"] = run_id
@@ -231,7 +231,7 @@ def cmd_run(graph, cfg, cfg_dict, flags) -> int:
                             until=flags["until"],
                             tracker_factory=tracker_factory, extra_info=extra)
     except StageFailed as e:
-        from pipeline.redact import scrub, secret_values
+        from data.redact import scrub, secret_values
 
         print(f"spacetime: {scrub(str(e), secret_values(cfg_dict))}", file=sys.stderr)
         lineage, code = None, 1
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     from omegaconf import DictConfig
 
     from pipeline.config import CONF_DIR, register, to_dict, to_object
-    from pipeline.redact import credential_overrides, redact
+    from data.redact import credential_overrides, redact
 
     register()
     sys.argv = [sys.argv[0], *rest]

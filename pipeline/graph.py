@@ -9,7 +9,7 @@ stale or pending without running anything.
 Each stage writes into ``<root>/stages/<name>-<hash12>/``. The directory explains itself:
 
 - ``info.json``      resolved config, hashes, upstream paths, git commit, versions, timings
-                     (credentials redacted, as in lineage.json: :mod:`pipeline.redact`)
+                     (credentials redacted, as in lineage.json: :mod:`data.redact`)
 - ``_RUNNING.json``  present while a process works on it (pid, host, run id)
 - ``_FAILED.json``   the traceback of the last failed attempt
 - ``_SUCCESS.json``  written atomically, last: only its presence marks the output complete
@@ -18,7 +18,7 @@ A stage that crashes leaves no ``_SUCCESS.json``; the next run wipes the partial
 redoes it. Each ``spacetime run`` also writes ``<root>/runs/<run_id>/lineage.json``.
 
 ``root`` is a local (or shared) directory, or an object-store URL (``s3://bucket/prefix``,
-``gs://...``; see :mod:`pipeline.storage`). With a URL the same layout lives in the bucket: the
+``gs://...``; see :mod:`data.storage`). With a URL the same layout lives in the bucket: the
 graph keeps its state there (markers, info, lineage, latest) and a stage still reads and writes
 local files. It runs in a staging directory ``<local_cache>/<scheme>/<bucket/prefix>/stages/
 <name>-<hash12>/``, and on success its files are uploaded first, ``info.json`` next and
@@ -44,8 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from pipeline.redact import redact, scrub, secret_values
-from pipeline.storage import URL, Store, local_root, read_json, write_json_atomic
+from data.redact import redact, scrub, secret_values
+from data.storage import URL, Store, local_root, read_json, write_json_atomic
 
 SUCCESS = "_SUCCESS.json"
 FAILED = "_FAILED.json"
@@ -171,7 +171,7 @@ class StageContext:
         """The stage's tracker on the driver, created on first use (one W&B run per execution)."""
         if self._tracker is None:
             if self.tracker_factory is None:
-                from pipeline.tracking import NullTracker
+                from data.tracking import NullTracker
 
                 self._tracker = NullTracker()
             else:
@@ -208,7 +208,7 @@ class Graph:
         # Workers in other directories read these paths: a local root is made absolute.
         self.root = URL(self.store.url) if self.store.remote else Path(self.store.path)
         self.local_root = local_root(self.store, local_cache)
-        self._secrets: set[str] = set()  # the running config's credentials (pipeline.redact)
+        self._secrets: set[str] = set()  # the running config's credentials (data.redact)
 
     def _toposort(self) -> list[str]:
         order, seen, visiting = [], set(), set()
@@ -483,7 +483,7 @@ class Graph:
         try:
             result = dict(ctx.stage.fn(ctx) or {})
             if ctx._tracker is not None:
-                from pipeline.tracking import log_lineage
+                from data.tracking import log_lineage
 
                 log_lineage(ctx._tracker, ctx)
                 result.setdefault("tracking", ctx._tracker.info())

@@ -20,7 +20,7 @@ Design decisions:
   URIs instead, for a single portable file.
 - **Stage directories are looked up under ``<root>/stages/`` first**: ``lineage.json`` records
   absolute paths, which are stale after a copy.
-- **Credentials are redacted** (:mod:`pipeline.redact`) from everything shown, also for runs
+- **Credentials are redacted** (:mod:`data.redact`) from everything shown, also for runs
   whose files were written before redaction existed.
 - **Repeated steps keep the last value**: a resumed training stage appends to the same
   ``metrics.jsonl`` and re-logs the steps after its checkpoint.
@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from pipeline.graph import FAILED, INFO, SUCCESS
-from pipeline.redact import redact
+from data.redact import redact
 
 PALETTE = ("#3b6fd4", "#e0663a", "#3aa26b", "#9b59b6", "#c9a227", "#17a2b8", "#d6457a",
            "#6c757d", "#8c564b", "#2f4f4f")
@@ -127,7 +127,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def read_metrics(path: Path, stage: StageData) -> None:
-    """Fold a JsonlTracker file (pipeline/tracking.py) into the stage's series and scalars."""
+    """Fold a JsonlTracker file (data/tracking.py) into the stage's series and scalars."""
     if not path.exists():
         return
     for line in path.read_text().splitlines():

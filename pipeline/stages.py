@@ -75,7 +75,7 @@ def ingest_items(ing, warnings: list[str] | None = None) -> list[dict]:
     caption came from (``caption_origin``: ``manifest`` or ``sidecar``, a ``.txt`` beside the
     video) unless its manifest row says so itself. Same items, same order (first listing of a
     URL wins). What the listings could not look into is appended to `warnings`."""
-    from pipeline.ingest import _is_manifest, list_inputs
+    from pipeline.curation.ingest import _is_manifest, list_inputs
 
     if not ing.inputs:
         return list_inputs(ing)  # raises, naming the key
@@ -103,7 +103,7 @@ def _log_curation(ctx: StageContext, stats: dict, rejects: list[dict], clips: li
     output, and the same to its tracker: counts, reject reasons, the funnel and rejects tables,
     the histograms as real histograms (``<stage>/hist/<score>``) and the PNG
     (``funnel_chart``)."""
-    from pipeline.funnel import histograms, render_png
+    from pipeline.curation.funnel import histograms, render_png
 
     stats["histograms"] = histograms(clips)
     render_png(stats["funnel"], stats["histograms"], ctx.out_dir / "funnel.png")
@@ -123,7 +123,7 @@ def _finish_curation(ctx: StageContext, clips: list[dict], rejects: list[dict],
                      stats: dict) -> dict:
     """Write a curate/filter/caption stage's clips, rejects and stats, log its funnel; returns
     the stage result (the numeric stats)."""
-    from pipeline.curate import write_outputs
+    from pipeline.curation.curate import write_outputs
 
     _log_curation(ctx, stats, rejects, clips)
     write_outputs(ctx.out_dir, clips, rejects, stats)
@@ -137,8 +137,8 @@ def curate_funnel(n_inputs: int, clips: list[dict], rejects: list[dict], videos:
     decoded, i.e. those with a video record (the videos whose hours it shows): a file the
     decoder rejects after its probe passed is not counted. ``shots``: every span they split
     into (kept, too short or filtered)."""
-    from pipeline.curate import clip_seconds
-    from pipeline.funnel import step
+    from pipeline.curation.curate import clip_seconds
+    from pipeline.curation.funnel import step
 
     video_seconds = sum(v["seconds"] for v in videos)
     spans = len(clips) + sum(r["stage"] in ("split", "filter") for r in rejects)
@@ -152,14 +152,14 @@ def curate_funnel(n_inputs: int, clips: list[dict], rejects: list[dict], videos:
 
 def curate_stage(ctx: StageContext) -> dict:
     """Fetch, probe, split into shots, CPU scores and filters: resumable parts on Ray."""
-    from pipeline.curate import CurateConfigs, account, run_curate
+    from pipeline.curation.curate import CurateConfigs, account, run_curate
 
     ensure_ray(ctx)
     items = load_inputs(ctx.inputs["source"])
     cur = ctx.section("curate")
     cache = Path(cur.fetch_cache)
     if not cache.is_absolute():  # under the run root, or its local cache for a bucket root
-        from pipeline.storage import local_root
+        from data.storage import local_root
 
         run = ctx.section("run")
         cache = local_root(run.root, run.local_cache) / cache
@@ -180,12 +180,12 @@ def filter_stage(ctx: StageContext) -> dict:
     curate.model_scores, then near-duplicates across the whole dataset."""
     import numpy as np
 
-    from pipeline.curate import (account, clip_seconds, read_clips, read_rejects, reject,
+    from pipeline.curation.curate import (account, clip_seconds, read_clips, read_rejects, reject,
                                  run_model_scores)
-    from pipeline.dedup import find_near_duplicates
-    from pipeline.funnel import step
-    from pipeline.parts import actor_pool
-    from pipeline.scores import apply_filters
+    from pipeline.curation.dedup import find_near_duplicates
+    from pipeline.curation.funnel import step
+    from pipeline.curation.parts import actor_pool
+    from pipeline.curation.scores import apply_filters
 
     up = ctx.inputs["curate"]
     clips, rejects = read_clips(up), read_rejects(up)
@@ -254,9 +254,9 @@ def filter_stage(ctx: StageContext) -> dict:
 def caption_stage(ctx: StageContext) -> dict:
     """Caption the kept clips: source captions passed through, or a VLM actor pool as
     resumable parts (a killed driver redoes only the groups in flight)."""
-    from pipeline.caption import caption_clips
-    from pipeline.curate import account, clip_seconds, read_clips, read_rejects
-    from pipeline.funnel import step
+    from pipeline.curation.caption import caption_clips
+    from pipeline.curation.curate import account, clip_seconds, read_clips, read_rejects
+    from pipeline.curation.funnel import step
 
     up = ctx.inputs["filter"]
     clips, rejects = read_clips(up), read_rejects(up)
@@ -282,9 +282,9 @@ def caption_stage(ctx: StageContext) -> dict:
 def shard_stage(ctx: StageContext) -> dict:
     """Cut, encode and pack the captioned clips; resumable (finished shards are kept)."""
     from data.shards import write_parquet
-    from pipeline.curate import account, read_clips, read_rejects, write_rejects
-    from pipeline.funnel import step
-    from pipeline.shard import run_sharding
+    from pipeline.curation.curate import account, read_clips, read_rejects, write_rejects
+    from pipeline.curation.funnel import step
+    from pipeline.curation.shard import run_sharding
 
     ensure_ray(ctx)
     up = ctx.inputs["caption"]
@@ -341,7 +341,7 @@ def shard_urls(ctx: StageContext, split: str, stage: str = "shard") -> list[str]
 # ----- latent space (train.data.kind=latent) -------------------------------------------------
 def vae_stage(ctx: StageContext) -> dict:
     """Train our causal video VAE on the curated shards (latent.kind=ours)."""
-    from training.vae_train import train_vae
+    from training.latent.vae_train import train_vae
 
     res = train_vae(ctx.section("vae"), shard_urls(ctx, "train"), shard_urls(ctx, "val"),
                     ctx.out_dir, ctx.tracker)
@@ -352,7 +352,7 @@ def precompute_stage(ctx: StageContext) -> dict:
     """Encode the curated shards into latent shards once, so training never runs the VAE; with
     a frozen text encoder (its config is then in this stage's hash) the captions' embeddings
     go into the shards too, so training never runs the encoder either."""
-    from training.latents import precompute_latents
+    from training.latent.precompute import precompute_latents
 
     lat = ctx.section("latent")
     text = ctx.section("model.text") if "model.text" in ctx.stage.config_keys else None
@@ -367,7 +367,7 @@ def precompute_stage(ctx: StageContext) -> dict:
 
 # ----- train --------------------------------------------------------------------------------
 def train_stage(ctx: StageContext) -> dict:
-    from pipeline.tracking import spec_for
+    from data.tracking import spec_for
     from training.trainer import run_training
 
     ensure_ray(ctx)
@@ -395,7 +395,7 @@ def train_stage(ctx: StageContext) -> dict:
 def eval_stage(ctx: StageContext) -> dict:
     """Rerun alone with `spacetime run --only eval eval.checkpoint=200` or, for metric-vs-step
     curves, `eval.steps=[100,200,300]` (the training stage must have kept those tags)."""
-    from training.evaluate import evaluate
+    from training.evaluation.evaluate import evaluate
 
     res = evaluate(ctx.section("eval"), ctx.inputs["train"],
                    shard_urls(ctx, "val"), ctx.out_dir, ctx.tracker)

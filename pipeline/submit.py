@@ -27,7 +27,7 @@ A submission is ``python -m pipeline.cli run [--only/--from STAGE] overrides...`
   text to each node's ``runtime_env_agent.log`` and serves it to anyone who can read the job
   API (ray-project/ray#39502). The key reaches the cluster through its own secret store,
   filled from the submitter's environment without a file (cluster/README.md, "W&B key").
-  Nor in the command line: an override that sets a credential (``pipeline.redact``, e.g.
+  Nor in the command line: an override that sets a credential (``data.redact``, e.g.
   ``ingest.storage_options.secret=...``) is refused; ``'${oc.env:NAME}'`` passes it by name.
 
 The job id is ``spacetime-<run id>``; ``logs``/``stop`` accept either.
@@ -174,7 +174,7 @@ def compose_run_config(overrides: list[str]) -> tuple[Any, dict]:
 
 
 def check_run_root(root: str) -> None:
-    from pipeline.storage import is_url
+    from data.storage import is_url
 
     if is_url(root):  # a bucket: every node reaches it through fsspec
         return
@@ -246,7 +246,7 @@ def build_submission(overrides: list[str], only: str | None, from_: str | None,
                      replay_of: dict | None = None, git: dict | None = None) -> dict[str, Any]:
     """Everything `submit` sends, without sending it (tests read this)."""
     from pipeline.graph import GraphError
-    from pipeline.redact import credential_overrides
+    from data.redact import credential_overrides
     from pipeline.stages import graph_for
 
     literal = credential_overrides(overrides)
@@ -292,7 +292,7 @@ def build_submission(overrides: list[str], only: str | None, from_: str | None,
 # ----- replay -----------------------------------------------------------------------------
 def load_lineage(ref: str, overrides: list[str]) -> tuple[dict, str]:
     """A run's lineage.json from its path or URL, or from its run id under run.root."""
-    from pipeline.storage import Store, is_url
+    from data.storage import Store, is_url
 
     if ref.endswith(".json") or is_url(ref) or "/" in ref:
         path = ref if ref.endswith(".json") else ref.rstrip("/") + "/lineage.json"
@@ -354,7 +354,7 @@ def build_replay(ref: str, overrides: list[str], address: str, run_id: str | Non
                  only: str | None = None, from_: str | None = None) -> dict[str, Any]:
     """The submission that reruns a recorded run (refused if it would not reproduce it);
     `only`/`from_` replace the run's own stage selection."""
-    from pipeline.redact import REDACTED
+    from data.redact import REDACTED
 
     lineage, where = load_lineage(ref, overrides)
     flags, recorded = recorded_invocation(lineage)

@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from pipeline.caption import (CaptionConfig, VLMCaptioner, caption_clips, decode_clip,
+from pipeline.curation.caption import (CaptionConfig, VLMCaptioner, caption_clips, decode_clip,
                               frame_hw, resolve_num_gpus, sample_indices, vlm_kwargs)
 
 NUM_FRAMES, FRAME_SIZE = 4, 56
@@ -41,7 +41,7 @@ def test_num_gpus_auto_follows_the_cluster():
 
 
 def test_model_actor_pools_never_ask_for_more_gpus_than_the_cluster_has():
-    from pipeline.parts import actor_pool
+    from pipeline.curation.parts import actor_pool
 
     gpus8 = {"CPU": 512.0, "GPU": 8.0}
     assert actor_pool(64, None, gpus8) == (8, 1.0)  # capped: 64 actors would wait forever

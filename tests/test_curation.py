@@ -154,7 +154,7 @@ HOLD_SHARDS = """
 import os
 import threading
 
-import pipeline.shard as shard
+import pipeline.curation.shard as shard
 
 FREE = int(os.environ["SPACETIME_TEST_SHARDS_FREE"])
 real = shard.write_one_shard
@@ -263,8 +263,8 @@ def test_killed_driver_resumes_without_redoing_finished_parts(inputs, run, tmp_p
 def test_sharding_resumes_shard_by_shard(run, tmp_path):
     import ray
 
-    from pipeline.curate import read_clips
-    from pipeline.shard import ShardConfig, run_sharding
+    from pipeline.curation.curate import read_clips
+    from pipeline.curation.shard import ShardConfig, run_sharding
 
     clips = read_clips(run["dirs"]["caption"])
     cfg = ShardConfig(max_clips_per_shard=2, target_shard_bytes=10**9)
@@ -288,7 +288,7 @@ def test_sharding_resumes_shard_by_shard(run, tmp_path):
 
 
 def test_shard_plan_targets_bytes_and_is_deterministic():
-    from pipeline.shard import ShardConfig, plan_shards
+    from pipeline.curation.shard import ShardConfig, plan_shards
 
     clips = [{"clip_id": f"c{i:03d}", "start": 0, "end": 10, "source_frames": 10,
               "source_bytes": 1000, "width": 64, "height": 64} for i in range(40)]
@@ -326,7 +326,7 @@ def test_model_scores_and_vlm_captions_through_the_graph(inputs, run, tmp_path):
     import open_clip
     import torch
 
-    from pipeline.curate import read_clips, read_rejects
+    from pipeline.curation.curate import read_clips, read_rejects
     from vlm_fixture import save_tiny_vlm
 
     clip_dir = tmp_path / "clip"

@@ -168,7 +168,7 @@ def test_text_conditioning_holds_through_training_and_the_prompt_changes_the_sam
     (logged as train/text_sep/*), and the trained model's samples depend on the prompt."""
     import torch
 
-    from training.evaluate import EvalConfig, load_model, sample_videos
+    from training.evaluation.evaluate import EvalConfig, load_model, sample_videos
 
     d = run1["dirs"]["train"]
     logged = [json.loads(s)["metrics"] for s in (d / "metrics.jsonl").read_text().splitlines()

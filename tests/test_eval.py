@@ -24,14 +24,14 @@ import torch
 from data.shards import write_shard
 from data.synthetic import SourceConfig, generate
 from data.video_io import read_frames
-from pipeline.tracking import MemoryTracker
+from data.tracking import MemoryTracker
 from training.checkpoint import UnsafeCheckpoint
-from training.evaluate import (CheckpointRef, EvalConfig, evaluate, load_checkpoint,
+from training.evaluation.evaluate import (CheckpointRef, EvalConfig, evaluate, load_checkpoint,
                                resolve_checkpoints)
-from training.eval_report import grid_video
+from training.evaluation.samples import grid_video
 from training.model import ModelConfig
-from training.probes import PROBES
-from training.video_metrics import (ClipScoreConfig, FVDConfig, clip_score, feature_stats,
+from training.evaluation.probes import PROBES
+from training.evaluation.video_metrics import (ClipScoreConfig, FVDConfig, clip_score, feature_stats,
                                     frechet_distance, fvd)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py

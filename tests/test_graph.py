@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pipeline.graph import FAILED, INFO, RUNNING, SUCCESS, Graph, GraphError, Stage, StageFailed
-from pipeline.tracking import MemoryTracker
+from data.tracking import MemoryTracker
 
 
 class Recorder:

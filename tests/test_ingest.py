@@ -24,7 +24,7 @@ import pytest
 from data import bad_inputs
 from data.probe import REASONS, Prober, ProbeConfig, safe_probe
 from data.synthetic import BAD_KINDS, SourceConfig, generate
-from pipeline.ingest import (BlocklistConfig, FetchError, IngestConfig, check_blocklist, fetch,
+from pipeline.curation.ingest import (BlocklistConfig, FetchError, IngestConfig, check_blocklist, fetch,
                              fetch_item, list_inputs, make_id)
 
 # The synthetic source labels are coarse ("unreadable" for everything that fails to open);

@@ -26,11 +26,11 @@ import pytest
 
 from data.probe import Prober, ProbeConfig
 from data.synthetic import SourceConfig, generate
-from pipeline.curate import CurateConfig, CurateConfigs, read_rejects, run_curate, write_rejects
-from pipeline.ingest import (BlocklistConfig, FetchError, IngestConfig, RemoteManifestConfig,
+from pipeline.curation.curate import CurateConfig, CurateConfigs, read_rejects, run_curate, write_rejects
+from pipeline.curation.ingest import (BlocklistConfig, FetchError, IngestConfig, RemoteManifestConfig,
                              check_blocklist, check_inputs, fetch, fetch_item, list_inputs)
-from pipeline.shots import ShotConfig
-from pipeline.scores import ScoreConfig
+from pipeline.curation.shots import ShotConfig
+from pipeline.curation.scores import ScoreConfig
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +282,7 @@ def test_remote_files_have_their_own_smaller_byte_cap(tmp_path, http_root, good)
 LIST = """
 import json, sys
 from pipeline.stages import ingest_items
-from pipeline.ingest import IngestConfig
+from pipeline.curation.ingest import IngestConfig
 try:
     open(sys.argv[2]).read()
     readable = True

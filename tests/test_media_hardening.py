@@ -25,11 +25,11 @@ from data import video_io
 from data.probe import ProbeConfig, Reject, _timing, probe_file
 from data.synthetic import render, sample_spec
 from data.video_io import read_frames, read_frames_av
-from pipeline.curate import CurateConfig, CurateConfigs, curate_video
-from pipeline.ingest import IngestConfig
-from pipeline.scores import ScoreConfig
-from pipeline.shard import ShardConfig, encode_clip, whole_source, write_one_shard
-from pipeline.shots import ShotConfig
+from pipeline.curation.curate import CurateConfig, CurateConfigs, curate_video
+from pipeline.curation.ingest import IngestConfig
+from pipeline.curation.scores import ScoreConfig
+from pipeline.curation.shard import ShardConfig, encode_clip, whole_source, write_one_shard
+from pipeline.curation.shots import ShotConfig
 from training.loader import decode_frames
 
 GPS = "+48.8584+002.2945/"

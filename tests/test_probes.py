@@ -14,7 +14,7 @@ import pytest
 from data.synthetic import (BACKGROUNDS, COLORS, COUNTS, DIRECTIONS, SHAPES, ClipSpec, caption,
                             render, sample_spec)
 from data.video_io import encode_mp4, read_frames
-from training.probes import (PROBES, Expected, judge, measure, parse_prompt, probe_scores,
+from training.evaluation.probes import (PROBES, Expected, judge, measure, parse_prompt, probe_scores,
                              probe_video, synthetic_prompts, torus_components)
 
 N_CLIPS = 240

@@ -12,7 +12,7 @@ from data.synthetic import ClipSpec, render
 from training.dit import DiTConfig
 from training.flow import FlowConfig, euler_sample, flow_loss, to_velocity, to_x0
 from training.model import ModelConfig
-from training.probes import prompt_sensitivity
+from training.evaluation.probes import prompt_sensitivity
 from training.text import TextEncoderConfig, TinyTextEncoder
 from training.text_separation import ATTRIBUTES, caption_pairs, text_separation
 from training.trainer import param_groups

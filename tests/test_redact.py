@@ -22,10 +22,10 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from pipeline.graph import Graph, Stage, StageContext, StageFailed
-from pipeline.redact import REDACTED, credential_overrides, redact
+from data.redact import REDACTED, credential_overrides, redact
 from pipeline.report import write_report
 from pipeline.submit import SubmitError, build_submission
-from pipeline.tracking import TrackingConfig, spec_for
+from data.tracking import TrackingConfig, spec_for
 
 SENTINEL = "storage-sentinel-" + secrets.token_hex(8)
 REPO = Path(__file__).resolve().parent.parent

@@ -21,11 +21,11 @@ import pytest
 from data.shards import write_parquet
 from data.video_io import write_mp4
 from pipeline.cli import cmd_report, git_commit, versions
-from pipeline.curate import REJECT_SCHEMA
+from pipeline.curation.curate import REJECT_SCHEMA
 from pipeline.graph import Graph, Stage, StageFailed
 from pipeline.report import (ReportConfig, ReportError, _sample_checks, fmt_tick, load_run,
                              nice_ticks, probe_rows, thin, write_report)
-from pipeline.tracking import JsonlTracker
+from data.tracking import JsonlTracker
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -49,7 +49,7 @@ def _curate(ctx):
     write_parquet(rejects, ctx.out_dir / "rejects.parquet", schema=REJECT_SCHEMA)
     stats = {"inputs": 16, "clips_kept": 12, "reject_reasons": {"unreadable": 3, "too_short": 1}}
     if modern:
-        # pipeline/funnel.py's shape (count + unit); the shard step below uses "clips".
+        # pipeline/curation/funnel.py's shape (count + unit); the shard step below uses "clips".
         stats["funnel"] = [{"step": "ingest", "count": 8, "hours": 0.02, "unit": "videos"},
                            {"step": "split", "count": 14, "hours": 0.018, "unit": "clips"},
                            {"step": "score", "count": 12, "hours": 0.015, "unit": "clips"}]
@@ -84,7 +84,7 @@ def _train(ctx):
 
 
 def _eval(ctx):
-    """Modern: training/evaluate.py's layout (per-checkpoint metrics, samples with their probe
+    """Modern: training/evaluation/evaluate.py's layout (per-checkpoint metrics, samples with their probe
     results, a grid per checkpoint, skipped metrics). Old: val loss and samples only."""
     cfg = ctx.section("eval")
     if cfg["fail"]:

@@ -38,14 +38,14 @@ from data.isolate import shared_isolated
 from data.probe import ProbeConfig
 from data.synthetic import SourceConfig, generate, render, sample_spec
 from data.video_io import read_frames, read_frames_av, write_mp4
-from pipeline.curate import (CurateConfig, CurateConfigs, curate_group, curate_video,
+from pipeline.curation.curate import (CurateConfig, CurateConfigs, curate_group, curate_video,
                              read_rejects, write_rejects)
-from pipeline.ingest import FetchError, IngestConfig, fetch, list_inputs
-from pipeline.media import PRELOAD, MediaError, MediaLimits, read_clip_frames, read_display, to_display
-from pipeline.scores import Bounds, ScoreConfig, cpu_scores
-from pipeline.retry import TransientError
-from pipeline.shard import ShardConfig, encode_clip, run_sharding, upload, whole_source
-from pipeline.shots import ShotConfig
+from pipeline.curation.ingest import FetchError, IngestConfig, fetch, list_inputs
+from pipeline.curation.media import PRELOAD, MediaError, MediaLimits, read_clip_frames, read_display, to_display
+from pipeline.curation.scores import Bounds, ScoreConfig, cpu_scores
+from pipeline.curation.retry import TransientError
+from pipeline.curation.shard import ShardConfig, encode_clip, run_sharding, upload, whole_source
+from pipeline.curation.shots import ShotConfig
 
 
 def configs(tmp_path: Path, **kw) -> CurateConfigs:
@@ -174,7 +174,7 @@ def test_files_that_break_the_decoder_after_the_probe_are_rejects(tmp_path):
 
 
 def test_a_worker_killing_input_is_retried_finitely_and_loses_only_itself(tmp_path, ray_local):
-    from pipeline.parts import read_parts, run_parts
+    from pipeline.curation.parts import read_parts, run_parts
 
     def work(items):
         out = []
@@ -195,7 +195,7 @@ def test_a_worker_killing_input_is_retried_finitely_and_loses_only_itself(tmp_pa
 
 
 def test_task_pools_queue_a_task_per_cpu_only_when_the_cluster_caps_them(tmp_path, ray_local):
-    from pipeline.parts import read_parts, run_parts, tasks_in_flight
+    from pipeline.curation.parts import read_parts, run_parts, tasks_in_flight
 
     # 2 CPUs: a pool as wide as the cluster submits twice its size (the extra tasks wait in
     # the raylet's queue); a narrower pool is its own cap.
@@ -265,7 +265,7 @@ def test_sharding_fetches_sources_missing_on_this_node_and_shows_progress(tmp_pa
                                                                           ray_local):
     """Curate remote inputs, delete the fetch cache (as on another node of a cluster), then
     shard: every clip is still sharded, from a fresh fetch."""
-    from pipeline.caption import decode_clip
+    from pipeline.curation.caption import decode_clip
 
     www, base, state = http_server
     generate(SourceConfig(num_videos=3, bad_fraction=0.0, multishot_fraction=0.34, seconds=2.0),

@@ -13,8 +13,8 @@ import torch
 
 from data.synthetic import render, sample_spec
 from data.video_io import encode_mp4, read_frames
-from pipeline.dedup import DedupConfig, find_near_duplicates, priority_order, thumbnail_embeddings
-from pipeline.scores import FILTERS, Bounds, ScoreConfig, apply_filters, cpu_scores, text_area
+from pipeline.curation.dedup import DedupConfig, find_near_duplicates, priority_order, thumbnail_embeddings
+from pipeline.curation.scores import FILTERS, Bounds, ScoreConfig, apply_filters, cpu_scores, text_area
 
 FPS = 8.0
 META = {"width": 640, "height": 360}
@@ -168,7 +168,7 @@ def test_real_clips_pass_the_default_filters_and_synthetic_noise_does_not(clips)
     The old defaults kept 3 of these 9 (flow_residual > 2 took the hand-held clips as noisy,
     grass read as text). Noise added to synthetic clips stays over the noise bound."""
     from data.probe import probe_file
-    from pipeline.curate import CurateConfigs, analyse_video
+    from pipeline.curation.curate import CurateConfigs, analyse_video
     from pipeline.submit import compose_run_config
 
     cfg, _ = compose_run_config([])
@@ -230,7 +230,7 @@ def _frames_batch(n: int, k: int = 3, size: int = 48, seed: int = 0) -> np.ndarr
 
 
 def test_clip_scorer_local_dir_shapes_head_and_similarity(clip_dir, laion_head, one_thread):
-    from pipeline.embed import EmbedConfig, preprocess
+    from pipeline.curation.embed import EmbedConfig, preprocess
 
     d, model = clip_dir
     head_path, sd = laion_head
@@ -269,7 +269,7 @@ def test_clip_scorer_named_model_with_local_checkpoint(clip_dir, tmp_path, one_t
     """A registered model name + `pretrained` = a local checkpoint file (the built-in-name path)."""
     import open_clip
 
-    from pipeline.embed import EmbedConfig
+    from pipeline.curation.embed import EmbedConfig
 
     d, model = clip_dir
     cfg_file = tmp_path / "spacetime-tiny-clip.json"
@@ -288,7 +288,7 @@ def test_clip_scorer_named_model_with_local_checkpoint(clip_dir, tmp_path, one_t
 def test_aesthetic_head_formats_and_hub_resolution(tmp_path, monkeypatch, laion_head):
     import huggingface_hub.constants as hub
 
-    from pipeline.embed import AestheticHead, load_aesthetic_head, resolve_weights
+    from pipeline.curation.embed import AestheticHead, load_aesthetic_head, resolve_weights
 
     x = torch.nn.functional.normalize(torch.randn(5, 32), dim=-1)
     # the original LAION linear predictor: a bare nn.Linear state dict, here as safetensors
@@ -322,7 +322,7 @@ def test_aesthetic_head_formats_and_hub_resolution(tmp_path, monkeypatch, laion_
 
 
 def test_embed_config_errors(clip_dir, tmp_path):
-    from pipeline.embed import AestheticHead, EmbedConfig
+    from pipeline.curation.embed import AestheticHead, EmbedConfig
 
     with pytest.raises(ValueError, match="aesthetic_activation"):
         EmbedConfig(aesthetic_activation="tanh")
@@ -427,7 +427,7 @@ def test_clip_scorer_in_a_ray_actor_pool(clip_dir):
     """The scorer as curation runs it: constructed once per actor, fed Ray Data numpy batches."""
     import ray
 
-    from pipeline.embed import ClipScorer, EmbedConfig
+    from pipeline.curation.embed import ClipScorer, EmbedConfig
 
     d, _ = clip_dir
     cfg = EmbedConfig(model=f"local-dir:{d}", pretrained=None, device="cpu")

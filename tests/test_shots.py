@@ -9,8 +9,8 @@ import pytest
 
 from data.synthetic import SourceConfig, generate, render, sample_spec
 from data.video_io import encode_mp4, read_frames
-from pipeline.curate import CurateConfig, decode_size
-from pipeline.shots import ShotConfig, content_scores, detect_cuts, split_shots, windows
+from pipeline.curation.curate import CurateConfig, decode_size
+from pipeline.curation.shots import ShotConfig, content_scores, detect_cuts, split_shots, windows
 
 FPS = 8.0
 SRC = SourceConfig(num_videos=48, multishot_fraction=1.0, bad_fraction=0.0, seed=3)

@@ -13,7 +13,7 @@ pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
 from pipeline.graph import FAILED, INFO, RUNNING, SUCCESS, Graph, Stage, StageFailed  # noqa: E402
-from pipeline.storage import URL, Store  # noqa: E402
+from data.storage import URL, Store  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.tracking import (JsonlTracker, MemoryTracker, NullTracker, Tee, TrackerSpec,
+from data.tracking import (JsonlTracker, MemoryTracker, NullTracker, Tee, TrackerSpec,
                                make_tracker, resolve_mode)
 
 

@@ -24,7 +24,7 @@ import torch
 from data.shards import write_shard
 from data.synthetic import SourceConfig, generate
 from data.video_io import read_frames
-from pipeline.tracking import TrackerSpec
+from data.tracking import TrackerSpec
 from training.checkpoint import COMPLETE, Checkpoints
 from training.ema import EMA
 from training.loader import Bucket, ClipStream, Loader, LoaderConfig, normalize
@@ -474,7 +474,7 @@ def check_zero_to_fp32(out: Path):
     """DeepSpeed's own converter reads our checkpoint; the weights load and sample."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from training.evaluate import EvalConfig, sample_videos
+    from training.evaluation.evaluate import EvalConfig, sample_videos
     from training.text import Tokenizer
 
     sd = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"))  # reads `latest`

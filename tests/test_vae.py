@@ -18,13 +18,13 @@ import webdataset as wds
 from data.shards import read_shards, write_shard
 from data.synthetic import caption, render, sample_spec
 from data.video_io import encode_mp4
-from pipeline.tracking import MemoryTracker
-from training.latent_space import LatentConfig, load_latent_space
-from training.latents import decode_latent_sample, precompute_latents
+from data.tracking import MemoryTracker
+from training.latent.space import LatentConfig, load_latent_space
+from training.latent.precompute import decode_latent_sample, precompute_latents
 from training.loader import Bucket, ClipStream, Loader, LoaderConfig, decode_sample, normalize
-from training.recon_metrics import evaluate_reconstruction, psnr, ssim
-from training.vae import VAEConfig
-from training.vae_train import PerceptualLoss, VAETrainConfig, train_vae
+from training.latent.recon_metrics import evaluate_reconstruction, psnr, ssim
+from training.latent.vae import VAEConfig
+from training.latent.vae_train import PerceptualLoss, VAETrainConfig, train_vae
 
 T, SIZE = 9, (32, 32)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -245,7 +245,7 @@ def test_diffusers_wan_vae_precomputes_shards_that_train_and_evaluate(shards, tm
     step on them, and evaluation's val loss and samples go through the same VAE."""
     from diffusers import AutoencoderKLWan
 
-    from training.evaluate import EvalConfig, sample_videos, validation_loss, load_val_clips
+    from training.evaluation.evaluate import EvalConfig, sample_videos, validation_loss, load_val_clips
     from training.flow import FlowConfig, flow_loss
     from training.model import ModelConfig
     from training.trainer import TrainConfig, check_latent_data, follow_data
@@ -402,7 +402,7 @@ def test_stored_caption_tokens_equal_a_fresh_encode(latent_dir, clip_text):
     """The latent loader brings each clip's stored caption tokens; assembled with caption
     dropout (the empty caption's tokens from the record) they are what the frozen encoder
     gives for the same captions, so the trainer never runs it."""
-    from training.latents import stored_text
+    from training.latent.precompute import stored_text
     from training.text import encode_captions
 
     rec = json.loads((latent_dir / "latent_space.json").read_text())["text"]

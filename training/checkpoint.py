@@ -125,7 +125,7 @@ class Checkpoints:
         self.keep = keep
         self.mirror = None
         if mirror:
-            from pipeline.storage import Store
+            from data.storage import Store
 
             self.mirror = Store(mirror)
 

@@ -1,7 +1,7 @@
 """Streams training clips from WebDataset shards: decode with decord, window, resize, batch.
 
 Two kinds of shards (``LoaderConfig.kind``): ``raw`` clip shards (mp4, decoded here; batches are
-uint8 video (B, 3, T, H, W)) and ``latent`` shards from ``training.latents`` (a stored latent
+uint8 video (B, 3, T, H, W)) and ``latent`` shards from ``training.latent.precompute`` (a stored latent
 per clip; batches are float32 latents (B, C, t, h, w), nothing to decode or normalise; when the
 shards hold a frozen text encoder's caption tokens, the batch info carries them as ``text``, one
 (n, D) tensor per sample). Both go through the same readers, shuffle buffer, buckets and
@@ -78,7 +78,7 @@ LOADER_KINDS = ("raw", "latent")
 
 @dataclass
 class LoaderConfig:
-    kind: str = "raw"  # raw: mp4 clip shards | latent: precomputed latent shards (training.latents)
+    kind: str = "raw"  # raw: mp4 clip shards | latent: precomputed latent shards (training.latent.precompute)
     target_fps: Optional[float] = None  # sample frames at this rate; None keeps the clip's fps
     shuffle_buffer: int = 64  # raw samples per reader
     num_workers: int = 0  # DataLoader worker processes per rank
@@ -300,7 +300,7 @@ class ClipStream(IterableDataset):
         if b is None:
             raise ValueError(f"sample {s.get('__key__')!r} fits no bucket")
         if self.cfg.kind == "latent":
-            from training.latents import decode_latent_sample, latent_text
+            from training.latent.precompute import decode_latent_sample, latent_text
 
             return (*decode_latent_sample(s), latent_text(s))  # (C, t, h, w) float32, caption, key, (n, D) or None
         bk = self.buckets[b]

@@ -16,14 +16,14 @@ write ``NONFINITE.json`` and return (so Ray Train does not retry a run that woul
 and the driver raises the message.
 
 Latent training (``train.data.kind=latent``): the shards are latent shards from
-``training.latents`` and ``run_training`` gets their ``latent_space.json`` record; batches are
+``training.latent.precompute`` and ``run_training`` gets their ``latent_space.json`` record; batches are
 latents used as they are (no ``normalize``), the DiT's ``model.dit.in_channels`` follows the
 VAE's latent channels (``null``; an explicit value must equal them), and one bucket must have
 the clips' encoded (frames, height, width). When the shards hold a frozen text encoder's
 caption tokens (the record's ``text``), batches bring their text and the encoder never runs
 (the model's encoder must be the one that made them: same identity). The record is saved under
 ``latent`` in ``train_config.json`` so that evaluation decodes samples through the same VAE
-(``training.latent_space.load_latent_space(train_dir)``).
+(``training.latent.space.load_latent_space(train_dir)``).
 """
 
 from __future__ import annotations
@@ -251,7 +251,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import torch.distributed as dist
     from deepspeed.utils import logger as ds_logger
 
-    from pipeline.tracking import TrackerSpec, log_lineage_paths, make_tracker
+    from data.tracking import TrackerSpec, log_lineage_paths, make_tracker
     from training.checkpoint import Checkpoints, rng_state, set_rng_state
     from training.ema import EMA
     from training.flow import drop_captions, flow_loss
@@ -386,7 +386,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 video = video.to(device, dtype, non_blocking=True)  # (B, C, t, h, w)
             kept, captions = captions, drop_captions(captions, tcfg.flow, gen)
             if stored is not None:
-                from training.latents import stored_text
+                from training.latent.precompute import stored_text
 
                 dropped = [c != k for c, k in zip(captions, kept)]  # replaced by "" for guidance
                 text, tmask = stored_text(data.last["text"], dropped, stored)  # (B, L, Dt), (B, L)
@@ -522,7 +522,7 @@ def train_loop(config: dict[str, Any]) -> None:
         tracker.finish()
         (out / "train_result.json").write_text(json.dumps(result, indent=2))
         if config.get("ckpt_mirror"):  # rank 0 may run on a node that does not hold `out`
-            from pipeline.storage import Store
+            from data.storage import Store
 
             stage = Store(config["ckpt_mirror"].rsplit("/checkpoints", 1)[0])
             for name in EXPORTS:
@@ -614,7 +614,7 @@ def run_training(*, train_cfg: TrainConfig, model_cfg, ds_cfg, cluster, out_dir:
         raise FloatingPointError(msg)
     result = out_dir / "train_result.json"
     if not result.exists() and ckpt_mirror:  # rank 0 ran on another node: fetch its exports
-        from pipeline.storage import Store
+        from data.storage import Store
 
         stage = Store(ckpt_mirror.rsplit("/checkpoints", 1)[0])
         if stage.exists("train_result.json"):

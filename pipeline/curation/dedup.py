@@ -3,7 +3,7 @@
     ids (N,), embeddings (N, D), priority (N,) --find_near_duplicates--> the clips to drop,
         each {"clip_id", "reason": "near_duplicate", "kept": id of the clip it duplicates, "similarity"}
 
-Embeddings: the CLIP ``embedding`` from ``pipeline.embed`` finds semantic near-duplicates
+Embeddings: the CLIP ``embedding`` from ``pipeline.curation.embed`` finds semantic near-duplicates
 (the same scene re-shot, re-cut, re-encoded; compared at ``threshold``); without a model,
 `thumbnail_embeddings` is a perceptual signature for copies (re-encodes in another codec or
 quality, rescales, small crops, trims, brightness or contrast shifts; compared at

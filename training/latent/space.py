@@ -13,11 +13,11 @@ mode) and return float32 whatever their weights' precision.
 Kinds (``LatentConfig.kind``):
 
 - ``none``: the DiT works on pixels (no latent space; ``build`` refuses).
-- ``ours``: ``training.vae.VAE`` loaded from a VAE-training output directory (``vae.pt`` +
-  ``vae_config.json``, see ``training.vae_train``), given as ``path`` or by the graph's VAE
+- ``ours``: ``training.latent.vae.VAE`` loaded from a VAE-training output directory (``vae.pt`` +
+  ``vae_config.json``, see ``training.latent.vae_train``), given as ``path`` or by the graph's VAE
   stage.
 - ``diffusers``: a diffusers video VAE (``AutoencoderKLWan``, ``AutoencoderKLCogVideoX``, ...)
-  from a hub id or a local directory (``path`` + ``subfolder``), see ``training.vae_pretrained``.
+  from a hub id or a local directory (``path`` + ``subfolder``), see ``training.latent.vae_pretrained``.
 
 The config also holds what latent shards hold and how they are written (the clip window
 ``num_frames``/``height``/``width``/``target_fps``, ``batch_size``, ``clips_per_shard``,
@@ -96,7 +96,7 @@ class LatentConfig:
                                  "directory with vae.pt and vae_config.json) or the graph's vae stage")
             space: LatentSpace = OurVAE(self, str(path))
         else:
-            from training.vae_pretrained import PretrainedVAE
+            from training.latent.vae_pretrained import PretrainedVAE
 
             space = PretrainedVAE(self)
         return space.to(device) if device is not None else space
@@ -139,7 +139,7 @@ class LatentSpace(nn.Module):
         return next(self.parameters()).dtype
 
     def latent_shape(self, shape: tuple[int, int, int]) -> tuple[int, int, int]:
-        from training.vae import latent_shape
+        from training.latent.vae import latent_shape
 
         return latent_shape(tuple(shape), self.compression)
 
@@ -176,12 +176,12 @@ class LatentSpace(nn.Module):
 
 
 class OurVAE(LatentSpace):
-    """`training.vae.VAE` from a VAE-training output directory (vae.pt, vae_config.json)."""
+    """`training.latent.vae.VAE` from a VAE-training output directory (vae.pt, vae_config.json)."""
 
     def __init__(self, cfg: LatentConfig, path: str):
         super().__init__(cfg)
         from training.trainer import from_dict
-        from training.vae import VAEConfig
+        from training.latent.vae import VAEConfig
 
         root = Path(path)
         for f in ("vae.pt", "vae_config.json"):

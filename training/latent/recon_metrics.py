@@ -71,7 +71,7 @@ def psnr_ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> dict
 def evaluate_reconstruction(space, shard_urls: list[str], num_frames: int, size: tuple[int, int],
                             target_fps: float | None, max_clips: int = 16, batch_size: int = 4) -> dict[str, float]:
     """Encode and decode up to `max_clips` held-out clips (their first window, as evaluation
-    does) through `space` (a `training.latent_space.LatentSpace`) -> {"recon/psnr",
+    does) through `space` (a `training.latent.space.LatentSpace`) -> {"recon/psnr",
     "recon/ssim", "recon/clips"}, means over clips against the clips as the loader gives them."""
     from data.shards import read_shards
     from training.loader import decode_sample, normalize

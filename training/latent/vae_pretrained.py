@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from training.latent_space import LatentConfig, LatentSpace
+from training.latent.space import LatentConfig, LatentSpace
 
 
 def load_diffusers_vae(cfg: LatentConfig):

@@ -32,7 +32,7 @@ Design decisions:
   has a nominal radius of ~80 px), so use tiles of a few hundred pixels with 64+ px overlap.
 - **Normalised latents.** ``encode`` returns ``(mean - latent_mean) / latent_std`` per channel
   (``VAEConfig.latent_mean/latent_std``, measured on training clips after training by
-  ``training.vae_train``), so the DiT sees ~unit-variance latents; ``decode`` inverts it.
+  ``training.latent.vae_train``), so the DiT sees ~unit-variance latents; ``decode`` inverts it.
 
 Pure ``nn.Module`` (no distributed calls, logging or I/O).
 """

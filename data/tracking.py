@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from pipeline.redact import redact
+from data.redact import redact
 
 
 @dataclass
@@ -314,7 +314,7 @@ def spec_for(ctx, tracking: TrackingConfig, root: str, local_cache: str | None =
              ) -> TrackerSpec:
     """The tracker spec of a stage execution (``ctx`` is a graph.StageContext). W&B writes
     under the run root, or its local cache when the root is a bucket."""
-    from pipeline.storage import local_root
+    from data.storage import local_root
 
     return TrackerSpec(
         mode=tracking.mode,

@@ -42,7 +42,7 @@ import torch
 
 from data.checks import check_ranges
 from training.checkpoint import COMPLETE, weights_only_loads
-from training.video_metrics import ClipScoreConfig, FVDConfig
+from training.evaluation.video_metrics import ClipScoreConfig, FVDConfig
 
 
 @dataclass
@@ -303,9 +303,9 @@ def evaluate(cfg: EvalConfig, train_dir: Path, val_shards: list[str], out_dir: P
     """Evaluate the checkpoints `cfg` names; write results.json and samples under `out_dir`,
     log to `tracker`. Returns the results (see the module docstring for their layout)."""
     from training.checkpoint import tag_of
-    from training.eval_report import sample_table
+    from training.evaluation.samples import sample_table
     from training.flow import FlowConfig
-    from training.probes import synthetic_prompts
+    from training.evaluation.probes import synthetic_prompts
     from training.trainer import from_dict
 
     out_dir = Path(out_dir)
@@ -328,7 +328,7 @@ def evaluate(cfg: EvalConfig, train_dir: Path, val_shards: list[str], out_dir: P
                            tcfg["data"]["target_fps"])
     real_stats, n_real = None, 0
     if extractor is not None:
-        from training.video_metrics import feature_stats
+        from training.evaluation.video_metrics import feature_stats
 
         real = clips[: cfg.fvd.num_real]
         n_real = len(real)
@@ -337,12 +337,12 @@ def evaluate(cfg: EvalConfig, train_dir: Path, val_shards: list[str], out_dir: P
         else:
             real_stats = feature_stats(extractor(np.stack([c[0].permute(1, 2, 3, 0).numpy() for c in real])))
 
-    from training.latent_space import load_latent_space
+    from training.latent.space import load_latent_space
 
     space = load_latent_space(tcfg["latent"], device) if tcfg.get("latent") else None
     recon = {}
     if space is not None:  # the VAE's own fidelity on the held-out clips
-        from training.recon_metrics import evaluate_reconstruction
+        from training.latent.recon_metrics import evaluate_reconstruction
 
         recon = evaluate_reconstruction(space, val_shards, tcfg["num_frames"],
                                         (tcfg["height"], tcfg["width"]),
@@ -385,7 +385,7 @@ SENSITIVITY_SEED = 100_000  # noise seeds of the sensitivity samples: apart from
 def sensitivity(model, mcfg, tcfg: dict, cfg: EvalConfig, device, space=None) -> dict[str, float]:
     """Prompt sensitivity (``probes.prompt_sensitivity``) over cfg.sensitivity_prompts base
     prompts: base i and its one-attribute variants share the noise seed SENSITIVITY_SEED + i."""
-    from training.probes import prompt_sensitivity
+    from training.evaluation.probes import prompt_sensitivity
     from training.text_separation import ATTRIBUTES, caption_pairs
 
     pairs = caption_pairs(cfg.sensitivity_prompts, cfg.seed)
@@ -421,7 +421,7 @@ def write_samples(videos: np.ndarray, prompts: list[str], sample_dir: Path, out_
     out_dir, the videos as decoded back from their mp4s, the grid's path). Metrics are taken
     on the decoded videos: what a viewer of the files sees."""
     from data.video_io import read_frames, write_mp4
-    from training.eval_report import grid_video
+    from training.evaluation.samples import grid_video
 
     sample_dir.mkdir(parents=True, exist_ok=True)
     samples, shown = [], []
@@ -439,7 +439,7 @@ def score_samples(samples: list[dict], shown: list[np.ndarray], cfg: EvalConfig,
                   extractor, real_stats, skipped: dict[str, str]) -> dict[str, float]:
     """Probe results, CLIP score and FVD of one checkpoint's samples: aggregate metrics are
     returned, per-sample results added to the sample records, reasons for skips to `skipped`."""
-    from training.probes import probe_scores, probe_video
+    from training.evaluation.probes import probe_scores, probe_video
 
     metrics: dict[str, float] = {}
     if cfg.probes:
@@ -458,7 +458,7 @@ def score_samples(samples: list[dict], shown: list[np.ndarray], cfg: EvalConfig,
         if len(shown) < 2:
             skipped["fvd"] = "FVD needs at least 2 generated clips (eval.prompts / num_prompts)"
         else:
-            from training.video_metrics import fvd
+            from training.evaluation.video_metrics import fvd
 
             metrics["fvd"] = fvd(real_stats, np.stack(shown), extractor)
             metrics["fvd/fake_clips"] = len(shown)

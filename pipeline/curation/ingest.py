@@ -615,11 +615,11 @@ def fetch(url: str, cache_dir: str | os.PathLike, *, max_bytes: int | None = Non
     they are; remote ones are downloaded once into `cache_dir` (named by the URL's hash,
     written to a temporary name and renamed, so a crash never leaves a partial file that
     looks complete). A transient failure (a 5xx, a reset connection, a timeout: see
-    `pipeline.retry`) is retried up to `retries` times with exponential backoff from
+    `pipeline.curation.retry`) is retried up to `retries` times with exponential backoff from
     `backoff_s`; a permanent one (404, 403) is not. The whole download, retries included,
     has `timeout_s` (None: no deadline); connecting and each wait for bytes `read_timeout_s`.
     Raises FetchError("too_large" | "fetch_failed" | "fetch_timeout")."""
-    from pipeline.retry import describe, is_transient, retry
+    from pipeline.curation.retry import describe, is_transient, retry
 
     if not is_remote(url):
         return url.removeprefix("file://")

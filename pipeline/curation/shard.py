@@ -21,7 +21,7 @@ mp4 (H.264, yuv420p, constant rate, upright, square pixels), is remuxed (``passt
 its video packets stream-copied into a new mp4, nothing decoded, `remux_source`); other clips
 are re-encoded with x264 (``crf``, ``preset``), streaming frames from the decoder into the
 encoder so memory stays flat whatever the clip's length (`encode_span`). Both run in the
-media child (`pipeline.media`: a timeout and a memory cap, so a file that breaks the demuxer
+media child (`pipeline.curation.media`: a timeout and a memory cap, so a file that breaks the demuxer
 or decoder is an ``encode_*`` reject, not a dead task). Re-encoding applies the source's
 rotation and sample aspect ratio to the pixels (no reader of ours applies a display matrix or
 a pixel aspect: a 704x576 frame with 16:11 pixels becomes 1024x576) and resamples
@@ -30,7 +30,7 @@ copied too (over the clip's span when re-encoding) when an mp4 holds its codec
 (`data.video_io.MP4_AUDIO`). The ``.json`` records the mp4's ``num_frames``, ``fps``,
 ``width``, ``height`` and ``has_audio`` and the source's ``source_fps``, ``source_vfr``,
 ``source_rotation`` and ``source_sar``. A source missing on this node (fetched by another) is
-fetched again (`pipeline.media.source_path`). A transient upload failure (bucket roots) is
+fetched again (`pipeline.curation.media.source_path`). A transient upload failure (bucket roots) is
 retried.
 """
 
@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from data.checks import check_ranges
-from pipeline.media import MediaLimits
+from pipeline.curation.media import MediaLimits
 
 
 @dataclass
@@ -63,7 +63,7 @@ class ShardConfig:
     upload_retries: int = 3  # retries of a transient upload failure, within the task
     upload_backoff_s: float = 1.0
     progress_every_s: float = 10.0  # a progress line at most this often
-    # Re-encoding runs in a child process under these limits (`pipeline.media`); x264 at full
+    # Re-encoding runs in a child process under these limits (`pipeline.curation.media`); x264 at full
     # resolution is slower than decoding, hence the larger allowance per megapixel.
     media: MediaLimits = field(default_factory=lambda: MediaLimits(s_per_mpx=0.2))
 
@@ -136,21 +136,21 @@ def whole_source(clip: dict) -> bool:
 def encode_clip(clip: dict, cfg: ShardConfig) -> tuple[bytes, dict]:
     """The clip's mp4 and what it holds ({"num_frames", "fps", "width", "height",
     "has_audio"}): the source remuxed (`remux_source`) or re-encoded (`encode_span`), in the
-    media child. Fetches the source on a miss. Raises pipeline.media.MediaError
-    (``encode_*``) or pipeline.ingest.FetchError."""
-    from pipeline.media import run_isolated, source_path
+    media child. Fetches the source on a miss. Raises pipeline.curation.media.MediaError
+    (``encode_*``) or pipeline.curation.ingest.FetchError."""
+    from pipeline.curation.media import run_isolated, source_path
 
     path = source_path(clip)
     lim = cfg.media
     if cfg.passthrough and whole_source(clip):
         res = run_isolated(  # demuxing only: the time grows with the bytes, not the pixels
-            "pipeline.shard:remux_source", {"path": path, "keep_audio": cfg.keep_audio},
+            "pipeline.curation.shard:remux_source", {"path": path, "keep_audio": cfg.keep_audio},
             lim, lim.timeout_s + (clip.get("source_bytes") or 0) / 50e6, stage="encode")
         return res.pop("payload"), {**res, "fps": clip["fps"], "width": clip["width"],
                                     "height": clip["height"]}
     preroll = min(clip["start"], 300)  # frames decoded from the keyframe before the start
     res = run_isolated(
-        "pipeline.shard:encode_span",
+        "pipeline.curation.shard:encode_span",
         {"path": path, "start": clip["start"], "end": clip["end"], "fps": clip["fps"],
          "rotation": clip.get("rotation") or 0, "source_frames": clip.get("source_frames"),
          "crf": cfg.crf, "preset": cfg.preset, "sar": clip.get("sar") or "1:1",
@@ -204,7 +204,7 @@ def encode_span(path: str, start: int, end: int, fps: float, rotation: int,
 
     from data.probe import display_size
     from data.video_io import _rate
-    from pipeline.media import stored_size, to_display, turned
+    from pipeline.curation.media import stored_size, to_display, turned
 
     ts, tb = frame_times(path)
     by_time = len(ts) >= 2 and (source_frames is None or len(ts) == source_frames)
@@ -341,12 +341,12 @@ def write_one_shard(path: str, clips: list[dict], cfg: ShardConfig,
     With `upload_url` (a bucket run root, where the driver's directory is not shared), the tar
     is written to this node's temporary directory and uploaded to ``<upload_url>/shards/``;
     a transient upload failure is retried with backoff, then raised as
-    `pipeline.retry.TransientError`, which Ray retries the task on."""
+    `pipeline.curation.retry.TransientError`, which Ray retries the task on."""
     import tempfile
 
     from data.shards import write_shard, write_sidecar
-    from pipeline.ingest import FetchError
-    from pipeline.media import MediaError
+    from pipeline.curation.ingest import FetchError
+    from pipeline.curation.media import MediaError
 
     final = path
     if upload_url:
@@ -388,8 +388,8 @@ def _failed(c: dict, reason: str, detail: str) -> dict:
 
 def upload(local: str, url: str, rel: str, cfg: ShardConfig) -> None:
     """Put one file under a bucket root, retrying transient failures."""
-    from pipeline.retry import TransientError, is_transient, retry
-    from pipeline.storage import Store
+    from pipeline.curation.retry import TransientError, is_transient, retry
+    from data.storage import Store
 
     try:
         retry(lambda: Store(url).put_file(local, rel), attempts=cfg.upload_retries + 1,
@@ -407,7 +407,7 @@ def run_sharding(clips: list[dict], cfg: ShardConfig, out: Path, concurrency: in
     import ray
 
     from data.shards import write_sidecar
-    from pipeline.retry import TransientError
+    from pipeline.curation.retry import TransientError
 
     shard_dir = out / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)

@@ -110,7 +110,7 @@ def precompute_latents(latent_cfg, shard_urls_by_split: dict[str, list[str]], ou
                        vae_dir: Optional[str] = None, device=None, log=print) -> dict:
     """Encode every clip of the given shards into latent shards under `out_dir`; return the stats.
 
-    latent_cfg: `training.latent_space.LatentConfig` (which VAE, how to encode, how to store).
+    latent_cfg: `training.latent.space.LatentConfig` (which VAE, how to encode, how to store).
     shard_urls_by_split: e.g. {"train": [...], "val": [...]} (``pipeline.stages.shard_urls``).
     text: optionally a frozen `training.text.TextEncoderConfig`; each caption's tokens are stored.
     vae_dir: for latent.kind=ours, the VAE-training output directory (else latent_cfg.path).

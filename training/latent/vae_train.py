@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data.checks import check_ranges
-from training.vae import VAEConfig
+from training.latent.vae import VAEConfig
 
 RECON_LOSSES = ("l1", "mse")
 PERCEPTUAL_NETS = ("vgg16", "alexnet", "squeezenet1_1")
@@ -153,7 +153,7 @@ def evaluate_vae(vae, clips: torch.Tensor, cfg: VAETrainConfig, device) -> dict[
     """Reconstruction of uint8 clips (N, 3, T, H, W) through the posterior mean: the recon loss
     (cfg.recon_loss), PSNR and SSIM, averaged over clips."""
     from training.loader import normalize
-    from training.recon_metrics import psnr, ssim
+    from training.latent.recon_metrics import psnr, ssim
 
     was = vae.training
     vae.eval()

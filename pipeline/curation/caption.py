@@ -20,7 +20,7 @@ VLM caption, and for a passed-through one ``source:<origin>``: where the source 
 captioning fails is not lost: it comes back as a reject with reason ``caption_failed`` and the
 error in ``detail``.
 
-The VLM path runs as resumable parts (`pipeline.parts.run_parts`): the clips are cut into groups
+The VLM path runs as resumable parts (`pipeline.curation.parts.run_parts`): the clips are cut into groups
 of ``group_size``, and each group is one Ray Data row through two operators, so it streams with
 backpressure and runs unchanged on a multi-node cluster:
 
@@ -35,7 +35,7 @@ unfinished directory (``resumable=True``) and the rerun captions only the groups
 Decoding is a separate task stage so GPU actors never wait on video decoding. (On a CPU-only
 cluster both operators ask for the same resources and Ray Data fuses them, so each actor decodes
 its own clips: no frames cross the object store, and the CPUs were shared anyway.) The pool is
-sized by `pipeline.parts.actor_pool`: ``concurrency`` actors (default one per GPU), never more
+sized by `pipeline.curation.parts.actor_pool`: ``concurrency`` actors (default one per GPU), never more
 than the cluster's GPUs hold. Each actor loads the model once. Failures, by kind:
 
 - a worker or node dies: Ray Data restarts the actor (its default: without limit) and reruns the
@@ -64,8 +64,8 @@ from typing import Optional, Protocol
 import numpy as np
 
 from data.checks import check_ranges
-from pipeline.parts import actor_pool, read_parts, run_parts
-from pipeline.parts import resolve_num_gpus  # noqa: F401 - part of this module's interface
+from pipeline.curation.parts import actor_pool, read_parts, run_parts
+from pipeline.curation.parts import resolve_num_gpus  # noqa: F401 - part of this module's interface
 
 DEFAULT_PROMPT = ("Describe this video in one detailed paragraph: the main subjects and their "
                   "appearance, what they do and how they move, the setting, and the camera motion.")
@@ -153,7 +153,7 @@ def sampled_fps(clip: dict, num_frames: int) -> float:
 
 def decode_clip(row: dict, num_frames: int, frame_size: int) -> dict:
     """Ray Data map (a CPU task): a clip -> its sampled frames as raw bytes, or the error."""
-    from pipeline.media import read_clip_frames
+    from pipeline.curation.media import read_clip_frames
 
     clip = json.loads(row["clip"])
     out = {"i": row["i"], "clip": row["clip"], "frames": b"", "shape": [0, 0, 0, 0], "error": ""}

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from training.probes import PROBES
+from training.evaluation.probes import PROBES
 
 
 def grid_video(videos: np.ndarray, cols: Optional[int] = None, pad: int = 2,

@@ -7,7 +7,7 @@
 
 Every enabled score is computed and returned whether or not it filters, so the manifest holds
 all of them and a threshold can be changed later without rescoring. Model-based scores
-(``aesthetic``, ``clip_score``, from ``pipeline.embed``) are filtered here too: `apply_filters`
+(``aesthetic``, ``clip_score``, from ``pipeline.curation.embed``) are filtered here too: `apply_filters`
 checks whichever configured scores the dict holds.
 
 What each score measures (the unit is part of the name's contract):
@@ -126,8 +126,8 @@ class ScoreConfig:
     noise: Bounds = _b(max=3.5)
     sharpness: Bounds = _b()
     text: Bounds = _b(max=0.05)
-    aesthetic: Bounds = _b()  # from pipeline.embed
-    clip_score: Bounds = _b()  # from pipeline.embed
+    aesthetic: Bounds = _b()  # from pipeline.curation.embed
+    clip_score: Bounds = _b()  # from pipeline.curation.embed
     # ---- how the scorers run
     flow_size: int = 64  # optical flow on frames area-downscaled to this long side
     flow_anchors: int = 12  # frame triplets per clip (2 consecutive flows each)

@@ -13,9 +13,9 @@ The ``curate`` stage decodes each video once, at ``curate.frame_long_side`` pixe
 kept, as displayed: rotation and non-square pixels applied), and splits and scores those
 frames; sharpness and text are scored on a few keyframes per clip decoded larger
 (``curate.keyframe_long_side``). The decoding and
-scoring run in an isolated child process (`pipeline.media`): a file that crashes, hangs or
+scoring run in an isolated child process (`pipeline.curation.media`): a file that crashes, hangs or
 exhausts the decoder is a reject (``decode_crashed``, ``decode_timeout``, ...), not a dead
-worker. The stage runs as resumable parts (`pipeline.parts`): a killed driver loses only the
+worker. The stage runs as resumable parts (`pipeline.curation.parts`): a killed driver loses only the
 groups in flight.
 """
 
@@ -34,7 +34,7 @@ import numpy as np
 
 from data.checks import check_ranges
 from data.video_io import decode_size  # noqa: F401 - also imported from here (tests, benchmarks)
-from pipeline.media import MediaLimits
+from pipeline.curation.media import MediaLimits
 
 
 @dataclass
@@ -49,7 +49,7 @@ class CurateConfig:
     # Sharpness and text are scored on `scores.sample_frames` keyframes per clip decoded at
     # this long side (capped at the source's): subtitles are a few pixels tall at 160 px.
     keyframe_long_side: int = 640
-    # Decoding and scoring run in a child process under these limits (`pipeline.media`).
+    # Decoding and scoring run in a child process under these limits (`pipeline.curation.media`).
     media: MediaLimits = field(default_factory=MediaLimits)
 
     def __post_init__(self) -> None:
@@ -99,10 +99,10 @@ def decode_bytes(info: dict, long_side: int) -> int:
 def curate_video(item: dict, c: CurateConfigs, blocklist) -> list[dict]:
     """Fetch, probe, split and score one input -> records {"kind": clip|reject|video, ...}.
     Never raises for a bad input. The probe and everything after it that decodes run in
-    child processes with timeouts and memory caps (`data.probe`, `pipeline.media`)."""
+    child processes with timeouts and memory caps (`data.probe`, `pipeline.curation.media`)."""
     from data.probe import safe_probe
-    from pipeline.ingest import fetch_item
-    from pipeline.media import MediaError, run_isolated
+    from pipeline.curation.ingest import fetch_item
+    from pipeline.curation.media import MediaError, run_isolated
 
     got, why = fetch_item(item, c.ingest, blocklist, c.cache_dir, max_bytes=c.probe.max_bytes)
     if why:
@@ -120,7 +120,7 @@ def curate_video(item: dict, c: CurateConfigs, blocklist) -> list[dict]:
             f"{c.curate.frame_long_side} px; the decoder's limit is {lim.max_memory_mb} MB")}]
     work = dataclasses.replace(c, ingest=None, probe=None)  # what the child needs, no more
     try:
-        res = run_isolated("pipeline.curate:analyse_video",
+        res = run_isolated("pipeline.curation.curate:analyse_video",
                            {"item": item, "path": path, "info": info, "c": work}, lim,
                            lim.timeout_for(info["num_frames"], info["width"], info["height"]))
     except MediaError as e:
@@ -143,7 +143,7 @@ def analyse_video(item: dict, path: str, info: dict, c: CurateConfigs) -> dict:
     import cv2
 
     from data.video_io import VideoError
-    from pipeline.media import read_display
+    from pipeline.curation.media import read_display
 
     cv2.setNumThreads(1)  # Ray gives the task that asked for this work one CPU
     rot = info.get("rotation")
@@ -170,7 +170,7 @@ def analyse_video(item: dict, path: str, info: dict, c: CurateConfigs) -> dict:
 def keyframe_size(width: int, height: int, long_side: int) -> tuple[int, int]:
     """(h, w) of the keyframes: the long side at `long_side`, or the source's when smaller,
     but never under the text detector's minimum (small sources are upscaled to it)."""
-    from pipeline.scores import TEXT_MIN_SIZE
+    from pipeline.curation.scores import TEXT_MIN_SIZE
 
     target = max(TEXT_MIN_SIZE, min(long_side, max(width, height)))
     s = target / max(width, height)
@@ -182,10 +182,10 @@ KEYFRAME_CHUNK = 32  # clips whose keyframes are decoded together (bounds their 
 
 def _split_and_score(item: dict, path: str, info: dict, c: CurateConfigs, frames: np.ndarray,
                      decode_s: float) -> list[dict]:
-    from pipeline.dedup import thumbnail_embeddings
-    from pipeline.media import read_display
-    from pipeline.scores import apply_filters, cpu_scores
-    from pipeline.shots import split_shots
+    from pipeline.curation.dedup import thumbnail_embeddings
+    from pipeline.curation.media import read_display
+    from pipeline.curation.scores import apply_filters, cpu_scores
+    from pipeline.curation.shots import split_shots
 
     out: list[dict] = []
     fps = float(info["fps"])
@@ -267,7 +267,7 @@ def lost_input(item: dict, why: str) -> dict:
 def run_curate(items: list[dict], c: CurateConfigs, out: Path, concurrency: int, log=print
                ) -> tuple[list[dict], list[dict], list[dict]]:
     """-> (clips, rejects, per-video records), all sorted."""
-    from pipeline.parts import read_parts, run_parts
+    from pipeline.curation.parts import read_parts, run_parts
 
     run_parts(items, partial(curate_group, c=c), out / "parts", group_size=c.curate.group_size,
               concurrency=concurrency, log=log, name="curate", on_lost=lost_input)
@@ -283,7 +283,7 @@ def run_curate(items: list[dict], c: CurateConfigs, out: Path, concurrency: int,
 def clip_keyframes(clip: dict, k: int, long_side: int, limits: MediaLimits | None = None
                    ) -> np.ndarray:
     """k frames spread over the clip at `long_side`, decoded in the media child."""
-    from pipeline.media import read_clip_frames
+    from pipeline.curation.media import read_clip_frames
 
     idx = np.linspace(clip["start"], clip["end"] - 1, k).round().astype(int).tolist()
     return read_clip_frames(clip, idx, decode_size(clip["width"], clip["height"], long_side),
@@ -299,8 +299,8 @@ class ModelScorer:
         self.limits = limits
 
     def __call__(self, clips: list[dict]) -> list[dict]:
-        from pipeline.ingest import FetchError
-        from pipeline.media import MediaError
+        from pipeline.curation.ingest import FetchError
+        from pipeline.curation.media import MediaError
 
         ok, out = [], []
         for c in clips:
@@ -331,7 +331,7 @@ READ_KEYS = ("clip_id", "path", "abs_path", "start", "end", "width", "height", "
 def run_model_scores(clips: list[dict], embed_cfg, long_side: int, out: Path, concurrency: int,
                      num_gpus: float, log=print, limits: MediaLimits | None = None
                      ) -> dict[str, dict]:
-    from pipeline.parts import read_parts, run_parts
+    from pipeline.curation.parts import read_parts, run_parts
 
     run_parts([{k: c.get(k) for k in READ_KEYS} for c in clips],
               None, out / "parts", group_size=16, concurrency=concurrency, num_gpus=num_gpus,

@@ -23,7 +23,7 @@ already has the width scaled by the sample aspect ratio, and the decoders resize
 Fetch-on-miss. A remote source is fetched into the fetch cache of the node that curates it,
 and the clip records that path (``abs_path``). On another node of a cluster that path does
 not exist: `source_path` fetches the clip's URL again into the same place on this node
-(through `pipeline.ingest.fetch`, at most the probed number of bytes, which it must match).
+(through `pipeline.curation.ingest.fetch`, at most the probed number of bytes, which it must match).
 Credentials and endpoints then come from the environment and fsspec's config, as for the
 run's storage.
 """
@@ -38,8 +38,8 @@ import numpy as np
 from data.checks import check_ranges
 
 # Imported by the media child before it answers: every call then pays only its own work.
-PRELOAD = ("numpy", "cv2", "av", "decord", "data.video_io", "pipeline.media",
-           "pipeline.scores", "pipeline.shots", "pipeline.curate", "pipeline.shard")
+PRELOAD = ("numpy", "cv2", "av", "decord", "data.video_io", "pipeline.curation.media",
+           "pipeline.curation.scores", "pipeline.curation.shots", "pipeline.curation.curate", "pipeline.curation.shard")
 
 
 @dataclass
@@ -105,8 +105,8 @@ def to_display(frames: np.ndarray, rotation: int | None) -> np.ndarray:
 def source_path(clip: dict) -> str:
     """A local path holding the clip's source bytes: the curating node's copy when this node
     has it, else the clip's URL fetched again into this node's fetch cache.
-    Raises pipeline.ingest.FetchError."""
-    from pipeline.ingest import FetchError, fetch, is_remote
+    Raises pipeline.curation.ingest.FetchError."""
+    from pipeline.curation.ingest import FetchError, fetch, is_remote
 
     local = clip.get("abs_path")
     if local and os.path.exists(local):
@@ -147,12 +147,12 @@ def read_clip_frames(clip: dict, indices: list[int], size: tuple[int, int] | Non
                      limits: MediaLimits | None = None) -> np.ndarray:
     """Frames `indices` of the clip's source, at display size `size` (h, w) (None: full),
     decoded in the media child -> (T, h, w, 3) uint8 RGB. Fetches the source on a miss.
-    Raises MediaError or pipeline.ingest.FetchError."""
+    Raises MediaError or pipeline.curation.ingest.FetchError."""
     limits = limits or MediaLimits()
     path = source_path(clip)
     span = max(1, clip.get("end", 1) - clip.get("start", 0))
     timeout = limits.timeout_for(span, clip.get("width", 0), clip.get("height", 0))
-    res = run_isolated("pipeline.media:decode_frames",
+    res = run_isolated("pipeline.curation.media:decode_frames",
                        {"path": path, "indices": [int(i) for i in indices],
                         "size": None if size is None else tuple(size),
                         "rotation": clip.get("rotation")}, limits, timeout)
