@@ -1,4 +1,5 @@
-"""Range checks for the config dataclasses, called from their ``__post_init__``.
+"""The config dataclasses' shared helpers: range checks, called from their ``__post_init__``,
+and ``from_dict``, which rebuilds a (nested) config dataclass from the plain dict a stage stored.
 
     check_ranges(self, lr="> 0", steps=">= 1", caption_dropout="in [0, 1]")
 
@@ -12,6 +13,8 @@ package every component may import, and imports nothing of the project.
 from __future__ import annotations
 
 from typing import Any, Callable
+
+from omegaconf import OmegaConf
 
 RULES: dict[str, Callable[[Any], bool]] = {
     "> 0": lambda v: v > 0,
@@ -31,3 +34,8 @@ def check_ranges(cfg: Any, **rules: str) -> None:
         ok = RULES[rule]
         if not all(ok(v) for v in (value if isinstance(value, (list, tuple)) else [value])):
             raise ValueError(f"{name} must be {rule}, got {value}")
+
+
+def from_dict(cls, d: dict):
+    """Rebuild a (nested) config dataclass from a plain dict, type-checked by OmegaConf."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), d))

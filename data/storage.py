@@ -34,6 +34,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
+# A stage directory's marker files (the run graph writes them; the report and readers read them).
+SUCCESS = "_SUCCESS.json"
+FAILED = "_FAILED.json"
+RUNNING = "_RUNNING.json"
+INFO = "info.json"
+# In the local copy of a URL root's output: what it is a copy of, while files are missing.
+FETCHING = "_FETCHING.json"
+PARTIAL = "_PARTIAL.json"  # the patterns a complete copy left out (streamed files)
+MARKERS = frozenset({SUCCESS, FAILED, RUNNING, FETCHING, PARTIAL})
+
 Select = Callable[[str], bool]  # a file's path relative to the synced directory -> sync it?
 
 

@@ -45,16 +45,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from data.redact import redact, scrub, secret_values
-from data.storage import URL, Store, local_root, read_json, write_json_atomic
+from data.storage import (FAILED, FETCHING, INFO, MARKERS, PARTIAL, RUNNING, SUCCESS, URL, Store,  # noqa: F401 (re-exported)
+                          local_root, read_json, write_json_atomic)
 
-SUCCESS = "_SUCCESS.json"
-FAILED = "_FAILED.json"
-RUNNING = "_RUNNING.json"
-INFO = "info.json"
-# In the local copy of a URL root's output: what it is a copy of, while files are missing.
-FETCHING = "_FETCHING.json"
-PARTIAL = "_PARTIAL.json"  # the patterns a complete copy left out (streamed files)
-MARKERS = frozenset({SUCCESS, FAILED, RUNNING, FETCHING, PARTIAL})
 
 
 class GraphError(Exception):

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from pipeline.graph import FAILED, INFO, SUCCESS
+from data.storage import FAILED, INFO, SUCCESS
 from data.redact import redact
 
 PALETTE = ("#3b6fd4", "#e0663a", "#3aa26b", "#9b59b6", "#c9a227", "#17a2b8", "#d6457a",

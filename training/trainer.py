@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from data.checks import check_ranges
+from data.checks import check_ranges, from_dict
 from training.flow import FlowConfig
 from training.loader import Bucket, LoaderConfig
 from training.text_separation import caption_pairs, text_separation
@@ -84,13 +84,6 @@ class TrainConfig:
 
 class Preempted(Exception):
     pass
-
-
-def from_dict(cls, d: dict):
-    """Rebuild a (nested) config dataclass from a plain dict, type-checked by OmegaConf."""
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), d))
 
 
 def lr_lambda(cfg: TrainConfig):

@@ -142,7 +142,8 @@ def train_configs(train_dir: Path) -> tuple:
     TrainConfig lacks (e.g. an older file's) take their defaults; extra records the trainer
     adds next to the config (e.g. ``latent``) are passed through."""
     from training.model import ModelConfig
-    from training.trainer import TrainConfig, from_dict
+    from data.checks import from_dict
+    from training.trainer import TrainConfig
 
     train_dir = Path(train_dir)
     if (train_dir / "model_config.json").exists():
@@ -306,7 +307,7 @@ def evaluate(cfg: EvalConfig, train_dir: Path, val_shards: list[str], out_dir: P
     from training.evaluation.samples import sample_table
     from training.flow import FlowConfig
     from training.evaluation.probes import synthetic_prompts
-    from training.trainer import from_dict
+    from data.checks import from_dict
 
     out_dir = Path(out_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -404,7 +405,7 @@ def _sample(model, mcfg, tcfg: dict, prompts: list[str], cfg: EvalConfig, device
     latent models sample latents of the encoded shape and decode them through `space`."""
     from training.flops import token_grid
     from training.flow import FlowConfig, shift_for
-    from training.trainer import from_dict
+    from data.checks import from_dict
 
     shape = (tcfg["num_frames"], tcfg["height"], tcfg["width"])
     if space is not None:

@@ -180,7 +180,7 @@ class OurVAE(LatentSpace):
 
     def __init__(self, cfg: LatentConfig, path: str):
         super().__init__(cfg)
-        from training.trainer import from_dict
+        from data.checks import from_dict
         from training.latent.vae import VAEConfig
 
         root = Path(path)
@@ -210,7 +210,7 @@ def load_latent_space(source, device=None) -> Optional[LatentSpace]:
 
     `source`: a training output directory (its ``train_config.json`` has ``latent``), a latent
     shard directory (``latent_space.json``), the recorded dict itself, or a `LatentConfig`."""
-    from training.trainer import from_dict
+    from data.checks import from_dict
 
     if isinstance(source, LatentConfig):
         return source.build(device=device) if source.enabled else None
