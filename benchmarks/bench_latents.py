@@ -117,7 +117,7 @@ def interleaved(arms: dict, step, steps: int, text_record: dict | None = None) -
     """One step of each arm in turn (so background load on a shared machine hits both alike).
     arms: name -> (loader, encode or None). Returns name -> samples/s and input-path share.
     text_record: the latent shards' text entry; the precomputed arm then takes stored text."""
-    from training.latent.precompute import stored_text
+    from training.latent_format import stored_text
     from training.loader import normalize
 
     def one(loader, encode):

@@ -20,7 +20,8 @@ from data.synthetic import caption, render, sample_spec
 from data.video_io import encode_mp4
 from data.tracking import MemoryTracker
 from training.latent.space import LatentConfig, load_latent_space
-from training.latent.precompute import decode_latent_sample, precompute_latents
+from training.latent.precompute import precompute_latents
+from training.latent_format import decode_latent_sample
 from training.loader import Bucket, ClipStream, Loader, LoaderConfig, decode_sample, normalize
 from training.latent.recon_metrics import evaluate_reconstruction, psnr, ssim
 from training.latent.vae import VAEConfig
@@ -402,7 +403,7 @@ def test_stored_caption_tokens_equal_a_fresh_encode(latent_dir, clip_text):
     """The latent loader brings each clip's stored caption tokens; assembled with caption
     dropout (the empty caption's tokens from the record) they are what the frozen encoder
     gives for the same captions, so the trainer never runs it."""
-    from training.latent.precompute import stored_text
+    from training.latent_format import stored_text
     from training.text import encode_captions
 
     rec = json.loads((latent_dir / "latent_space.json").read_text())["text"]

@@ -300,7 +300,7 @@ class ClipStream(IterableDataset):
         if b is None:
             raise ValueError(f"sample {s.get('__key__')!r} fits no bucket")
         if self.cfg.kind == "latent":
-            from training.latent.precompute import decode_latent_sample, latent_text
+            from training.latent_format import decode_latent_sample, latent_text
 
             return (*decode_latent_sample(s), latent_text(s))  # (C, t, h, w) float32, caption, key, (n, D) or None
         bk = self.buckets[b]

@@ -379,7 +379,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 video = video.to(device, dtype, non_blocking=True)  # (B, C, t, h, w)
             kept, captions = captions, drop_captions(captions, tcfg.flow, gen)
             if stored is not None:
-                from training.latent.precompute import stored_text
+                from training.latent_format import stored_text
 
                 dropped = [c != k for c, k in zip(captions, kept)]  # replaced by "" for guidance
                 text, tmask = stored_text(data.last["text"], dropped, stored)  # (B, L, Dt), (B, L)
