@@ -14,8 +14,8 @@ import pytest
 from data.synthetic import (BACKGROUNDS, COLORS, COUNTS, DIRECTIONS, SHAPES, ClipSpec, caption,
                             render, sample_spec)
 from data.video_io import encode_mp4, read_frames
-from training.evaluation.probes import (PROBES, Expected, judge, measure, parse_prompt, probe_scores,
-                             probe_video, synthetic_prompts, torus_components)
+from data.prompts import Expected, parse_prompt, synthetic_prompts
+from training.evaluation.probes import PROBES, judge, measure, probe_scores, probe_video, torus_components
 
 N_CLIPS = 240
 MIN_ACCURACY = 0.98

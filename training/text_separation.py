@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from data.synthetic import COLORS, COUNTS, DIRECTIONS, SHAPES, ClipSpec, caption
-from training.evaluation.probes import parse_prompt, synthetic_prompts
+from data.prompts import parse_prompt, synthetic_prompts
 
 ATTRIBUTES = ("color", "shape", "direction", "count")
 

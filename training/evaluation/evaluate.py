@@ -306,7 +306,7 @@ def evaluate(cfg: EvalConfig, train_dir: Path, val_shards: list[str], out_dir: P
     from training.checkpoint import tag_of
     from training.evaluation.samples import sample_table
     from training.flow import FlowConfig
-    from training.evaluation.probes import synthetic_prompts
+    from data.prompts import synthetic_prompts
     from data.checks import from_dict
 
     out_dir = Path(out_dir)

@@ -53,14 +53,14 @@ wrong prompts and on videos that break them.
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 import cv2
 import numpy as np
 
-from data.synthetic import BACKGROUNDS, COLORS, COUNTS, DIRECTIONS, NUMBER_WORDS, SHAPES, ClipSpec, caption
+from data.prompts import Expected, parse_prompt
+from data.synthetic import BACKGROUNDS, COLORS, SHAPES
 
 PROBES = ("background", "color", "shape", "direction", "count", "count_constant", "flicker")
 FG_MIN_DIST = 40.0  # RGB distance from the background beyond which a pixel may be an object
@@ -74,53 +74,6 @@ _YCBCR = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.
 # resolution, so a chroma edge is two pixels wide and moves in 2-pixel steps. Where an object
 # and its background differ mostly in chroma (magenta on gray), chroma still dominates.
 _COVERAGE_WEIGHTS = np.array([1.0, 0.1, 0.1])
-
-_PROMPT = re.compile(
-    r"^(?P<count>\w+) (?P<color>[a-z]+) (?P<shape>[a-z]+?)s?(?: moving (?P<direction>[a-z]+))?"
-    r" on a (?P<background>[a-z ]+) background$")
-
-
-@dataclass(frozen=True)
-class Expected:
-    """What a synthetic prompt asks for. direction None: a still clip."""
-
-    count: int
-    color: str
-    shape: str
-    direction: Optional[str]
-    background: str
-
-
-def parse_prompt(prompt: str) -> Optional[Expected]:
-    """The inverse of `data.synthetic.caption`; None for any other prompt."""
-    m = _PROMPT.match(prompt.strip().lower())
-    if m is None:
-        return None
-    g = m.groupdict()
-    if (g["count"] not in NUMBER_WORDS or g["color"] not in dict(COLORS) or g["shape"] not in SHAPES
-            or g["background"] not in dict(BACKGROUNDS)
-            or (g["direction"] is not None and g["direction"] not in dict(DIRECTIONS))):
-        return None
-    return Expected(NUMBER_WORDS.index(g["count"]), g["color"], g["shape"], g["direction"],
-                    g["background"])
-
-
-def synthetic_prompts(n: int, seed: int = 0) -> list[str]:
-    """`n` prompts in the source's caption format, balanced so probe scores mean something:
-    colours cycle (every colour appears n/8 times), directions cycle shifted by one each
-    round of colours (each colour meets different directions); shape, count and background
-    are drawn from `seed`. Deterministic: the same (n, seed) gives the same list."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        spec = ClipSpec(shape=SHAPES[rng.integers(len(SHAPES))], color=COLORS[i % len(COLORS)][0],
-                        count=int(COUNTS[rng.integers(len(COUNTS))]),
-                        direction=DIRECTIONS[(i + i // len(COLORS)) % len(DIRECTIONS)][0],
-                        speed=1, background=BACKGROUNDS[rng.integers(len(BACKGROUNDS))][0],
-                        starts=())
-        out.append(caption(spec))
-    return out
-
 
 # ----- measuring ------------------------------------------------------------------------------
 def _nearest(rgb: np.ndarray, palette) -> str:
