@@ -21,10 +21,11 @@ from __future__ import annotations
 import json
 import os
 import platform
-import secrets
 import sys
 import time
 from pathlib import Path
+
+from pipeline.provenance import git_commit, new_run_id
 
 CLUSTER_COMMANDS = ("submit", "jobs", "logs", "stop", "plan")  # parse their own flags
 # Credentials a run may take from its environment; lineage.json records which were present
@@ -80,20 +81,6 @@ def parse_report_argv(argv: list[str]) -> tuple[dict, list[str]]:
         else:
             rest.append(a)
     return flags, rest
-
-
-def new_run_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
-
-
-def git_commit(repo: Path) -> dict:
-    """The checkout's commit and a digest of its uncommitted changes (submit.git_state), so a
-    run can be replayed (`spacetime submit --replay`) only on the code it ran."""
-    if not (repo / ".git").exists():  # e.g. a submitted job's shipped working directory
-        return {"commit": None, "dirty": None}
-    from pipeline.submit import git_state
-
-    return git_state(repo)
 
 
 def versions() -> dict:

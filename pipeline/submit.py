@@ -45,18 +45,17 @@ one. So a replay into the same ``run.root`` reruns only what the run forced.
 from __future__ import annotations
 
 import getpass
-import hashlib
 import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+from pipeline.provenance import REPO, git_state, new_run_id
+
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 JOB_PREFIX = "spacetime-"
 # Never shipped, whatever the .gitignore says (gitignore-style patterns, as Ray reads them).
@@ -119,40 +118,6 @@ def resolve_address(flag: str | None) -> str:
     return addr.rstrip("/")
 
 
-# ----- what the submitter has -------------------------------------------------------------
-def _git(*args: str, repo: Path = REPO) -> bytes:
-    r = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, timeout=30)
-    if r.returncode != 0:
-        raise OSError(r.stderr.decode(errors="replace").strip())
-    return r.stdout
-
-
-def git_state(repo: Path = REPO) -> dict[str, Any]:
-    """The submitter's commit and what of the shipped tree differs from it.
-
-    `changed` lists tracked files that differ from HEAD and untracked files that are not
-    ignored (both ship with the working dir); `diff_sha256` is a digest of exactly those
-    changes (the diff against HEAD plus the untracked files' contents), so two runs can be
-    told apart without storing the diff itself (it may contain anything).
-    """
-    try:
-        commit = _git("rev-parse", "HEAD", repo=repo).decode().strip()
-        tracked = _git("diff", "HEAD", "--name-only", "-z", repo=repo).decode().split("\0")
-        untracked = _git("ls-files", "--others", "--exclude-standard", "-z",
-                         repo=repo).decode().split("\0")
-        tracked, untracked = [f for f in tracked if f], [f for f in untracked if f]
-        h = hashlib.sha256(_git("diff", "HEAD", "--binary", repo=repo))
-        for f in sorted(untracked):
-            p = repo / f
-            if p.is_file():
-                h.update(f.encode() + b"\0" + p.read_bytes())
-    except (OSError, subprocess.SubprocessError) as e:
-        return {"commit": None, "dirty": None, "error": str(e)[:200]}
-    changed = sorted(set(tracked) | set(untracked))
-    return {"commit": commit, "dirty": bool(changed), "changed": changed[:100],
-            "changed_count": len(changed), "diff_sha256": h.hexdigest() if changed else None}
-
-
 def compose_run_config(overrides: list[str]) -> tuple[Any, dict]:
     """The run config the job will see (object, plain dict), composed here so a typo fails
     before submitting."""
@@ -193,12 +158,6 @@ def check_stage(name: str | None) -> None:
     names = [s.name for s in [*STAGES, *LATENT_STAGES]]
     if name not in names:
         raise SubmitError(f"unknown stage '{name}'; stages are: {', '.join(names)}")
-
-
-def new_run_id() -> str:
-    from pipeline.cli import new_run_id as make
-
-    return make()
 
 
 # ----- the client -------------------------------------------------------------------------

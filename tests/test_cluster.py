@@ -336,7 +336,8 @@ def test_submission_is_checked_and_carries_no_secret(monkeypatch):
 def test_replay_needs_the_recorded_code_and_config(tmp_path):
     """What `submit --replay` refuses (another commit, other uncommitted changes, an override
     that moves a stage hash) and what it may change (run.root, cluster: never hashed)."""
-    from pipeline.submit import build_replay, code_difference, git_state
+    from pipeline.provenance import git_state
+    from pipeline.submit import build_replay, code_difference
 
     recorded = ["experiment=tiny", "run.root=/shared/st"]
     orig = build_submission(recorded, "train", None, "http://x", run_id="20260101-000000-abcd")

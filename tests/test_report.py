@@ -20,7 +20,8 @@ import pytest
 
 from data.shards import write_parquet
 from data.video_io import write_mp4
-from pipeline.cli import cmd_report, git_commit, versions
+from pipeline.cli import cmd_report, versions
+from pipeline.provenance import git_commit
 from pipeline.curation.curate import REJECT_SCHEMA
 from pipeline.graph import Graph, Stage, StageFailed
 from pipeline.report import (ReportConfig, ReportError, _sample_checks, fmt_tick, load_run,
