@@ -49,6 +49,7 @@ right there and is caught by the timeout).
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import math
@@ -59,7 +60,10 @@ from dataclasses import asdict, dataclass
 from fractions import Fraction
 from typing import Optional
 
+import av
+
 from data.checks import check_ranges
+from data.isolate import Isolated, IsolatedError
 
 # Every reason a probe can reject a file with (stable: dashboards and tests key on them).
 REASONS = (
@@ -203,8 +207,6 @@ def display_size(width: int, height: int, sar: str | Fraction = "1:1",
 def probe_file(path: str, cfg: ProbeConfig) -> dict:
     """Probe one file in this process; raises Reject. Runs in the prober child: call it
     directly only on trusted files (see the module docstring for the order of checks)."""
-    import av
-
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -362,8 +364,6 @@ class Prober:
     restarts its child after a timeout or a crash."""
 
     def __init__(self, cfg: ProbeConfig | None = None):
-        from data.isolate import Isolated
-
         self.cfg = cfg or ProbeConfig()
         self._worker = Isolated(self.cfg.max_memory_mb, self.cfg.startup_timeout_s,
                                 preload=("av", "data.probe"))
@@ -385,8 +385,6 @@ class Prober:
 
     def probe(self, path: str | os.PathLike) -> tuple[dict | None, tuple[str, str] | None]:
         """-> (info, None) for a usable video, or (None, (reason, detail))."""
-        from data.isolate import IsolatedError
-
         t0 = time.monotonic()
         try:
             reply = self._worker.call("data.probe:probe_request",
@@ -410,8 +408,6 @@ class Prober:
 
 @functools.lru_cache(maxsize=4)
 def _shared(cfg_json: str) -> Prober:
-    import atexit
-
     prober = Prober(ProbeConfig(**json.loads(cfg_json)))
     atexit.register(prober.close)
     return prober

@@ -24,9 +24,11 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
+from braceexpand import braceexpand
 from webdataset.gopen import gopen_schemes
 
 SHARD_MTIME = 0.0  # fixed tar member mtime, for reproducible shard bytes
@@ -87,8 +89,6 @@ def sidecar_count(url: str | os.PathLike) -> int | None:
     written by `write_shard` alone). A sidecar that is there but unreadable raises."""
     side = os.fspath(url) + SIDECAR
     if "://" in side:
-        import fsspec
-
         fs, path = fsspec.core.url_to_fs(side)
         if not fs.exists(path):
             return None
@@ -107,8 +107,6 @@ def sidecar_count(url: str | os.PathLike) -> int | None:
 
 def _fsspec_open(url, mode="rb", bufsize=8192, **kw):
     """WebDataset opener for any fsspec URL (s3://, gs://, az://, memory://, ...)."""
-    import fsspec
-
     return fsspec.open(url, mode).open()
 
 
@@ -143,8 +141,6 @@ def read_shards(urls: str | list[str], decode_json: bool = True, decode_text: bo
     if isinstance(urls, (list, tuple)):
         urls = [os.fspath(u) for u in urls]
     else:  # one url or a brace pattern ("train-{000000..000009}.tar"), as WebDataset takes
-        from braceexpand import braceexpand
-
         urls = list(braceexpand(os.fspath(urls)))
     for url in urls:
         expected = sidecar_count(url) if verify else None

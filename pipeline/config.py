@@ -20,6 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from data.checks import check_ranges
 from data.probe import ProbeConfig
 from data.synthetic import SourceConfig
+from data.tracking import TrackingConfig
 from pipeline.curation.caption import CaptionConfig
 from pipeline.curation.curate import CurateConfig
 from pipeline.curation.dedup import DedupConfig
@@ -28,7 +29,6 @@ from pipeline.curation.ingest import IngestConfig
 from pipeline.curation.scores import ScoreConfig
 from pipeline.curation.shard import ShardConfig
 from pipeline.curation.shots import ShotConfig
-from data.tracking import TrackingConfig
 from training.evaluation.evaluate import EvalConfig
 from training.latent.space import LatentConfig
 from training.latent.vae_train import VAETrainConfig

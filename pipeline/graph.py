@@ -45,9 +45,21 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from data.redact import redact, scrub, secret_values
-from data.storage import (FAILED, FETCHING, INFO, MARKERS, PARTIAL, RUNNING, SUCCESS, URL, Store,  # noqa: F401 (re-exported)
-                          local_root, read_json, write_json_atomic)
-
+from data.storage import (  # noqa: F401 (re-exported)
+    FAILED,
+    FETCHING,
+    INFO,
+    MARKERS,
+    PARTIAL,
+    RUNNING,
+    SUCCESS,
+    URL,
+    Store,
+    local_root,
+    read_json,
+    write_json_atomic,
+)
+from data.tracking import NullTracker, log_lineage
 
 
 class GraphError(Exception):
@@ -164,8 +176,6 @@ class StageContext:
         """The stage's tracker on the driver, created on first use (one W&B run per execution)."""
         if self._tracker is None:
             if self.tracker_factory is None:
-                from data.tracking import NullTracker
-
                 self._tracker = NullTracker()
             else:
                 self._tracker = self.tracker_factory(self)
@@ -476,8 +486,6 @@ class Graph:
         try:
             result = dict(ctx.stage.fn(ctx) or {})
             if ctx._tracker is not None:
-                from data.tracking import log_lineage
-
                 log_lineage(ctx._tracker, ctx)
                 result.setdefault("tracking", ctx._tracker.info())
                 ctx._tracker.finish()

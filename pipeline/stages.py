@@ -13,11 +13,42 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+
+from data.shards import write_parquet
+from data.storage import local_root
+from data.synthetic import generate
+from data.tracking import spec_for
+from pipeline.curation.caption import caption_clips
+from pipeline.curation.curate import (
+    CurateConfigs,
+    account,
+    clip_seconds,
+    read_clips,
+    read_rejects,
+    reject,
+    run_curate,
+    run_model_scores,
+    write_outputs,
+    write_rejects,
+)
+from pipeline.curation.dedup import find_near_duplicates
+from pipeline.curation.funnel import histograms, render_png, step
+from pipeline.curation.ingest import _is_manifest, list_inputs
+from pipeline.curation.parts import actor_pool
+from pipeline.curation.scores import apply_filters
+from pipeline.curation.shard import run_sharding
 from pipeline.graph import Graph, GraphError, Stage, StageContext
+from training.evaluation.evaluate import evaluate
+from training.latent.precompute import precompute_latents
+from training.latent.vae_train import train_vae
+from training.text import text_frozen
+from training.trainer import run_training
+
 
 def ensure_ray(ctx: StageContext) -> None:
     """Start (or join) Ray once per process, passing the run id to every worker."""
-    import ray
+    import ray  # lazy: ray ~1.7 s (ray.train ~4.7 s) to import, needed only here
 
     if ray.is_initialized():
         return
@@ -43,8 +74,6 @@ def source_stage(ctx: StageContext) -> dict:
     cfg = ctx.section("source")
     warnings: list[str] = []
     if cfg.kind == "synthetic":
-        from data.synthetic import generate
-
         rows = generate(cfg, ctx.out_dir)
         items = [{"id": r["id"], "url": str((ctx.out_dir / r["path"]).resolve()),
                   "caption": r["caption"], "license": "synthetic", "source_url": None,
@@ -75,8 +104,6 @@ def ingest_items(ing, warnings: list[str] | None = None) -> list[dict]:
     caption came from (``caption_origin``: ``manifest`` or ``sidecar``, a ``.txt`` beside the
     video) unless its manifest row says so itself. Same items, same order (first listing of a
     URL wins). What the listings could not look into is appended to `warnings`."""
-    from pipeline.curation.ingest import _is_manifest, list_inputs
-
     if not ing.inputs:
         return list_inputs(ing)  # raises, naming the key
     items, seen = [], set()
@@ -103,8 +130,6 @@ def _log_curation(ctx: StageContext, stats: dict, rejects: list[dict], clips: li
     output, and the same to its tracker: counts, reject reasons, the funnel and rejects tables,
     the histograms as real histograms (``<stage>/hist/<score>``) and the PNG
     (``funnel_chart``)."""
-    from pipeline.curation.funnel import histograms, render_png
-
     stats["histograms"] = histograms(clips)
     render_png(stats["funnel"], stats["histograms"], ctx.out_dir / "funnel.png")
     t = ctx.tracker
@@ -123,8 +148,6 @@ def _finish_curation(ctx: StageContext, clips: list[dict], rejects: list[dict],
                      stats: dict) -> dict:
     """Write a curate/filter/caption stage's clips, rejects and stats, log its funnel; returns
     the stage result (the numeric stats)."""
-    from pipeline.curation.curate import write_outputs
-
     _log_curation(ctx, stats, rejects, clips)
     write_outputs(ctx.out_dir, clips, rejects, stats)
     return {k: v for k, v in stats.items() if isinstance(v, (int, float))}
@@ -137,9 +160,6 @@ def curate_funnel(n_inputs: int, clips: list[dict], rejects: list[dict], videos:
     decoded, i.e. those with a video record (the videos whose hours it shows): a file the
     decoder rejects after its probe passed is not counted. ``shots``: every span they split
     into (kept, too short or filtered)."""
-    from pipeline.curation.curate import clip_seconds
-    from pipeline.curation.funnel import step
-
     video_seconds = sum(v["seconds"] for v in videos)
     spans = len(clips) + sum(r["stage"] in ("split", "filter") for r in rejects)
     return [
@@ -152,15 +172,11 @@ def curate_funnel(n_inputs: int, clips: list[dict], rejects: list[dict], videos:
 
 def curate_stage(ctx: StageContext) -> dict:
     """Fetch, probe, split into shots, CPU scores and filters: resumable parts on Ray."""
-    from pipeline.curation.curate import CurateConfigs, account, run_curate
-
     ensure_ray(ctx)
     items = load_inputs(ctx.inputs["source"])
     cur = ctx.section("curate")
     cache = Path(cur.fetch_cache)
     if not cache.is_absolute():  # under the run root, or its local cache for a bucket root
-        from data.storage import local_root
-
         run = ctx.section("run")
         cache = local_root(run.root, run.local_cache) / cache
     c = CurateConfigs(ingest=ctx.section("ingest"), probe=ctx.section("probe"),
@@ -178,14 +194,6 @@ def curate_stage(ctx: StageContext) -> dict:
 def filter_stage(ctx: StageContext) -> dict:
     """Model scores (open_clip embeddings, aesthetics, caption similarity; actor pool) when
     curate.model_scores, then near-duplicates across the whole dataset."""
-    import numpy as np
-
-    from pipeline.curation.curate import (account, clip_seconds, read_clips, read_rejects, reject,
-                                 run_model_scores)
-    from pipeline.curation.dedup import find_near_duplicates
-    from pipeline.curation.funnel import step
-    from pipeline.curation.parts import actor_pool
-    from pipeline.curation.scores import apply_filters
 
     up = ctx.inputs["curate"]
     clips, rejects = read_clips(up), read_rejects(up)
@@ -195,7 +203,7 @@ def filter_stage(ctx: StageContext) -> dict:
     scores_cfg = ctx.section("scores")
     emb = {c["clip_id"]: np.asarray(c["thumb"], np.float32) for c in clips}
     if cur.model_scores:
-        import ray
+        import ray  # lazy: ray ~1.7 s (ray.train ~4.7 s) to import, needed only here
 
         ensure_ray(ctx)
         actors, gpus = actor_pool(embed.concurrency, embed.num_gpus, ray.cluster_resources(),
@@ -254,10 +262,6 @@ def filter_stage(ctx: StageContext) -> dict:
 def caption_stage(ctx: StageContext) -> dict:
     """Caption the kept clips: source captions passed through, or a VLM actor pool as
     resumable parts (a killed driver redoes only the groups in flight)."""
-    from pipeline.curation.caption import caption_clips
-    from pipeline.curation.curate import account, clip_seconds, read_clips, read_rejects
-    from pipeline.curation.funnel import step
-
     up = ctx.inputs["filter"]
     clips, rejects = read_clips(up), read_rejects(up)
     stats_up = json.loads((up / "stats.json").read_text())
@@ -281,11 +285,6 @@ def caption_stage(ctx: StageContext) -> dict:
 # ----- shard --------------------------------------------------------------------------------
 def shard_stage(ctx: StageContext) -> dict:
     """Cut, encode and pack the captioned clips; resumable (finished shards are kept)."""
-    from data.shards import write_parquet
-    from pipeline.curation.curate import account, read_clips, read_rejects, write_rejects
-    from pipeline.curation.funnel import step
-    from pipeline.curation.shard import run_sharding
-
     ensure_ray(ctx)
     up = ctx.inputs["caption"]
     clips, rejects = read_clips(up), read_rejects(up)
@@ -341,8 +340,6 @@ def shard_urls(ctx: StageContext, split: str, stage: str = "shard") -> list[str]
 # ----- latent space (train.data.kind=latent) -------------------------------------------------
 def vae_stage(ctx: StageContext) -> dict:
     """Train our causal video VAE on the curated shards (latent.kind=ours)."""
-    from training.latent.vae_train import train_vae
-
     res = train_vae(ctx.section("vae"), shard_urls(ctx, "train"), shard_urls(ctx, "val"),
                     ctx.out_dir, ctx.tracker)
     return {k: v for k, v in res.items() if not isinstance(v, (list, dict))}
@@ -352,8 +349,6 @@ def precompute_stage(ctx: StageContext) -> dict:
     """Encode the curated shards into latent shards once, so training never runs the VAE; with
     a frozen text encoder (its config is then in this stage's hash) the captions' embeddings
     go into the shards too, so training never runs the encoder either."""
-    from training.latent.precompute import precompute_latents
-
     lat = ctx.section("latent")
     text = ctx.section("model.text") if "model.text" in ctx.stage.config_keys else None
     stats = precompute_latents(
@@ -367,9 +362,6 @@ def precompute_stage(ctx: StageContext) -> dict:
 
 # ----- train --------------------------------------------------------------------------------
 def train_stage(ctx: StageContext) -> dict:
-    from data.tracking import spec_for
-    from training.trainer import run_training
-
     ensure_ray(ctx)
     run = ctx.section("run")
     latent = None
@@ -395,8 +387,6 @@ def train_stage(ctx: StageContext) -> dict:
 def eval_stage(ctx: StageContext) -> dict:
     """Rerun alone with `spacetime run --only eval eval.checkpoint=200` or, for metric-vs-step
     curves, `eval.steps=[100,200,300]` (the training stage must have kept those tags)."""
-    from training.evaluation.evaluate import evaluate
-
     res = evaluate(ctx.section("eval"), ctx.inputs["train"],
                    shard_urls(ctx, "val"), ctx.out_dir, ctx.tracker)
     return {"step": res["step"], "weights": res["weights"], "skipped": res["skipped"],
@@ -487,8 +477,6 @@ def graph_for(cfg) -> Graph:
     """The graph of a (typed or dict) config."""
     get = (lambda o, k: o[k]) if isinstance(cfg, dict) else getattr
     run, train, latent = get(cfg, "run"), get(cfg, "train"), get(cfg, "latent")
-    from training.text import text_frozen
-
     text = get(get(cfg, "model"), "text")
     return build_graph(get(run, "root"), get(run, "local_cache"),
                        data_kind=get(get(train, "data"), "kind"), latent_kind=get(latent, "kind"),

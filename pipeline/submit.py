@@ -44,8 +44,10 @@ one. So a replay into the same ``run.root`` reruns only what the run forced.
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import json
+import logging
 import os
 import platform
 import shlex
@@ -54,6 +56,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from data.redact import REDACTED, credential_overrides
+from data.storage import Store, is_url
+from pipeline.graph import GraphError
 from pipeline.provenance import REPO, git_state, new_run_id
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -121,10 +126,10 @@ def resolve_address(flag: str | None) -> str:
 def compose_run_config(overrides: list[str]) -> tuple[Any, dict]:
     """The run config the job will see (object, plain dict), composed here so a typo fails
     before submitting."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from hydra import compose, initialize_config_dir  # lazy: hydra ~0.4 s; CLI start-up 0.1 s, 9 s with eager imports
+    from hydra.core.global_hydra import GlobalHydra  # lazy: hydra ~0.4 s; CLI start-up 0.1 s, 9 s with eager imports
 
-    from pipeline.config import CONF_DIR, register, to_dict, to_object
+    from pipeline.config import CONF_DIR, register, to_dict, to_object  # lazy: CLI start-up 0.1 s, 9 s with eager imports
 
     register()
     GlobalHydra.instance().clear()
@@ -139,8 +144,6 @@ def compose_run_config(overrides: list[str]) -> tuple[Any, dict]:
 
 
 def check_run_root(root: str) -> None:
-    from data.storage import is_url
-
     if is_url(root):  # a bucket: every node reaches it through fsspec
         return
     if not Path(root).is_absolute():
@@ -153,7 +156,7 @@ def check_run_root(root: str) -> None:
 def check_stage(name: str | None) -> None:
     if name is None:
         return
-    from pipeline.stages import LATENT_STAGES, STAGES
+    from pipeline.stages import LATENT_STAGES, STAGES  # lazy: CLI start-up 0.1 s, 9 s with eager imports
 
     names = [s.name for s in [*STAGES, *LATENT_STAGES]]
     if name not in names:
@@ -162,9 +165,7 @@ def check_stage(name: str | None) -> None:
 
 # ----- the client -------------------------------------------------------------------------
 def client(address: str):
-    import logging
-
-    from ray.job_submission import JobSubmissionClient
+    from ray.job_submission import JobSubmissionClient  # lazy: ray ~1.7 s (ray.train ~4.7 s); CLI start-up 0.1 s, 9 s with eager imports
 
     for name, level in (("ray.dashboard.modules", logging.WARNING),  # upload/websocket chatter
                         ("ray._private.runtime_env", logging.ERROR)):  # ".git is now ignored"
@@ -204,9 +205,7 @@ def build_submission(overrides: list[str], only: str | None, from_: str | None,
                      address: str, run_id: str | None = None, *, until: str | None = None,
                      replay_of: dict | None = None, git: dict | None = None) -> dict[str, Any]:
     """Everything `submit` sends, without sending it (tests read this)."""
-    from pipeline.graph import GraphError
-    from data.redact import credential_overrides
-    from pipeline.stages import graph_for
+    from pipeline.stages import graph_for  # lazy: CLI start-up 0.1 s, 9 s with eager imports
 
     literal = credential_overrides(overrides)
     if literal:
@@ -251,8 +250,6 @@ def build_submission(overrides: list[str], only: str | None, from_: str | None,
 # ----- replay -----------------------------------------------------------------------------
 def load_lineage(ref: str, overrides: list[str]) -> tuple[dict, str]:
     """A run's lineage.json from its path or URL, or from its run id under run.root."""
-    from data.storage import Store, is_url
-
     if ref.endswith(".json") or is_url(ref) or "/" in ref:
         path = ref if ref.endswith(".json") else ref.rstrip("/") + "/lineage.json"
         parent, name = path.rsplit("/", 1) if "/" in path else (".", path)
@@ -313,8 +310,6 @@ def build_replay(ref: str, overrides: list[str], address: str, run_id: str | Non
                  only: str | None = None, from_: str | None = None) -> dict[str, Any]:
     """The submission that reruns a recorded run (refused if it would not reproduce it);
     `only`/`from_` replace the run's own stage selection."""
-    from data.redact import REDACTED
-
     lineage, where = load_lineage(ref, overrides)
     flags, recorded = recorded_invocation(lineage)
     # A credential the run was given on its command line was not recorded: the job gets it
@@ -386,8 +381,6 @@ def cmd_submit(args: dict) -> int:
 
 
 def follow(c, job_id: str) -> int:
-    import asyncio
-
     async def tail():
         async for chunk in c.tail_job_logs(job_id):
             sys.stdout.write(chunk)

@@ -49,6 +49,9 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+
+from data.storage import Store
 
 COMPLETE = "_COMPLETE.json"
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch's own switch, read by every load
@@ -82,7 +85,10 @@ def deepspeed_globals() -> list:
     """The classes in DeepSpeed's checkpoint files besides tensors and containers (ZeRO 1-3
     optimizer states, fp32 or bf16, with or without offload; DeepSpeed 0.16-0.19): plain records
     (a loss scaler's numbers, a stage enum, a fragment's offset and size)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.fp16.loss_scaler import (  # lazy: deepspeed ~2.7 s to import, needed only here
+        DynamicLossScaler,
+        LossScaler,
+    )
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
@@ -125,8 +131,6 @@ class Checkpoints:
         self.keep = keep
         self.mirror = None
         if mirror:
-            from data.storage import Store
-
             self.mirror = Store(mirror)
 
     def complete_tags(self) -> list[str]:
@@ -140,8 +144,6 @@ class Checkpoints:
 
     # ----- saving: every rank calls save(); collectives inside ---------------------------
     def save(self, engine, step: int, rank_state: dict, ema_state: dict | None) -> str:
-        import torch.distributed as dist
-
         tag = tag_of(step)
         engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step},
                                save_latest=False)

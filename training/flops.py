@@ -25,6 +25,8 @@ so MFU is computed from ``train_flops`` either way.
 
 from __future__ import annotations
 
+import time
+
 from training.dit import FREQ_EMBED_DIM, DiTConfig, patch_grid
 
 
@@ -83,7 +85,7 @@ def sdpa_flop_mapping() -> dict:
     ``FlopCounterMode(custom_mapping=sdpa_flop_mapping())`` then counts CPU SDPA (the fused
     flash kernel used on CPU) with torch's own formulas for the CUDA kernels.
     """
-    import torch
+    import torch  # lazy: torch ~2 s to import, needed only here
     from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
     aten = torch.ops.aten
@@ -105,9 +107,7 @@ def sdpa_flop_mapping() -> dict:
 
 def matmul_flops_per_s(n: int = 2048, seconds: float = 2.0, dtype=None, device=None) -> float:
     """Measured dense matmul rate of this machine: (n x n) @ (n x n) for `seconds`, current threads."""
-    import time
-
-    import torch
+    import torch  # lazy: torch ~2 s to import, needed only here
 
     dtype = dtype or torch.float32
     device = torch.device(device or "cpu")

@@ -60,6 +60,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.checks import check_ranges
+from data.shards import read_shards, sidecar_count
+from data.video_io import probe, read_frames
+from training.latent_format import decode_latent_sample, latent_text
 
 
 @dataclass
@@ -132,8 +135,6 @@ def decode_frames(sample: dict, num_frames: int, size: tuple[int, int],
                   target_fps: float | None, rng: random.Random | None
                   ) -> tuple[np.ndarray, str]:
     """One WebDataset sample -> ((T, H, W, 3) uint8, possibly a strided view; caption)."""
-    from data.video_io import probe, read_frames
-
     meta = sample.get("json") or {}
     if "end" in meta and "fps" in meta:
         # num_frames: what the mp4 holds (a variable-rate source's span is resampled)
@@ -220,8 +221,6 @@ class ClipStream(IterableDataset):
 
     def _count(self, url: str) -> int | None:
         """The samples a shard holds, from its sidecar (read once per process); None without."""
-        from data.shards import sidecar_count
-
         if url not in self._counts:
             self._counts[url] = sidecar_count(url)
         return self._counts[url]
@@ -232,8 +231,6 @@ class ClipStream(IterableDataset):
         the damage is; what it lost counts in `errors` for the readers the lost samples belong
         to: every sample its sidecar lists and it did not yield (the one cut short included),
         or once for a damaged shard without a sidecar."""
-        from data.shards import read_shards
-
         order = list(self.urls)
         random.Random(_seed(self.seed, epoch, "shards")).shuffle(order)
         mine = len(order) >= G
@@ -300,8 +297,6 @@ class ClipStream(IterableDataset):
         if b is None:
             raise ValueError(f"sample {s.get('__key__')!r} fits no bucket")
         if self.cfg.kind == "latent":
-            from training.latent_format import decode_latent_sample, latent_text
-
             return (*decode_latent_sample(s), latent_text(s))  # (C, t, h, w) float32, caption, key, (n, D) or None
         bk = self.buckets[b]
         key = s.get("__key__", "?")

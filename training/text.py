@@ -136,7 +136,9 @@ class Tokenizer:
     """open_clip BPE tokenizer returning (ids, mask) padded/truncated to max_length."""
 
     def __init__(self, max_length: int = 32, bpe=None):
-        from open_clip.tokenizer import SimpleTokenizer  # lazy: importing open_clip takes seconds
+        from open_clip.tokenizer import (
+            SimpleTokenizer,  # lazy: importing open_clip takes seconds
+        )
 
         self._bpe = bpe if bpe is not None else SimpleTokenizer()
         self.max_length = max_length
@@ -169,7 +171,7 @@ def tokenize(captions: list[str], max_length: int = 32) -> tuple[torch.Tensor, t
 
 def open_clip_tokenizer(name: str, max_length: int) -> Tokenizer:
     """The CLIP BPE tokenizer of open_clip model `name` (its text cleaning included)."""
-    import open_clip
+    import open_clip  # lazy: open_clip ~7 s to import, needed only here
     from open_clip.tokenizer import SimpleTokenizer
 
     bpe = open_clip.get_tokenizer(name)
@@ -183,7 +185,9 @@ class HFTokenizer:
     """A transformers tokenizer (model id or local directory) -> (ids, mask) padded to max_length."""
 
     def __init__(self, name: str, max_length: int):
-        from transformers import AutoTokenizer
+        from transformers import (
+            AutoTokenizer,  # lazy: transformers ~1 s to import, needed only here
+        )
 
         self._tok = AutoTokenizer.from_pretrained(name)
         self.max_length = max_length
@@ -319,7 +323,7 @@ class OpenCLIPTextEncoder(FrozenTextEncoder):
 
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__(cfg)
-        import open_clip
+        import open_clip  # lazy: open_clip ~7 s to import, needed only here
         from open_clip.model import _build_text_tower
 
         model_cfg = open_clip.get_model_config(cfg.name)
@@ -355,10 +359,12 @@ _TEXT_TOWER_KEYS = ("token_embedding", "positional_embedding", "transformer", "l
 
 def open_clip_text_state_dict(name: str, pretrained: str) -> dict[str, torch.Tensor]:
     """Text-tower weights of open_clip model `name` from a local checkpoint file or a pretrained tag."""
-    import open_clip
+    import open_clip  # lazy: open_clip ~7 s to import, needed only here
 
     if os.path.isfile(pretrained):
-        from open_clip.factory import load_state_dict
+        from open_clip.factory import (
+            load_state_dict,  # lazy: open_clip ~7 s to import, needed only here
+        )
 
         sd = load_state_dict(pretrained)  # handles safetensors, {"state_dict": ...}, "module." prefixes
     else:  # a tag: open_clip resolves it (from its cache, or downloading once) and builds the full model
@@ -373,7 +379,9 @@ class T5TextEncoder(FrozenTextEncoder):
 
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__(cfg)
-        from transformers import T5EncoderModel
+        from transformers import (
+            T5EncoderModel,  # lazy: transformers ~1 s to import, needed only here
+        )
 
         self.model = T5EncoderModel.from_pretrained(cfg.name, dtype=ENCODER_DTYPES[cfg.precision])
         self.out_dim = self.model.config.d_model

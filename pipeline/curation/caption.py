@@ -64,8 +64,13 @@ from typing import Optional, Protocol
 import numpy as np
 
 from data.checks import check_ranges
-from pipeline.curation.parts import actor_pool, read_parts, run_parts
-from pipeline.curation.parts import resolve_num_gpus  # noqa: F401 - part of this module's interface
+from pipeline.curation.media import read_clip_frames
+from pipeline.curation.parts import (
+    actor_pool,
+    read_parts,
+    resolve_num_gpus,  # noqa: F401 - part of this module's interface
+    run_parts,
+)
 
 DEFAULT_PROMPT = ("Describe this video in one detailed paragraph: the main subjects and their "
                   "appearance, what they do and how they move, the setting, and the camera motion.")
@@ -153,8 +158,6 @@ def sampled_fps(clip: dict, num_frames: int) -> float:
 
 def decode_clip(row: dict, num_frames: int, frame_size: int) -> dict:
     """Ray Data map (a CPU task): a clip -> its sampled frames as raw bytes, or the error."""
-    from pipeline.curation.media import read_clip_frames
-
     clip = json.loads(row["clip"])
     out = {"i": row["i"], "clip": row["clip"], "frames": b"", "shape": [0, 0, 0, 0], "error": ""}
     try:
@@ -209,8 +212,11 @@ class VLMCaptioner:
 
     def __init__(self, model: str, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 128,
                  dtype: str = "auto", revision: str | None = None):
-        import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        import torch  # lazy: torch ~2 s to import, needed only here
+        from transformers import (  # lazy: transformers ~1 s to import, needed only here
+            AutoModelForImageTextToText,
+            AutoProcessor,
+        )
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if dtype == "auto":
@@ -228,7 +234,7 @@ class VLMCaptioner:
                                                        tokenize=False)
 
     def caption(self, clips: list[dict], frames: list[np.ndarray] | None) -> list[str]:
-        import torch
+        import torch  # lazy: torch ~2 s to import, needed only here
 
         assert frames is not None and len(frames) == len(clips)
         meta = [{"fps": sampled_fps(c, len(f)), "total_num_frames": len(f),
@@ -367,7 +373,7 @@ VLM_KEYS = ("clip_id", "abs_path", "start", "end", "fps", "width", "height")  # 
 
 def _run_vlm(clips: list[dict], cfg: CaptionConfig, log, out_dir: Path) -> dict[str, dict]:
     """-> {clip_id: {"caption", "captioner", "error"}}, as resumable parts in out_dir/parts."""
-    import ray
+    import ray  # lazy: ray ~1.7 s (ray.train ~4.7 s) to import, needed only here
 
     actors, num_gpus = actor_pool(cfg.concurrency, cfg.num_gpus, ray.cluster_resources(),
                                   "caption")

@@ -30,11 +30,28 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from data.checks import check_ranges
-from data.video_io import decode_size  # noqa: F401 - also imported from here (tests, benchmarks)
-from pipeline.curation.media import MediaLimits
+from data.probe import safe_probe
+from data.shards import read_parquet, write_parquet
+from data.video_io import (
+    VideoError,
+    decode_size,  # noqa: F401 - also imported from here (tests, benchmarks)
+)
+from pipeline.curation.dedup import thumbnail_embeddings
+from pipeline.curation.ingest import FetchError, fetch_item
+from pipeline.curation.media import (
+    MediaError,
+    MediaLimits,
+    read_clip_frames,
+    read_display,
+    run_isolated,
+)
+from pipeline.curation.parts import read_parts, run_parts
+from pipeline.curation.scores import TEXT_MIN_SIZE, apply_filters, cpu_scores
+from pipeline.curation.shots import split_shots
 
 
 @dataclass
@@ -100,10 +117,6 @@ def curate_video(item: dict, c: CurateConfigs, blocklist) -> list[dict]:
     """Fetch, probe, split and score one input -> records {"kind": clip|reject|video, ...}.
     Never raises for a bad input. The probe and everything after it that decodes run in
     child processes with timeouts and memory caps (`data.probe`, `pipeline.curation.media`)."""
-    from data.probe import safe_probe
-    from pipeline.curation.ingest import fetch_item
-    from pipeline.curation.media import MediaError, run_isolated
-
     got, why = fetch_item(item, c.ingest, blocklist, c.cache_dir, max_bytes=c.probe.max_bytes)
     if why:
         return [{"kind": "reject", **reject(item, "ingest", *why)}]
@@ -140,10 +153,6 @@ def analyse_video(item: dict, path: str, info: dict, c: CurateConfigs) -> dict:
     brightness and the dedup thumbnails), then a few keyframes per clip at
     ``curate.keyframe_long_side`` (for sharpness and text, which small frames cannot see).
     Frames are turned to display orientation first."""
-    import cv2
-
-    from data.video_io import VideoError
-    from pipeline.curation.media import read_display
 
     cv2.setNumThreads(1)  # Ray gives the task that asked for this work one CPU
     rot = info.get("rotation")
@@ -170,8 +179,6 @@ def analyse_video(item: dict, path: str, info: dict, c: CurateConfigs) -> dict:
 def keyframe_size(width: int, height: int, long_side: int) -> tuple[int, int]:
     """(h, w) of the keyframes: the long side at `long_side`, or the source's when smaller,
     but never under the text detector's minimum (small sources are upscaled to it)."""
-    from pipeline.curation.scores import TEXT_MIN_SIZE
-
     target = max(TEXT_MIN_SIZE, min(long_side, max(width, height)))
     s = target / max(width, height)
     return max(2, round(height * s / 2) * 2), max(2, round(width * s / 2) * 2)
@@ -182,11 +189,6 @@ KEYFRAME_CHUNK = 32  # clips whose keyframes are decoded together (bounds their 
 
 def _split_and_score(item: dict, path: str, info: dict, c: CurateConfigs, frames: np.ndarray,
                      decode_s: float) -> list[dict]:
-    from pipeline.curation.dedup import thumbnail_embeddings
-    from pipeline.curation.media import read_display
-    from pipeline.curation.scores import apply_filters, cpu_scores
-    from pipeline.curation.shots import split_shots
-
     out: list[dict] = []
     fps = float(info["fps"])
     rot = info.get("rotation")
@@ -267,8 +269,6 @@ def lost_input(item: dict, why: str) -> dict:
 def run_curate(items: list[dict], c: CurateConfigs, out: Path, concurrency: int, log=print
                ) -> tuple[list[dict], list[dict], list[dict]]:
     """-> (clips, rejects, per-video records), all sorted."""
-    from pipeline.curation.parts import read_parts, run_parts
-
     run_parts(items, partial(curate_group, c=c), out / "parts", group_size=c.curate.group_size,
               concurrency=concurrency, log=log, name="curate", on_lost=lost_input)
     clips, rejects, videos = [], [], []
@@ -283,8 +283,6 @@ def run_curate(items: list[dict], c: CurateConfigs, out: Path, concurrency: int,
 def clip_keyframes(clip: dict, k: int, long_side: int, limits: MediaLimits | None = None
                    ) -> np.ndarray:
     """k frames spread over the clip at `long_side`, decoded in the media child."""
-    from pipeline.curation.media import read_clip_frames
-
     idx = np.linspace(clip["start"], clip["end"] - 1, k).round().astype(int).tolist()
     return read_clip_frames(clip, idx, decode_size(clip["width"], clip["height"], long_side),
                             limits)  # (k, h, w, 3)
@@ -299,9 +297,6 @@ class ModelScorer:
         self.limits = limits
 
     def __call__(self, clips: list[dict]) -> list[dict]:
-        from pipeline.curation.ingest import FetchError
-        from pipeline.curation.media import MediaError
-
         ok, out = [], []
         for c in clips:
             try:
@@ -331,8 +326,6 @@ READ_KEYS = ("clip_id", "path", "abs_path", "start", "end", "width", "height", "
 def run_model_scores(clips: list[dict], embed_cfg, long_side: int, out: Path, concurrency: int,
                      num_gpus: float, log=print, limits: MediaLimits | None = None
                      ) -> dict[str, dict]:
-    from pipeline.curation.parts import read_parts, run_parts
-
     run_parts([{k: c.get(k) for k in READ_KEYS} for c in clips],
               None, out / "parts", group_size=16, concurrency=concurrency, num_gpus=num_gpus,
               actor_factory=partial(ModelScorer, embed_cfg, long_side, limits), log=log,
@@ -370,8 +363,6 @@ def clip_seconds(c: dict) -> float:
 
 
 def write_outputs(out: Path, clips: list[dict], rejects: list[dict], stats: dict) -> None:
-    from data.shards import write_parquet
-
     write_parquet([{**c, "scores": json.dumps(c["scores"]), "source": json.dumps(c["source"]),
                     "thumb": json.dumps(c.get("thumb"))} for c in clips], out / "clips.parquet")
     write_rejects(rejects, out / "rejects.parquet")
@@ -379,8 +370,6 @@ def write_outputs(out: Path, clips: list[dict], rejects: list[dict], stats: dict
 
 
 def write_rejects(rejects: list[dict], path: Path) -> None:
-    from data.shards import write_parquet
-
     def row(r: dict) -> dict:
         out = {k: r.get(k) for k in REJECT_SCHEMA}
         if out["scores"] is not None and not isinstance(out["scores"], str):
@@ -391,8 +380,6 @@ def write_rejects(rejects: list[dict], path: Path) -> None:
 
 
 def read_clips(stage_dir: Path) -> list[dict]:
-    from data.shards import read_parquet
-
     clips = read_parquet(stage_dir / "clips.parquet")
     for c in clips:
         for k in ("scores", "source", "thumb"):
@@ -402,8 +389,6 @@ def read_clips(stage_dir: Path) -> list[dict]:
 
 
 def read_rejects(stage_dir: Path) -> list[dict]:
-    from data.shards import read_parquet
-
     rejects = read_parquet(stage_dir / "rejects.parquet")
     for r in rejects:
         if isinstance(r.get("scores"), str):

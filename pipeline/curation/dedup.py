@@ -39,6 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import cv2
 import numpy as np
 
 from data.checks import check_ranges
@@ -69,8 +70,6 @@ def thumbnail_embeddings(frames, size: int = THUMB_SIZE) -> np.ndarray:
     """frames: (B, K, H, W, 3) uint8, or B arrays (K, H, W, 3) with the same K -> (B, K*3*63)
     float32 unit vectors: per keyframe and channel, the compressed low DCT frequencies of its
     thumbnail, normalised (see the module docstring)."""
-    import cv2
-
     n = THUMB_FREQS
     out = []
     for clip in frames:
@@ -105,7 +104,7 @@ def find_near_duplicates(ids: Sequence[str], embeddings: np.ndarray, cfg: DedupC
 
 
 def _near_duplicates(ids, embeddings, cfg: DedupConfig, priority) -> list[dict]:
-    import torch
+    import torch  # lazy: torch ~2 s to import, needed only here
     import torch.nn.functional as F
 
     n = len(ids)

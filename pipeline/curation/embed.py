@@ -44,6 +44,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from huggingface_hub import hf_hub_download
+from safetensors.torch import load_file
 
 from data.checks import check_ranges
 
@@ -134,16 +136,12 @@ def resolve_weights(source: str) -> str:
     if len(parts) < 3 or not all(parts) or os.path.isabs(source) or source.startswith("."):
         raise FileNotFoundError(f"aesthetic head weights {source!r}: no such file, and not a hub file "
                                 f"(org/repo/path/in/repo)")
-    from huggingface_hub import hf_hub_download
-
     return hf_hub_download(repo_id="/".join(parts[:2]), filename="/".join(parts[2:]))
 
 
 def load_aesthetic_head(source: str, activation: str = "none") -> AestheticHead:
     path = resolve_weights(source)
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
         sd = load_file(path)
     else:
         sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -172,7 +170,7 @@ class ClipScorer:
     """A Ray Data callable: construct once per actor, then call on batches (see module docstring)."""
 
     def __init__(self, cfg: EmbedConfig):
-        import open_clip
+        import open_clip  # lazy: open_clip ~7 s to import, needed only here
         from open_clip.model import get_model_preprocess_cfg
 
         self.cfg = cfg

@@ -34,10 +34,10 @@ def histograms(clips: list[dict], bins: int = 20) -> dict[str, dict]:
 
 
 def render_png(funnel: list[dict], hists: dict[str, dict], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # lazy: matplotlib ~1 s to import, needed only here
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib ~1 s to import, needed only here
 
     n = len(hists)
     cols = 4

@@ -71,7 +71,13 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 from urllib.parse import urljoin, urlsplit
 
+import aiohttp
+import fsspec
+import yaml
+from fsspec.core import url_to_fs
+
 from data.checks import check_ranges
+from pipeline.curation.retry import describe, is_transient, retry
 
 VIDEO_EXTENSIONS = [".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"]
 MANIFEST_SUFFIXES = (".csv", ".csv.gz", ".jsonl", ".jsonl.gz", ".parquet")
@@ -98,9 +104,6 @@ class BlocklistConfig:
                  "allowed_licenses": None if self.allowed_licenses is None
                  else list(self.allowed_licenses)}
         if self.path:
-            import fsspec
-            import yaml
-
             with fsspec.open(self.path, "rt", **(storage_options or {})) as f:
                 loaded = yaml.safe_load(f) or {}  # YAML reads JSON too
             unknown = set(loaded) - set(lists)
@@ -241,8 +244,6 @@ def _canonical(fs, path: str) -> str:
 
 
 def _url_to_fs(url: str, storage_options: dict):
-    from fsspec.core import url_to_fs
-
     return url_to_fs(url, **storage_options)
 
 
@@ -274,11 +275,9 @@ def _jsonable(v: Any) -> Any:
 
 
 def _read_manifest(url: str, storage_options: dict) -> list[dict]:
-    import fsspec
-
     low = (urlsplit(url).path if "://" in url else url).lower()
     if low.endswith(".parquet"):
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # lazy: pyarrow.parquet ~0.6 s to import, needed only here
 
         with fsspec.open(url, "rb", **storage_options) as f:
             return pq.read_table(f).to_pylist()
@@ -592,8 +591,6 @@ def _with_timeouts(url: str, storage_options: dict, read_timeout_s: float | None
     so = dict(storage_options)
     scheme = urlsplit(url).scheme
     if scheme in ("http", "https"):
-        import aiohttp
-
         ck = dict(so.get("client_kwargs") or {})
         ck.setdefault("timeout", aiohttp.ClientTimeout(
             total=timeout_s or None, sock_connect=read_timeout_s or None,
@@ -619,8 +616,6 @@ def fetch(url: str, cache_dir: str | os.PathLike, *, max_bytes: int | None = Non
     `backoff_s`; a permanent one (404, 403) is not. The whole download, retries included,
     has `timeout_s` (None: no deadline); connecting and each wait for bytes `read_timeout_s`.
     Raises FetchError("too_large" | "fetch_failed" | "fetch_timeout")."""
-    from pipeline.curation.retry import describe, is_transient, retry
-
     if not is_remote(url):
         return url.removeprefix("file://")
     os.makedirs(cache_dir, exist_ok=True)

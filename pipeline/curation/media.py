@@ -36,6 +36,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from data.checks import check_ranges
+from data.isolate import IsolatedError, shared_isolated
+from data.video_io import read_frames, read_frames_av
+from pipeline.curation.ingest import FetchError, fetch, is_remote
 
 # Imported by the media child before it answers: every call then pays only its own work.
 PRELOAD = ("numpy", "cv2", "av", "decord", "data.video_io", "pipeline.curation.media",
@@ -71,8 +74,6 @@ def run_isolated(fn: str, kwargs: dict, limits: MediaLimits, timeout_s: float,
                  stage: str = "decode"):
     """``fn(**kwargs)`` in this process's media child; raises MediaError with a reason
     ``<stage>_timeout | <stage>_crashed | <stage>_out_of_memory | <stage>_failed``."""
-    from data.isolate import IsolatedError, shared_isolated
-
     worker = shared_isolated(limits.max_memory_mb, limits.startup_timeout_s, PRELOAD)
     try:
         return worker.call(fn, kwargs, timeout_s)
@@ -106,8 +107,6 @@ def source_path(clip: dict) -> str:
     """A local path holding the clip's source bytes: the curating node's copy when this node
     has it, else the clip's URL fetched again into this node's fetch cache.
     Raises pipeline.curation.ingest.FetchError."""
-    from pipeline.curation.ingest import FetchError, fetch, is_remote
-
     local = clip.get("abs_path")
     if local and os.path.exists(local):
         return local
@@ -129,8 +128,6 @@ def read_display(path: str, indices: list[int] | None, size: tuple[int, int] | N
     (None: the stored size, turned; non-square pixels not applied) -> (T, h, w, 3) uint8 RGB.
     Raises data.video_io.VideoError. `threads`: decord's decoder threads; 1, as the media
     child works for a Ray task holding one CPU."""
-    from data.video_io import read_frames, read_frames_av
-
     rot = (rotation or 0) % 360
     if rot in (0, 90, 270):  # decord turns 90 and 270 itself, `size` being the displayed size
         return read_frames(path, indices=indices, size=size, threads=threads)

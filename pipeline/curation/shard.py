@@ -37,16 +37,34 @@ retried.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
+import av
 import numpy as np
 
 from data.checks import check_ranges
-from pipeline.curation.media import MediaLimits
+from data.probe import display_size
+from data.shards import write_shard, write_sidecar
+from data.storage import Store
+from data.video_io import MP4_AUDIO, _rate, remux_mp4
+from pipeline.curation.ingest import FetchError
+from pipeline.curation.media import (
+    MediaError,
+    MediaLimits,
+    run_isolated,
+    source_path,
+    stored_size,
+    to_display,
+    turned,
+)
+from pipeline.curation.retry import TransientError, is_transient, retry
 
 
 @dataclass
@@ -138,8 +156,6 @@ def encode_clip(clip: dict, cfg: ShardConfig) -> tuple[bytes, dict]:
     "has_audio"}): the source remuxed (`remux_source`) or re-encoded (`encode_span`), in the
     media child. Fetches the source on a miss. Raises pipeline.curation.media.MediaError
     (``encode_*``) or pipeline.curation.ingest.FetchError."""
-    from pipeline.curation.media import run_isolated, source_path
-
     path = source_path(clip)
     lim = cfg.media
     if cfg.passthrough and whole_source(clip):
@@ -163,8 +179,6 @@ def encode_clip(clip: dict, cfg: ShardConfig) -> tuple[bytes, dict]:
 def remux_source(path: str, keep_audio: bool) -> dict:
     """In the media child: the source's video stream (and with `keep_audio` its audio)
     stream-copied into a new mp4 without its metadata (`data.video_io.remux_mp4`)."""
-    from data.video_io import remux_mp4
-
     mp4, frames, has_audio = remux_mp4(path, audio=keep_audio)
     return {"payload": mp4, "num_frames": frames, "has_audio": has_audio}
 
@@ -172,8 +186,6 @@ def remux_source(path: str, keep_audio: bool) -> dict:
 def frame_times(path: str) -> tuple[list[int], float]:
     """Presentation timestamps of every video frame (demuxed, not decoded), sorted, and the
     stream's time base."""
-    import av
-
     with av.open(path) as c:
         s = c.streams.video[0]
         ts = sorted({p.pts for p in c.demux(s) if p.size and p.pts is not None})
@@ -196,15 +208,8 @@ def encode_span(path: str, start: int, end: int, fps: float, rotation: int,
     than `fps` and dropped where it was faster. Without usable timestamps, frames are taken
     by count. -> {"payload": mp4 bytes, "num_frames", "fps", "width", "height",
     "has_audio"}."""
-    import io
 
-    import av
 
-    from fractions import Fraction
-
-    from data.probe import display_size
-    from data.video_io import _rate
-    from pipeline.curation.media import stored_size, to_display, turned
 
     ts, tb = frame_times(path)
     by_time = len(ts) >= 2 and (source_frames is None or len(ts) == source_frames)
@@ -295,9 +300,6 @@ def encode_span(path: str, start: int, end: int, fps: float, rotation: int,
 def open_audio(path: str, out) -> tuple | None:
     """(source container, its first audio stream, the stream added to `out`) when `path` has
     an audio stream an mp4 holds as it is (`data.video_io.MP4_AUDIO`), else None."""
-    import av
-
-    from data.video_io import MP4_AUDIO
 
     src = av.open(path, options={"protocol_whitelist": "file"})
     sound = src.streams.audio[0] if src.streams.audio else None
@@ -342,11 +344,6 @@ def write_one_shard(path: str, clips: list[dict], cfg: ShardConfig,
     is written to this node's temporary directory and uploaded to ``<upload_url>/shards/``;
     a transient upload failure is retried with backoff, then raised as
     `pipeline.curation.retry.TransientError`, which Ray retries the task on."""
-    import tempfile
-
-    from data.shards import write_shard, write_sidecar
-    from pipeline.curation.ingest import FetchError
-    from pipeline.curation.media import MediaError
 
     final = path
     if upload_url:
@@ -388,9 +385,6 @@ def _failed(c: dict, reason: str, detail: str) -> dict:
 
 def upload(local: str, url: str, rel: str, cfg: ShardConfig) -> None:
     """Put one file under a bucket root, retrying transient failures."""
-    from pipeline.curation.retry import TransientError, is_transient, retry
-    from data.storage import Store
-
     try:
         retry(lambda: Store(url).put_file(local, rel), attempts=cfg.upload_retries + 1,
               backoff_s=cfg.upload_backoff_s)
@@ -404,10 +398,7 @@ def run_sharding(clips: list[dict], cfg: ShardConfig, out: Path, concurrency: in
                  log=print, upload_url: str | None = None) -> dict:
     """Write the planned shards that are not written yet, as Ray tasks (at most 2 x
     `concurrency` in flight), logging progress every `cfg.progress_every_s` seconds."""
-    import ray
-
-    from data.shards import write_sidecar
-    from pipeline.curation.retry import TransientError
+    import ray  # lazy: ray ~1.7 s (ray.train ~4.7 s) to import, needed only here
 
     shard_dir = out / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+import cv2
 import numpy as np
 
 from data.checks import check_ranges
@@ -94,8 +95,6 @@ def content_scores(frames: np.ndarray) -> np.ndarray:
     difference to the previous frame, hue, saturation and value weighted equally; 0 for frame
     0), for all frames at once: one colour conversion and one subtraction instead of a Python
     call per frame."""
-    import cv2
-
     t, h, w, _ = frames.shape
     hsv = cv2.cvtColor(np.ascontiguousarray(frames).reshape(t * h, w, 3), cv2.COLOR_RGB2HSV)
     hsv = hsv.reshape(t, h, w, 3).astype(np.int16)  # (T, h, w, 3)
@@ -120,8 +119,9 @@ def adaptive_cuts(scores: np.ndarray, threshold: float, window: int, min_content
 def fade_cuts(frames: np.ndarray, fps: float, threshold: float) -> list[int]:
     """PySceneDetect's ThresholdDetector (fades to and from black), run frame by frame: it is a
     small state machine with no vectorised form, and cheap (a mean per frame)."""
-    import cv2
-    from scenedetect import FrameTimecode
+    from scenedetect import (
+        FrameTimecode,  # lazy: scenedetect ~0.6 s to import, needed only here
+    )
     from scenedetect.detectors import ThresholdDetector
 
     detector = ThresholdDetector(threshold=threshold, min_scene_len=0)

@@ -40,9 +40,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.checks import check_ranges
-from training.checkpoint import COMPLETE, weights_only_loads
-from training.evaluation.video_metrics import ClipScoreConfig, FVDConfig
+from data.checks import check_ranges, from_dict
+from data.prompts import synthetic_prompts
+from data.shards import read_shards
+from data.video_io import read_frames, write_mp4
+from training.checkpoint import COMPLETE, tag_of, weights_only_loads
+from training.evaluation.probes import probe_scores, probe_video, prompt_sensitivity
+from training.evaluation.samples import grid_video, sample_table
+from training.evaluation.video_metrics import (
+    ClipScoreConfig,
+    FVDConfig,
+    feature_stats,
+    fvd,
+)
+from training.flops import token_grid
+from training.flow import FlowConfig, euler_sample, flow_loss, shift_for, text_model_fn
+from training.latent.recon_metrics import evaluate_reconstruction
+from training.latent.space import load_latent_space
+from training.loader import decode_sample, normalize
+from training.model import ModelConfig
+from training.text_separation import ATTRIBUTES, caption_pairs
+from training.trainer import TrainConfig
 
 
 @dataclass
@@ -104,8 +122,6 @@ def _final_step(train_dir: Path) -> int:
 
 
 def _tag_ref(train_dir: Path, step: int) -> CheckpointRef:
-    from training.checkpoint import tag_of
-
     root = train_dir / "checkpoints"
     tag = root / tag_of(step)
     if not (tag / COMPLETE).exists():
@@ -141,10 +157,6 @@ def train_configs(train_dir: Path) -> tuple:
     resolved config in its info.json (a run still in progress has no exports yet). Fields the
     TrainConfig lacks (e.g. an older file's) take their defaults; extra records the trainer
     adds next to the config (e.g. ``latent``) are passed through."""
-    from training.model import ModelConfig
-    from data.checks import from_dict
-    from training.trainer import TrainConfig
-
     train_dir = Path(train_dir)
     if (train_dir / "model_config.json").exists():
         model = json.loads((train_dir / "model_config.json").read_text())
@@ -164,7 +176,9 @@ def _deepspeed_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     anything else raises UnsafeCheckpoint, and nothing of it runs."""
     with weights_only_loads(tag_dir):
         if any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            from deepspeed.utils.zero_to_fp32 import (
+                get_fp32_state_dict_from_zero_checkpoint,  # lazy: deepspeed ~2.7 s to import, needed only here
+            )
 
             return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu",
@@ -210,9 +224,6 @@ def _seeded(*key: int) -> torch.Generator:
 def load_val_clips(shards: list[str], max_clips: int, num_frames: int, size: tuple[int, int],
                    target_fps: float | None) -> list[tuple[torch.Tensor, str]]:
     """The first `max_clips` decodable held-out clips: [((3, T, H, W) uint8, caption)]."""
-    from data.shards import read_shards
-    from training.loader import decode_sample
-
     clips = []
     for s in read_shards(shards):
         try:
@@ -236,11 +247,7 @@ def validation_loss(model, tokenizer, clips, cfg: EvalConfig, device, space=None
     With a latent `space` the clips are encoded (posterior mean) and the loss is in latents.
     `flow`: the training's FlowConfig (its ``prediction`` says what the network outputs); the
     timesteps and noise are fixed here, so only that field matters."""
-    from training.flow import FlowConfig, flow_loss
-
     flow = flow or FlowConfig()
-    from training.loader import normalize
-
     per_t: dict[float, list[float]] = {t: [] for t in cfg.val_timesteps}
     for i in range(0, len(clips), cfg.batch_size):
         chunk = clips[i : i + cfg.batch_size]
@@ -272,12 +279,8 @@ def sample_videos(model, tokenizer, prompts: list[str], cfg: EvalConfig, shape: 
     through it). Returns uint8 videos (N, T, H, W, 3); prompt i starts from the noise seeded by
     (cfg.seed, seeds[i]) (seeds default to 0..N-1), in batches of cfg.batch_size. `flow`: the
     training's FlowConfig, whose ``prediction`` the sampler converts from."""
-    from training.flow import FlowConfig
-
     flow = flow or FlowConfig()
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
-    from training.flow import euler_sample, text_model_fn
-
     null_ids, null_mask = tokenizer([""])
     null_text, null_mask = model.encode_text(null_ids.to(device), null_mask.to(device))  # (1, L, Dt)
     out = []
@@ -303,12 +306,6 @@ def evaluate(cfg: EvalConfig, train_dir: Path, val_shards: list[str], out_dir: P
              tracker) -> dict:
     """Evaluate the checkpoints `cfg` names; write results.json and samples under `out_dir`,
     log to `tracker`. Returns the results (see the module docstring for their layout)."""
-    from training.checkpoint import tag_of
-    from training.evaluation.samples import sample_table
-    from training.flow import FlowConfig
-    from data.prompts import synthetic_prompts
-    from data.checks import from_dict
-
     out_dir = Path(out_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     refs = resolve_checkpoints(cfg, Path(train_dir))
@@ -329,8 +326,6 @@ def evaluate(cfg: EvalConfig, train_dir: Path, val_shards: list[str], out_dir: P
                            tcfg["data"]["target_fps"])
     real_stats, n_real = None, 0
     if extractor is not None:
-        from training.evaluation.video_metrics import feature_stats
-
         real = clips[: cfg.fvd.num_real]
         n_real = len(real)
         if len(real) < 2:
@@ -338,13 +333,9 @@ def evaluate(cfg: EvalConfig, train_dir: Path, val_shards: list[str], out_dir: P
         else:
             real_stats = feature_stats(extractor(np.stack([c[0].permute(1, 2, 3, 0).numpy() for c in real])))
 
-    from training.latent.space import load_latent_space
-
     space = load_latent_space(tcfg["latent"], device) if tcfg.get("latent") else None
     recon = {}
     if space is not None:  # the VAE's own fidelity on the held-out clips
-        from training.latent.recon_metrics import evaluate_reconstruction
-
         recon = evaluate_reconstruction(space, val_shards, tcfg["num_frames"],
                                         (tcfg["height"], tcfg["width"]),
                                         tcfg["data"]["target_fps"], cfg.val_max_clips)
@@ -386,9 +377,6 @@ SENSITIVITY_SEED = 100_000  # noise seeds of the sensitivity samples: apart from
 def sensitivity(model, mcfg, tcfg: dict, cfg: EvalConfig, device, space=None) -> dict[str, float]:
     """Prompt sensitivity (``probes.prompt_sensitivity``) over cfg.sensitivity_prompts base
     prompts: base i and its one-attribute variants share the noise seed SENSITIVITY_SEED + i."""
-    from training.evaluation.probes import prompt_sensitivity
-    from training.text_separation import ATTRIBUTES, caption_pairs
-
     pairs = caption_pairs(cfg.sensitivity_prompts, cfg.seed)
     n = cfg.sensitivity_prompts
     prompts = [b for b, _ in pairs[ATTRIBUTES[0]]] + [v for a in ATTRIBUTES for _, v in pairs[a]]
@@ -403,10 +391,6 @@ def _sample(model, mcfg, tcfg: dict, prompts: list[str], cfg: EvalConfig, device
             seeds: list[int] | None = None) -> np.ndarray:
     """Samples at the training shape with the training's timestep shift -> (N, T, H, W, 3);
     latent models sample latents of the encoded shape and decode them through `space`."""
-    from training.flops import token_grid
-    from training.flow import FlowConfig, shift_for
-    from data.checks import from_dict
-
     shape = (tcfg["num_frames"], tcfg["height"], tcfg["width"])
     if space is not None:
         shape = tuple(space.latent_shape(shape))
@@ -421,9 +405,6 @@ def write_samples(videos: np.ndarray, prompts: list[str], sample_dir: Path, out_
     """sample-NN.mp4 per video and grid.mp4 -> (sample records with paths relative to
     out_dir, the videos as decoded back from their mp4s, the grid's path). Metrics are taken
     on the decoded videos: what a viewer of the files sees."""
-    from data.video_io import read_frames, write_mp4
-    from training.evaluation.samples import grid_video
-
     sample_dir.mkdir(parents=True, exist_ok=True)
     samples, shown = [], []
     for i, (prompt, v) in enumerate(zip(prompts, videos)):
@@ -440,8 +421,6 @@ def score_samples(samples: list[dict], shown: list[np.ndarray], cfg: EvalConfig,
                   extractor, real_stats, skipped: dict[str, str]) -> dict[str, float]:
     """Probe results, CLIP score and FVD of one checkpoint's samples: aggregate metrics are
     returned, per-sample results added to the sample records, reasons for skips to `skipped`."""
-    from training.evaluation.probes import probe_scores, probe_video
-
     metrics: dict[str, float] = {}
     if cfg.probes:
         for s, v in zip(samples, shown):
@@ -459,8 +438,6 @@ def score_samples(samples: list[dict], shown: list[np.ndarray], cfg: EvalConfig,
         if len(shown) < 2:
             skipped["fvd"] = "FVD needs at least 2 generated clips (eval.prompts / num_prompts)"
         else:
-            from training.evaluation.video_metrics import fvd
-
             metrics["fvd"] = fvd(real_stats, np.stack(shown), extractor)
             metrics["fvd/fake_clips"] = len(shown)
     return metrics

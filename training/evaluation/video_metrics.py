@@ -27,6 +27,7 @@ from typing import Optional, Protocol, runtime_checkable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from data.checks import check_ranges
 
@@ -106,7 +107,9 @@ class VideoMAEFeatures:
     name = "videomae"
 
     def __init__(self, path: str, device: str | torch.device = "cpu", batch_size: int = 8):
-        from transformers import VideoMAEModel
+        from transformers import (
+            VideoMAEModel,  # lazy: transformers ~1 s to import, needed only here
+        )
 
         self.model = VideoMAEModel.from_pretrained(path).to(device).eval()
         self.device, self.batch_size = torch.device(device), batch_size
@@ -207,7 +210,7 @@ class ClipScorer:
     """An open_clip model with its own validation transform and tokenizer."""
 
     def __init__(self, cfg: ClipScoreConfig, device: str | torch.device = "cpu"):
-        import open_clip
+        import open_clip  # lazy: open_clip ~7 s to import, needed only here
 
         self.cfg, self.device = cfg, torch.device(device)
         model, _, self.preprocess = open_clip.create_model_and_transforms(
@@ -218,8 +221,6 @@ class ClipScorer:
     @torch.no_grad()
     def __call__(self, videos: np.ndarray, prompts: list[str]) -> np.ndarray:
         """uint8 (N, T, H, W, 3) and N prompts -> (N,) CLIP scores in [0, 100]."""
-        from PIL import Image
-
         videos = np.asarray(videos)
         if len(videos) != len(prompts):
             raise ValueError(f"{len(videos)} videos but {len(prompts)} prompts")

@@ -41,7 +41,11 @@ from typing import Optional
 import numpy as np
 import torch
 
+from data.shards import SIDECAR, read_shards, write_shard, write_sidecar
 from training.latent_format import LATENT, STORE, TEXT, npy_bytes
+from training.loader import decode_sample, normalize
+from training.text import encode_captions
+
 
 def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
@@ -57,9 +61,6 @@ def precompute_latents(latent_cfg, shard_urls_by_split: dict[str, list[str]], ou
     text: optionally a frozen `training.text.TextEncoderConfig`; each caption's tokens are stored.
     vae_dir: for latent.kind=ours, the VAE-training output directory (else latent_cfg.path).
     """
-    from data.shards import SIDECAR, read_shards, write_shard, write_sidecar
-    from training.loader import decode_sample, normalize
-
     out = Path(out_dir)
     shard_dir = out / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
@@ -76,8 +77,6 @@ def precompute_latents(latent_cfg, shard_urls_by_split: dict[str, list[str]], ou
     encoder = tokenizer = cache = None
     text_record = None
     if text is not None:
-        from training.text import encode_captions
-
         if not text.frozen:
             raise ValueError(f"storing text embeddings needs a frozen text encoder (model.text.kind open_clip "
                              f"or t5, or tiny with lr_scale 0), not a trained {text.kind!r}: a trained encoder's embeddings go stale")

@@ -20,6 +20,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from data.shards import read_shards
+from training.loader import decode_sample, normalize
+
 
 def _check(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.shape != b.shape or a.ndim != 5:
@@ -73,9 +76,6 @@ def evaluate_reconstruction(space, shard_urls: list[str], num_frames: int, size:
     """Encode and decode up to `max_clips` held-out clips (their first window, as evaluation
     does) through `space` (a `training.latent.space.LatentSpace`) -> {"recon/psnr",
     "recon/ssim", "recon/clips"}, means over clips against the clips as the loader gives them."""
-    from data.shards import read_shards
-    from training.loader import decode_sample, normalize
-
     clips = []
     for s in read_shards(shard_urls):
         try:

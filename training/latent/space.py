@@ -35,7 +35,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from data.checks import check_ranges
+from data.checks import check_ranges, from_dict
+from training.latent.vae import VAEConfig, latent_shape
+from training.text import weights_fingerprint
 
 LATENT_KINDS = ("none", "ours", "diffusers")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -115,8 +117,6 @@ class LatentSpace(nn.Module):
 
     def _freeze(self, source: str) -> None:
         """Cast, freeze, and fix `identity` (`source` names the architecture, e.g. a class)."""
-        from training.text import weights_fingerprint
-
         self.to(PRECISIONS[self.cfg.precision])
         self.requires_grad_(False)
         self.train(False)
@@ -137,8 +137,6 @@ class LatentSpace(nn.Module):
         return next(self.parameters()).dtype
 
     def latent_shape(self, shape: tuple[int, int, int]) -> tuple[int, int, int]:
-        from training.latent.vae import latent_shape
-
         return latent_shape(tuple(shape), self.compression)
 
     @torch.no_grad()
@@ -178,9 +176,6 @@ class OurVAE(LatentSpace):
 
     def __init__(self, cfg: LatentConfig, path: str):
         super().__init__(cfg)
-        from data.checks import from_dict
-        from training.latent.vae import VAEConfig
-
         root = Path(path)
         for f in ("vae.pt", "vae_config.json"):
             if not (root / f).exists():
@@ -208,8 +203,6 @@ def load_latent_space(source, device=None) -> Optional[LatentSpace]:
 
     `source`: a training output directory (its ``train_config.json`` has ``latent``), a latent
     shard directory (``latent_space.json``), the recorded dict itself, or a `LatentConfig`."""
-    from data.checks import from_dict
-
     if isinstance(source, LatentConfig):
         return source.build(device=device) if source.enabled else None
     if isinstance(source, dict):

@@ -38,7 +38,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data.checks import check_ranges
+from data.shards import read_shards
+from training.latent.recon_metrics import psnr, ssim
 from training.latent.vae import VAEConfig
+from training.loader import (
+    Bucket,
+    ClipStream,
+    Loader,
+    LoaderConfig,
+    decode_sample,
+    normalize,
+)
 
 RECON_LOSSES = ("l1", "mse")
 PERCEPTUAL_NETS = ("vgg16", "alexnet", "squeezenet1_1")
@@ -98,7 +108,7 @@ class PerceptualLoss(nn.Module):
 
     def __init__(self, net: str, path: str):
         super().__init__()
-        import torchvision
+        import torchvision  # lazy: torchvision ~7 s to import, needed only here
 
         model = getattr(torchvision.models, net)(weights=None)
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -132,9 +142,6 @@ class PerceptualLoss(nn.Module):
 
 
 def _val_clips(urls: list[str], cfg: VAETrainConfig) -> torch.Tensor:
-    from data.shards import read_shards
-    from training.loader import decode_sample
-
     clips = []
     for s in read_shards(urls):
         try:
@@ -152,9 +159,6 @@ def _val_clips(urls: list[str], cfg: VAETrainConfig) -> torch.Tensor:
 def evaluate_vae(vae, clips: torch.Tensor, cfg: VAETrainConfig, device) -> dict[str, float]:
     """Reconstruction of uint8 clips (N, 3, T, H, W) through the posterior mean: the recon loss
     (cfg.recon_loss), PSNR and SSIM, averaged over clips."""
-    from training.loader import normalize
-    from training.latent.recon_metrics import psnr, ssim
-
     was = vae.training
     vae.eval()
     loss, ps, ss = [], [], []
@@ -176,8 +180,6 @@ def _recon(y: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
 @torch.no_grad()
 def latent_statistics(vae, batches, max_clips: int, device) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of the posterior means of up to `max_clips` clips."""
-    from training.loader import normalize
-
     s = s2 = None
     n, clips = 0, 0
     for video in batches:
@@ -196,8 +198,6 @@ def latent_statistics(vae, batches, max_clips: int, device) -> tuple[list[float]
 def train_vae(cfg: VAETrainConfig, train_urls: list[str], val_urls: list[str], out_dir, tracker) -> dict:
     """Train the VAE of `cfg.model` on `train_urls`, evaluate on `val_urls` (the first training
     clips when empty); write vae.pt, vae_config.json, results.json into out_dir."""
-    from training.loader import Bucket, ClipStream, Loader, LoaderConfig, normalize
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
