@@ -182,8 +182,8 @@ def main() -> None:
     ap.add_argument("--text-model", default="ViT-B-32", help="open_clip model of --text open_clip")
     args = ap.parse_args()
 
-    from training.latent.space import LatentConfig
     from training.latent.precompute import precompute_latents
+    from training.latent.space import LatentConfig
     from training.loader import Bucket, ClipStream, Loader, LoaderConfig
 
     if "a" not in args.parts:

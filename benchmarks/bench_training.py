@@ -219,8 +219,8 @@ def bench_data_wait(steps: int = 40, prefetch: tuple[int, ...] = (0, 2)) -> dict
     import ray
     from hydra import compose, initialize_config_dir
 
-    from pipeline.config import CONF_DIR, register, to_object
     from data.tracking import TrackerSpec
+    from pipeline.config import CONF_DIR, register, to_object
     from training.trainer import run_training
 
     register()

@@ -119,7 +119,9 @@ def redact_override(arg: str) -> str:
     if is_secret(path):
         return f"{prefix}{key}={render(REDACTED)}"
     if value.lstrip().startswith("{"):  # a mapping: redact inside it, keep the rest usable
-        from hydra.core.override_parser.overrides_parser import OverridesParser  # lazy: hydra ~0.4 s; CLI start-up 0.1 s, 9 s with eager imports
+        from hydra.core.override_parser.overrides_parser import (
+            OverridesParser,  # lazy: hydra ~0.4 s; CLI start-up 0.1 s, 9 s with eager imports
+        )
 
         try:
             parsed = OverridesParser.create().parse_override(arg).value()

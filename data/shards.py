@@ -31,6 +31,8 @@ import webdataset as wds
 from braceexpand import braceexpand
 from webdataset.gopen import gopen_schemes
 
+from data.storage import has_scheme
+
 SHARD_MTIME = 0.0  # fixed tar member mtime, for reproducible shard bytes
 SIDECAR = ".rows.json"  # <shard>.rows.json: one row per sample the shard holds
 
@@ -88,7 +90,7 @@ def sidecar_count(url: str | os.PathLike) -> int | None:
     """How many samples the shard at `url` holds, from its sidecar; None without one (a shard
     written by `write_shard` alone). A sidecar that is there but unreadable raises."""
     side = os.fspath(url) + SIDECAR
-    if "://" in side:
+    if has_scheme(side):
         fs, path = fsspec.core.url_to_fs(side)
         if not fs.exists(path):
             return None

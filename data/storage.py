@@ -47,10 +47,14 @@ MARKERS = frozenset({SUCCESS, FAILED, RUNNING, FETCHING, PARTIAL})
 Select = Callable[[str], bool]  # a file's path relative to the synced directory -> sync it?
 
 
+def has_scheme(s: str | os.PathLike) -> bool:
+    """`s` is written as a URL (``scheme://...``, file:// included), not a plain path."""
+    return "://" in os.fspath(s)
+
+
 def is_url(root: str | os.PathLike) -> bool:
     """A URL with a scheme other than file:// (those are object stores or remote filesystems)."""
-    s = os.fspath(root)
-    return "://" in s and not s.startswith("file://")
+    return has_scheme(root) and not os.fspath(root).startswith("file://")
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
 from dataclasses import asdict, dataclass, field, replace
+from typing import Optional
 
 import numpy as np
 

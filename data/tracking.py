@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from data.redact import redact
-from data.storage import local_root
+from data.storage import has_scheme, local_root
 
 
 @dataclass
@@ -201,7 +201,7 @@ class WandbTracker(Tracker):
 
     def _reference(self, name, type, path):
         art = self._wandb.Artifact(name, type=type)
-        uri = str(path) if "://" in str(path) else Path(path).resolve().as_uri()
+        uri = str(path) if has_scheme(path) else Path(path).resolve().as_uri()
         art.add_reference(uri, max_objects=100_000)
         return art
 

@@ -257,7 +257,12 @@ def main(argv: list[str] | None = None) -> None:
     import hydra  # lazy: hydra ~0.4 s; CLI start-up 0.1 s, 9 s with eager imports
     from omegaconf import DictConfig  # lazy: omegaconf ~0.15 s; CLI start-up 0.1 s, 9 s with eager imports
 
-    from pipeline.config import CONF_DIR, register, to_dict, to_object  # lazy: CLI start-up 0.1 s, 9 s with eager imports
+    from pipeline.config import (  # lazy: CLI start-up 0.1 s, 9 s with eager imports
+        CONF_DIR,
+        register,
+        to_dict,
+        to_object,
+    )
     register()
     sys.argv = [sys.argv[0], *rest]
     outcome = {"code": 0}

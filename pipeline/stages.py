@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from data.shards import write_parquet
-from data.storage import local_root
+from data.storage import has_scheme, local_root
 from data.synthetic import generate
 from data.tracking import spec_for
 from pipeline.curation.caption import caption_clips
@@ -291,7 +291,7 @@ def shard_stage(ctx: StageContext) -> dict:
     stats_up = json.loads((up / "stats.json").read_text())
     res = run_sharding(clips, ctx.section("shard"), ctx.out_dir,
                        ctx.section("cluster").curate_concurrency,
-                       upload_url=ctx.out_url if "://" in ctx.out_url else None)
+                       upload_url=ctx.out_url if has_scheme(ctx.out_url) else None)
     if len(res["rows"]) + len(res["failed"]) != len(clips):
         raise RuntimeError(f"sharding lost clips: {len(clips)} in, {len(res['rows'])} sharded, "
                            f"{len(res['failed'])} failed")
@@ -332,7 +332,7 @@ def shard_urls(ctx: StageContext, split: str, stage: str = "shard") -> list[str]
     from there, never downloaded: their readers declare ``stream=("shards/*",)``)."""
     index = json.loads((ctx.inputs[stage] / "index.json").read_text())
     base = ctx.input_urls[stage]
-    if "://" not in base:
+    if not has_scheme(base):
         base = str(Path(base).resolve())
     return [f"{base}/{p}" for p in index[split]]
 
@@ -377,7 +377,7 @@ def train_stage(ctx: StageContext) -> dict:
                                                  run.local_cache),
         stage=ctx.stage.name, stage_hash=ctx.stage_hash,
         inputs={k: str(v) for k, v in ctx.inputs.items()}, latent=latent,
-        ckpt_mirror=f"{ctx.out_url}/checkpoints" if "://" in ctx.out_url else None,
+        ckpt_mirror=f"{ctx.out_url}/checkpoints" if has_scheme(ctx.out_url) else None,
     )
     res.pop("history", None)
     return res

@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from data.redact import REDACTED, credential_overrides
-from data.storage import Store, is_url
+from data.storage import Store, has_scheme, is_url
 from pipeline.graph import GraphError
 from pipeline.provenance import REPO, git_state, new_run_id
 
@@ -118,7 +118,7 @@ def resolve_address(flag: str | None) -> str:
     if not addr:
         env = os.environ.get("RAY_ADDRESS", "")
         addr = env if env.startswith(("http://", "https://")) else DEFAULT_ADDRESS
-    if "://" not in addr:
+    if not has_scheme(addr):
         addr = "http://" + addr
     return addr.rstrip("/")
 
@@ -129,7 +129,12 @@ def compose_run_config(overrides: list[str]) -> tuple[Any, dict]:
     from hydra import compose, initialize_config_dir  # lazy: hydra ~0.4 s; CLI start-up 0.1 s, 9 s with eager imports
     from hydra.core.global_hydra import GlobalHydra  # lazy: hydra ~0.4 s; CLI start-up 0.1 s, 9 s with eager imports
 
-    from pipeline.config import CONF_DIR, register, to_dict, to_object  # lazy: CLI start-up 0.1 s, 9 s with eager imports
+    from pipeline.config import (  # lazy: CLI start-up 0.1 s, 9 s with eager imports
+        CONF_DIR,
+        register,
+        to_dict,
+        to_object,
+    )
 
     register()
     GlobalHydra.instance().clear()
@@ -165,7 +170,9 @@ def check_stage(name: str | None) -> None:
 
 # ----- the client -------------------------------------------------------------------------
 def client(address: str):
-    from ray.job_submission import JobSubmissionClient  # lazy: ray ~1.7 s (ray.train ~4.7 s); CLI start-up 0.1 s, 9 s with eager imports
+    from ray.job_submission import (
+        JobSubmissionClient,  # lazy: ray ~1.7 s (ray.train ~4.7 s); CLI start-up 0.1 s, 9 s with eager imports
+    )
 
     for name, level in (("ray.dashboard.modules", logging.WARNING),  # upload/websocket chatter
                         ("ray._private.runtime_env", logging.ERROR)):  # ".git is now ignored"

@@ -1,6 +1,9 @@
 """Shared test fixtures."""
 
+import json
+
 import pytest
+import ray
 import torch
 
 from training.prebuild import use_venv_ninja
@@ -19,10 +22,45 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """A local Ray of 2 CPUs for one test module (modules that define their own keep theirs)."""
-    import ray
-
+    """A local Ray of 2 CPUs for one test module."""
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_with_state_api():
+    """A local Ray of 2 CPUs with its dashboard, which `ray.util.state` (listing actors and
+    workers, e.g. to kill one) needs."""
+    ray.init(num_cpus=2, dashboard_host="127.0.0.1", include_dashboard=True, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+class Recorder:
+    """Toy graph stages that record each execution and can be told to crash: each writes a
+    partial file first, then a file holding its config and its inputs' files (and, with
+    `blob`, a binary file in a subdirectory) and, with `log`, logs one metric."""
+
+    def __init__(self, blob: bool = False, log: bool = True):
+        self.calls: list[str] = []
+        self.crash: set[str] = set()
+        self.blob, self.log = blob, log
+
+    def stage(self, name):
+        def fn(ctx):
+            self.calls.append(name)
+            (ctx.out_dir / "partial.txt").write_text("half")
+            if name in self.crash:
+                raise RuntimeError(f"{name} exploded")
+            upstream = {k: (v / "out.txt").read_text() for k, v in ctx.inputs.items()}
+            if self.blob:
+                (ctx.out_dir / "sub").mkdir(exist_ok=True)
+                (ctx.out_dir / "sub" / "out.bin").write_bytes(bytes(range(256)) * 4)
+            (ctx.out_dir / "out.txt").write_text(json.dumps({"cfg": ctx.hashed_config, "up": upstream}))
+            if self.log:
+                ctx.tracker.log({f"{name}/value": 1.0})
+            return {"ok": True}
+
+        return fn

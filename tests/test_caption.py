@@ -56,7 +56,7 @@ def test_model_actor_pools_never_ask_for_more_gpus_than_the_cluster_has():
         actor_pool(0, None, gpus8, "caption")
 
 
-def test_num_gpus_is_zero_on_this_cpu_machine(ray_local):
+def test_num_gpus_is_zero_on_this_cpu_machine(ray_with_state_api):
     import ray
 
     assert resolve_num_gpus(CaptionConfig().num_gpus, ray.cluster_resources()) == 0
@@ -105,16 +105,6 @@ def clips(tmp_path_factory):
             clip("corrupt", 0, 8, root / "corrupt.mp4")]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, dashboard_host="127.0.0.1", include_dashboard=True,
-             configure_logging=False)
-    yield
-    ray.shutdown()
-
-
 def vlm_cfg(model: str) -> CaptionConfig:
     return CaptionConfig(kind="vlm", model=model, num_frames=NUM_FRAMES, frame_size=FRAME_SIZE,
                          max_new_tokens=6, batch_size=2, concurrency=1)
@@ -132,7 +122,7 @@ def as_batch(rows: list[dict]) -> dict[str, np.ndarray]:
     return batch
 
 
-def test_vlm_captions_on_a_ray_actor_pool(ray_local, tiny_vlm, clips, captioner, one_thread,
+def test_vlm_captions_on_a_ray_actor_pool(ray_with_state_api, tiny_vlm, clips, captioner, one_thread,
                                           tmp_path):
     logs = []
     cfg = replace(vlm_cfg(tiny_vlm), group_size=2)  # 3 parts: [a, a], [missing, b], [corrupt]

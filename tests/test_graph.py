@@ -5,31 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import Recorder
 
 from pipeline.graph import FAILED, INFO, RUNNING, SUCCESS, Graph, GraphError, Stage, StageFailed
 from data.tracking import MemoryTracker
-
-
-class Recorder:
-    """Fake stages that record each execution and can be told to crash."""
-
-    def __init__(self):
-        self.calls: list[str] = []
-        self.crash: set[str] = set()
-
-    def stage(self, name):
-        def fn(ctx):
-            self.calls.append(name)
-            (ctx.out_dir / "partial.txt").write_text("half")
-            if name in self.crash:
-                raise RuntimeError(f"{name} exploded")
-            upstream = {k: (v / "out.txt").read_text() for k, v in ctx.inputs.items()}
-            (ctx.out_dir / "out.txt").write_text(json.dumps({"cfg": ctx.hashed_config,
-                                                             "up": upstream}))
-            ctx.tracker.log({f"{name}/value": 1.0})
-            return {"ok": True}
-
-        return fn
 
 
 @pytest.fixture

@@ -126,16 +126,6 @@ def http_server(tmp_path):
     server.server_close()
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
-
-
 # ----- isolation -----------------------------------------------------------------------------
 def test_files_that_break_the_decoder_after_the_probe_are_rejects(tmp_path):
     c = configs(tmp_path)

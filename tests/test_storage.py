@@ -8,6 +8,7 @@ import json
 import shutil
 
 import pytest
+from conftest import Recorder
 
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -97,35 +98,12 @@ def test_store_operations(s3, tmp_path, kind):
 
 
 # ----- the graph on a bucket ----------------------------------------------------------------
-class Recorder:
-    """Toy stages: each writes a file holding its config and its inputs' files."""
-
-    def __init__(self):
-        self.calls: list[str] = []
-        self.crash: set[str] = set()
-
-    def stage(self, name):
-        def fn(ctx):
-            self.calls.append(name)
-            (ctx.out_dir / "partial.txt").write_text("half")
-            if name in self.crash:
-                raise RuntimeError(f"{name} exploded")
-            upstream = {k: (v / "out.txt").read_text() for k, v in ctx.inputs.items()}
-            (ctx.out_dir / "sub").mkdir(exist_ok=True)
-            (ctx.out_dir / "sub" / "out.bin").write_bytes(bytes(range(256)) * 4)
-            (ctx.out_dir / "out.txt").write_text(json.dumps({"cfg": ctx.hashed_config,
-                                                             "up": upstream}))
-            return {"ok": True}
-
-        return fn
-
-
 CFG = {"a": {"x": 1}, "b": {"y": 1}, "c": {"z": 1}}
 
 
 @pytest.fixture
 def graph_on_s3(s3, tmp_path):
-    rec = Recorder()
+    rec = Recorder(blob=True, log=False)
     stages = [
         Stage("a", rec.stage("a"), config_keys=("a",)),
         Stage("b", rec.stage("b"), inputs=("a",), config_keys=("b",)),

@@ -339,16 +339,6 @@ def test_resuming_with_another_number_of_workers_fails_before_training(shards, t
 
 
 # ----- Ray Train + DeepSpeed ----------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, dashboard_host="127.0.0.1", include_dashboard=True,
-             configure_logging=False)
-    yield
-    ray.shutdown()
-
-
 class Cluster:
     num_workers, gpus_per_worker, cpus_per_worker, peak_tflops_per_worker = 2, 0, 1, None
 
@@ -388,7 +378,7 @@ def losses(out: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def baseline(ray_local, shards, tmp_path_factory) -> Path:
+def baseline(ray_with_state_api, shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("zero2")
     train(shards, out, zero=2, ckpt_every=4)
     return out
@@ -422,7 +412,7 @@ def test_zero2_trains_with_falling_loss(baseline):
 
 
 @pytest.mark.parametrize("zero,offload", [(1, False), (3, False), (2, True)])
-def test_zero_stage_trains_with_falling_loss(ray_local, shards, tmp_path, zero, offload):
+def test_zero_stage_trains_with_falling_loss(ray_with_state_api, shards, tmp_path, zero, offload):
     res = train(shards, tmp_path, zero=zero, offload=offload)
     assert res["zero_stage"] == zero
     assert falling(losses(tmp_path))
@@ -430,7 +420,7 @@ def test_zero_stage_trains_with_falling_loss(ray_local, shards, tmp_path, zero, 
         check_zero_to_fp32(tmp_path)
 
 
-def test_zero3_param_offload_bf16_accumulation_clipping_and_checkpointing(ray_local, shards,
+def test_zero3_param_offload_bf16_accumulation_clipping_and_checkpointing(ray_with_state_api, shards,
                                                                          tmp_path):
     """One run of the options the stage tests leave out: ZeRO-3 with parameters offloaded to
     the CPU, bf16 on the CPU under DeepSpeed, 2 accumulation steps, gradient clipping and the
@@ -449,7 +439,7 @@ def test_zero3_param_offload_bf16_accumulation_clipping_and_checkpointing(ray_lo
     assert max(samples) == 4  # 2 micro-batches per step on each of 2 workers
 
 
-def test_nonfinite_losses_stop_the_run_with_a_message_and_no_retry(ray_local, shards, tmp_path):
+def test_nonfinite_losses_stop_the_run_with_a_message_and_no_retry(ray_with_state_api, shards, tmp_path):
     """An absurd learning rate: step 0 is finite and blows the weights up, every later loss
     is inf. Each such step is skipped whole (2 micro-batches each), the lr stays on its
     schedule, and after train.max_nonfinite in a row the run stops; the driver raises the
@@ -495,7 +485,7 @@ def test_zero2_checkpoint_converts_with_zero_to_fp32(baseline):
     assert len(Checkpoints(baseline / "checkpoints", 2).complete_tags()) == 2  # keep last K
 
 
-def test_killed_worker_resumes_and_matches_uninterrupted_run(ray_local, shards, baseline,
+def test_killed_worker_resumes_and_matches_uninterrupted_run(ray_with_state_api, shards, baseline,
                                                              tmp_path):
     import psutil
 
@@ -576,7 +566,7 @@ def test_loader_resumes_exactly_with_partly_filled_buckets(mixed_shards):
         assert ka == kb and ca == cb and torch.equal(va, vb)
 
 
-def test_frozen_open_clip_encoder_trains_through_the_embedding_cache(ray_local, shards, tmp_path):
+def test_frozen_open_clip_encoder_trains_through_the_embedding_cache(ray_with_state_api, shards, tmp_path):
     """A frozen text tower (tiny random open_clip, no download) under ZeRO-0 (the one stage the
     other runs leave out; fp32, so the trainer computes the gradient norm itself): its
     embeddings come from the cache, it gets no optimizer state, and the DiT still learns."""

@@ -136,9 +136,7 @@ class Tokenizer:
     """open_clip BPE tokenizer returning (ids, mask) padded/truncated to max_length."""
 
     def __init__(self, max_length: int = 32, bpe=None):
-        from open_clip.tokenizer import (
-            SimpleTokenizer,  # lazy: importing open_clip takes seconds
-        )
+        from open_clip.tokenizer import SimpleTokenizer  # lazy: importing open_clip takes seconds
 
         self._bpe = bpe if bpe is not None else SimpleTokenizer()
         self.max_length = max_length
@@ -185,9 +183,7 @@ class HFTokenizer:
     """A transformers tokenizer (model id or local directory) -> (ids, mask) padded to max_length."""
 
     def __init__(self, name: str, max_length: int):
-        from transformers import (
-            AutoTokenizer,  # lazy: transformers ~1 s to import, needed only here
-        )
+        from transformers import AutoTokenizer  # lazy: transformers ~1 s to import, needed only here
 
         self._tok = AutoTokenizer.from_pretrained(name)
         self.max_length = max_length
@@ -362,9 +358,7 @@ def open_clip_text_state_dict(name: str, pretrained: str) -> dict[str, torch.Ten
     import open_clip  # lazy: open_clip ~7 s to import, needed only here
 
     if os.path.isfile(pretrained):
-        from open_clip.factory import (
-            load_state_dict,  # lazy: open_clip ~7 s to import, needed only here
-        )
+        from open_clip.factory import load_state_dict  # lazy: open_clip ~7 s to import, needed only here
 
         sd = load_state_dict(pretrained)  # handles safetensors, {"state_dict": ...}, "module." prefixes
     else:  # a tag: open_clip resolves it (from its cache, or downloading once) and builds the full model
@@ -379,9 +373,7 @@ class T5TextEncoder(FrozenTextEncoder):
 
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__(cfg)
-        from transformers import (
-            T5EncoderModel,  # lazy: transformers ~1 s to import, needed only here
-        )
+        from transformers import T5EncoderModel  # lazy: transformers ~1 s to import, needed only here
 
         self.model = T5EncoderModel.from_pretrained(cfg.name, dtype=ENCODER_DTYPES[cfg.precision])
         self.out_dim = self.model.config.d_model

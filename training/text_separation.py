@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from data.synthetic import COLORS, COUNTS, DIRECTIONS, SHAPES, ClipSpec, caption
 from data.prompts import parse_prompt, synthetic_prompts
+from data.synthetic import COLORS, COUNTS, DIRECTIONS, SHAPES, ClipSpec, caption
 
 ATTRIBUTES = ("color", "shape", "direction", "count")
 

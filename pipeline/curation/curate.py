@@ -42,13 +42,7 @@ from data.video_io import (
 )
 from pipeline.curation.dedup import thumbnail_embeddings
 from pipeline.curation.ingest import FetchError, fetch_item
-from pipeline.curation.media import (
-    MediaError,
-    MediaLimits,
-    read_clip_frames,
-    read_display,
-    run_isolated,
-)
+from pipeline.curation.media import MediaError, MediaLimits, read_clip_frames, read_display, run_isolated
 from pipeline.curation.parts import read_parts, run_parts
 from pipeline.curation.scores import TEXT_MIN_SIZE, apply_filters, cpu_scores
 from pipeline.curation.shots import split_shots

@@ -55,15 +55,7 @@ from data.shards import write_shard, write_sidecar
 from data.storage import Store
 from data.video_io import MP4_AUDIO, _rate, remux_mp4
 from pipeline.curation.ingest import FetchError
-from pipeline.curation.media import (
-    MediaError,
-    MediaLimits,
-    run_isolated,
-    source_path,
-    stored_size,
-    to_display,
-    turned,
-)
+from pipeline.curation.media import MediaError, MediaLimits, run_isolated, source_path, stored_size, to_display, turned
 from pipeline.curation.retry import TransientError, is_transient, retry
 
 

@@ -119,9 +119,7 @@ def adaptive_cuts(scores: np.ndarray, threshold: float, window: int, min_content
 def fade_cuts(frames: np.ndarray, fps: float, threshold: float) -> list[int]:
     """PySceneDetect's ThresholdDetector (fades to and from black), run frame by frame: it is a
     small state machine with no vectorised form, and cheap (a mean per frame)."""
-    from scenedetect import (
-        FrameTimecode,  # lazy: scenedetect ~0.6 s to import, needed only here
-    )
+    from scenedetect import FrameTimecode  # lazy: scenedetect ~0.6 s to import, needed only here
     from scenedetect.detectors import ThresholdDetector
 
     detector = ThresholdDetector(threshold=threshold, min_scene_len=0)

@@ -32,8 +32,7 @@ of the page) and ``document`` (the whole HTML document, and :func:`write_report`
 """
 
 
-from pipeline.report.charts import (bar_chart, fmt_tick, histogram_chart, line_chart, nice_ticks,
-                                    thin)
+from pipeline.report.charts import bar_chart, fmt_tick, histogram_chart, line_chart, nice_ticks, thin
 from pipeline.report.document import write_report
 from pipeline.report.load import ReportError, RunData, StageData, load_run
 from pipeline.report.page import EMBED_VIDEOS_MAX_BYTES, ReportConfig

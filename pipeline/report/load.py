@@ -13,7 +13,7 @@ from typing import Any, Optional
 import pyarrow.parquet as pq
 
 from data.redact import redact
-from data.storage import FAILED, INFO, SUCCESS
+from data.storage import FAILED, INFO, SUCCESS, has_scheme
 
 
 @dataclass
@@ -110,7 +110,7 @@ def _json_or_none(path: Path) -> Any:
 
 
 def load_run(root: str | Path, run_id: str | None = None) -> RunData:
-    if "://" in str(root):
+    if has_scheme(root):
         raise ReportError(f"run.root {root} is a URL: the report reads local files; copy the run "
                           f"root down (runs/ and stages/ without shards) and point run.root at it")
     root = Path(root).absolute()

@@ -47,12 +47,7 @@ from data.video_io import read_frames, write_mp4
 from training.checkpoint import COMPLETE, tag_of, weights_only_loads
 from training.evaluation.probes import probe_scores, probe_video, prompt_sensitivity
 from training.evaluation.samples import grid_video, sample_table
-from training.evaluation.video_metrics import (
-    ClipScoreConfig,
-    FVDConfig,
-    feature_stats,
-    fvd,
-)
+from training.evaluation.video_metrics import ClipScoreConfig, FVDConfig, feature_stats, fvd
 from training.flops import token_grid
 from training.flow import FlowConfig, euler_sample, flow_loss, shift_for, text_model_fn
 from training.latent.recon_metrics import evaluate_reconstruction

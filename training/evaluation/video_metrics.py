@@ -107,9 +107,7 @@ class VideoMAEFeatures:
     name = "videomae"
 
     def __init__(self, path: str, device: str | torch.device = "cpu", batch_size: int = 8):
-        from transformers import (
-            VideoMAEModel,  # lazy: transformers ~1 s to import, needed only here
-        )
+        from transformers import VideoMAEModel  # lazy: transformers ~1 s to import, needed only here
 
         self.model = VideoMAEModel.from_pretrained(path).to(device).eval()
         self.device, self.batch_size = torch.device(device), batch_size

@@ -41,14 +41,7 @@ from data.checks import check_ranges
 from data.shards import read_shards
 from training.latent.recon_metrics import psnr, ssim
 from training.latent.vae import VAEConfig
-from training.loader import (
-    Bucket,
-    ClipStream,
-    Loader,
-    LoaderConfig,
-    decode_sample,
-    normalize,
-)
+from training.loader import Bucket, ClipStream, Loader, LoaderConfig, decode_sample, normalize
 
 RECON_LOSSES = ("l1", "mse")
 PERCEPTUAL_NETS = ("vgg16", "alexnet", "squeezenet1_1")

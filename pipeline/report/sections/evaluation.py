@@ -9,8 +9,15 @@ from pipeline.report.charts import line_chart
 from pipeline.report.load import _finite, _flatten
 from pipeline.report.markup import _badge, _kv_table, _note, esc, fmt
 from pipeline.report.page import Page
-from pipeline.report.results import (RESULTS_NOT_METRICS, TIMESTEP_BUCKET, _sample_checks,
-                                     eval_points, eval_stages, final_samples, probe_rows)
+from pipeline.report.results import (
+    RESULTS_NOT_METRICS,
+    TIMESTEP_BUCKET,
+    _sample_checks,
+    eval_points,
+    eval_stages,
+    final_samples,
+    probe_rows,
+)
 
 
 def evaluation(page: Page) -> str:

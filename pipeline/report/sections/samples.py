@@ -8,8 +8,7 @@ from pathlib import Path
 from pipeline.report.load import _finite
 from pipeline.report.markup import _badge, _note, esc, fmt
 from pipeline.report.page import Page
-from pipeline.report.results import (_probe_matches, _sample_checks, eval_stages, final_samples,
-                                     probe_rows)
+from pipeline.report.results import _probe_matches, _sample_checks, eval_stages, final_samples, probe_rows
 
 
 def samples(page: Page) -> str:
