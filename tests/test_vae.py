@@ -246,7 +246,8 @@ def test_diffusers_wan_vae_precomputes_shards_that_train_and_evaluate(shards, tm
     step on them, and evaluation's val loss and samples go through the same VAE."""
     from diffusers import AutoencoderKLWan
 
-    from training.evaluation.evaluate import EvalConfig, sample_videos, validation_loss, load_val_clips
+    from training.evaluation.evaluate import EvalConfig, sample_videos, validation_loss
+    from training.loader import read_clips
     from training.flow import FlowConfig, flow_loss
     from training.model import ModelConfig
     from training.trainer import TrainConfig, check_latent_data, follow_data
@@ -280,7 +281,7 @@ def test_diffusers_wan_vae_precomputes_shards_that_train_and_evaluate(shards, tm
 
     space = load_latent_space(rec)  # what evaluation rebuilds from train_config.json's `latent`
     ecfg = EvalConfig(val_timesteps=[0.5], sample_steps=2, batch_size=2)
-    clips = load_val_clips(shards["val"], 2, T, SIZE, None)
+    clips = read_clips(shards["val"], 2, T, SIZE, None)
     val = validation_loss(model.eval(), model.tokenizer, clips, ecfg, torch.device("cpu"), space)
     assert val["val/clips"] == 2 and np.isfinite(val["val/loss"])
     frames = sample_videos(model, model.tokenizer, ["a red circle"], ecfg, (16, 3, 4, 4), 1.0,

@@ -162,6 +162,25 @@ def decode_sample(sample: dict, num_frames: int, size: tuple[int, int],
     return to_tensor(frames), caption
 
 
+def read_clips(shards: list[str], max_clips: int, num_frames: int, size: tuple[int, int],
+               target_fps: float | None, purpose: str = "validation") -> list[tuple[torch.Tensor, str]]:
+    """The first `max_clips` decodable clips of `shards` (held-out ones, for evaluation, the
+    VAE's validation and reconstruction metrics), each its first window of `num_frames` frames
+    (no RNG): [((3, T, H, W) uint8, caption)]. Corrupt clips are skipped; none at all raises,
+    naming the `purpose`."""
+    clips = []
+    for s in read_shards(shards):
+        try:
+            clips.append(decode_sample(s, num_frames, size, target_fps, rng=None))
+        except Exception:  # noqa: BLE001 - corrupt held-out clips are skipped
+            continue
+        if len(clips) >= max_clips:
+            break
+    if not clips:
+        raise RuntimeError(f"no decodable clips for {purpose}")
+    return clips
+
+
 def collate(items: list) -> torch.Tensor:
     """Clips (T, H, W, 3) uint8 arrays -> (B, 3, T, H, W) uint8; latents (C, t, h, w) -> (B, C,
     t, h, w). One numpy copy into a preallocated batch: torch.stack's multi-threaded copy

@@ -42,7 +42,6 @@ import torch
 
 from data.checks import check_ranges, from_dict
 from data.prompts import synthetic_prompts
-from data.shards import read_shards
 from data.video_io import read_frames, write_mp4
 from training.checkpoint import COMPLETE, tag_of, weights_only_loads
 from training.evaluation.probes import probe_scores, probe_video, prompt_sensitivity
@@ -52,7 +51,7 @@ from training.flops import token_grid
 from training.flow import FlowConfig, euler_sample, flow_loss, shift_for, text_model_fn
 from training.latent.recon_metrics import evaluate_reconstruction
 from training.latent.space import load_latent_space
-from training.loader import decode_sample, normalize
+from training.loader import normalize, read_clips
 from training.model import ModelConfig
 from training.text_separation import ATTRIBUTES, caption_pairs
 from training.trainer import TrainConfig
@@ -216,26 +215,10 @@ def _seeded(*key: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
 
 
-def load_val_clips(shards: list[str], max_clips: int, num_frames: int, size: tuple[int, int],
-                   target_fps: float | None) -> list[tuple[torch.Tensor, str]]:
-    """The first `max_clips` decodable held-out clips: [((3, T, H, W) uint8, caption)]."""
-    clips = []
-    for s in read_shards(shards):
-        try:
-            clips.append(decode_sample(s, num_frames, size, target_fps, rng=None))
-        except Exception:  # noqa: BLE001 - corrupt held-out clips are skipped
-            continue
-        if len(clips) >= max_clips:
-            break
-    if not clips:
-        raise RuntimeError("no decodable validation clips")
-    return clips
-
-
 @torch.no_grad()
 def validation_loss(model, tokenizer, clips, cfg: EvalConfig, device, space=None, flow=None
                     ) -> dict[str, float]:
-    """Flow loss per fixed timestep over `clips` (from load_val_clips), noise seeded per
+    """Flow loss per fixed timestep over `clips` (from `training.loader.read_clips`), noise seeded per
     (clip index, timestep value) -> {"val/loss_t0.10": ..., "val/loss": mean, "val/clips": n}.
     Keyed by the timestep's value, not its position, so adding or removing a timestep leaves
     the others' numbers unchanged.
@@ -316,7 +299,7 @@ def evaluate(cfg: EvalConfig, train_dir: Path, val_shards: list[str], out_dir: P
     extractor = cfg.fvd.build(device) if cfg.fvd.path else None
 
     _, tcfg = train_configs(refs[0].train_dir)
-    clips = load_val_clips(val_shards, max(cfg.val_max_clips, cfg.fvd.num_real if extractor else 0),
+    clips = read_clips(val_shards, max(cfg.val_max_clips, cfg.fvd.num_real if extractor else 0),
                            tcfg["num_frames"], (tcfg["height"], tcfg["width"]),
                            tcfg["data"]["target_fps"])
     real_stats, n_real = None, 0

@@ -20,8 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from data.shards import read_shards
-from training.loader import decode_sample, normalize
+from training.loader import normalize, read_clips
 
 
 def _check(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -76,16 +75,8 @@ def evaluate_reconstruction(space, shard_urls: list[str], num_frames: int, size:
     """Encode and decode up to `max_clips` held-out clips (their first window, as evaluation
     does) through `space` (a `training.latent.space.LatentSpace`) -> {"recon/psnr",
     "recon/ssim", "recon/clips"}, means over clips against the clips as the loader gives them."""
-    clips = []
-    for s in read_shards(shard_urls):
-        try:
-            clips.append(decode_sample(s, num_frames, size, target_fps, rng=None)[0])  # (3, T, H, W)
-        except Exception:  # noqa: BLE001 - corrupt held-out clips are skipped
-            continue
-        if len(clips) >= max_clips:
-            break
-    if not clips:
-        raise RuntimeError("no decodable clips to measure reconstruction on")
+    clips = [v for v, _ in read_clips(shard_urls, max_clips, num_frames, size, target_fps,
+                                      "reconstruction metrics")]  # [(3, T, H, W)]
     ps, ss = [], []
     for i in range(0, len(clips), batch_size):
         x = normalize(torch.stack(clips[i : i + batch_size]))  # (B, 3, T, H, W)

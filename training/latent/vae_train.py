@@ -38,10 +38,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data.checks import check_ranges
-from data.shards import read_shards
 from training.latent.recon_metrics import psnr, ssim
 from training.latent.vae import VAEConfig
-from training.loader import Bucket, ClipStream, Loader, LoaderConfig, decode_sample, normalize
+from training.loader import Bucket, ClipStream, Loader, LoaderConfig, normalize, read_clips
 
 RECON_LOSSES = ("l1", "mse")
 PERCEPTUAL_NETS = ("vgg16", "alexnet", "squeezenet1_1")
@@ -135,17 +134,9 @@ class PerceptualLoss(nn.Module):
 
 
 def _val_clips(urls: list[str], cfg: VAETrainConfig) -> torch.Tensor:
-    clips = []
-    for s in read_shards(urls):
-        try:
-            clips.append(decode_sample(s, cfg.num_frames, (cfg.height, cfg.width), cfg.target_fps, rng=None)[0])
-        except Exception:  # noqa: BLE001 - corrupt held-out clips are skipped
-            continue
-        if len(clips) >= cfg.val_max_clips:
-            break
-    if not clips:
-        raise RuntimeError("no decodable clips to evaluate the VAE on")
-    return torch.stack(clips)  # (N, 3, T, H, W) uint8
+    clips = read_clips(urls, cfg.val_max_clips, cfg.num_frames, (cfg.height, cfg.width), cfg.target_fps,
+                       "the VAE's validation")
+    return torch.stack([v for v, _ in clips])  # (N, 3, T, H, W) uint8
 
 
 @torch.no_grad()
