@@ -1,6 +1,10 @@
 """Shared test fixtures."""
 
+import contextlib
+import functools
+import http.server
 import json
+import threading
 
 import pytest
 import ray
@@ -64,3 +68,25 @@ class Recorder:
             return {"ok": True}
 
         return fn
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """A static-file handler that does not log each request to stderr."""
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def serve_http(handler, directory=None):
+    """A real HTTP server on 127.0.0.1 in a thread -> its base URL. `handler`: a
+    BaseHTTPRequestHandler class; with `directory`, a SimpleHTTPRequestHandler serving it."""
+    if directory is not None:
+        handler = functools.partial(handler, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

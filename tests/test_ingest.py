@@ -7,19 +7,17 @@ server. One prober child serves the whole module, as one would serve a Ray worke
 
 from __future__ import annotations
 
-import functools
 import gzip
 import hashlib
-import http.server
 import json
 import os
 import re
 import shutil
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from conftest import QuietHandler, serve_http
 
 from data import bad_inputs
 from data.probe import REASONS, Prober, ProbeConfig, safe_probe
@@ -57,17 +55,8 @@ def http_root(tmp_path):
     www = tmp_path / "www"
     www.mkdir()
 
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             functools.partial(Quiet, directory=str(www)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield www, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serve_http(QuietHandler, www) as url:
+        yield www, url
 
 
 def good_mp4(videos: Path) -> Path:

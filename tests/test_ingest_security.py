@@ -10,7 +10,6 @@ root ignore them), a real Ray cluster for the curation of the refused items.
 
 from __future__ import annotations
 
-import functools
 import http.server
 import json
 import os
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import QuietHandler, serve_http
 
 from data.probe import Prober, ProbeConfig
 from data.synthetic import SourceConfig, generate
@@ -51,20 +51,13 @@ def http_root(tmp_path):
     www.mkdir()
     seen: list[str] = []
 
-    class Counting(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
+    class Counting(QuietHandler):
         def send_head(self):
             seen.append(self.path)
             return super().send_head()
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             functools.partial(Counting, directory=str(www)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield www, f"http://127.0.0.1:{server.server_address[1]}", seen
-    server.shutdown()
-    server.server_close()
+    with serve_http(Counting, www) as url:
+        yield www, url, seen
 
 
 @pytest.fixture
@@ -105,12 +98,9 @@ def trickle_url():
                     return
                 stop.wait(0.05)  # the server's pace, not a test waiting
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    stop.set()
-    server.shutdown()
-    server.server_close()
+    with serve_http(Trickle) as url:
+        yield url
+        stop.set()
 
 
 def reasons(items: list[dict]) -> list:

@@ -8,17 +8,16 @@ report) nor in the CLI's output, while the listed input proves the server got it
 
 from __future__ import annotations
 
-import functools
 import http.server
 import json
 import os
 import secrets
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
+from conftest import serve_http
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from pipeline.graph import Graph, Stage, StageContext, StageFailed
@@ -165,12 +164,8 @@ def guarded_http(tmp_path):
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             functools.partial(Guarded, directory=str(www)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", seen
-    server.shutdown()
-    server.server_close()
+    with serve_http(Guarded, www) as url:
+        yield url, seen
 
 
 def spacetime(*args, cwd: Path) -> subprocess.CompletedProcess:

@@ -15,14 +15,12 @@
 
 from __future__ import annotations
 
-import functools
 import http.server
 import io
 import json
 import os
 import shutil
 import socket
-import threading
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -31,6 +29,7 @@ import av
 import cv2
 import numpy as np
 import pytest
+from conftest import serve_http
 import webdataset as wds
 
 from data import bad_inputs
@@ -118,12 +117,8 @@ def http_server(tmp_path):
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             functools.partial(Handler, directory=str(www)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield www, f"http://127.0.0.1:{server.server_address[1]}", state
-    server.shutdown()
-    server.server_close()
+    with serve_http(Handler, www) as url:
+        yield www, url, state
 
 
 # ----- isolation -----------------------------------------------------------------------------
