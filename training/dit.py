@@ -23,10 +23,10 @@ Self-attention is one of (``DiTConfig.attention``):
   attention among the T' tokens at each spatial position, each with its own adaLN-Zero gate
   (cost ~ N (H'W' + T')). Same RoPE: within a frame the temporal rotation cancels, and vice versa.
 
-Packing (``training.patches.pack_clips`` + ``DiT.forward_packed``): several clips of different (T, H, W) laid end
-to end in one sequence (or a few rows of at most ``max_tokens``), with block-diagonal masks so
-that each clip's tokens attend only to their own clip and caption, and per-clip timestep and
-text conditioning. Each clip's output equals its unpacked forward (up to float rounding).
+Packing (``training.patches.pack_clips`` + ``DiT.forward_packed``): several clips of different
+(T, H, W) laid end to end in one sequence (or a few rows of at most ``max_tokens``), with
+block-diagonal masks so that each clip's tokens attend only to their own clip and caption, and
+per-clip timestep and text conditioning. Each clip's output equals its unpacked forward (up to float rounding).
 The masks are dense (R, 1, N, N) booleans handed to SDPA, so packing saves padding, not
 attention compute; a varlen/flex kernel is the next step for long packed rows.
 
