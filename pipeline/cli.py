@@ -115,17 +115,19 @@ def preflight(cfg) -> None:
         from pipeline.curation.ingest import check_inputs  # lazy: CLI start-up 0.1 s, 9 s with eager imports
 
         check_inputs(cfg.ingest)  # ValueError naming ingest.inputs[i]
+    from training.patches import check_patchable  # lazy: CLI start-up 0.1 s, 9 s with eager imports
     from training.trainer import buckets_of  # lazy: CLI start-up 0.1 s, 9 s with eager imports
 
     micro = micro_batch_size(cfg.train, cfg.cluster.num_workers, cfg.deepspeed.grad_accum)
-    pt, ph, pw = cfg.model.dit.patch_size
     latent = cfg.train.data.kind == "latent"
     if latent and cfg.latent.kind == "ours":  # our VAE's latent space is known from its config
         check_our_latents(cfg, [(b.num_frames, b.height, b.width) for b in buckets_of(cfg.train, micro)])
     for b in buckets_of(cfg.train, micro) if not latent else ():  # latents: checked in latent space
-        if b.num_frames % pt or b.height % ph or b.width % pw:
-            raise SystemExit(f"spacetime: train shape {b.num_frames}x{b.height}x{b.width} is "
-                             f"not divisible by model.dit.patch_size {list(cfg.model.dit.patch_size)}")
+        try:
+            check_patchable((b.num_frames, b.height, b.width), cfg.model.dit.patch_size,
+                            what="train shape", key="model.dit.patch_size")
+        except ValueError as e:
+            raise SystemExit(f"spacetime: {e}") from None
     resolve_mode(cfg.tracking.mode)
 
 
@@ -134,6 +136,7 @@ def check_our_latents(cfg, shapes: list[tuple[int, int, int]]) -> None:
     and an explicit model.dit.in_channels is the VAE's (before the vae stage spends its time).
     A diffusers VAE is checked when it is loaded (precompute) and before training starts."""
     from training.latent.vae import latent_shape  # lazy: CLI start-up 0.1 s, 9 s with eager imports
+    from training.patches import check_patchable  # lazy: CLI start-up 0.1 s, 9 s with eager imports
 
     vae, dit = cfg.vae.model, cfg.model.dit
     if dit.in_channels not in (None, vae.latent_channels):
@@ -144,10 +147,10 @@ def check_our_latents(cfg, shapes: list[tuple[int, int, int]]) -> None:
             t, h, w = latent_shape(shape, vae.compression)
         except ValueError as e:
             raise SystemExit(f"spacetime: train.num_frames/height/width: {e}") from None
-        pt, ph, pw = dit.patch_size
-        if t % pt or h % ph or w % pw:
-            raise SystemExit(f"spacetime: the latents ({t}, {h}, {w}) of train shape {shape} are not divisible "
-                             f"by model.dit.patch_size {list(dit.patch_size)}")
+        try:
+            check_patchable((t, h, w), dit.patch_size, what="the grid of latents", key="model.dit.patch_size")
+        except ValueError as e:
+            raise SystemExit(f"spacetime: train shape {shape}: {e}") from None
 
 
 def cmd_status(graph, cfg_dict) -> int:

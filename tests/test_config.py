@@ -145,6 +145,14 @@ def test_preflight_rejects_indivisible_batch():
         preflight(cfg)
 
 
+def test_preflight_names_the_train_shape_the_patch_cannot_cut():
+    """Pixel training shapes go through the one shape check (training.patches.check_patchable)."""
+    cfg = to_object(compose_cfg(["model.dit.patch_size=[3,4,4]"]))
+    with pytest.raises(SystemExit, match=r"^spacetime: train shape \(\d+, \d+, \d+\) is not divisible by "
+                                         r"model.dit.patch_size \[3, 4, 4\]"):
+        preflight(cfg)
+
+
 def test_cli_surface_is_frozen():
     # Changing the surface is deliberate: update this test with the README.
     assert SUBCOMMANDS == ("run", "status", "params", "report", "submit", "jobs", "logs", "stop",

@@ -22,8 +22,9 @@ from conftest import QuietHandler, serve_http
 from data import bad_inputs
 from data.probe import REASONS, Prober, ProbeConfig, safe_probe
 from data.synthetic import BAD_KINDS, SourceConfig, generate
-from pipeline.curation.ingest import (BlocklistConfig, FetchError, IngestConfig, check_blocklist, fetch,
-                             fetch_item, list_inputs, make_id)
+from pipeline.curation.blocklist import BlocklistConfig, check_blocklist
+from pipeline.curation.fetch import FetchError, fetch
+from pipeline.curation.ingest import IngestConfig, fetch_item, list_inputs, make_id
 
 # The synthetic source labels are coarse ("unreadable" for everything that fails to open);
 # the probe names the exact reason. "frozen" is a good file for the probe (motion is scored

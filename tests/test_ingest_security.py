@@ -26,9 +26,10 @@ from conftest import QuietHandler, serve_http
 
 from data.probe import Prober, ProbeConfig
 from data.synthetic import SourceConfig, generate
+from pipeline.curation.blocklist import BlocklistConfig, check_blocklist
 from pipeline.curation.curate import CurateConfig, CurateConfigs, read_rejects, run_curate, write_rejects
-from pipeline.curation.ingest import (BlocklistConfig, FetchError, IngestConfig, RemoteManifestConfig,
-                             check_blocklist, check_inputs, fetch, fetch_item, list_inputs)
+from pipeline.curation.fetch import FetchError, fetch
+from pipeline.curation.ingest import IngestConfig, RemoteManifestConfig, check_inputs, fetch_item, list_inputs
 from pipeline.curation.shots import ShotConfig
 from pipeline.curation.scores import ScoreConfig
 

@@ -10,24 +10,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from training.dit import (
-    ADALNS,
-    ATTENTIONS,
-    PRESETS,
-    DiT,
-    DiTConfig,
-    apply_rope,
-    count_params,
-    grid_positions,
-    pack_clips,
-    patchify,
-    rope_cos_sin,
-    rope_dims,
-    rope_freqs,
-    timestep_embedding,
-    unpack,
-    unpatchify,
-)
+from training.dit import ADALNS, ATTENTIONS, PRESETS, DiT, DiTConfig, count_params, timestep_embedding
+from training.flops import token_grid
 from training.flow import (
     FlowConfig,
     drop_captions,
@@ -39,7 +23,9 @@ from training.flow import (
     shift_timesteps,
     text_model_fn,
 )
+from training.patches import check_patchable, pack_clips, patchify, unpack, unpatchify
 from training.precision import autocast_context, compute_dtype
+from training.rope import apply_rope, grid_positions, rope_cos_sin, rope_dims, rope_freqs
 from training.text import TextEncoderConfig
 
 TEXT_DIM = 128
@@ -96,6 +82,23 @@ def test_patchify_unpatchify_exact_inverse(shape, patch):
 def test_patchify_rejects_indivisible():
     with pytest.raises(ValueError):
         patchify(torch.randn(1, 3, 3, 16, 16), (2, 4, 4))
+
+
+def test_one_shape_check_names_the_shape_and_the_key():
+    """check_patchable is the one divisibility check: the DiT, the FLOP counter (its grid) and
+    the preflight raise its error, which names the config key that sets the patch."""
+    check_patchable((4, 16, 16), [2, 4, 4])  # divisible: no error
+    with pytest.raises(ValueError, match=r"^train shape \(3, 16, 16\) is not divisible by model.dit.patch_size \[2, 4, 4\]"):
+        check_patchable((3, 16, 16), [2, 4, 4], what="train shape", key="model.dit.patch_size")
+    with pytest.raises(ValueError, match=r"^clip size \(4, 16, 18\) is not divisible by patch \[1, 4, 4\]"):
+        patchify(torch.randn(1, 3, 4, 16, 18), (1, 4, 4))
+    cfg = DiTConfig(patch_size=[2, 4, 4])
+    text, mask = random_text(1, 3, [3])
+    with pytest.raises(ValueError, match=r"clip size \(3, 16, 16\) is not divisible by model.dit.patch_size \[2, 4, 4\]"):
+        cfg.build()(torch.randn(1, 3, 3, 16, 16), torch.rand(1), text, mask)
+    assert token_grid(cfg, (4, 16, 16)) == (2, 4, 4)
+    with pytest.raises(ValueError, match=r"clip size \(5, 16, 16\) is not divisible by model.dit.patch_size"):
+        token_grid(cfg, (5, 16, 16))
 
 
 # ------------------------------------------------------------------ DiT forward

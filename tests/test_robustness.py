@@ -39,7 +39,8 @@ from data.synthetic import SourceConfig, generate, render, sample_spec
 from data.video_io import read_frames, read_frames_av, write_mp4
 from pipeline.curation.curate import (CurateConfig, CurateConfigs, curate_group, curate_video,
                              read_rejects, write_rejects)
-from pipeline.curation.ingest import FetchError, IngestConfig, fetch, list_inputs
+from pipeline.curation.fetch import FetchError, fetch
+from pipeline.curation.ingest import IngestConfig, list_inputs
 from pipeline.curation.media import PRELOAD, MediaError, MediaLimits, read_clip_frames, read_display, to_display
 from pipeline.curation.scores import Bounds, ScoreConfig, cpu_scores
 from pipeline.curation.retry import TransientError

@@ -23,22 +23,23 @@ Self-attention is one of (``DiTConfig.attention``):
   attention among the T' tokens at each spatial position, each with its own adaLN-Zero gate
   (cost ~ N (H'W' + T')). Same RoPE: within a frame the temporal rotation cancels, and vice versa.
 
-Packing (``pack_clips`` + ``DiT.forward_packed``): several clips of different (T, H, W) laid end
-to end in one sequence (or a few rows of at most ``max_tokens``), with block-diagonal masks so
-that each clip's tokens attend only to their own clip and caption, and per-clip timestep and
-text conditioning. Each clip's output equals its unpacked forward (up to float rounding).
+Packing (``training.patches.pack_clips`` + ``DiT.forward_packed``): several clips of different
+(T, H, W) laid end to end in one sequence (or a few rows of at most ``max_tokens``), with
+block-diagonal masks so that each clip's tokens attend only to their own clip and caption, and
+per-clip timestep and text conditioning. Each clip's output equals its unpacked forward (up to float rounding).
 The masks are dense (R, 1, N, N) booleans handed to SDPA, so packing saves padding, not
 attention compute; a varlen/flex kernel is the next step for long packed rows.
 
-The module is pure: no distributed calls, logging or I/O. Parallelism and precision are
-applied from outside (training/).
+The tensor plumbing lives beside it: patchify, unpatchify and packing in training/patches.py,
+the 3D RoPE in training/rope.py. The module is pure: no distributed calls, logging or I/O.
+Parallelism and precision are applied from outside (training/).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -46,6 +47,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from data.checks import check_ranges
+from training.patches import PackedClips, packed_text, patch_grid, patchify, unpack, unpatchify
+from training.rope import grid_positions, rope_freqs, rotate
 
 # Size presets. Only the transformer trunk changes; everything else comes from the config.
 PRESETS: dict[str, dict] = {
@@ -144,171 +147,6 @@ class DiTConfig:
 
     def build(self) -> "DiT":
         return DiT(self)
-
-
-# --------------------------------------------------------------------------------------
-# Patchify / unpatchify (pure functions)
-# --------------------------------------------------------------------------------------
-
-
-def patch_grid(shape: tuple[int, int, int], patch) -> tuple[int, int, int]:
-    """Token grid (T', H', W') for a clip of (T, H, W) frames/pixels; raises if not divisible."""
-    if any(s % p for s, p in zip(shape, patch)):
-        raise ValueError(f"clip size (T, H, W)={tuple(shape)} is not divisible by patch {tuple(patch)}")
-    return tuple(s // p for s, p in zip(shape, patch))  # type: ignore[return-value]
-
-
-def patchify(x: torch.Tensor, patch) -> torch.Tensor:
-    """(B, C, T, H, W) -> (B, N, pt*ph*pw*C), tokens in (t, h, w) raster order."""
-    pt, ph, pw = patch
-    B, C, T, H, W = x.shape
-    gt, gh, gw = patch_grid((T, H, W), patch)
-    x = x.reshape(B, C, gt, pt, gh, ph, gw, pw)  # (B, C, T', pt, H', ph, W', pw)
-    x = x.permute(0, 2, 4, 6, 3, 5, 7, 1)  # (B, T', H', W', pt, ph, pw, C)
-    return x.reshape(B, gt * gh * gw, pt * ph * pw * C)  # (B, N, P*C)
-
-
-def unpatchify(tokens: torch.Tensor, patch, grid) -> torch.Tensor:
-    """(B, N, pt*ph*pw*C) -> (B, C, T, H, W); exact inverse of `patchify`."""
-    pt, ph, pw = patch
-    gt, gh, gw = grid
-    B, N, PC = tokens.shape
-    if N != gt * gh * gw or PC % (pt * ph * pw):
-        raise ValueError(f"tokens {tuple(tokens.shape)} do not match grid {tuple(grid)} and patch {tuple(patch)}")
-    C = PC // (pt * ph * pw)
-    x = tokens.reshape(B, gt, gh, gw, pt, ph, pw, C)  # (B, T', H', W', pt, ph, pw, C)
-    x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, T', pt, H', ph, W', pw)
-    return x.reshape(B, C, gt * pt, gh * ph, gw * pw)  # (B, C, T, H, W)
-
-
-# --------------------------------------------------------------------------------------
-# 3D rotary position embedding
-# --------------------------------------------------------------------------------------
-
-
-def rope_dims(head_dim: int) -> tuple[int, int, int]:
-    """Split of the head dim into (t, h, w) rotary parts, each even (Wan-style: h = w = 2*(d//6))."""
-    hw = 2 * (head_dim // 6)
-    return head_dim - 2 * hw, hw, hw
-
-
-def grid_positions(grid, device=None) -> torch.Tensor:
-    """Integer (t, h, w) coordinates of every token of a (T', H', W') grid, raster order -> (N, 3)."""
-    axes = [torch.arange(g, device=device, dtype=torch.float32) for g in grid]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)  # (N, 3)
-
-
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 10000.0):
-    """Rotation angles for positions (..., N, 3) -> cos, sin each (..., N, head_dim // 2).
-
-    Computed on the fly, so any T x H x W (or any per-sample positions, for packing) works.
-    """
-    angles = []
-    for axis, dim in enumerate(rope_dims(head_dim)):
-        inv_freq = theta ** (-torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)  # (dim/2,)
-        angles.append(positions[..., axis : axis + 1].float() * inv_freq)  # (..., N, dim/2)
-    angles = torch.cat(angles, dim=-1)  # (..., N, hd/2)
-    return angles.cos(), angles.sin()
-
-
-def rope_freqs(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
-    """Unit complex rotations for positions (..., N, 3) -> (..., N, 1, hd/2) complex64.
-
-    Shaped to broadcast over the heads of q/k laid out as (B, N, H, hd), as the DiT uses them.
-    """
-    cos, sin = rope_cos_sin(positions, head_dim, theta)  # (..., N, hd/2)
-    return torch.complex(cos, sin).unsqueeze(-2)  # (..., N, 1, hd/2)
-
-
-def rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (..., hd) by complex freqs broadcastable to (..., hd/2).
-
-    One complex multiply in float32 (fewer passes over memory than cos/sin arithmetic);
-    returns float32, the caller casts.
-    """
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # (..., hd/2) complex
-    return torch.view_as_real(xc * freqs).flatten(-2)  # (..., hd) float32
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x (..., N, hd) by angles cos/sin broadcastable to (..., N, hd/2)."""
-    return rotate(x, torch.complex(cos, sin)).type_as(x)  # (..., N, hd)
-
-
-# --------------------------------------------------------------------------------------
-# Packing several clips into one sequence
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class PackedClips:
-    """K clips of different (T, H, W), patchified and laid end to end in R rows of N tokens.
-
-    Made by `pack_clips`; consumed by `DiT.forward_packed` and `unpack`.
-    """
-
-    tokens: torch.Tensor  # (R, N, P*C) patchified clips, zero padding at the end of each row
-    positions: torch.Tensor  # (R, N, 3) float (t, h, w) of each token inside its own clip
-    clip: torch.Tensor  # (R, N) long: index of the token's clip, -1 for padding
-    row_clips: torch.Tensor  # (R, Kmax) long: the clips in each row, -1 padded
-    grids: list[tuple[int, int, int]]  # (T', H', W') per clip
-    rows: list[int]  # row of each clip
-    offsets: list[int]  # first token of each clip in its row
-    patch: tuple[int, int, int]
-
-    @property
-    def num_clips(self) -> int:
-        return len(self.grids)
-
-
-def pack_clips(videos: Sequence[torch.Tensor], patch, max_tokens: Optional[int] = None) -> PackedClips:
-    """Pack clips (C, T_i, H_i, W_i) into rows; first fit in the given order.
-
-    max_tokens None: one row holding every clip. Otherwise each row holds at most max_tokens
-    tokens and a clip never spans two rows. Rows are zero padded to the longest row.
-    """
-    if not videos:
-        raise ValueError("pack_clips needs at least one clip")
-    patch = tuple(int(p) for p in patch)
-    channels = {v.shape[0] for v in videos}
-    if len(channels) != 1 or any(v.ndim != 4 for v in videos):
-        raise ValueError(f"clips must be (C, T, H, W) with one C, got {[tuple(v.shape) for v in videos]}")
-    grids = [patch_grid(tuple(v.shape[1:]), patch) for v in videos]
-    sizes = [math.prod(g) for g in grids]
-    fill: list[int] = []  # tokens used per row
-    rows, offsets = [], []
-    for k, n in enumerate(sizes):
-        if max_tokens is not None and n > max_tokens:
-            raise ValueError(f"clip {k} has {n} tokens (grid {grids[k]}) > max_tokens {max_tokens}")
-        r = next((i for i, used in enumerate(fill) if max_tokens is None or used + n <= max_tokens), len(fill))
-        if r == len(fill):
-            fill.append(0)
-        rows.append(r)
-        offsets.append(fill[r])
-        fill[r] += n
-    R, N = len(fill), max(fill)
-    ref = videos[0]
-    tokens = ref.new_zeros(R, N, math.prod(patch) * ref.shape[0])  # (R, N, P*C)
-    positions = torch.zeros(R, N, 3, device=ref.device)  # (R, N, 3)
-    clip = torch.full((R, N), -1, dtype=torch.long, device=ref.device)  # (R, N)
-    per_row: list[list[int]] = [[] for _ in range(R)]
-    for k, (v, g, r, o, n) in enumerate(zip(videos, grids, rows, offsets, sizes)):
-        tokens[r, o : o + n] = patchify(v.unsqueeze(0), patch)[0]  # (n, P*C)
-        positions[r, o : o + n] = grid_positions(g, ref.device)  # (n, 3)
-        clip[r, o : o + n] = k
-        per_row[r].append(k)
-    kmax = max(len(p) for p in per_row)
-    row_clips = torch.tensor([p + [-1] * (kmax - len(p)) for p in per_row], dtype=torch.long, device=ref.device)  # (R, Kmax)
-    return PackedClips(tokens, positions, clip, row_clips, grids, rows, offsets, patch)
-
-
-def unpack(tokens: torch.Tensor, packed: PackedClips) -> list[torch.Tensor]:
-    """(R, N, P*C) packed tokens -> list of K clips (C, T_i, H_i, W_i)."""
-    out = []
-    for g, r, o in zip(packed.grids, packed.rows, packed.offsets):
-        n = math.prod(g)
-        out.append(unpatchify(tokens[r : r + 1, o : o + n], packed.patch, g)[0])  # (C, T, H, W)
-    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -608,7 +446,7 @@ class DiT(nn.Module):
         B, C, T, H, W = x.shape
         if t.ndim == 0:
             t = t.expand(B)
-        grid = patch_grid((T, H, W), self.patch)
+        grid = patch_grid((T, H, W), self.patch, key="model.dit.patch_size")  # (T', H', W')
         text_mask = text_mask.bool()
         tokens = self.x_embed(patchify(x, self.patch))  # (B, N, D)
         c = self.condition(t, text, text_mask)  # (B, D)
@@ -632,21 +470,6 @@ class DiT(nn.Module):
         row_text, row_mask = packed_text(packed, text, text_mask)  # (R, Kmax*L, Dt), (R, N, Kmax*L)
         out = self.trunk(tokens, c, row_text, row_mask, self.packed_layout(packed))  # (R, N, P*C)
         return unpack(out, packed)
-
-
-def packed_text(packed: PackedClips, text: torch.Tensor, text_mask: torch.Tensor):
-    """Captions of each row's clips side by side, and which token may see which caption token.
-
-    text (K, L, Dt), text_mask (K, L) -> row_text (R, Kmax*L, Dt), row_mask (R, N, Kmax*L) bool.
-    """
-    K, L, Dt = text.shape
-    R, kmax = packed.row_clips.shape
-    idx = packed.row_clips.clamp(min=0)  # (R, Kmax)
-    row_text = text[idx].reshape(R, kmax * L, Dt)  # (R, Kmax*L, Dt)
-    slot_clip = packed.row_clips[:, :, None].expand(R, kmax, L).reshape(R, kmax * L)  # (R, Kmax*L)
-    slot_ok = text_mask[idx].reshape(R, kmax * L) & (slot_clip >= 0)  # (R, Kmax*L)
-    row_mask = (packed.clip[:, :, None] == slot_clip[:, None, :]) & slot_ok[:, None, :]  # (R, N, Kmax*L)
-    return row_text, row_mask
 
 
 def count_params(cfg: DiTConfig) -> int:

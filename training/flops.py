@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import time
 
-from training.dit import FREQ_EMBED_DIM, DiTConfig, patch_grid
+from training.dit import FREQ_EMBED_DIM, DiTConfig
+from training.patches import patch_grid
 
 
 def _mm(m: int, k: int, n: int) -> int:
@@ -69,7 +70,7 @@ def train_flops(cfg: DiTConfig, grid: tuple[int, int, int], text_len: int) -> in
 
 def token_grid(cfg: DiTConfig, shape: tuple[int, int, int]) -> tuple[int, int, int]:
     """(T, H, W) of a clip -> its token grid (T', H', W') under cfg.patch_size."""
-    return patch_grid(tuple(shape), cfg.patch_size)
+    return patch_grid(tuple(shape), cfg.patch_size, key="model.dit.patch_size")
 
 
 def mfu(flops_per_sample: int, samples_per_s: float, peak_flops_per_s: float) -> float:

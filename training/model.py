@@ -21,7 +21,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from training.dit import DiTConfig, PackedClips
+from training.dit import DiTConfig
+from training.patches import PackedClips
 from training.text import TextEmbeddingCache, TextEncoderConfig, encode_captions
 
 
@@ -90,7 +91,7 @@ class TextToVideo(nn.Module):
     def forward_packed(self, packed: PackedClips, t: torch.Tensor, ids: Optional[torch.Tensor] = None,
                        mask: Optional[torch.Tensor] = None, *, text: Optional[torch.Tensor] = None,
                        text_mask: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
-        """K clips packed by `training.dit.pack_clips`, t (K,), one caption per clip -> K velocities."""
+        """K clips packed by `training.patches.pack_clips`, t (K,), one caption per clip -> K velocities."""
         text, text_mask = self._text(ids, mask, text, text_mask)  # (K, L, Dt), (K, L)
         return self.dit.forward_packed(packed, t, text, text_mask)
 

@@ -41,7 +41,8 @@ from data.video_io import (
     decode_size,  # noqa: F401 - also imported from here (tests, benchmarks)
 )
 from pipeline.curation.dedup import thumbnail_embeddings
-from pipeline.curation.ingest import FetchError, fetch_item
+from pipeline.curation.fetch import FetchError
+from pipeline.curation.ingest import fetch_item
 from pipeline.curation.media import MediaError, MediaLimits, read_clip_frames, read_display, run_isolated
 from pipeline.curation.parts import read_parts, run_parts
 from pipeline.curation.scores import TEXT_MIN_SIZE, apply_filters, cpu_scores

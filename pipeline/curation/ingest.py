@@ -34,19 +34,12 @@ URL, and unique among inputs (a URL listed twice is one item, first listing wins
 out in input order, each input's files sorted, so the same inputs give the same list.
 
 Listing never reads video bytes: a bucket of millions of files stays a listing on the driver.
-Reading happens per item on the workers (`fetch_item`): the download, the optional sha256,
-and the blocklist's hash rule, which needs the bytes. A download has a total deadline per file
-(`fetch_timeout_s`, retries included), a read timeout (`fetch_read_timeout_s`: a server that
-accepts and never answers) and its own byte cap (`fetch_max_bytes`, below the probe's).
+Reading happens per item on the workers (`fetch_item`): the blocklist's rules
+(`pipeline.curation.blocklist`; the hash rule needs the bytes), the download
+(`pipeline.curation.fetch`: a total deadline per file, `fetch_timeout_s`, retries included; a
+read timeout, `fetch_read_timeout_s`; its own byte cap, `fetch_max_bytes`, below the probe's)
+and the optional sha256.
 
-The blocklist (`BlocklistConfig`, inline lists and/or a JSON/YAML file at a path or URL)
-excludes an item with a reason:
-- `opted_out`: its `source_url` or `url` is under an opted-out source: a domain (also
-  matching its subdomains), a `domain/path` or `scheme://` URL prefix, or a local path prefix;
-- `license_not_allowed`: its licence is listed in `licenses`, or `allowed_licenses` is set
-  and its licence (possibly missing) is not in it. Licences compare case- and
-  separator-insensitively ("CC BY-NC 4.0" == "cc-by-nc-4.0");
-- `blocked_hash`: the sha256 of its bytes is listed in `sha256`.
 Listing or manifest errors (a missing input, a manifest without the path column) are
 configuration errors and raise before any work starts; everything about a single file is a
 reject with a reason.
@@ -55,67 +48,39 @@ reject with a reason.
 from __future__ import annotations
 
 import csv
-import functools
 import hashlib
 import io
 import json
 import math
 import os
 import posixpath
-import queue
 import re
 import stat
-import threading
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 from urllib.parse import urljoin, urlsplit
 
-import aiohttp
 import fsspec
-import yaml
 from fsspec.core import url_to_fs
 
 from data.checks import check_ranges
-from pipeline.curation.retry import describe, is_transient, retry
+from data.storage import has_scheme, is_url
+from pipeline.curation.blocklist import Blocklist, BlocklistConfig, check_blocklist
+from pipeline.curation.fetch import (
+    DEFAULT_FETCH_TIMEOUT_S,
+    DEFAULT_READ_TIMEOUT_S,
+    FetchError,
+    fetch,
+    file_sha256,
+    is_remote,
+    with_timeouts,
+)
 
 VIDEO_EXTENSIONS = [".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"]
 MANIFEST_SUFFIXES = (".csv", ".csv.gz", ".jsonl", ".jsonl.gz", ".parquet")
 REASONS = ("opted_out", "license_not_allowed", "blocked_hash", "fetch_failed", "too_large",
            "fetch_timeout", "not_allowed_scheme", "not_allowed_host", "sidecar_unreadable",
            "not_a_file")
-DEFAULT_FETCH_TIMEOUT_S = 600.0  # total per file, retries included
-DEFAULT_READ_TIMEOUT_S = 60.0  # connecting, or waiting for the next bytes
-
-
-@dataclass
-class BlocklistConfig:
-    """Opt-outs and exclusions; `path` (JSON or YAML, local or URL) adds to the inline lists."""
-
-    path: Optional[str] = None
-    sources: list[str] = field(default_factory=list)  # domains, URL prefixes, path prefixes
-    sha256: list[str] = field(default_factory=list)  # hex digests of excluded files
-    licenses: list[str] = field(default_factory=list)  # licences not allowed
-    allowed_licenses: Optional[list[str]] = None  # if set, only these (a missing one fails)
-
-    def build(self, storage_options: dict | None = None) -> Blocklist:
-        lists = {"sources": list(self.sources), "sha256": list(self.sha256),
-                 "licenses": list(self.licenses),
-                 "allowed_licenses": None if self.allowed_licenses is None
-                 else list(self.allowed_licenses)}
-        if self.path:
-            with fsspec.open(self.path, "rt", **(storage_options or {})) as f:
-                loaded = yaml.safe_load(f) or {}  # YAML reads JSON too
-            unknown = set(loaded) - set(lists)
-            if unknown:
-                raise ValueError(f"blocklist {self.path}: unknown keys {sorted(unknown)}; "
-                                 f"known: {sorted(lists)}")
-            for k, v in loaded.items():
-                if k == "allowed_licenses" and lists[k] is None:
-                    lists[k] = list(v)
-                else:
-                    lists[k] = (lists[k] or []) + list(v)
-        return Blocklist(**lists)
 
 
 @dataclass
@@ -155,79 +120,6 @@ class IngestConfig:
         check_ranges(self, fetch_retries=">= 0", fetch_backoff_s=">= 0")
 
 
-# ----- the blocklist ------------------------------------------------------------------------
-def normalize_license(name: str | None) -> str:
-    """'CC BY-NC 4.0' -> 'cc-by-nc-4.0'; None -> ''."""
-    return re.sub(r"[\s_\-]+", "-", (name or "").strip().casefold()).strip("-")
-
-
-class Blocklist:
-    """The loaded, indexed form of a BlocklistConfig: lookups cost O(URL length), not
-    O(entries), so a blocklist of many domains stays cheap on millions of items."""
-
-    def __init__(self, sources=(), sha256=(), licenses=(), allowed_licenses=None):
-        self.domains: set[str] = set()
-        self.prefixes: dict[str, list[str]] = {}  # host ("" for local paths) -> URL prefixes
-        for entry in sources:
-            e = str(entry).strip().lower()
-            if not e:
-                continue
-            if "://" in e or e.startswith("/"):
-                self.prefixes.setdefault(_host(e), []).append(e)
-                if e.startswith("/"):  # local items are listed by resolved path
-                    raw = str(entry).strip()
-                    real = (os.path.realpath(raw) + ("/" if raw.endswith("/") else "")).lower()
-                    if real != e:
-                        self.prefixes[""].append(real)
-            elif "/" in e:  # domain/path: same as an http(s) URL prefix, either scheme
-                self.prefixes.setdefault(e.split("/", 1)[0], []).append(e)
-            else:
-                self.domains.add(e.lstrip("."))
-        self.sha256 = {str(h).strip().lower().removeprefix("sha256:") for h in sha256}
-        self.licenses = {normalize_license(x) for x in licenses}
-        self.allowed = None if allowed_licenses is None else {
-            normalize_license(x) for x in allowed_licenses}
-
-    def opted_out(self, url: str | None) -> str | None:
-        """The entry that opts `url` out, or None."""
-        if not url:
-            return None
-        low = url.strip().lower()
-        host = _host(low)
-        labels = host.split(".") if host else []
-        for i in range(len(labels)):  # example.com matches www.example.com
-            if ".".join(labels[i:]) in self.domains:
-                return ".".join(labels[i:])
-        hostpath = host + urlsplit(low).path if "://" in low else low
-        for p in self.prefixes.get(host, ()):
-            if low.startswith(p) or ("://" not in p and hostpath.startswith(p)):
-                return p
-        return None
-
-
-def _host(url: str) -> str:
-    return (urlsplit(url).hostname or "") if "://" in url else ""
-
-
-def check_blocklist(item: dict, blocklist: Blocklist) -> tuple[str, str] | None:
-    """-> (reason, detail) if the blocklist excludes `item`, else None. The hash rule applies
-    only once `item["sha256"]` is known (see `fetch_item`)."""
-    for key in ("source_url", "url"):
-        hit = blocklist.opted_out(item.get(key))
-        if hit:
-            return "opted_out", f"{key} {item[key]} matches {hit!r}"
-    lic = normalize_license(item.get("license"))
-    if lic and lic in blocklist.licenses:
-        return "license_not_allowed", f"licence {item['license']!r} is blocked"
-    if blocklist.allowed is not None and lic not in blocklist.allowed:
-        return "license_not_allowed", (f"licence {item.get('license')!r} not in allowed "
-                                       f"{sorted(blocklist.allowed)}")
-    digest = item.get("sha256")
-    if digest and digest.lower() in blocklist.sha256:
-        return "blocked_hash", f"sha256 {digest}"
-    return None
-
-
 # ----- listing ------------------------------------------------------------------------------
 def _is_local(fs) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
@@ -249,13 +141,13 @@ def _url_to_fs(url: str, storage_options: dict):
 
 def make_id(url: str) -> str:
     """Readable and stable: '<stem>-<12 hex of sha1(url)>'."""
-    stem = os.path.splitext(posixpath.basename(urlsplit(url).path if "://" in url else url))[0]
+    stem = os.path.splitext(posixpath.basename(urlsplit(url).path if has_scheme(url) else url))[0]
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)[:40].strip("._") or "video"
     return f"{slug}-{hashlib.sha1(url.encode()).hexdigest()[:12]}"
 
 
 def _is_manifest(url: str) -> bool:
-    path = urlsplit(url).path if "://" in url else url
+    path = urlsplit(url).path if has_scheme(url) else url
     return path.lower().endswith(MANIFEST_SUFFIXES)
 
 
@@ -275,7 +167,7 @@ def _jsonable(v: Any) -> Any:
 
 
 def _read_manifest(url: str, storage_options: dict) -> list[dict]:
-    low = (urlsplit(url).path if "://" in url else url).lower()
+    low = (urlsplit(url).path if has_scheme(url) else url).lower()
     if low.endswith(".parquet"):
         import pyarrow.parquet as pq  # lazy: pyarrow.parquet ~0.6 s to import, needed only here
 
@@ -354,7 +246,7 @@ def _remote_entry(manifest: str, schemes: set[str], p: str, policy: RemoteManife
 
 def _listing_options(spec: str, cfg: IngestConfig) -> dict:
     """Storage options for listing `spec`: a dead server fails after the read timeout."""
-    return _with_timeouts(spec, cfg.storage_options, cfg.fetch_read_timeout_s, None)
+    return with_timeouts(spec, cfg.storage_options, cfg.fetch_read_timeout_s, None)
 
 
 def _manifest_items(url: str, cfg: IngestConfig) -> list[dict]:
@@ -373,7 +265,7 @@ def _manifest_items(url: str, cfg: IngestConfig) -> list[dict]:
         refused = None
         if not local:  # not trusted: see RemoteManifestConfig
             resolved, refused = _remote_entry(url, _protocols(fs), p, cfg.remote_manifests)
-        elif "://" in p:
+        elif has_scheme(p):
             rfs, rpath = _url_to_fs(p, cfg.storage_options)
             resolved = _canonical(rfs, rpath)
         else:
@@ -487,7 +379,7 @@ def check_inputs(cfg: IngestConfig) -> None:
         raise ValueError("ingest.inputs is empty: list directories, globs, files, URLs or "
                          "manifests")
     for i, spec in enumerate(cfg.inputs):
-        if "://" in spec and not spec.startswith("file://"):
+        if is_url(spec):
             continue
         path = spec.removeprefix("file://")
         magic = re.search(r"[*?\[]", path)
@@ -522,158 +414,7 @@ def list_inputs(cfg: IngestConfig, warnings: list[str] | None = None) -> list[di
     return items
 
 
-# ----- on the worker: bytes -----------------------------------------------------------------
-class FetchError(Exception):
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
-
-
-def is_remote(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")
-
-
-class _Deadline(Exception):
-    """The caller stopped waiting for a download (its thread may still be finishing)."""
-
-
-class _FetchThreads:
-    """Daemon threads that run downloads, so a caller can stop waiting at the deadline
-    whatever the transport is blocked in. Reused: fsspec keeps one filesystem instance (one
-    HTTP session) per thread. A thread whose download was abandoned ends by itself (its
-    transport's read timeout, or the cancel flag between chunks); until then others serve."""
-
-    def __init__(self):
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._idle = 0
-        self._lock = threading.Lock()
-
-    def run(self, fn, timeout_s: float):
-        """fn() in a download thread; raises _Deadline after `timeout_s`."""
-        done, out = threading.Event(), {}
-
-        def job():
-            try:
-                out["value"] = fn()
-            except BaseException as e:  # noqa: BLE001 - handed to the caller
-                out["error"] = e
-            finally:
-                done.set()
-
-        with self._lock:
-            if self._idle:
-                self._idle -= 1
-            else:
-                threading.Thread(target=self._serve, name="spacetime-fetch", daemon=True).start()
-        self._jobs.put(job)
-        if not done.wait(timeout_s):
-            raise _Deadline
-        if "error" in out:
-            raise out["error"]
-        return out["value"]
-
-    def _serve(self):
-        while True:
-            self._jobs.get()()
-            with self._lock:
-                self._idle += 1
-
-
-@functools.lru_cache(maxsize=1)
-def _fetch_threads(pid: int) -> _FetchThreads:  # per process: threads do not survive a fork
-    return _FetchThreads()
-
-
-def _with_timeouts(url: str, storage_options: dict, read_timeout_s: float | None,
-                   timeout_s: float | None) -> dict:
-    """`storage_options` plus the transport's own timeouts (unless they set them): aiohttp's
-    for http(s) (each request also ends by the deadline), botocore's for s3."""
-    so = dict(storage_options)
-    scheme = urlsplit(url).scheme
-    if scheme in ("http", "https"):
-        ck = dict(so.get("client_kwargs") or {})
-        ck.setdefault("timeout", aiohttp.ClientTimeout(
-            total=timeout_s or None, sock_connect=read_timeout_s or None,
-            sock_read=read_timeout_s or None))
-        so["client_kwargs"] = ck
-    elif scheme in ("s3", "s3a") and read_timeout_s:
-        ck = dict(so.get("config_kwargs") or {})
-        ck.setdefault("connect_timeout", read_timeout_s)
-        ck.setdefault("read_timeout", read_timeout_s)
-        so["config_kwargs"] = ck
-    return so
-
-
-def fetch(url: str, cache_dir: str | os.PathLike, *, max_bytes: int | None = None,
-          storage_options: dict | None = None, retries: int = 3, backoff_s: float = 1.0,
-          timeout_s: float | None = DEFAULT_FETCH_TIMEOUT_S,
-          read_timeout_s: float | None = DEFAULT_READ_TIMEOUT_S) -> str:
-    """A local path holding `url`'s bytes. Local paths (and file:// URLs) are returned as
-    they are; remote ones are downloaded once into `cache_dir` (named by the URL's hash,
-    written to a temporary name and renamed, so a crash never leaves a partial file that
-    looks complete). A transient failure (a 5xx, a reset connection, a timeout: see
-    `pipeline.curation.retry`) is retried up to `retries` times with exponential backoff from
-    `backoff_s`; a permanent one (404, 403) is not. The whole download, retries included,
-    has `timeout_s` (None: no deadline); connecting and each wait for bytes `read_timeout_s`.
-    Raises FetchError("too_large" | "fetch_failed" | "fetch_timeout")."""
-    if not is_remote(url):
-        return url.removeprefix("file://")
-    os.makedirs(cache_dir, exist_ok=True)
-    ext = posixpath.splitext(urlsplit(url).path)[1][:8]
-    dest = os.path.join(os.fspath(cache_dir), hashlib.sha1(url.encode()).hexdigest() + ext)
-    if os.path.exists(dest):
-        return dest
-    tmp = f"{dest}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"
-    so = _with_timeouts(url, storage_options or {}, read_timeout_s, timeout_s)
-    cancelled = threading.Event()
-    late = FetchError("fetch_timeout", "abandoned at the deadline")
-
-    def attempt() -> str:
-        if cancelled.is_set():
-            raise late
-        fs, path = _url_to_fs(url, so)
-        size = fs.size(path)  # may be None (an HTTP server without Content-Length)
-        if max_bytes is not None and size is not None and size > max_bytes:
-            raise FetchError("too_large", f"{size} bytes > {max_bytes}")
-        copied = 0
-        with fs.open(path, "rb") as src, open(tmp, "wb") as dst:
-            while chunk := src.read(1 << 20):
-                if cancelled.is_set():
-                    raise late
-                copied += len(chunk)
-                if max_bytes is not None and copied > max_bytes:
-                    raise FetchError("too_large", f"more than {max_bytes} bytes")
-                dst.write(chunk)
-        os.replace(tmp, dest)
-        return dest
-
-    def download() -> str:
-        try:
-            return retry(attempt, attempts=retries + 1, backoff_s=backoff_s)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-    try:
-        if not timeout_s:
-            return download()
-        return _fetch_threads(os.getpid()).run(download, timeout_s)
-    except _Deadline:
-        cancelled.set()
-        raise FetchError("fetch_timeout", f"not downloaded in {timeout_s:g}s "
-                                          f"(ingest.fetch_timeout_s)") from None
-    except FetchError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any transport error is this file's problem
-        tried = f" (after {retries + 1} attempts)" if is_transient(e) and retries else ""
-        raise FetchError("fetch_failed", describe(e)[:300] + tried) from e
-
-
-def file_sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
+# ----- on the worker ------------------------------------------------------------------------
 def fetch_item(item: dict, cfg: IngestConfig, blocklist: Blocklist, cache_dir: str | os.PathLike,
                *, max_bytes: int | None = None) -> tuple[dict | None, tuple[str, str] | None]:
     """Everything ingest does for one item on a worker; never raises for a bad input.

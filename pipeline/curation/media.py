@@ -23,7 +23,7 @@ already has the width scaled by the sample aspect ratio, and the decoders resize
 Fetch-on-miss. A remote source is fetched into the fetch cache of the node that curates it,
 and the clip records that path (``abs_path``). On another node of a cluster that path does
 not exist: `source_path` fetches the clip's URL again into the same place on this node
-(through `pipeline.curation.ingest.fetch`, at most the probed number of bytes, which it must match).
+(through `pipeline.curation.fetch.fetch`, at most the probed number of bytes, which it must match).
 Credentials and endpoints then come from the environment and fsspec's config, as for the
 run's storage.
 """
@@ -38,7 +38,7 @@ import numpy as np
 from data.checks import check_ranges
 from data.isolate import IsolatedError, shared_isolated
 from data.video_io import read_frames, read_frames_av
-from pipeline.curation.ingest import FetchError, fetch, is_remote
+from pipeline.curation.fetch import FetchError, fetch, is_remote
 
 # Imported by the media child before it answers: every call then pays only its own work.
 PRELOAD = ("numpy", "cv2", "av", "decord", "data.video_io", "pipeline.curation.media",
@@ -106,7 +106,7 @@ def to_display(frames: np.ndarray, rotation: int | None) -> np.ndarray:
 def source_path(clip: dict) -> str:
     """A local path holding the clip's source bytes: the curating node's copy when this node
     has it, else the clip's URL fetched again into this node's fetch cache.
-    Raises pipeline.curation.ingest.FetchError."""
+    Raises pipeline.curation.fetch.FetchError."""
     local = clip.get("abs_path")
     if local and os.path.exists(local):
         return local
@@ -144,7 +144,7 @@ def read_clip_frames(clip: dict, indices: list[int], size: tuple[int, int] | Non
                      limits: MediaLimits | None = None) -> np.ndarray:
     """Frames `indices` of the clip's source, at display size `size` (h, w) (None: full),
     decoded in the media child -> (T, h, w, 3) uint8 RGB. Fetches the source on a miss.
-    Raises MediaError or pipeline.curation.ingest.FetchError."""
+    Raises MediaError or pipeline.curation.fetch.FetchError."""
     limits = limits or MediaLimits()
     path = source_path(clip)
     span = max(1, clip.get("end", 1) - clip.get("start", 0))

@@ -54,7 +54,7 @@ from data.probe import display_size
 from data.shards import write_shard, write_sidecar
 from data.storage import Store
 from data.video_io import MP4_AUDIO, _rate, remux_mp4
-from pipeline.curation.ingest import FetchError
+from pipeline.curation.fetch import FetchError
 from pipeline.curation.media import MediaError, MediaLimits, run_isolated, source_path, stored_size, to_display, turned
 from pipeline.curation.retry import TransientError, is_transient, retry
 
@@ -147,7 +147,7 @@ def encode_clip(clip: dict, cfg: ShardConfig) -> tuple[bytes, dict]:
     """The clip's mp4 and what it holds ({"num_frames", "fps", "width", "height",
     "has_audio"}): the source remuxed (`remux_source`) or re-encoded (`encode_span`), in the
     media child. Fetches the source on a miss. Raises pipeline.curation.media.MediaError
-    (``encode_*``) or pipeline.curation.ingest.FetchError."""
+    (``encode_*``) or pipeline.curation.fetch.FetchError."""
     path = source_path(clip)
     lim = cfg.media
     if cfg.passthrough and whole_source(clip):
