@@ -29,13 +29,11 @@ decoded frames without base64 or pickle).
 
 from __future__ import annotations
 
-import atexit
 import functools
 import importlib
 import json
 import os
 import pickle
-import resource
 import select
 import signal
 import struct
@@ -44,8 +42,6 @@ import sys
 import threading
 import time
 from typing import Any
-
-import numpy as np
 
 _LEN = struct.Struct(">Q")
 FAILURES = ("timeout", "crashed", "out_of_memory", "error")
@@ -100,6 +96,8 @@ def _reply(result: Any) -> tuple[dict, bytes | memoryview | None]:
     """A function's result -> (JSON header, raw payload or None)."""
     if not (isinstance(result, dict) and "payload" in result):
         return {"ok": result}, None
+    import numpy as np  # lazy: the child imports numpy only after its limits and thread env are set
+
     rest = {k: v for k, v in result.items() if k != "payload"}
     p = result["payload"]
     if isinstance(p, np.ndarray):
@@ -141,6 +139,8 @@ def _watch_parent() -> None:
 
 
 def _child_main(cfg_json: str) -> None:
+    import resource
+
     cfg = json.loads(cfg_json)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     # The protocol gets its own fds; anything a library prints to stdout goes to stderr.
@@ -212,6 +212,8 @@ class Isolated:
             if meta.get("bytes"):
                 result["payload"] = payload
             else:
+                import numpy as np  # lazy: see _reply
+
                 result["payload"] = np.frombuffer(payload, np.dtype(meta["dtype"])).reshape(
                     meta["shape"])
         return result
@@ -295,6 +297,8 @@ class Isolated:
 
 @functools.lru_cache(maxsize=8)
 def _shared(max_memory_mb: int, startup_timeout_s: float, preload: tuple[str, ...]) -> Isolated:
+    import atexit
+
     worker = Isolated(max_memory_mb, startup_timeout_s, preload)
     atexit.register(worker.close)
     return worker

@@ -27,9 +27,7 @@ from collections.abc import Iterable, Iterator
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
 from braceexpand import braceexpand
-from webdataset.gopen import gopen_schemes
 
 from data.storage import has_scheme
 
@@ -64,7 +62,7 @@ def write_shard(path: str | os.PathLike, samples: Iterable[dict]) -> int:
         raise ValueError(f"shard path must end in .tar (shards are uncompressed): {path}")
     tmp = path + ".tmp"
     try:
-        with wds.TarWriter(tmp, compress=False, mtime=SHARD_MTIME) as writer:
+        with _wds().TarWriter(tmp, compress=False, mtime=SHARD_MTIME) as writer:
             for sample in samples:
                 key = sample["__key__"]
                 if "." in key:
@@ -112,10 +110,16 @@ def _fsspec_open(url, mode="rb", bufsize=8192, **kw):
     return fsspec.open(url, mode).open()
 
 
-# Schemes WebDataset has no handler of its own for go through fsspec (its built-ins: pipe:,
-# http(s):// via curl, gs:// via gsutil, ...). Remote filesystems need their fsspec package
-# (s3fs, gcsfs, adlfs) installed on the workers.
-gopen_schemes["__default__"] = _fsspec_open
+def _wds():
+    """webdataset, with the schemes it has no handler of its own for (its built-ins: pipe:,
+    http(s):// via curl, gs:// via gsutil, ...) going through fsspec. Remote filesystems need
+    their fsspec package (s3fs, gcsfs, adlfs) installed on the workers."""
+    import webdataset as wds  # lazy: it imports torch (~3 GB of address space); the curation media child, under a memory cap, imports this module for its parquet helpers
+
+    from webdataset.gopen import gopen_schemes
+
+    gopen_schemes["__default__"] = _fsspec_open
+    return wds
 
 
 def _all_urls(urls):
@@ -158,7 +162,7 @@ def read_shards(urls: str | list[str], decode_json: bool = True, decode_text: bo
 
         got = 0
         # Callers split shards across ranks and loader workers themselves: every url is read.
-        for sample in wds.WebDataset([url], shardshuffle=False, empty_check=False,
+        for sample in _wds().WebDataset([url], shardshuffle=False, empty_check=False,
                                      nodesplitter=_all_urls, workersplitter=_all_urls,
                                      handler=on_error):
             if failed:
