@@ -368,7 +368,7 @@ def precompute_stage(ctx: StageContext) -> dict:
 # ----- train --------------------------------------------------------------------------------
 def train_stage(ctx: StageContext) -> dict:
     from data.tracking import spec_for
-    from training.trainer import run_training
+    from training.launch import run_training
 
     ensure_ray(ctx)
     run = ctx.section("run")

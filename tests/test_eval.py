@@ -61,7 +61,7 @@ def write_train_dir(out: Path) -> None:
     from training.ema import EMA
     from training.flow import FlowConfig, flow_loss
     from training.trainer import TrainConfig
-    from training.zero import DeepSpeedConfig, build_ds_config
+    from training.parallelize import DeepSpeedConfig, build_ds_config
 
     with closing(socket.socket()) as s:
         s.bind(("127.0.0.1", 0))
@@ -344,7 +344,7 @@ def resume_from_mirrors(train_dir: Path, work: Path) -> None:
     import torch.distributed as dist
 
     from training.checkpoint import Checkpoints
-    from training.zero import DeepSpeedConfig, build_ds_config
+    from training.parallelize import DeepSpeedConfig, build_ds_config
 
     with closing(socket.socket()) as s:
         s.bind(("127.0.0.1", 0))

@@ -27,11 +27,12 @@ from data.video_io import read_frames
 from data.tracking import TrackerSpec
 from training.checkpoint import COMPLETE, Checkpoints
 from training.ema import EMA
+from training.launch import run_training, worker_resources
 from training.loader import Bucket, ClipStream, Loader, LoaderConfig, normalize
 from training.model import ModelConfig
-from training.trainer import (NonFiniteGuard, TrainConfig, lr_lambda, run_training,
-                              worker_resources)
-from training.zero import DeepSpeedConfig, build_ds_config
+from training.parallelize import (DeepSpeedConfig, build_ds_config, checks_overflow, full_params,
+                                  parallelize)
+from training.trainer import NonFiniteGuard, TrainConfig, lr_lambda, param_groups
 
 NUM_FRAMES, SIZE = 8, (32, 32)
 
@@ -316,6 +317,44 @@ def test_deepspeed_config_comes_from_the_hydra_config_with_raw_keys_merged():
         build_ds_config(DeepSpeedConfig(zero_stage=4), 1, "fp32")
     with pytest.raises(ValueError, match="train.precision"):
         build_ds_config(DeepSpeedConfig(), 1, "fp16")
+
+
+def test_parallelize_wraps_the_pure_module_as_the_configs_say(tmp_path, monkeypatch):
+    """One place applies parallelism: the engine holds the module as built, and its ZeRO stage,
+    accumulation, micro batch, optimizer groups and schedule come from the configs given."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("LOCAL_RANK", "0")  # what Ray Train sets in its workers
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        mcfg = ModelConfig()
+        mcfg.dit.patch_size = [2, 4, 4]
+        model = mcfg.build()
+        tcfg = train_cfg(lr=2e-3, warmup_steps=4)
+        engine = parallelize(model, DeepSpeedConfig(zero_stage=1, grad_accum=2),
+                             params=param_groups(model, tcfg.lr, 0.5), lr=tcfg.lr,
+                             weight_decay=0.0, schedule=lr_lambda(tcfg), micro_batch=3,
+                             precision="fp32")
+        assert engine.module is model  # not a copy: the pure nn.Module inside
+        assert engine.zero_optimization_stage() == 1 and checks_overflow(engine)
+        assert (engine.gradient_accumulation_steps(), engine.train_micro_batch_size_per_gpu()) == (2, 3)
+        assert engine.get_lr()[0] == pytest.approx(2e-3 * lr_lambda(tcfg)(0))  # warmup's first rate
+        with full_params(engine, 1) as named:
+            assert named.keys() == {k for k, p in model.named_parameters() if p.requires_grad}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_config_layer_imports_neither_deepspeed_nor_ray():
+    """training.trainer and training.parallelize import them lazily (seconds each) because
+    pipeline.config imports their config dataclasses."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pipeline.config; "
+            "print(sorted(m for m in ('deepspeed', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_workers_gpus_and_backend_come_from_the_cluster_config():
