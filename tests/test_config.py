@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
-from omegaconf.errors import ConfigKeyError, ValidationError
+from omegaconf.errors import ValidationError
 
 from pipeline.cli import SUBCOMMANDS, parse_argv, preflight
 from pipeline.config import CONF_DIR, GROUPS, RunConfig, register, to_object

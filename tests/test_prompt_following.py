@@ -4,7 +4,6 @@ Unit level, on the tiny model; the trained-run assertions (separation logged dur
 training, eval's sensitivity figures) live in tests/test_e2e.py, which shares its trained run.
 """
 
-import numpy as np
 import pytest
 import torch
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import signal
 import tarfile
 import threading
@@ -23,7 +22,6 @@ import torch
 
 from data.shards import write_shard
 from data.synthetic import SourceConfig, generate
-from data.video_io import read_frames
 from data.tracking import TrackerSpec
 from training.checkpoint import COMPLETE, Checkpoints
 from training.ema import EMA
