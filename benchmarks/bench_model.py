@@ -24,6 +24,7 @@ Not a test: numbers depend on the machine and on whatever else runs on it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -40,7 +41,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training.dit import DiT, DiTConfig, count_params  # noqa: E402
 from training.flops import forward_flops, matmul_flops_per_s, sdpa_flop_mapping  # noqa: E402
-from training.precision import autocast_context  # noqa: E402
+
+
+def autocast_context(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """The timed forward's precision (``--precision``), on cpu or cuda alike.
+
+    fp32: everything in float32 (autocast off, even inside an enclosing autocast).
+    bf16: weights, optimizer state and gradients stay float32; matmuls, attention and the MLP
+          run in bfloat16 under ``torch.autocast``. The DiT keeps the parts that need range in
+          float32 itself: timestep sinusoids, RoPE angles and rotation (tests/test_model.py).
+
+    The trainer's ``train.precision=bf16`` is DeepSpeed's bf16 mode instead, which stores the
+    weights in bfloat16 (``training.parallelize.build_ds_config``)."""
+    device_type = torch.device(device).type
+    if precision == "fp32":  # explicit: also switches off an enclosing autocast
+        return torch.autocast(device_type=device_type, enabled=False)
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
 
 
 def build_wan(cfg: DiTConfig) -> nn.Module:

@@ -78,7 +78,7 @@ def _worker(rank: int, world: int, port: int, preset: str, steps: int, stage: in
         import deepspeed
         from deepspeed.utils import logger
 
-        from training.zero import DeepSpeedConfig, build_ds_config
+        from training.parallelize import DeepSpeedConfig, build_ds_config
 
         logger.setLevel("ERROR")
         model, (x, t, ids, mask) = model_and_batch(preset)
@@ -221,7 +221,7 @@ def bench_data_wait(steps: int = 40, prefetch: tuple[int, ...] = (0, 2)) -> dict
 
     from data.tracking import TrackerSpec
     from pipeline.config import CONF_DIR, register, to_object
-    from training.trainer import run_training
+    from training.launch import run_training
 
     register()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):

@@ -34,7 +34,7 @@ from training.latent.space import LatentConfig
 from training.latent.vae_train import VAETrainConfig
 from training.model import ModelConfig
 from training.trainer import TrainConfig
-from training.zero import DeepSpeedConfig
+from training.parallelize import DeepSpeedConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 

@@ -34,7 +34,7 @@ from pipeline.curation.curate import (
 )
 from pipeline.curation.dedup import find_near_duplicates
 from pipeline.curation.funnel import histograms, render_png, step
-from pipeline.curation.ingest import _is_manifest, list_inputs
+from pipeline.curation.ingest import is_manifest, list_inputs
 from pipeline.curation.parts import actor_pool
 from pipeline.curation.scores import apply_filters
 from pipeline.curation.shard import run_sharding
@@ -42,8 +42,8 @@ from pipeline.graph import Graph, GraphError, Stage, StageContext
 from training.evaluation.evaluate import evaluate
 from training.latent.precompute import precompute_latents
 from training.latent.vae_train import train_vae
+from training.launch import run_training
 from training.text import text_frozen
-from training.trainer import run_training
 
 
 def ensure_ray(ctx: StageContext) -> None:
@@ -108,7 +108,7 @@ def ingest_items(ing, warnings: list[str] | None = None) -> list[dict]:
         return list_inputs(ing)  # raises, naming the key
     items, seen = [], set()
     for spec in ing.inputs:
-        origin = "manifest" if _is_manifest(spec) else "sidecar"
+        origin = "manifest" if is_manifest(spec) else "sidecar"
         for it in list_inputs(dataclasses.replace(ing, inputs=[spec]), warnings):
             if it["url"] in seen:
                 continue

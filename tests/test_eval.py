@@ -20,19 +20,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 from data.shards import write_shard
 from data.synthetic import SourceConfig, generate
-from data.video_io import read_frames
 from data.tracking import MemoryTracker
+from data.video_io import read_frames
 from training.checkpoint import UnsafeCheckpoint
-from training.evaluation.evaluate import (CheckpointRef, EvalConfig, evaluate, load_checkpoint,
-                               resolve_checkpoints)
-from training.evaluation.samples import grid_video
-from training.model import ModelConfig
+from training.evaluation.evaluate import CheckpointRef, EvalConfig, evaluate, load_checkpoint, resolve_checkpoints
 from training.evaluation.probes import PROBES
-from training.evaluation.video_metrics import (ClipScoreConfig, FVDConfig, clip_score, feature_stats,
-                                    frechet_distance, fvd)
+from training.evaluation.samples import grid_video
+from training.evaluation.video_metrics import (
+    ClipScoreConfig,
+    FVDConfig,
+    clip_score,
+    feature_stats,
+    frechet_distance,
+    fvd,
+)
+from training.model import ModelConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -49,19 +55,12 @@ def tiny_model_cfg() -> ModelConfig:
 
 
 # ----- fixtures: a trained-for-two-steps DeepSpeed run, held-out shards, tiny metric models --
-def write_train_dir(out: Path) -> None:
-    """Two optimizer steps of ZeRO-2 on one gloo rank with a checkpoint tag after each, the
-    trainer's final exports, and snapshots.pt: {step: (raw weights, EMA weights)} at each save.
-    Run in a subprocess: DeepSpeed keeps its process groups in module globals, so a second
-    engine in the same process (another test file) would find the first one's dead groups."""
-    import deepspeed
-    import torch.distributed as dist
+def solo_zero2_engine():
+    """A one-rank gloo group and a ZeRO-2 DeepSpeed engine over the tiny model (AdamW, lr 3e-2),
+    as the trainer builds it; for the subprocess helpers below. Returns (model, engine)."""
+    import deepspeed  # lazy: only in the subprocesses that build an engine
 
-    from training.checkpoint import Checkpoints
-    from training.ema import EMA
-    from training.flow import FlowConfig, flow_loss
-    from training.trainer import TrainConfig
-    from training.zero import DeepSpeedConfig, build_ds_config
+    from training.parallelize import DeepSpeedConfig, build_ds_config
 
     with closing(socket.socket()) as s:
         s.bind(("127.0.0.1", 0))
@@ -69,13 +68,27 @@ def write_train_dir(out: Path) -> None:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
                        "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
     dist.init_process_group("gloo", rank=0, world_size=1)
+    model = tiny_model_cfg().build()
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=3e-2),
+        model_parameters=model.parameters(),
+        config=build_ds_config(DeepSpeedConfig(zero_stage=2), 2, "fp32"), dist_init_required=False)
+    return model, engine
+
+
+def write_train_dir(out: Path) -> None:
+    """Two optimizer steps of ZeRO-2 on one gloo rank with a checkpoint tag after each, the
+    trainer's final exports, and snapshots.pt: {step: (raw weights, EMA weights)} at each save.
+    Run in a subprocess: DeepSpeed keeps its process groups in module globals, so a second
+    engine in the same process (another test file) would find the first one's dead groups."""
+    from training.checkpoint import Checkpoints
+    from training.ema import EMA
+    from training.flow import FlowConfig, flow_loss
+    from training.trainer import TrainConfig
+
     torch.manual_seed(0)
     mcfg = tiny_model_cfg()
-    model = mcfg.build()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
-    engine, *_ = deepspeed.initialize(
-        model=model, optimizer=opt, model_parameters=model.parameters(),
-        config=build_ds_config(DeepSpeedConfig(zero_stage=2), 2, "fp32"), dist_init_required=False)
+    model, engine = solo_zero2_engine()
     ema = EMA({k: p for k, p in model.named_parameters() if p.requires_grad}, decay=0.5)
     ckpts = Checkpoints(out / "checkpoints", keep=5)
     ids, mask = model.tokenize([SYNTH, "a cat"])
@@ -340,23 +353,9 @@ def resume_from_mirrors(train_dir: Path, work: Path) -> None:
     from each mirror under work/ (restore downloads the tag into an empty local directory, then
     load); writes work/resumed.json: mirror -> the step and whether the weights are the saved
     ones, or the refusal."""
-    import deepspeed
-    import torch.distributed as dist
-
     from training.checkpoint import Checkpoints
-    from training.zero import DeepSpeedConfig, build_ds_config
 
-    with closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
-                       "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    model = tiny_model_cfg().build()
-    engine, *_ = deepspeed.initialize(
-        model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=3e-2),
-        model_parameters=model.parameters(),
-        config=build_ds_config(DeepSpeedConfig(zero_stage=2), 2, "fp32"), dist_init_required=False)
+    model, engine = solo_zero2_engine()
     saved = torch.load(train_dir / "snapshots.pt", weights_only=True)[2][0]
     out = {}
     for mirror in sorted(work.glob("mirror-*")):

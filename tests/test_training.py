@@ -25,11 +25,12 @@ from data.synthetic import SourceConfig, generate
 from data.tracking import TrackerSpec
 from training.checkpoint import COMPLETE, Checkpoints
 from training.ema import EMA
+from training.launch import run_training, worker_resources
 from training.loader import Bucket, ClipStream, Loader, LoaderConfig, normalize
 from training.model import ModelConfig
-from training.trainer import (NonFiniteGuard, TrainConfig, lr_lambda, run_training,
-                              worker_resources)
-from training.zero import DeepSpeedConfig, build_ds_config
+from training.parallelize import (DeepSpeedConfig, build_ds_config, checks_overflow, full_params,
+                                  parallelize)
+from training.trainer import NonFiniteGuard, TrainConfig, lr_lambda, param_groups
 
 NUM_FRAMES, SIZE = 8, (32, 32)
 
@@ -159,6 +160,29 @@ def damaged_shards(shards, tmp_path_factory) -> list[str]:
     return [str(root / "a.tar"), str(root / "b.tar")]
 
 
+def first_epoch(loader) -> tuple[list[str], int]:
+    """The keys of `loader`'s first epoch and its skipped count as of that epoch's last batch
+    (reads one batch into the second epoch to see the epoch end)."""
+    seen, counts = [], []
+    while not seen or loader.last["epoch"] == 0:
+        seen += next(loader)[2]
+        counts.append(loader.skipped_total)
+    return seen[:-1], counts[-2]  # the last batch is epoch 1's first
+
+
+def restored_copy_follows(make, after: int):
+    """A loader `b` read `after` batches, and `c` restored from its (JSON round-tripped) state:
+    both read to the end of the second epoch giving the same keys and skipped counts."""
+    b = make()
+    for _ in range(after):
+        next(b)
+    c = make(Loader.restore_state(json.loads(json.dumps(b.state_dict())), 0))
+    for _ in range(11):  # to the end of the second epoch
+        kb, kc = next(b)[2], next(c)[2]
+        assert kb == kc and b.skipped_total == c.skipped_total
+    return b, c
+
+
 def test_damaged_shards_are_skipped_counted_and_the_count_survives_a_restore(damaged_shards):
     def make(state=None):
         return Loader(ClipStream(damaged_shards, buckets=[Bucket(NUM_FRAMES, *SIZE, 1)], rank=0,
@@ -166,21 +190,11 @@ def test_damaged_shards_are_skipped_counted_and_the_count_survives_a_restore(dam
                                  state=state))
 
     a = make()
-    seen, counts = [], []
-    while not seen or a.last["epoch"] == 0:
-        seen += next(a)[2]
-        counts.append(a.skipped_total)
-    epoch0 = seen[:-1]  # the last batch is epoch 1's first
+    epoch0, skipped = first_epoch(a)
     assert len(epoch0) == len(set(epoch0)) == 7  # 4 + 3 whole samples before the cut
     assert "badjson" not in epoch0 and "badtxt" not in epoch0
-    assert counts[-2] == 3  # bad json, bad txt, the truncated tar
-    b = make()
-    for _ in range(3):
-        next(b)
-    c = make(Loader.restore_state(json.loads(json.dumps(b.state_dict())), 0))
-    for _ in range(11):  # to the end of the second epoch
-        kb, kc = next(b)[2], next(c)[2]
-        assert kb == kc and b.skipped_total == c.skipped_total
+    assert skipped == 3  # bad json, bad txt, the truncated tar
+    b, c = restored_copy_follows(make, after=3)
     assert c.last["epoch"] == 1 and c.skipped_total == 6  # the second epoch counted again
     for loader in (a, b, c):
         loader.close()
@@ -215,19 +229,10 @@ def test_a_garbled_header_mid_shard_counts_every_lost_sample_across_a_restore(ga
                                  cfg=LoaderConfig(shuffle_buffer=3), state=state))
 
     a = make()
-    seen, counts = [], []
-    while not seen or a.last["epoch"] == 0:
-        seen += next(a)[2]
-        counts.append(a.skipped_total)
-    assert len(seen[:-1]) == len(set(seen[:-1])) == 8  # 6 + the 2 before the garbled header
-    assert counts[-2] == 4  # the 4 samples tarfile never reached, not 0 (nor 1)
-    b = make()
-    for _ in range(5):
-        next(b)
-    c = make(Loader.restore_state(json.loads(json.dumps(b.state_dict())), 0))
-    for _ in range(11):  # to the end of the second epoch
-        kb, kc = next(b)[2], next(c)[2]
-        assert kb == kc and b.skipped_total == c.skipped_total
+    epoch0, skipped = first_epoch(a)
+    assert len(epoch0) == len(set(epoch0)) == 8  # 6 + the 2 before the garbled header
+    assert skipped == 4  # the 4 samples tarfile never reached, not 0 (nor 1)
+    b, c = restored_copy_follows(make, after=5)
     assert c.last["epoch"] == 1 and c.skipped_total == 8
     # 3 readers over 2 shards: every reader reads both and keeps its share; the lost samples
     # count for the readers they belonged to, each once
@@ -314,6 +319,44 @@ def test_deepspeed_config_comes_from_the_hydra_config_with_raw_keys_merged():
         build_ds_config(DeepSpeedConfig(zero_stage=4), 1, "fp32")
     with pytest.raises(ValueError, match="train.precision"):
         build_ds_config(DeepSpeedConfig(), 1, "fp16")
+
+
+def test_parallelize_wraps_the_pure_module_as_the_configs_say(tmp_path, monkeypatch):
+    """One place applies parallelism: the engine holds the module as built, and its ZeRO stage,
+    accumulation, micro batch, optimizer groups and schedule come from the configs given."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("LOCAL_RANK", "0")  # what Ray Train sets in its workers
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        mcfg = ModelConfig()
+        mcfg.dit.patch_size = [2, 4, 4]
+        model = mcfg.build()
+        tcfg = train_cfg(lr=2e-3, warmup_steps=4)
+        engine = parallelize(model, DeepSpeedConfig(zero_stage=1, grad_accum=2),
+                             params=param_groups(model, tcfg.lr, 0.5), lr=tcfg.lr,
+                             weight_decay=0.0, schedule=lr_lambda(tcfg), micro_batch=3,
+                             precision="fp32")
+        assert engine.module is model  # not a copy: the pure nn.Module inside
+        assert engine.zero_optimization_stage() == 1 and checks_overflow(engine)
+        assert (engine.gradient_accumulation_steps(), engine.train_micro_batch_size_per_gpu()) == (2, 3)
+        assert engine.get_lr()[0] == pytest.approx(2e-3 * lr_lambda(tcfg)(0))  # warmup's first rate
+        with full_params(engine, 1) as named:
+            assert named.keys() == {k for k, p in model.named_parameters() if p.requires_grad}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_config_layer_imports_neither_deepspeed_nor_ray():
+    """training.trainer and training.parallelize import them lazily (seconds each) because
+    pipeline.config imports their config dataclasses."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pipeline.config; "
+            "print(sorted(m for m in ('deepspeed', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_workers_gpus_and_backend_come_from_the_cluster_config():

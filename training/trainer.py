@@ -1,19 +1,19 @@
-"""Training: DeepSpeed ZeRO inside Ray Train workers.
+"""Training: one Ray Train worker's loop (``train_loop``), DeepSpeed ZeRO around a pure DiT.
 
-The driver (``run_training``) starts a Ray Train ``TorchTrainer``; Ray Train creates the
-process group (gloo on CPU, NCCL on GPU — the only difference between the two paths) and each
-worker runs ``train_loop``: build the model, wrap it with ``deepspeed.initialize`` using the
-config generated from Hydra, resume from the latest complete checkpoint if there is one, stream
-batches from the shards and optimise the flow-matching loss. Rank 0 alone logs.
+The driver (``training.launch.run_training``) starts the workers; each runs ``train_loop``,
+which reads as its steps: build (the configs, the model, identical on every rank), parallelize
+(``training.parallelize``: the DeepSpeed engine, the one place parallelism is applied), restore
+(the latest complete checkpoint, if any), then the step loop (``TrainStep``: caption dropout and
+``TextConditioning``, forward, backward, optimizer step; the ``NonFiniteGuard``; the EMA;
+checkpoints; ``StepLogger``'s metrics) and the export of the weights, configs and result. Rank 0
+alone logs and exports.
 
-Failures: Ray Train restarts a dead worker group up to ``train.max_failures`` times; each
-restart resumes from the latest complete checkpoint. Preemption: SIGTERM to the driver (or to a
-worker, where the signal can be caught) writes ``PREEMPT`` in the output directory; at the next
-step boundary every rank saves a checkpoint and the stage stops as failed-but-resumable, and
-the next ``spacetime run`` continues from there. Non-finite losses: a step with one on any rank
-is skipped whole (every micro-batch of it); after ``train.max_nonfinite`` in a row the workers
-write ``NONFINITE.json`` and return (so Ray Train does not retry a run that would diverge again)
-and the driver raises the message.
+Preemption: SIGTERM to the driver (or to a worker, where the signal can be caught) writes
+``PREEMPT`` in the output directory; at the next step boundary every rank saves a checkpoint and
+the stage stops as failed-but-resumable, and the next ``spacetime run`` continues from there.
+Non-finite losses: a step with one on any rank is skipped whole (every micro-batch of it); after
+``train.max_nonfinite`` in a row the workers write ``NONFINITE.json`` and return (so Ray Train
+does not retry a run that would diverge again) and the driver raises the message.
 
 Latent training (``train.data.kind=latent``): the shards are latent shards from
 ``training.latent.precompute`` and ``run_training`` gets their ``latent_space.json`` record; batches are
@@ -35,19 +35,33 @@ import resource
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from data.checks import check_ranges, from_dict
+from data.storage import Store
+from data.tracking import TrackerSpec, log_lineage_paths, make_tracker
+from training.checkpoint import Checkpoints, rng_state, set_rng_state
+from training.ema import EMA
+from training.flops import matmul_flops_per_s
 from training.flow import FlowConfig
-from training.loader import Bucket, LoaderConfig
-from training.text_separation import caption_pairs, text_separation
+from training.loader import Bucket, ClipStream, Loader, LoaderConfig
+from training.model import ModelConfig
+from training.parallelize import DeepSpeedConfig, full_params, parallelize
+from training.patches import check_patchable
+from training.prebuild import use_venv_ninja
+from training.step import StepResult, TextConditioning, TrainStep, reduce_counts
+from training.text_separation import caption_pairs
 
 PREEMPT = "PREEMPT"
 NONFINITE = "NONFINITE.json"  # written by rank 0 when the non-finite guard stops the run
+# What rank 0 writes into the stage output besides checkpoints (train_result.json last).
+EXPORTS = ("model.pt", "model_ema.pt", "model_config.json", "train_config.json",
+           "train_result.json")
 
 
 @dataclass
@@ -147,17 +161,12 @@ def check_latent_data(tcfg: TrainConfig, mcfg, latent: dict | None) -> None:
                          f"the training shapes are {[tuple(s) for s in shapes]}: set train.num_frames, "
                          f"train.height, train.width (or train.data.buckets) to {tuple(shape)}")
     lt, lh, lw = latent["latent_shape"][1:]
-    pt, ph, pw = mcfg.dit.patch_size
-    if lt % pt or lh % ph or lw % pw:
-        raise ValueError(f"latents of (t, h, w)=({lt}, {lh}, {lw}) are not divisible by model.dit.patch_size "
-                         f"{list(mcfg.dit.patch_size)}")
+    check_patchable((lt, lh, lw), mcfg.dit.patch_size, what="the grid of latents", key="model.dit.patch_size")
 
 
 def follow_data(tcfg: TrainConfig, mcfg, latent: dict | None):
     """The model config with ``model.dit.in_channels: null`` resolved from the data: the VAE's
     latent channels for latent shards, 3 (RGB) for raw clips."""
-    from dataclasses import replace
-
     if mcfg.dit.in_channels is not None:
         return mcfg
     C = int(latent["channels"]) if tcfg.data.kind == "latent" and latent is not None else 3
@@ -167,28 +176,6 @@ def follow_data(tcfg: TrainConfig, mcfg, latent: dict | None):
 def buckets_of(cfg: TrainConfig, micro: int) -> list[Bucket]:
     """The loader's buckets: the configured ones, or one of the train shape at the micro batch."""
     return list(cfg.data.buckets) or [Bucket(cfg.num_frames, cfg.height, cfg.width, micro)]
-
-
-class full_params:
-    """Context manager yielding {name: full tensor} of the module on every rank
-    (ZeRO-3 gathers the partitions first; every rank must enter)."""
-
-    def __init__(self, engine, zero_stage: int):
-        self.engine, self.stage, self._ctx = engine, zero_stage, None
-
-    def __enter__(self) -> dict[str, torch.Tensor]:
-        module = self.engine.module
-        if self.stage == 3:
-            import deepspeed
-
-            self._ctx = deepspeed.zero.GatheredParameters(list(module.parameters()),
-                                                          modifier_rank=None)
-            self._ctx.__enter__()
-        return {k: p for k, p in module.named_parameters() if p.requires_grad}  # not frozen ones
-
-    def __exit__(self, *exc):
-        if self._ctx is not None:
-            self._ctx.__exit__(*exc)
 
 
 class NonFiniteGuard:
@@ -210,11 +197,14 @@ class NonFiniteGuard:
                 f"Lower train.lr, check the data, or raise train.max_nonfinite")
         return False
 
-
-def global_grad_norm(params) -> float:
-    """The L2 norm of all gradients (already reduced across ranks), before clipping."""
-    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+    def stop_reason(self, finite: bool, step: int) -> str | None:
+        """``check`` with the message returned, not raised: the workers finish the step (its
+        metrics) and return, so that Ray Train does not retry a run that would diverge again."""
+        try:
+            self.check(finite, step)
+        except FloatingPointError as e:
+            return str(e)
+        return None
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -234,389 +224,242 @@ def _install_sigterm(flag_path: Path) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+# ----- the steps of train_loop --------------------------------------------------------------
+def worker_configs(config: dict[str, Any]) -> tuple[TrainConfig, ModelConfig, DeepSpeedConfig]:
+    """The run's config sections, as the driver resolved them (``run_training``'s ``config``)."""
+    return (from_dict(TrainConfig, config["train"]), from_dict(ModelConfig, config["model"]),
+            from_dict(DeepSpeedConfig, config["deepspeed"]))
+
+
+def make_ema(engine, decay: float, zero_stage: int, rank: int) -> EMA | None:
+    """Rank 0's EMA of the trainable weights (every rank gathers them under ZeRO-3)."""
+    with full_params(engine, zero_stage) as named:
+        return EMA(named, decay) if rank == 0 else None
+
+
+def peak_flops(config: dict[str, Any], dtype: torch.dtype, device: torch.device,
+               rank: int) -> float:
+    """MFU's denominator: the cluster config's peak FLOP/s per worker, or (unset, e.g. on a
+    CPU) rank 0's measured dense matmul rate in the training precision."""
+    return config.get("peak_flops_per_worker") or (
+        matmul_flops_per_s(n=1024, seconds=0.5, dtype=dtype, device=device) if rank == 0 else 0.0)
+
+
+def restore(ckpts: Checkpoints, engine, gen: torch.Generator, ema: EMA | None,
+            rank: int) -> tuple[int, dict | None]:
+    """Resume from the latest complete checkpoint, if there is one: the engine (weights,
+    optimizer, scheduler), this rank's generator and rank 0's EMA.
+    Returns (the first step to run, this rank's loader position or None)."""
+    tag = ckpts.restore()
+    if tag is None:
+        return 0, None
+    start, rank_state, ema_state = ckpts.load(engine, tag, rank)
+    set_rng_state(rank_state["rng"], gen)
+    if ema is not None and ema_state is not None:
+        ema.load_state_dict(ema_state)
+    if rank == 0:
+        print(f"resumed from {tag} at step {start}", flush=True)
+    return start, rank_state["loader"]
+
+
+def update_ema(engine, ema: EMA | None, zero_stage: int) -> None:
+    """Every rank gathers the full weights (under ZeRO-3); rank 0 holds the EMA."""
+    with full_params(engine, zero_stage) as named:
+        if ema is not None:
+            ema.update(named)
+
+
+class StepLogger:
+    """A step's metrics (train/*), logged by rank 0 every ``train.log_every`` steps and at the
+    last, with the text features' separation (train/text_sep/*) every ``train.text_sep_every``
+    steps, which every rank measures. ``last_loss``: the latest logged train/loss."""
+
+    def __init__(self, tracker, tcfg: TrainConfig, engine, data: Loader, guard: NonFiniteGuard,
+                 text: TextConditioning, *, rank: int, world: int, peak: float,
+                 device: torch.device):
+        self.tracker, self.tcfg, self.engine, self.data = tracker, tcfg, engine, data
+        self.guard, self.text, self.rank, self.world = guard, text, rank, world
+        self.peak, self.device = peak, device
+        self.sep_pairs = caption_pairs()
+        self.last_loss: float | None = None
+
+    def __call__(self, step: int, r: StepResult, stats: torch.Tensor, step_time: float,
+                 stopped: str | None) -> None:
+        last = step == self.tcfg.steps - 1
+        m = None
+        if self.rank == 0 and (step % self.tcfg.log_every == 0 or last):
+            m = self.metrics(r, stats, step_time)
+        if step % self.tcfg.text_sep_every == 0 or last:
+            sep = self.text.separation(self.sep_pairs)
+            if m is not None:
+                m.update({f"train/text_sep/{a}": v for a, v in sep.items()})
+        if m is not None:
+            self.tracker.log(m, step=step)
+            self.last_loss = m["train/loss"]
+            if step % 10 == 0 or last or stopped:
+                print(f"step {step:5d} loss {m['train/loss']:.4f} "
+                      f"{m['train/samples_per_s']:.1f} samples/s", flush=True)
+
+    def metrics(self, r: StepResult, stats: torch.Tensor, step_time: float) -> dict[str, float]:
+        world, data = self.world, self.data
+        m = {
+            "train/loss": float(stats[0] / stats[1]) if stats[1] > 0 else float("nan"),
+            "train/lr": r.lr,
+            "train/grad_norm": float(r.grad_norm if r.grad_norm is not None
+                                     else self.engine.get_global_grad_norm() or 0.0),
+            "train/step_time_s": step_time,
+            "train/data_wait_s": r.wait,
+            "train/compute_s": step_time - r.wait,
+            "train/samples_per_s": float(stats[2]) / step_time,
+            "train/tokens_per_s": float(stats[3]) / step_time,
+            "train/tflops_per_worker": float(stats[4]) / step_time / world / 1e12,
+            "train/mfu": float(stats[4]) / step_time / world / self.peak,
+            "train/skipped_samples": data.skipped_total,
+            "train/nonfinite_steps": self.guard.total,
+            "train/epoch": data.epochs,
+            "train/peak_memory_bytes": peak_memory_bytes(self.device),
+        }
+        if r.per_t:  # the loss by timestep quartile
+            ts = torch.cat([a for a, _ in r.per_t])  # (B,)
+            ls = torch.cat([b for _, b in r.per_t])  # (B,)
+            for lo, hi in ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0)):
+                sel = (ts >= lo) & (ts < hi)
+                if sel.any():
+                    m[f"train/loss_t{lo:.2f}-{hi:.2f}"] = float(ls[sel].mean())
+        return m
+
+
+def preempt_requested(out: Path, device: torch.device) -> bool:
+    """Whether any rank sees ``PREEMPT`` (every rank asks at every step boundary)."""
+    flag = torch.tensor(float((out / PREEMPT).exists()), device=device)
+    dist.all_reduce(flag)
+    return flag.item() > 0
+
+
+def stop_early(tracker, rank: int, message: str, summary: dict) -> None:
+    """Rank 0 prints why the run stops before train.steps and closes the tracker; all wait."""
+    if rank == 0:
+        print(message, flush=True)
+        tracker.summary(summary)
+        tracker.finish()
+    dist.barrier()
+
+
+def gather_final(engine, zero_stage: int, world: int) -> tuple[dict[str, torch.Tensor], list]:
+    """Collectively: the full float32 state dict on CPU (gathered under ZeRO-3) and every
+    rank's run id (``SPACETIME_RUN_ID``: one run, whatever restarted)."""
+    with full_params(engine, zero_stage):
+        weights = {k: v.detach().float().cpu().clone()
+                   for k, v in engine.module.state_dict().items()}
+    run_ids: list = [None] * world
+    dist.all_gather_object(run_ids, os.environ.get("SPACETIME_RUN_ID"))
+    return weights, run_ids
+
+
+def export(out: Path, weights: dict, ema: EMA, config: dict, summary: dict, tracker) -> None:
+    """Rank 0: the weights, the EMA, the configs and the result (``EXPORTS``) into the stage
+    output, and to the checkpoint mirror's stage when there is one (rank 0 may run on a node
+    that does not hold `out`)."""
+    torch.save(weights, out / "model.pt")
+    torch.save(ema.shadow, out / "model_ema.pt")
+    (out / "model_config.json").write_text(json.dumps(config["model"], indent=2))
+    train = {**config["train"], "latent": config.get("latent")}  # evaluation reads the latent space
+    (out / "train_config.json").write_text(json.dumps(train, indent=2))
+    tracker.summary(summary)
+    log_lineage_paths(tracker, config["stage"], config["stage_hash"], str(out), config["inputs"])
+    result = {**summary, "tracking": tracker.info()}
+    tracker.finish()
+    (out / "train_result.json").write_text(json.dumps(result, indent=2))
+    if config.get("ckpt_mirror"):
+        stage = Store(config["ckpt_mirror"].rsplit("/checkpoints", 1)[0])
+        for name in EXPORTS:
+            stage.put_file(out / name, name)
+
+
 def train_loop(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker."""
-    from training.prebuild import use_venv_ninja
-
+    """Runs on every Ray Train worker: build, parallelize, restore, the step loop, export."""
     use_venv_ninja()  # before DeepSpeed loads (and maybe builds) its ops
-    import deepspeed
-    import ray.train
-    import torch.distributed as dist
-    from deepspeed.utils import logger as ds_logger
+    import ray.train  # lazy: ray.train import ~3.7 s; the config layer imports this module
 
-    from data.tracking import TrackerSpec, log_lineage_paths, make_tracker
-    from training.checkpoint import Checkpoints, rng_state, set_rng_state
-    from training.ema import EMA
-    from training.flow import drop_captions, flow_loss
-    from training.loader import ClipStream, Loader, normalize
-    from training.model import ModelConfig
-    from training.zero import DeepSpeedConfig, build_ds_config
-
-    ds_logger.setLevel("WARNING")
+    # build: the configs, then the pure model, with identical initial weights on every rank
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    tcfg: TrainConfig = from_dict(TrainConfig, config["train"])
-    mcfg: ModelConfig = from_dict(ModelConfig, config["model"])
-    dcfg: DeepSpeedConfig = from_dict(DeepSpeedConfig, config["deepspeed"])
+    tcfg, mcfg, dcfg = worker_configs(config)
     latent = config.get("latent")
     check_latent_data(tcfg, mcfg, latent)
     out = Path(config["out_dir"])
     device = ray.train.torch.get_device()
     _install_sigterm(out / PREEMPT)
-
-    torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
+    torch.manual_seed(tcfg.seed)
     model = mcfg.build().to(device)
     micro = micro_batch_size(tcfg, world, dcfg.grad_accum)
-    ds_config = build_ds_config(dcfg, micro, tcfg.precision)
-    params = param_groups(model, tcfg.lr, mcfg.text.lr_scale)  # a frozen text encoder is not optimised
-    if dcfg.offload_optimizer:  # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed's CPU Adam
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        opt = DeepSpeedCPUAdam(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
-                               adamw_mode=True)
-    else:
-        opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tcfg))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                           model_parameters=params, config=ds_config,
-                                           dist_init_required=False)
+    # parallelize: the DeepSpeed engine (ZeRO, the optimizer, its schedule) around the module
+    engine = parallelize(model, dcfg, params=param_groups(model, tcfg.lr, mcfg.text.lr_scale),
+                         lr=tcfg.lr, weight_decay=tcfg.weight_decay, schedule=lr_lambda(tcfg),
+                         micro_batch=micro, precision=tcfg.precision)
     dtype = torch.bfloat16 if tcfg.precision == "bf16" else torch.float32
-    # Noise, timesteps and caption dropout draw from this generator on the training device (the
-    # flow functions draw on the generator's device and move the result to the data's).
+    # Noise, timesteps and caption dropout draw from this generator on the training device.
     gen = torch.Generator(device=device).manual_seed(tcfg.seed * 1000 + rank)
-    # ZeRO-0 in fp32 hands the optimizer to DeepSpeed as it is: no overflow check that drops a
-    # step with non-finite gradients, and no recorded gradient norm. We do both for it.
-    plain = not hasattr(engine.optimizer, "overflow")
 
+    # restore: the latest complete checkpoint, if any (the EMA lives on rank 0)
     ckpts = Checkpoints(out / "checkpoints", tcfg.keep_checkpoints,
                         mirror=config.get("ckpt_mirror"))
-    with full_params(engine, dcfg.zero_stage) as named:
-        ema = EMA(named, tcfg.ema_decay) if rank == 0 else None
-    start, loader_state = 0, None
-    tag = ckpts.restore()
-    if tag is not None:
-        start, rank_state, ema_state = ckpts.load(engine, tag, rank)
-        set_rng_state(rank_state["rng"], gen)
-        loader_state = rank_state["loader"]
-        if ema is not None and ema_state is not None:
-            ema.load_state_dict(ema_state)
-        if rank == 0:
-            print(f"resumed from {tag} at step {start}", flush=True)
-
-    from training.flops import matmul_flops_per_s, token_grid, train_flops
-
-    # MFU's denominator: the worker's peak FLOP/s from the cluster config, or (unset, e.g. on a
-    # CPU) this worker's measured dense matmul rate in the training precision (measured before
-    # the loader's prefetch thread starts decoding).
-    peak = config.get("peak_flops_per_worker") or (
-        matmul_flops_per_s(n=1024, seconds=0.5, dtype=dtype, device=device) if rank == 0 else 0.0)
-    stream = ClipStream(config["train_shards"], buckets=buckets_of(tcfg, micro), rank=rank,
-                        world=world, seed=tcfg.seed, cfg=tcfg.data,
-                        state=Loader.restore_state(loader_state, tcfg.data.num_workers))
-    data = Loader(stream)
-    spec = TrackerSpec(**config["tracker"])
-    tracker = make_tracker(spec, rank)
-    tokenizer = mcfg.text.build_tokenizer()  # the text encoder's own (CLIP BPE, T5, ...)
-    # A frozen encoder's embeddings are cached (encoded once per distinct caption) outside the
-    # engine; under ZeRO-3 its weights are partitioned, so it runs inside the engine instead.
-    frozen = not any(p.requires_grad for p in engine.module.text_encoder.parameters())
-    # Latent shards may hold that frozen encoder's caption tokens: then it never runs at all.
-    stored = (latent or {}).get("text") if frozen else None
-    if stored is not None and stored["identity"] != engine.module.text_encoder.identity:
-        raise ValueError(f"the latent shards' caption tokens were made by text encoder {stored['identity']!r}, "
-                         f"model.text builds {engine.module.text_encoder.identity!r}: precompute them again")
-    cache = mcfg.text.build_cache() if frozen and stored is None and dcfg.zero_stage < 3 else None
-    text_calls = 0  # text-encoder forwards, reported in the result
-
-    measuring = False  # the separation metric's encodes are not training's
-
-    def count_text_call(module, args) -> None:
-        nonlocal text_calls
-        text_calls += not measuring
-
-    engine.module.text_encoder.register_forward_pre_hook(count_text_call)
+    ema = make_ema(engine, tcfg.ema_decay, dcfg.zero_stage, rank)
+    start, loader_state = restore(ckpts, engine, gen, ema, rank)
+    peak = peak_flops(config, dtype, device, rank)  # before the loader's threads start
+    data = Loader(ClipStream(config["train_shards"], buckets=buckets_of(tcfg, micro), rank=rank,
+                             world=world, seed=tcfg.seed, cfg=tcfg.data,
+                             state=Loader.restore_state(loader_state, tcfg.data.num_workers)))
+    tracker = make_tracker(TrackerSpec(**config["tracker"]), rank)
+    text = TextConditioning(engine, mcfg, latent, dcfg.zero_stage, tcfg.flow, gen, device)
+    train_step = TrainStep(engine, data, text, tcfg.flow, mcfg, dcfg.grad_accum, gen, device, dtype,
+                           latents=latent is not None)
     guard = NonFiniteGuard(tcfg.max_nonfinite)
-    text_len = mcfg.text.max_length
-    sep_pairs = caption_pairs()
+    log = StepLogger(tracker, tcfg, engine, data, guard, text, rank=rank, world=world, peak=peak,
+                     device=device)
 
     def save(step: int) -> None:
         ckpts.save(engine, step, {"rng": rng_state(gen), "loader": data.state_dict()},
                    ema.state_dict() if ema is not None else None)
 
-    t_start = time.time()
-    history: list[dict] = []
-    stopped: str | None = None  # the non-finite guard's message
-    nan = torch.tensor(float("nan"), device=device)
-    step = start
+    # the step loop: text conditioning -> step -> non-finite guard -> EMA -> checkpoint -> metrics
+    t_start, stopped, step = time.time(), None, start
     for step in range(start, tcfg.steps):
-        preempt = torch.tensor(float((out / PREEMPT).exists()), device=device)
-        dist.all_reduce(preempt)
-        if preempt.item() > 0:
+        if preempt_requested(out, device):
             save(step)
             data.close()
-            if rank == 0:
-                print(f"preempted: checkpoint at step {step}", flush=True)
-                tracker.summary({"preempted_at": step})
-                tracker.finish()
-            dist.barrier()
+            stop_early(tracker, rank, f"preempted: checkpoint at step {step}",
+                       {"preempted_at": step})
             return
         t0 = time.time()
-        lr = float(engine.get_lr()[0])  # the rate this step applies (the scheduler moves in step())
-        wait, n_samples, n_tokens, n_flops = 0.0, 0, 0, 0
-        losses, per_t = [], []
-        bad, grad_norm = False, None
-        for _ in range(dcfg.grad_accum):
-            tw = time.time()
-            video, captions, _keys = next(data)  # (B, 3, T, H, W)
-            wait += time.time() - tw
-            B, _, T, H, W = video.shape
-            grid = token_grid(mcfg.dit, (T, H, W))
-            n_samples, n_tokens = n_samples + B, n_tokens + B * math.prod(grid)
-            n_flops += B * train_flops(mcfg.dit, grid, text_len)
-            if latent is None:
-                video = normalize(video.to(device, non_blocking=True), dtype)  # (B, 3, T, H, W)
-            else:  # latents are model inputs already
-                video = video.to(device, dtype, non_blocking=True)  # (B, C, t, h, w)
-            kept, captions = captions, drop_captions(captions, tcfg.flow, gen)
-            if stored is not None:
-                from training.latent_format import stored_text
-
-                dropped = [c != k for c, k in zip(captions, kept)]  # replaced by "" for guidance
-                text, tmask = stored_text(data.last["text"], dropped, stored)  # (B, L, Dt), (B, L)
-
-                def fwd(x, tt, text=text.to(device), tmask=tmask.to(device)):
-                    return engine(x, tt, text=text, text_mask=tmask)
-            elif cache is not None:
-                with torch.no_grad():
-                    text, tmask = engine.module.encode_captions(captions, cache)  # (B, L, Dt)
-
-                def fwd(x, tt, text=text, tmask=tmask):
-                    return engine(x, tt, text=text, text_mask=tmask)
-            else:
-                ids, mask = tokenizer(captions)  # (B, L)
-
-                def fwd(x, tt, ids=ids.to(device), mask=mask.to(device)):
-                    return engine(x, tt, ids, mask)
-            loss, per_sample, t = flow_loss(fwd, video, tcfg.flow, generator=gen,
-                                            num_tokens=math.prod(grid))
-            finite = torch.isfinite(loss.detach()).float()
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            bad = bad or not finite.item()
-            if bad:
-                # A non-finite loss on any rank loses the whole optimizer step, not one
-                # micro-batch: every rank still runs backward and step() for every micro-batch
-                # (DeepSpeed's accumulation boundary stays where it is) with gradients made
-                # non-finite, and at the boundary DeepSpeed's overflow check drops everything
-                # accumulated in this step.
-                loss = loss * nan
-            else:
-                losses.append(loss.detach().float())
-                per_t.append((t.detach().cpu(), per_sample.detach().float().cpu()))
-            engine.backward(loss)
-            if plain and engine.is_gradient_accumulation_boundary():
-                if bad:
-                    engine.zero_grad()  # the optimizer then steps over no gradients
-                else:
-                    grad_norm = global_grad_norm(engine.module.parameters())
-            engine.step()
-        if bad:
-            if not plain and engine.was_step_applied():
-                raise RuntimeError("DeepSpeed applied an optimizer step with non-finite gradients; "
-                                   "is its overflow check off (deepspeed.extra)?")
-            if not engine.was_step_applied():  # the scheduler did not move: keep lr on the schedule
-                engine.lr_scheduler.step()
-            losses, per_t = [], []  # the step is skipped on every rank
-        try:
-            guard.check(not bad, step)
-        except FloatingPointError as e:
-            stopped = str(e)
+        r = train_step()
+        stopped = guard.stop_reason(r.applied, step)
         if (step + 1) % tcfg.ema_every == 0:
-            with full_params(engine, dcfg.zero_stage) as named:
-                if ema is not None:
-                    ema.update(named)
+            update_ema(engine, ema, dcfg.zero_stage)
         step_time = time.time() - t0
-        loss_sum = torch.stack(losses).sum() if losses else torch.zeros(())
-        stats = torch.tensor([float(loss_sum), float(len(losses)), n_samples, n_tokens, n_flops],
-                             device=device, dtype=torch.float64)
-        dist.all_reduce(stats)  # SUM over ranks (gloo has no AVG)
+        stats = reduce_counts(r, device)
         if (step + 1) % tcfg.ckpt_every == 0 and step + 1 < tcfg.steps:
             save(step + 1)
-        m = None
-        if rank == 0 and (step % tcfg.log_every == 0 or step == tcfg.steps - 1):
-            m = {
-                "train/loss": float(stats[0] / stats[1]) if stats[1] > 0 else float("nan"),
-                "train/lr": lr,
-                "train/grad_norm": float(grad_norm if grad_norm is not None
-                                         else engine.get_global_grad_norm() or 0.0),
-                "train/step_time_s": step_time,
-                "train/data_wait_s": wait,
-                "train/compute_s": step_time - wait,
-                "train/samples_per_s": float(stats[2]) / step_time,
-                "train/tokens_per_s": float(stats[3]) / step_time,
-                "train/tflops_per_worker": float(stats[4]) / step_time / world / 1e12,
-                "train/mfu": float(stats[4]) / step_time / world / peak,
-                "train/skipped_samples": data.skipped_total,
-                "train/nonfinite_steps": guard.total,
-                "train/epoch": data.epochs,
-                "train/peak_memory_bytes": peak_memory_bytes(device),
-            }
-            if per_t:
-                ts = torch.cat([a for a, _ in per_t])  # (B,)
-                ls = torch.cat([b for _, b in per_t])  # (B,)
-                for lo, hi in ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0)):
-                    sel = (ts >= lo) & (ts < hi)
-                    if sel.any():
-                        m[f"train/loss_t{lo:.2f}-{hi:.2f}"] = float(ls[sel].mean())
-        if step % tcfg.text_sep_every == 0 or step == tcfg.steps - 1:
-            # every rank encodes (under ZeRO-3 the encoder's weights are gathered collectively)
-            measuring = True
-            sep = text_separation(lambda c: engine.module.encode_captions(c), sep_pairs)
-            measuring = False
-            if m is not None:
-                m.update({f"train/text_sep/{a}": v for a, v in sep.items()})
-        if m is not None:
-            tracker.log(m, step=step)
-            history.append({"step": step, **m})
-            if step % 10 == 0 or step == tcfg.steps - 1 or stopped:
-                print(f"step {step:5d} loss {m['train/loss']:.4f} "
-                      f"{m['train/samples_per_s']:.1f} samples/s", flush=True)
+        log(step, r, stats, step_time, stopped)
         if stopped:
             break
-
     data.close()
     if stopped:  # not an error of this worker (Ray Train would retry it): the driver raises
         if rank == 0:
-            print(stopped, flush=True)
             (out / NONFINITE).write_text(json.dumps({"message": stopped, "step": step}))
-            tracker.summary({"stopped": stopped, "nonfinite_steps": guard.total})
-            tracker.finish()
-        dist.barrier()
+        stop_early(tracker, rank, stopped, {"stopped": stopped, "nonfinite_steps": guard.total})
         return
+
+    # export: the last checkpoint, then the weights, EMA, configs and result (rank 0)
     save(tcfg.steps)
-    with full_params(engine, dcfg.zero_stage) as named:
-        sd = {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
-    run_ids: list = [None] * world
-    dist.all_gather_object(run_ids, os.environ.get("SPACETIME_RUN_ID"))
+    weights, run_ids = gather_final(engine, dcfg.zero_stage, world)
     if rank == 0:
-        torch.save(sd, out / "model.pt")
-        torch.save(ema.shadow, out / "model_ema.pt")
-        (out / "model_config.json").write_text(json.dumps(config["model"], indent=2))
-        (out / "train_config.json").write_text(json.dumps({**config["train"], "latent": latent}, indent=2))
-        summary = {"final_loss": history[-1]["train/loss"] if history else None,
-                   "steps": tcfg.steps, "resumed_from_step": start,
-                   "train_seconds": time.time() - t_start, "skipped_samples": data.skipped_total,
-                   "nonfinite_steps": guard.total, "world_size": world, "micro_batch": micro,
-                   "zero_stage": dcfg.zero_stage, "run_ids_seen": run_ids,
-                   "text_encoder_calls": text_calls, "text_from_shards": stored is not None}
-        tracker.summary(summary)
-        log_lineage_paths(tracker, config["stage"], config["stage_hash"], str(out),
-                          config["inputs"])
-        result = {**summary, "tracking": tracker.info()}
-        tracker.finish()
-        (out / "train_result.json").write_text(json.dumps(result, indent=2))
-        if config.get("ckpt_mirror"):  # rank 0 may run on a node that does not hold `out`
-            from data.storage import Store
-
-            stage = Store(config["ckpt_mirror"].rsplit("/checkpoints", 1)[0])
-            for name in EXPORTS:
-                stage.put_file(out / name, name)
+        export(out, weights, ema, config, {
+            "final_loss": log.last_loss, "steps": tcfg.steps, "resumed_from_step": start,
+            "train_seconds": time.time() - t_start, "skipped_samples": data.skipped_total,
+            "nonfinite_steps": guard.total, "world_size": world, "micro_batch": micro,
+            "zero_stage": dcfg.zero_stage, "run_ids_seen": run_ids,
+            "text_encoder_calls": text.calls, "text_from_shards": text.stored is not None},
+            tracker)
     dist.barrier()
-
-
-# What rank 0 writes into the stage output besides checkpoints (train_result.json last).
-EXPORTS = ("model.pt", "model_ema.pt", "model_config.json", "train_config.json",
-           "train_result.json")
-
-
-def worker_resources(cluster) -> dict:
-    """Ray Train's per-worker scaling from the cluster config: CPUs and GPUs per worker
-    (``cluster.gpus_per_worker``; 0 runs on CPU with gloo, > 0 on GPU with NCCL)."""
-    gpus = float(cluster.gpus_per_worker or 0)
-    if gpus < 0:
-        raise ValueError(f"cluster.gpus_per_worker must be >= 0, got {gpus}")
-    res = {"CPU": cluster.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
-    return {"num_workers": cluster.num_workers, "use_gpu": gpus > 0, "resources_per_worker": res,
-            "backend": "nccl" if gpus > 0 else "gloo"}
-
-
-def check_resume_world_size(ckpts, num_workers: int) -> None:
-    """The checkpoint training would resume from must have been written by as many workers:
-    reader positions and ZeRO partitions are per rank. Raises naming the key."""
-    saved = ckpts.resume_world_size()
-    if saved is not None and saved != num_workers:
-        raise ValueError(
-            f"the latest checkpoint in {ckpts.root} was written by {saved} training workers but "
-            f"cluster.num_workers={num_workers}: resume with cluster.num_workers={saved}, or "
-            f"start this stage over (spacetime run --only train)")
-
-
-def run_training(*, train_cfg: TrainConfig, model_cfg, ds_cfg, cluster, out_dir: Path,
-                 train_shards: list[str], tracker_spec, stage: str, stage_hash: str,
-                 inputs: dict[str, str], latent: dict | None = None,
-                 ckpt_mirror: str | None = None) -> dict:
-    """Driver side: start the workers, relay SIGTERM, wait, return rank 0's result.
-
-    latent: for train.data.kind=latent, the latent shards' record (their ``latent_space.json``).
-    ckpt_mirror: a URL every checkpoint is uploaded to (a bucket run root), so workers on any
-    node, or a later run on another machine, resume from it."""
-    from training.checkpoint import Checkpoints
-
-    check_latent_data(train_cfg, model_cfg, latent)  # before any worker starts
-    out_dir = Path(out_dir).resolve()
-    res = worker_resources(cluster)
-    check_resume_world_size(Checkpoints(out_dir / "checkpoints", train_cfg.keep_checkpoints,
-                                        mirror=ckpt_mirror), cluster.num_workers)
-    model_cfg = follow_data(train_cfg, model_cfg, latent)  # what model_config.json records
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    if res["use_gpu"] and train_cfg.precision == "fp32":
-        print("training in fp32 on GPUs: set train.precision=bf16 for bf16 matmuls (the usual "
-              "GPU setting)", flush=True)
-    for name in (PREEMPT, NONFINITE):
-        (out_dir / name).unlink(missing_ok=True)
-    (out_dir / "train_result.json").unlink(missing_ok=True)
-    config = {
-        "train": asdict(train_cfg), "model": asdict(model_cfg), "deepspeed": asdict(ds_cfg),
-        "out_dir": str(out_dir), "train_shards": train_shards, "tracker": asdict(tracker_spec),
-        "stage": stage, "stage_hash": stage_hash, "inputs": inputs,
-        "peak_flops_per_worker": (cluster.peak_tflops_per_worker or 0) * 1e12,
-        "latent": latent, "ckpt_mirror": ckpt_mirror,
-    }
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=res["num_workers"], use_gpu=res["use_gpu"],
-                                     resources_per_worker=res["resources_per_worker"]),
-        torch_config=TorchConfig(backend=res["backend"]),
-        run_config=RunConfig(storage_path=str(out_dir / "ray_train"), name="train",
-                             failure_config=FailureConfig(max_failures=train_cfg.max_failures)),
-    )
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, lambda s, f: (out_dir / PREEMPT).touch())
-    try:
-        trainer.fit()
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    stop = out_dir / NONFINITE
-    if stop.exists():  # the workers returned (so Ray Train did not retry): the run diverged
-        msg = json.loads(stop.read_text())["message"]
-        stop.unlink()
-        raise FloatingPointError(msg)
-    result = out_dir / "train_result.json"
-    if not result.exists() and ckpt_mirror:  # rank 0 ran on another node: fetch its exports
-        from data.storage import Store
-
-        stage = Store(ckpt_mirror.rsplit("/checkpoints", 1)[0])
-        if stage.exists("train_result.json"):
-            for name in EXPORTS:
-                stage.get_file(name, out_dir / name)
-    if not result.exists():
-        if (out_dir / PREEMPT).exists():
-            (out_dir / PREEMPT).unlink()
-            raise Preempted(f"training was preempted; checkpoint in {out_dir / 'checkpoints'}; "
-                            "run the stage again to resume")
-        raise RuntimeError("training finished without a result file")
-    return json.loads(result.read_text())

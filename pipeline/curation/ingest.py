@@ -146,7 +146,7 @@ def make_id(url: str) -> str:
     return f"{slug}-{hashlib.sha1(url.encode()).hexdigest()[:12]}"
 
 
-def _is_manifest(url: str) -> bool:
+def is_manifest(url: str) -> bool:
     path = urlsplit(url).path if has_scheme(url) else url
     return path.lower().endswith(MANIFEST_SUFFIXES)
 
@@ -402,7 +402,7 @@ def list_inputs(cfg: IngestConfig, warnings: list[str] | None = None) -> list[di
     if not cfg.inputs:
         raise ValueError("ingest.inputs is empty")
     for spec in cfg.inputs:
-        found = (_manifest_items(spec, cfg) if _is_manifest(spec)
+        found = (_manifest_items(spec, cfg) if is_manifest(spec)
                  else _listing_items(spec, cfg, warnings))
         if not found:
             raise ValueError(f"ingest input {spec} holds no files with extensions "

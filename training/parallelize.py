@@ -1,0 +1,141 @@
+"""Parallelism, applied from outside the model: the one place that wraps a pure ``nn.Module``.
+
+``parallelize`` takes the model built by ``ModelConfig.build()`` and the configs and returns the
+DeepSpeed engine the training loop drives: the ZeRO stage and its buckets, offload, gradient
+accumulation and clipping, bf16 and the optimizer (DeepSpeed's CPU Adam under ZeRO-Offload)
+all come from ``DeepSpeedConfig``, turned into DeepSpeed's own config by ``build_ds_config``.
+The model files and the loop hold no distributed code besides the collectives of the step
+itself; Ray Train (``training.launch``) makes the process group before this runs.
+
+Sequence parallelism (DeepSpeed Ulysses: the token axis of the DiT's attention split across
+ranks, all-to-all around each attention) will be applied here too, so that the DiT stays a pure
+module and the loop does not change.
+
+``extra`` is the escape hatch: any raw DeepSpeed keys, deep-merged last, so users can reach
+options ``DeepSpeedConfig`` does not name without editing code.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from data.checks import check_ranges
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2  # 0, 1, 2 or 3
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    offload_optimizer: bool = False  # ZeRO-Offload of optimizer states to CPU
+    offload_param: bool = False  # ZeRO-3 parameter offload to CPU
+    # Communication bucket size in elements (reduce / all-gather / ZeRO-3 prefetch).
+    # DeepSpeed's default (5e8) allocates GBs of buffers per rank, far more than small models
+    # need; raise it on large GPU runs for fewer, larger collectives.
+    bucket_elements: int = 50_000_000
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0-3, got {self.zero_stage}")
+        check_ranges(self, grad_clip=">= 0", grad_accum=">= 1", bucket_elements=">= 1")
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError("offload_param needs zero_stage=3")
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_ds_config(cfg: DeepSpeedConfig, micro_batch: int, precision: str) -> dict:
+    """precision: fp32 | bf16. Returns the dict handed to deepspeed.initialize."""
+    if cfg.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"deepspeed.zero_stage must be 0-3, got {cfg.zero_stage}")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"train.precision must be fp32 or bf16, got '{precision}'")
+    b = int(cfg.bucket_elements)
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.zero_stage in (1, 2):
+        zero.update(reduce_bucket_size=b, allgather_bucket_size=b)
+    if cfg.zero_stage == 3:
+        zero.update(reduce_bucket_size=b, stage3_prefetch_bucket_size=b,
+                    stage3_param_persistence_threshold=min(b, 100_000),
+                    stage3_max_live_parameters=b, stage3_max_reuse_distance=b)
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if cfg.offload_param:
+        if cfg.zero_stage != 3:
+            raise ValueError("deepspeed.offload_param needs zero_stage=3")
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    ds = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(ds, dict(cfg.extra))
+
+
+def parallelize(model: nn.Module, cfg: DeepSpeedConfig, *, params: list[dict], lr: float,
+                weight_decay: float, schedule: Callable[[int], float], micro_batch: int,
+                precision: str):
+    """The DeepSpeed engine around `model` (already on this rank's device, with identical weights
+    on every rank): an AdamW over `params` (the optimizer's parameter groups; DeepSpeed's CPU
+    Adam when the optimizer states are offloaded), its rate scaled by `schedule` (LambdaLR),
+    and ZeRO as `cfg` says. Every rank must call it (it partitions collectively)."""
+    import deepspeed  # lazy: deepspeed import ~1.2 s; the config layer imports this module
+    from deepspeed.utils import logger as ds_logger  # lazy: deepspeed, as above
+
+    ds_logger.setLevel("WARNING")
+    ds_config = build_ds_config(cfg, micro_batch, precision)
+    if cfg.offload_optimizer:  # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed's CPU Adam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # lazy: deepspeed, as above
+
+        opt = DeepSpeedCPUAdam(params, lr=lr, weight_decay=weight_decay, adamw_mode=True)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                           model_parameters=params, config=ds_config,
+                                           dist_init_required=False)
+    return engine
+
+
+def checks_overflow(engine) -> bool:
+    """Whether DeepSpeed's optimizer drops a step with non-finite gradients and records the
+    gradient norm. ZeRO-0 in fp32 hands the optimizer over as it is, with neither: the trainer
+    does both for it."""
+    return hasattr(engine.optimizer, "overflow")
+
+
+class full_params:
+    """Context manager yielding {name: full tensor} of the engine's module on every rank
+    (ZeRO-3 gathers the partitions first; every rank must enter)."""
+
+    def __init__(self, engine, zero_stage: int):
+        self.engine, self.stage, self._ctx = engine, zero_stage, None
+
+    def __enter__(self) -> dict[str, torch.Tensor]:
+        module = self.engine.module
+        if self.stage == 3:
+            import deepspeed  # lazy: deepspeed import ~1.2 s; the config layer imports this module
+
+            self._ctx = deepspeed.zero.GatheredParameters(list(module.parameters()),
+                                                          modifier_rank=None)
+            self._ctx.__enter__()
+        return {k: p for k, p in module.named_parameters() if p.requires_grad}  # not frozen ones
+
+    def __exit__(self, *exc):
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
