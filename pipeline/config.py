@@ -29,6 +29,7 @@ from pipeline.curation.ingest import IngestConfig
 from pipeline.curation.scores import ScoreConfig
 from pipeline.curation.shard import ShardConfig
 from pipeline.curation.shots import ShotConfig
+from pipeline.recipe import RecipeConfig, check_recipe
 from training.evaluation.evaluate import EvalConfig
 from training.latent.space import LatentConfig
 from training.latent.vae_train import VAETrainConfig
@@ -95,6 +96,7 @@ class RunConfig:
     latent: LatentConfig = field(default_factory=LatentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)  # training as chained stages
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -116,6 +118,7 @@ GROUPS = {
     "latent": LatentConfig,
     "model": ModelConfig,
     "train": TrainConfig,
+    "recipe": RecipeConfig,
     "deepspeed": DeepSpeedConfig,
     "eval": EvalConfig,
     "tracking": TrackingConfig,
@@ -135,11 +138,17 @@ class ConfigError(ValueError):
 def to_object(cfg: DictConfig) -> RunConfig:
     """The typed config. A component's ``__post_init__`` check names the field relative to its
     dataclass (``lr must be > 0, got -1.0``); the error raised here names the dotted key
-    (``train.lr must be > 0, got -1.0``)."""
+    (``train.lr must be > 0, got -1.0``). A recipe's stages are checked against the train
+    section they override (``recipe.stages[1].train.num_framez``: :mod:`pipeline.recipe`)."""
     try:
-        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+        obj = OmegaConf.to_object(cfg)
     except Exception as e:  # noqa: BLE001 - whatever the check raised, named and re-raised
         raise ConfigError(named_error(cfg, e)) from e
+    try:
+        check_recipe(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return obj  # type: ignore[return-value]
 
 
 def failures(node: DictConfig, prefix: str = "") -> list[tuple[str, DictConfig, str]]:

@@ -32,6 +32,7 @@ machine) starts from what its last attempt uploaded: it uploads its files when i
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
 import json
@@ -43,6 +44,8 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
+
+from omegaconf import OmegaConf
 
 from data.redact import redact, scrub, secret_values
 from data.storage import (  # noqa: F401 (re-exported)
@@ -90,6 +93,13 @@ class Stage:
     stream: fnmatch patterns of upstream files (relative to an input's directory, e.g.
         ``"shards/*"``) the stage reads from ``ctx.input_urls`` instead of ``ctx.inputs``;
         with a URL root they are not downloaded.
+    overrides: nested values merged over the config's sections for this stage alone, keyed by
+        section (``{"train": {"num_frames": 4}}``, a recipe's stage: :mod:`pipeline.recipe`);
+        its hash and ``ctx.section()`` see the merged sections (a list replaces a list). Only
+        sections in ``config_keys`` may be overridden.
+    settings: the stage's own parameters (JSON-able), hashed with its config (under
+        ``"settings"``; none: nothing added, so a stage without any hashes as before); read
+        them as ``ctx.stage.settings``.
     """
 
     name: str
@@ -101,6 +111,8 @@ class Stage:
     resumable: bool = False
     description: str = ""
     stream: tuple[str, ...] = ()
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    settings: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _drop(d: dict, dotted: str) -> None:
@@ -124,6 +136,37 @@ def _put(d: dict, dotted: str, value: Any) -> None:
     for p in parents:
         d = d.setdefault(p, {})
     d[leaf] = value
+
+
+def _sub(overrides: Mapping, dotted: str) -> Any:
+    """The part of a stage's overrides that falls on a (sub)section, or None."""
+    for k in dotted.split("."):
+        if not isinstance(overrides, Mapping) or k not in overrides:
+            return None
+        overrides = overrides[k]
+    return overrides
+
+
+def _deep_merge(base: Any, over: Any) -> Any:
+    """`over` merged into a plain `base`: mappings key by key, anything else (lists) replaced."""
+    if not (isinstance(base, Mapping) and isinstance(over, Mapping)):
+        return over
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if k in out else v
+    return out
+
+
+def _merged(value: Any, over: Any) -> Any:
+    """A typed config section (a dataclass: rebuilt and checked by OmegaConf) or a plain value
+    with `over` merged in."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(value), over))
+    return _deep_merge(value, over)
+
+
+def _plain(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
 
 
 def stable_hash(obj: Any) -> str:
@@ -169,7 +212,9 @@ class StageContext:
                 f"stage '{self.stage.name}' reads config section '{key}' that is not in its "
                 f"hash; add it to the stage's config_keys"
             )
-        return _get(self.cfg, key)
+        value = _get(self.cfg, key)
+        over = _sub(self.stage.overrides, key)
+        return value if over is None else _merged(value, over)
 
     @property
     def tracker(self):
@@ -206,6 +251,10 @@ class Graph:
             for i in s.inputs:
                 if i not in self.stages:
                     raise GraphError(f"stage '{s.name}' has unknown input '{i}'")
+            for k in s.overrides:
+                if not any(c == k or c.startswith(f"{k}.") for c in s.config_keys):
+                    raise GraphError(f"stage '{s.name}' overrides section '{k}' that is not in "
+                                     f"its config_keys")
         self.order = self._toposort()
         self.store = Store(root)
         # Workers in other directories read these paths: a local root is made absolute.
@@ -258,9 +307,13 @@ class Graph:
         s = self.stages[name]
         section: dict = {}
         for k in s.config_keys:  # a dotted key nests: "model.text" -> {"model": {"text": ...}}
-            _put(section, k, json.loads(json.dumps(_get(cfg, k), default=str)))
+            value = _plain(_get(cfg, k))
+            over = _sub(s.overrides, k)
+            _put(section, k, value if over is None else _deep_merge(value, _plain(over)))
         for dotted in s.exclude:
             _drop(section, dotted)
+        if s.settings:
+            section["settings"] = _plain(s.settings)
         return section
 
     def hashes(self, cfg: Mapping) -> dict[str, str]:

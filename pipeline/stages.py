@@ -2,6 +2,10 @@
 
     source -> curate -> shard -> train -> eval
 
+With a recipe (``recipe=<name>``, :mod:`pipeline.recipe`) ``train`` is a chain of training
+stages named by the recipe, each starting from the one before it, and eval evaluates the last:
+``shard -> train_short -> train_long -> eval``.
+
 Each stage function reads only the config sections it declares (they make its hash), its
 upstream stages' output directories, and writes into its own output directory.
 """
@@ -39,6 +43,7 @@ from pipeline.curation.parts import actor_pool
 from pipeline.curation.scores import apply_filters
 from pipeline.curation.shard import run_sharding
 from pipeline.graph import Graph, GraphError, Stage, StageContext
+from pipeline.recipe import entries
 from training.evaluation.evaluate import evaluate
 from training.latent.precompute import precompute_latents
 from training.latent.vae_train import train_vae
@@ -370,6 +375,9 @@ def train_stage(ctx: StageContext) -> dict:
         latent = json.loads((ctx.inputs["precompute"] / "latent_space.json").read_text())
     else:
         urls = shard_urls(ctx, "train")
+    init = ctx.stage.settings.get("init")  # a recipe's later stage: its predecessor's output
+    if init is not None:
+        init = {**init, "dir": ctx.input_urls[init["from"]]}
     res = run_training(
         train_cfg=ctx.section("train"), model_cfg=ctx.section("model"),
         ds_cfg=ctx.section("deepspeed"), cluster=ctx.section("cluster"), out_dir=ctx.out_dir,
@@ -378,6 +386,7 @@ def train_stage(ctx: StageContext) -> dict:
         stage=ctx.stage.name, stage_hash=ctx.stage_hash,
         inputs={k: str(v) for k, v in ctx.inputs.items()}, latent=latent,
         ckpt_mirror=f"{ctx.out_url}/checkpoints" if has_scheme(ctx.out_url) else None,
+        init=init,
     )
     res.pop("history", None)
     return res
@@ -386,8 +395,9 @@ def train_stage(ctx: StageContext) -> dict:
 # ----- eval ---------------------------------------------------------------------------------
 def eval_stage(ctx: StageContext) -> dict:
     """Rerun alone with `spacetime run --only eval eval.checkpoint=200` or, for metric-vs-step
-    curves, `eval.steps=[100,200,300]` (the training stage must have kept those tags)."""
-    res = evaluate(ctx.section("eval"), ctx.inputs["train"],
+    curves, `eval.steps=[100,200,300]` (the training stage must have kept those tags). Its
+    first input is the training stage it evaluates (a recipe's last)."""
+    res = evaluate(ctx.section("eval"), ctx.inputs[ctx.stage.inputs[0]],
                    shard_urls(ctx, "val"), ctx.out_dir, ctx.tracker)
     return {"step": res["step"], "weights": res["weights"], "skipped": res["skipped"],
             **res["checkpoints"][-1]["metrics"]}
@@ -449,26 +459,61 @@ TEXT_KEYS = dict(config_keys=("latent", "model.text"),
                  exclude=("model.text.cache_size", "model.text.cache_dir"))
 
 
+def recipe_stages(train: Stage, recipe: list[dict]) -> list[Stage]:
+    """A recipe's training stages (``pipeline.recipe.entries``; none: ``[train]``): one per
+    entry, in order, each `train` renamed, with the entry's ``train`` overrides merged over the
+    train section (its hash and what it reads). After the first, a stage's inputs add its
+    predecessor, and how it starts from it (``init``: from, weights, optimizer) is in its
+    settings, so its hash holds both (the graph chains upstream hashes): changing a stage
+    reruns it and the stages after it, never the ones before. When the predecessor's
+    optimizer state is not carried its checkpoints are not downloaded (a URL root)."""
+    if not recipe:
+        return [train]
+    out: list[Stage] = []
+    for e in recipe:
+        s = dataclasses.replace(train, name=e["name"], overrides={"train": e["train"]} if e["train"] else {},
+                                description=f"{train.description} (recipe stage {len(out) + 1} of "
+                                            f"{len(recipe)})")
+        if out:
+            init = {"from": out[-1].name, "weights": e["weights"], "optimizer": e["optimizer"]}
+            stream = train.stream if e["optimizer"] == "carry" else (*train.stream, "checkpoints/*")
+            s = dataclasses.replace(s, inputs=(*train.inputs, out[-1].name),
+                                    settings={"init": init}, stream=stream)
+        out.append(s)
+    return out
+
+
 def build_graph(root: str | Path, local_cache: str | None = None, *, data_kind: str = "raw",
-                latent_kind: str = "none", text_frozen: bool = False) -> Graph:
+                latent_kind: str = "none", text_frozen: bool = False,
+                recipe: list[dict] = ()) -> Graph:
     """The graph for a config: with ``train.data.kind=latent`` the DiT trains on latent shards,
     ``shard -> [vae ->] precompute -> train`` (the vae stage only for ``latent.kind=ours``;
-    ``text_frozen``: the model's text encoder is frozen, so precompute embeds the captions)."""
-    if data_kind != "latent":
-        return Graph(STAGES, root, local_cache=local_cache)
-    if latent_kind == "none":
-        raise GraphError("train.data.kind=latent needs a VAE: set latent=ours (train one) or "
-                         "latent=diffusers latent.path=<hub id or directory>")
-    extra = [s for s in LATENT_STAGES if s.name != "vae" or latent_kind == "ours"]
-    if latent_kind != "ours":
-        extra = [dataclasses.replace(s, inputs=("shard",)) for s in extra]
-    if text_frozen:
-        extra = [dataclasses.replace(s, **TEXT_KEYS) if s.name == "precompute" else s for s in extra]
-    stages = []
+    ``text_frozen``: the model's text encoder is frozen, so precompute embeds the captions).
+    recipe: its entries (``pipeline.recipe.entries``): the training stages, eval on the last."""
+    extra: list[Stage] = []
+    if data_kind == "latent":
+        if latent_kind == "none":
+            raise GraphError("train.data.kind=latent needs a VAE: set latent=ours (train one) or "
+                             "latent=diffusers latent.path=<hub id or directory>")
+        extra = [s for s in LATENT_STAGES if s.name != "vae" or latent_kind == "ours"]
+        if latent_kind != "ours":
+            extra = [dataclasses.replace(s, inputs=("shard",)) for s in extra]
+        if text_frozen:
+            extra = [dataclasses.replace(s, **TEXT_KEYS) if s.name == "precompute" else s
+                     for s in extra]
+    stages: list[Stage] = []
+    last_train = "train"
     for s in STAGES:
         if s.name == "train":
             stages += extra
-            s = dataclasses.replace(s, inputs=("precompute",))
+            if extra:
+                s = dataclasses.replace(s, inputs=("precompute",))
+            trains = recipe_stages(s, list(recipe))
+            stages += trains
+            last_train = trains[-1].name
+            continue
+        if s.name == "eval":
+            s = dataclasses.replace(s, inputs=(last_train, *s.inputs[1:]))
         stages.append(s)
     return Graph(stages, root, local_cache=local_cache)
 
@@ -478,6 +523,8 @@ def graph_for(cfg) -> Graph:
     get = (lambda o, k: o[k]) if isinstance(cfg, dict) else getattr
     run, train, latent = get(cfg, "run"), get(cfg, "train"), get(cfg, "latent")
     text = get(get(cfg, "model"), "text")
+    has_recipe = (isinstance(cfg, dict) and "recipe" in cfg) or hasattr(cfg, "recipe")
     return build_graph(get(run, "root"), get(run, "local_cache"),
                        data_kind=get(get(train, "data"), "kind"), latent_kind=get(latent, "kind"),
-                       text_frozen=text_frozen(get(text, "kind"), get(text, "lr_scale")))
+                       text_frozen=text_frozen(get(text, "kind"), get(text, "lr_scale")),
+                       recipe=entries(cfg) if has_recipe else [])

@@ -28,6 +28,7 @@ from data.storage import Store
 from training.checkpoint import Checkpoints
 from training.trainer import (EXPORTS, NONFINITE, PREEMPT, Preempted, TrainConfig,
                               check_latent_data, follow_data, train_loop)
+from training.warm_start import check_init
 
 
 def worker_resources(cluster) -> dict:
@@ -55,13 +56,16 @@ def check_resume_world_size(ckpts, num_workers: int) -> None:
 def run_training(*, train_cfg: TrainConfig, model_cfg, ds_cfg, cluster, out_dir: Path,
                  train_shards: list[str], tracker_spec, stage: str, stage_hash: str,
                  inputs: dict[str, str], latent: dict | None = None,
-                 ckpt_mirror: str | None = None) -> dict:
+                 ckpt_mirror: str | None = None, init: dict | None = None) -> dict:
     """Driver side: start the workers, relay SIGTERM, wait, return rank 0's result.
 
     latent: for train.data.kind=latent, the latent shards' record (their ``latent_space.json``).
     ckpt_mirror: a URL every checkpoint is uploaded to (a bucket run root), so workers on any
-    node, or a later run on another machine, resume from it."""
+    node, or a later run on another machine, resume from it.
+    init: start from another training output's weights (a recipe's later stage; see
+    ``training.warm_start``)."""
     check_latent_data(train_cfg, model_cfg, latent)  # before any worker starts
+    check_init(init, cluster.num_workers)
     out_dir = Path(out_dir).resolve()
     res = worker_resources(cluster)
     check_resume_world_size(Checkpoints(out_dir / "checkpoints", train_cfg.keep_checkpoints,
@@ -78,7 +82,7 @@ def run_training(*, train_cfg: TrainConfig, model_cfg, ds_cfg, cluster, out_dir:
         "out_dir": str(out_dir), "train_shards": train_shards, "tracker": asdict(tracker_spec),
         "stage": stage, "stage_hash": stage_hash, "inputs": inputs,
         "peak_flops_per_worker": (cluster.peak_tflops_per_worker or 0) * 1e12,
-        "latent": latent, "ckpt_mirror": ckpt_mirror,
+        "latent": latent, "ckpt_mirror": ckpt_mirror, "init": init,
     }
     trainer = TorchTrainer(
         train_loop,

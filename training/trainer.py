@@ -56,6 +56,7 @@ from training.patches import check_patchable
 from training.prebuild import use_venv_ninja
 from training.step import StepResult, TextConditioning, TrainStep, reduce_counts
 from training.text_separation import caption_pairs
+from training.warm_start import carry_optimizer, load_initial_weights
 
 PREEMPT = "PREEMPT"
 NONFINITE = "NONFINITE.json"  # written by rank 0 when the non-finite guard stops the run
@@ -392,12 +393,14 @@ def train_loop(config: dict[str, Any]) -> None:
     _install_sigterm(out / PREEMPT)
     torch.manual_seed(tcfg.seed)
     model = mcfg.build().to(device)
+    init = load_initial_weights(model, config.get("init"))  # a recipe's later stage: warm_start
     micro = micro_batch_size(tcfg, world, dcfg.grad_accum)
 
     # parallelize: the DeepSpeed engine (ZeRO, the optimizer, its schedule) around the module
     engine = parallelize(model, dcfg, params=param_groups(model, tcfg.lr, mcfg.text.lr_scale),
                          lr=tcfg.lr, weight_decay=tcfg.weight_decay, schedule=lr_lambda(tcfg),
                          micro_batch=micro, precision=tcfg.precision)
+    carry_optimizer(engine, config.get("init"))  # optimizer: carry (before the EMA copies weights)
     dtype = torch.bfloat16 if tcfg.precision == "bf16" else torch.float32
     # Noise, timesteps and caption dropout draw from this generator on the training device.
     gen = torch.Generator(device=device).manual_seed(tcfg.seed * 1000 + rank)
@@ -460,6 +463,7 @@ def train_loop(config: dict[str, Any]) -> None:
             "train_seconds": time.time() - t_start, "skipped_samples": data.skipped_total,
             "nonfinite_steps": guard.total, "world_size": world, "micro_batch": micro,
             "zero_stage": dcfg.zero_stage, "run_ids_seen": run_ids,
-            "text_encoder_calls": text.calls, "text_from_shards": text.stored is not None},
+            "text_encoder_calls": text.calls, "text_from_shards": text.stored is not None,
+            "init": init},
             tracker)
     dist.barrier()

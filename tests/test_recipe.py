@@ -1,0 +1,352 @@
+"""Recipes: training as chained graph stages (``recipe=...``, pipeline/recipe.py), each starting
+from the previous stage's weights (training/warm_start.py).
+
+Graph construction, hashes and config checks are unit tests on the composed config; the weights
+a stage starts from are checked exactly on the tiny model; the optimizer carry on a one-rank
+DeepSpeed engine in a subprocess; and one real 2-stage run goes through the graph on Ray Train.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import Recorder
+from hydra import compose, initialize_config_dir
+
+from data.shards import write_shard
+from data.synthetic import SourceConfig, generate
+from pipeline.config import CONF_DIR, ConfigError, register, to_dict, to_object
+from pipeline.graph import Graph, Stage, StageContext
+from pipeline.stages import STAGES, build_graph, graph_for
+from training.model import ModelConfig
+from training.trainer import TrainConfig
+from training.warm_start import check_init, digest, initial_weights, load_initial_weights
+
+register()
+REPO = Path(__file__).resolve().parent.parent
+THREE = ("+recipe.stages=[{name: train_a, train: {num_frames: 4, height: 16, width: 16}}, "
+         "{name: train_b, train: {num_frames: 8}}, {name: train_c}]")
+
+
+def composed(overrides=()):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        c = compose("config", overrides=list(overrides))
+    return to_object(c), to_dict(c)
+
+
+def hashes(overrides=()):
+    cfg, d = composed(overrides)
+    return graph_for(cfg).hashes(d)
+
+
+# ----- the graph ------------------------------------------------------------------------------
+def test_without_a_recipe_the_graph_and_its_train_hash_are_unchanged(tmp_path):
+    # Hashed on a fixed config, the stage table's own identity (what main computed before recipes).
+    cfg = {s: {"value": s} for s in ("source", "ingest", "probe", "shots", "scores", "curate",
+                                     "embed", "dedup", "caption", "shard", "model", "deepspeed",
+                                     "eval")}
+    cfg["train"] = {"steps": 300, "num_frames": 8, "log_every": 1,
+                    "data": {"prefetch": 2, "kind": "raw"}}
+    g = build_graph(tmp_path)
+    assert g.order == ["source", "curate", "filter", "caption", "shard", "train", "eval"]
+    h = g.hashes(cfg)
+    assert h["train"] == "89d310decf9e469842af7ebb93bdf0db1da03be53854febd6703d1e7270777ba"
+    assert h["eval"] == "5342bb17dcb3453698568e34aa2f12b9e6b4882e81be6b8f2dd89a688f142d83"
+    # The composed default (recipe=none) is the plain stage table, and so is a one-stage recipe
+    # named train with no overrides: the same computation, the same hashes.
+    base, d = composed()
+    assert base.recipe.stages == []
+    assert graph_for(base).hashes(d) == Graph(STAGES, tmp_path).hashes(d)
+    assert hashes(["+recipe.stages=[{name: train}]"]) == graph_for(base).hashes(d)
+
+
+def test_a_recipe_chains_training_stages_and_eval_takes_the_last(tmp_path):
+    cfg, d = composed(["recipe=short_to_long", f"run.root={tmp_path}"])
+    g = graph_for(cfg)
+    assert g.order == ["source", "curate", "filter", "caption", "shard", "train_short",
+                       "train_long", "eval"]
+    assert g.stages["train_short"].inputs == ("shard",)
+    assert g.stages["train_long"].inputs == ("shard", "train_short")
+    assert g.stages["eval"].inputs == ("train_long", "shard")
+    short = g.hashed_config("train_short", d)
+    assert (short["train"]["num_frames"], short["train"]["height"], short["train"]["steps"]) == (4, 16, 200)
+    assert "settings" not in short  # the first stage starts fresh
+    long = g.hashed_config("train_long", d)
+    assert (long["train"]["num_frames"], long["train"]["height"]) == (d["train"]["num_frames"],
+                                                                      d["train"]["height"])
+    assert long["settings"] == {"init": {"from": "train_short", "weights": "ema",
+                                         "optimizer": "fresh"}}
+    # Its excluded keys stay out of every stage's hash, as for train.
+    assert "log_every" not in long["train"]
+    # --only / --from / --until and status take the recipe's stages like any other.
+    assert g.plan(d, only="train_long") == {**dict.fromkeys(g.order[:6], "run"),
+                                            "train_long": "run", "eval": "skip"}
+    assert [n for n, a in g.plan(d, from_="train_long").items() if a == "run"][-2:] == [
+        "train_long", "eval"]
+    assert g.plan(d, until="train_short")["train_long"] == "skip"
+    assert [r.name for r in g.status(d)] == g.order
+
+
+def test_changing_a_stage_changes_its_hash_and_the_later_ones_only():
+    h = hashes([THREE])
+    changed = hashes([THREE, "recipe.stages.1.train.num_frames=6"])
+    assert changed["train_a"] == h["train_a"]
+    assert all(changed[n] != h[n] for n in ("train_b", "train_c", "eval"))
+    # How a stage starts from its predecessor is part of it too.
+    raw = hashes([THREE, "recipe.stages.1.weights=raw"])
+    assert raw["train_a"] == h["train_a"] and raw["train_b"] != h["train_b"]
+    assert raw["train_c"] != h["train_c"]
+    # A base train key that a stage overrides does not reach it; one that it does not, does.
+    assert hashes([THREE, "train.height=16"])["train_a"] == h["train_a"]
+    assert hashes([THREE, "train.height=16"])["train_b"] != h["train_b"]
+    assert hashes([THREE, "train.log_every=7"]) == h  # excluded, as for train
+
+
+def test_a_stage_reads_its_train_section_with_the_recipe_merged(tmp_path):
+    cfg, d = composed(["recipe=short_to_long"])
+    g = build_graph(tmp_path, recipe=[{"name": "s", "weights": "ema", "optimizer": "fresh",
+                                       "train": {"num_frames": 4, "data": {"shuffle_buffer": 3}}}])
+    st = g.stages["s"]
+    ctx = StageContext(stage=st, run_id="r", out_dir=tmp_path, inputs={}, stage_hash="h",
+                       hashed_config=g.hashed_config("s", d), cfg=cfg)
+    t = ctx.section("train")
+    assert isinstance(t, TrainConfig) and t.num_frames == 4 and t.data.shuffle_buffer == 3
+    assert t.height == cfg.train.height and t.data.kind == cfg.train.data.kind
+    assert ctx.section("train.data").shuffle_buffer == 3
+    assert cfg.train.num_frames == 8  # the run's own section is untouched
+    assert ctx.hashed_config["train"]["data"]["shuffle_buffer"] == 3
+
+
+def test_only_the_changed_stage_and_what_follows_rerun(tmp_path):
+    rec = Recorder(log=False)
+    cfg_over = [THREE, f"run.root={tmp_path}"]
+
+    def graph(overrides):
+        cfg, d = composed(overrides)
+        g = graph_for(cfg)
+        keep = ["train_a", "train_b", "train_c", "eval"]
+        stages = [Stage("shard", rec.stage("shard"))] + [
+            dataclasses.replace(g.stages[n], fn=rec.stage(n)) for n in keep]
+        return Graph(stages, tmp_path), cfg, d
+
+    g, cfg, d = graph(cfg_over)
+    g.run(cfg, d, "r1", log=lambda s: None)
+    assert rec.calls == ["shard", "train_a", "train_b", "train_c", "eval"]
+    rec.calls.clear()
+    g, cfg, d = graph([*cfg_over, "+recipe.stages.2.train.steps=5"])
+    assert {r.name: r.state for r in g.status(d)} == {
+        "shard": "done", "train_a": "done", "train_b": "done", "train_c": "stale",
+        "eval": "stale"}  # done: by the latest run
+    g.run(cfg, d, "r2", log=lambda s: None)
+    assert rec.calls == ["train_c", "eval"]
+
+
+@pytest.mark.parametrize("override, named", [
+    ("+recipe.stages=[{name: s, train: {num_framez: 4}}]", "recipe.stages[0].train.num_framez"),
+    ("+recipe.stages=[{name: s}, {name: t, train: {data: {shufle_buffer: 4}}}]",
+     "recipe.stages[1].train.data.shufle_buffer"),
+    ("+recipe.stages=[{name: s, train: {steps: 0}}]", "recipe.stages[0].train.steps must be >= 1"),
+    ("+recipe.stages=[{name: s, train: {lr: fast}}]", "recipe.stages[0].train.lr"),
+    ("+recipe.stages=[{name: s, weights: best}]", "recipe.stages[0].weights must be one of ema, raw"),
+    ("+recipe.stages=[{name: s, optimizer: carry}]", "recipe.stages[0].optimizer: carry needs weights: raw"),
+    ("+recipe.stages=[{name: s}, {name: s}]", "recipe.stages[1].name: 's' names two stages"),
+    ("+recipe.stages=[{name: eval}]", "recipe.stages[0].name 'eval' is another stage's"),
+    ("+recipe.stages=[{name: Train-1}]", "recipe.stages[0].name must be lower-case"),
+])
+def test_a_bad_recipe_entry_is_named_by_its_key(override, named):
+    with pytest.raises(ConfigError) as e:
+        composed([override])
+    assert named in str(e.value)
+
+
+def test_the_cli_refuses_a_bad_recipe_key_before_any_stage(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "recipe=short_to_long",
+                        "+recipe.stages.1.train.num_framez=4", f"run.root={tmp_path / 'out'}"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "recipe.stages[1].train.num_framez" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ----- the weights a stage starts from ----------------------------------------------------------
+def tiny_model() -> torch.nn.Module:
+    return ModelConfig().build()
+
+
+@pytest.fixture
+def previous_stage(tmp_path) -> Path:
+    """A training output as the trainer exports it: raw weights and an EMA (of the trainable
+    weights only) that differs from them."""
+    torch.manual_seed(1)
+    model = tiny_model()
+    raw = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ema = {k: p.detach().clone() + 0.5 for k, p in model.named_parameters() if p.requires_grad}
+    torch.save(raw, tmp_path / "model.pt")
+    torch.save(ema, tmp_path / "model_ema.pt")
+    return tmp_path
+
+
+@pytest.mark.parametrize("weights", ["ema", "raw"])
+def test_a_later_stage_starts_from_exactly_the_previous_weights(previous_stage, weights):
+    raw = torch.load(previous_stage / "model.pt", weights_only=True)
+    ema = torch.load(previous_stage / "model_ema.pt", weights_only=True)
+    want = {**raw, **ema} if weights == "ema" else raw
+    torch.manual_seed(2)
+    model = tiny_model()  # other initial weights
+    assert any(not torch.equal(model.state_dict()[k], want[k]) for k in want)
+    init = {"dir": str(previous_stage), "weights": weights, "optimizer": "fresh", "from": "s"}
+    rec = load_initial_weights(model, init)
+    got = model.state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert rec["digest"] == digest(want) and rec["weights"] == weights and rec["from"] == "s"
+    assert load_initial_weights(tiny_model(), None) is None
+
+
+def test_the_weights_transfer_across_clip_lengths_and_resolutions(previous_stage):
+    """The DiT has no size-dependent parameter: one set of weights runs at any patchable shape."""
+    model = tiny_model()
+    load_initial_weights(model, {"dir": str(previous_stage), "weights": "ema",
+                                 "optimizer": "fresh"})
+    ids, mask = model.tokenize(["a red circle", "two squares"])
+    for t, h, w in ((4, 16, 16), (8, 32, 24)):
+        x = torch.randn(2, 3, t, h, w)  # (B, C, T, H, W)
+        out = model(x, torch.rand(2), ids, mask)
+        assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_the_driver_refuses_a_missing_start_before_any_worker(previous_stage, tmp_path):
+    (previous_stage / "model_ema.pt").unlink()
+    init = {"dir": str(previous_stage), "weights": "ema", "optimizer": "fresh", "from": "s"}
+    with pytest.raises(FileNotFoundError, match="model_ema.pt is missing.*--only s"):
+        check_init(init, 2)
+    check_init({**init, "weights": "raw"}, 2)  # model.pt is there
+    with pytest.raises(FileNotFoundError, match="optimizer: carry needs a checkpoint"):
+        check_init({**init, "weights": "raw", "optimizer": "carry"}, 2)
+    (previous_stage / "checkpoints" / "step00000004").mkdir(parents=True)
+    (previous_stage / "checkpoints" / "step00000004" / "_COMPLETE.json").write_text(
+        json.dumps({"step": 4, "world_size": 1}))
+    with pytest.raises(ValueError, match="written by 1 training workers, but cluster.num_workers=2"):
+        check_init({**init, "weights": "raw", "optimizer": "carry"}, 2)
+    check_init({**init, "weights": "raw", "optimizer": "carry"}, 1)
+
+
+CARRY = textwrap.dedent("""
+    import json, os, socket, sys
+    from contextlib import closing
+    from pathlib import Path
+    import torch, torch.distributed as dist
+    from training.checkpoint import Checkpoints
+    from training.flow import FlowConfig, flow_loss
+    from training.model import ModelConfig
+    from training.parallelize import DeepSpeedConfig, parallelize
+    from training.trainer import param_groups
+    from training.warm_start import carry_optimizer, load_initial_weights
+
+    out = Path(sys.argv[1])
+    with closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    mcfg = ModelConfig()
+
+    def engine(seed, init=None):
+        torch.manual_seed(seed)
+        model = mcfg.build()
+        load_initial_weights(model, init)  # before the engine, as the trainer does
+        return parallelize(model, DeepSpeedConfig(zero_stage=2), lr=1e-2, weight_decay=0.0,
+                           params=param_groups(model, 1e-2, mcfg.text.lr_scale),
+                           schedule=lambda s: 1.0, micro_batch=2, precision="fp32")
+
+    def step(e, seed):
+        g = torch.Generator().manual_seed(seed)
+        x0 = torch.rand(2, 3, 4, 16, 16, generator=g) * 2 - 1  # (B, C, T, H, W)
+        ids, mask = e.module.tokenize(["a red circle", "two squares"])
+        loss, _, _ = flow_loss(lambda x, t: e(x, t, ids, mask), x0, FlowConfig(), generator=g)
+        e.backward(loss); e.step()
+
+    def weights(e):
+        return {k: v.detach().clone() for k, v in e.module.state_dict().items()}
+
+    a = engine(0)
+    for i in range(3):
+        step(a, i)
+    Checkpoints(out / "checkpoints", keep=1).save(a, 3, {}, None)
+    torch.save(weights(a), out / "model.pt")
+    step(a, 10)  # stage one, continued by one step
+    init = {"dir": str(out), "weights": "raw", "optimizer": "carry", "from": "a"}
+    res = {}
+    for mode in ("carry", "fresh"):
+        b = engine(5, {**init, "optimizer": mode})  # other initial weights, then stage one's
+        carry_optimizer(b, {**init, "optimizer": mode})
+        step(b, 10)
+        res[mode] = max(float((weights(a)[k] - v).abs().max()) for k, v in weights(b).items())
+    print(json.dumps(res))
+""")
+
+
+def test_a_carried_optimizer_continues_the_previous_stage_exactly(tmp_path):
+    """One step after carrying the AdamW state is the previous engine's next step (to the bit);
+    with a fresh optimizer the same step lands elsewhere."""
+    r = subprocess.run([sys.executable, "-c", CARRY, str(tmp_path)], capture_output=True,
+                       text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["carry"] == 0.0
+    assert res["fresh"] > 1e-4
+
+
+# ----- one real 2-stage run through the graph ---------------------------------------------------
+def shard_stage_from(root: Path):
+    """A shard stage's output made straight from the synthetic source (no curation)."""
+    def fn(ctx):
+        rows = generate(SourceConfig(num_videos=8, bad_fraction=0.0, multishot_fraction=0.0,
+                                     seed=3), root / "src")
+        samples = []
+        for r in rows:
+            meta = {"start": 0, "end": r["num_frames"], "fps": r["fps"], "width": r["width"],
+                    "height": r["height"], "caption": r["caption"]}
+            samples.append({"__key__": r["id"], "mp4": (root / "src" / r["path"]).read_bytes(),
+                            "json": meta, "txt": r["caption"]})
+        (ctx.out_dir / "shards").mkdir()
+        write_shard(str(ctx.out_dir / "shards" / "train-000000.tar"), samples)
+        (ctx.out_dir / "index.json").write_text(json.dumps(
+            {"train": ["shards/train-000000.tar"], "val": []}))
+        return {}
+    return fn
+
+
+def test_a_two_stage_recipe_trains_through_the_graph(ray_local, tmp_path):
+    cfg, d = composed(["experiment=tiny", "recipe=short_to_long", "tracking=disabled",
+                       f"run.root={tmp_path / 'out'}", "cluster.num_workers=1",
+                       "train.global_batch_size=2", "train.warmup_steps=1",
+                       "train.data.shuffle_buffer=4", "recipe.stages.0.train.steps=2",
+                       "recipe.stages.1.train.steps=2"])
+    g = graph_for(cfg)
+    stages = [Stage("shard", shard_stage_from(tmp_path)),
+              g.stages["train_short"], g.stages["train_long"]]
+    graph = Graph(stages, tmp_path / "out")
+    lin = graph.run(cfg, d, "recipe-run", log=lambda s: None)
+    assert {n: r["state"] for n, r in lin["stages"].items()} == dict.fromkeys(
+        ["shard", "train_short", "train_long"], "done")
+    short = Path(lin["stages"]["train_short"]["path"])
+    long = Path(lin["stages"]["train_long"]["path"])
+    assert json.loads((short / "train_config.json").read_text())["num_frames"] == 4
+    assert json.loads((long / "train_config.json").read_text())["num_frames"] == 8
+    res_short = json.loads((short / "train_result.json").read_text())
+    res_long = json.loads((long / "train_result.json").read_text())
+    assert res_short["init"] is None
+    # The second stage's step 0 had exactly the first stage's final EMA weights.
+    assert res_long["init"]["digest"] == digest(initial_weights(str(short), "ema"))
+    assert res_long["init"]["from"] == "train_short" and res_long["steps"] == 2
+    info = json.loads((long / "info.json").read_text())
+    assert info["config"]["settings"]["init"]["from"] == "train_short"
+    assert info["input_hashes"]["train_short"] == lin["stages"]["train_short"]["hash"]
