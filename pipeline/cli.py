@@ -118,16 +118,31 @@ def preflight(cfg) -> None:
     from training.patches import check_patchable  # lazy: CLI start-up 0.1 s, 9 s with eager imports
     from training.trainer import buckets_of  # lazy: CLI start-up 0.1 s, 9 s with eager imports
 
-    micro = micro_batch_size(cfg.train, cfg.cluster.num_workers, cfg.deepspeed.grad_accum)
-    latent = cfg.train.data.kind == "latent"
-    if latent and cfg.latent.kind == "ours":  # our VAE's latent space is known from its config
-        check_our_latents(cfg, [(b.num_frames, b.height, b.width) for b in buckets_of(cfg.train, micro)])
-    for b in buckets_of(cfg.train, micro) if not latent else ():  # latents: checked in latent space
+    from pipeline.recipe import train_sections  # lazy: CLI start-up 0.1 s, 9 s with eager imports
+
+    for stage, tcfg in train_sections(cfg):  # train, or each stage of a recipe
+        at = f"recipe stage {stage}: " if cfg.recipe.stages else ""
         try:
-            check_patchable((b.num_frames, b.height, b.width), cfg.model.dit.patch_size,
-                            what="train shape", key="model.dit.patch_size")
+            micro = micro_batch_size(tcfg, cfg.cluster.num_workers, cfg.deepspeed.grad_accum)
         except ValueError as e:
-            raise SystemExit(f"spacetime: {e}") from None
+            raise ValueError(f"{at}{e}") from None
+        shapes = [(b.num_frames, b.height, b.width) for b in buckets_of(tcfg, micro)]
+        latent = tcfg.data.kind == "latent"
+        if latent and cfg.recipe.stages:  # the latent shards hold one window, of latent.*'s shape
+            lat = (cfg.latent.num_frames, cfg.latent.height, cfg.latent.width)
+            if lat not in shapes:
+                raise SystemExit(f"spacetime: {at}trains at {shapes} but the latent shards hold "
+                                 f"clips encoded at (frames, height, width)={lat} "
+                                 f"(latent.num_frames/height/width): in latent space every stage "
+                                 f"trains at that shape")
+        if latent and cfg.latent.kind == "ours":  # our VAE's latent space is known from its config
+            check_our_latents(cfg, shapes)
+        for shape in shapes if not latent else ():  # latents: checked in latent space
+            try:
+                check_patchable(shape, cfg.model.dit.patch_size, what=f"{at}train shape",
+                                key="model.dit.patch_size")
+            except ValueError as e:
+                raise SystemExit(f"spacetime: {e}") from None
     resolve_mode(cfg.tracking.mode)
 
 
@@ -155,10 +170,11 @@ def check_our_latents(cfg, shapes: list[tuple[int, int, int]]) -> None:
 
 def cmd_status(graph, cfg_dict) -> int:
     rows = graph.status(cfg_dict)
-    print(f"{'stage':<8} {'state':<8} {'hash':<12} {'duration':>9}  output")
+    w = max(8, *(len(r.name) for r in rows))  # a recipe's stage names may be longer
+    print(f"{'stage':<{w}} {'state':<8} {'hash':<12} {'duration':>9}  output")
     for r in rows:
         dur = f"{r.duration_s:.1f}s" if r.duration_s is not None else "-"
-        print(f"{r.name:<8} {r.state:<8} {r.hash[:12]:<12} {dur:>9}  {r.path}"
+        print(f"{r.name:<{w}} {r.state:<8} {r.hash[:12]:<12} {dur:>9}  {r.path}"
               + (f"  ({r.detail})" if r.detail else ""))
     return 0
 

@@ -29,7 +29,7 @@ from pipeline.curation.ingest import IngestConfig
 from pipeline.curation.scores import ScoreConfig
 from pipeline.curation.shard import ShardConfig
 from pipeline.curation.shots import ShotConfig
-from pipeline.recipe import RecipeConfig, check_recipe
+from pipeline.recipe import RecipeConfig
 from training.evaluation.evaluate import EvalConfig
 from training.latent.space import LatentConfig
 from training.latent.vae_train import VAETrainConfig
@@ -193,3 +193,32 @@ def named_error(cfg: DictConfig, e: BaseException) -> str:
 
 def to_dict(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore
+
+
+def check_recipe(cfg: DictConfig) -> None:
+    """The recipe of a composed config, checked against its train section: unique names, and
+    each entry's ``train`` overrides merge into the train schema and pass its checks. Raises
+    ValueError naming the dotted key (``recipe.stages[1].train.steps must be >= 1, got 0``)."""
+    seen: set[str] = set()
+    for i, entry in enumerate(cfg.recipe.stages):
+        key = f"recipe.stages[{i}]"
+        if entry.name in seen:
+            raise ValueError(f"{key}.name: {entry.name!r} names two stages of the recipe")
+        seen.add(entry.name)
+        schema = OmegaConf.structured(OmegaConf.get_type(cfg.train))
+        base = OmegaConf.to_container(cfg.train, resolve=True)
+        try:
+            merged = OmegaConf.merge(schema, base, OmegaConf.to_container(entry.train, resolve=True))
+        except Exception as e:  # noqa: BLE001 - an unknown key or a wrongly typed value
+            full = getattr(e, "full_key", None) or ""
+            raise ValueError(f"{key}.train.{full}: {_first_line(e)}" if full else
+                             f"{key}.train: {_first_line(e)}") from None
+        try:
+            OmegaConf.to_object(merged)
+        except Exception as e:  # noqa: BLE001 - the TrainConfig's own checks
+            msg = named_error(OmegaConf.create({"train": merged}), e)
+            raise ValueError(f"{key}.{msg}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__

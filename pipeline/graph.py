@@ -3,8 +3,10 @@
 A stage's identity is ``name + hash(its config sections, its upstream identities, its code
 version)``. Every field of the declared config sections is hashed; the only exclusions are the
 dotted keys a stage lists in ``exclude`` (things that cannot change its output, such as worker
-counts). Hashes are computed from configuration alone, so ``status`` can tell what is done,
-stale or pending without running anything.
+counts). A stage may also carry ``overrides`` merged over its sections and ``settings`` of its
+own, both hashed (a recipe's training stages: :mod:`pipeline.recipe`). Hashes are computed from
+configuration alone, so ``status`` can tell what is done, stale or pending without running
+anything.
 
 Each stage writes into ``<root>/stages/<name>-<hash12>/``. The directory explains itself:
 

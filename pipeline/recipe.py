@@ -16,7 +16,8 @@ counts) from its last checkpoint, with the raw weights it belongs to (so ``carry
 
 An empty recipe (``recipe=none``, the default) is today's graph: one ``train`` stage, hashed as
 before. Bad entries fail when the config is composed (``pipeline.config.to_object``), named by
-their dotted key (``recipe.stages[1].train.num_framez``), before any stage starts.
+their dotted key (``recipe.stages[1].train.num_framez``), before any stage starts
+(``pipeline.config.check_recipe``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 WEIGHTS = ("ema", "raw")
 OPTIMIZERS = ("fresh", "carry")
@@ -63,37 +64,6 @@ class RecipeConfig:
     stages: list[RecipeStage] = field(default_factory=list)  # empty: one `train` stage
 
 
-def check_recipe(cfg: DictConfig) -> None:
-    """The recipe of a composed config, checked against its train section: unique names, and
-    each entry's ``train`` overrides merge into the train schema and pass its checks. Raises
-    ValueError naming the dotted key (``recipe.stages[1].train.steps must be >= 1, got 0``)."""
-    from pipeline.config import named_error  # lazy: pipeline.config imports this module
-
-    seen: set[str] = set()
-    for i, entry in enumerate(cfg.recipe.stages):
-        key = f"recipe.stages[{i}]"
-        if entry.name in seen:
-            raise ValueError(f"{key}.name: {entry.name!r} names two stages of the recipe")
-        seen.add(entry.name)
-        schema = OmegaConf.structured(OmegaConf.get_type(cfg.train))
-        base = OmegaConf.to_container(cfg.train, resolve=True)
-        try:
-            merged = OmegaConf.merge(schema, base, OmegaConf.to_container(entry.train, resolve=True))
-        except Exception as e:  # noqa: BLE001 - an unknown key or a wrongly typed value
-            full = getattr(e, "full_key", None) or ""
-            raise ValueError(f"{key}.train.{full}: {_first_line(e)}" if full else
-                             f"{key}.train: {_first_line(e)}") from None
-        try:
-            OmegaConf.to_object(merged)
-        except Exception as e:  # noqa: BLE001 - the TrainConfig's own checks
-            msg = named_error(OmegaConf.create({"train": merged}), e)
-            raise ValueError(f"{key}.{msg}") from None
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
-
-
 def entries(cfg) -> list[dict]:
     """The recipe's stages of a typed or plain config, as plain dicts."""
     recipe = cfg["recipe"] if isinstance(cfg, dict) else cfg.recipe
@@ -107,3 +77,13 @@ def entries(cfg) -> list[dict]:
                     "optimizer": s.get("optimizer", "fresh"),
                     "train": OmegaConf.to_container(OmegaConf.create(dict(s.get("train") or {})))})
     return out
+
+
+def train_sections(cfg) -> list[tuple[str, Any]]:
+    """(stage name, its typed train section) of each training stage of a typed config: the
+    recipe's, with their overrides merged, or ``[("train", cfg.train)]`` without one."""
+    if not cfg.recipe.stages:
+        return [("train", cfg.train)]
+    return [(e.name, OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg.train),
+                                                         e.train)) if e.train else cfg.train)
+            for e in cfg.recipe.stages]

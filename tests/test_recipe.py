@@ -175,6 +175,22 @@ def test_the_cli_refuses_a_bad_recipe_key_before_any_stage(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_preflight_checks_every_recipe_stage_and_names_it():
+    from pipeline.cli import preflight
+
+    preflight(composed(["recipe=short_to_long"])[0])
+    cfg, _ = composed(["recipe=short_to_long", "recipe.stages.0.train.height=18"])
+    with pytest.raises(SystemExit, match=r"recipe stage train_short: train shape \(4, 18, 16\)"):
+        preflight(cfg)
+    cfg, _ = composed(["recipe=short_to_long", "+recipe.stages.1.train.global_batch_size=3"])
+    with pytest.raises(ValueError, match="recipe stage train_long: train.global_batch_size=3"):
+        preflight(cfg)
+    # Latent shards hold one window per clip: a stage at another shape is refused up front.
+    cfg, _ = composed(["experiment=latent", "recipe=short_to_long"])
+    with pytest.raises(SystemExit, match="recipe stage train_short: trains at .* latent shards"):
+        preflight(cfg)
+
+
 # ----- the weights a stage starts from ----------------------------------------------------------
 def tiny_model() -> torch.nn.Module:
     return ModelConfig().build()
@@ -326,7 +342,7 @@ def shard_stage_from(root: Path):
 
 def test_a_two_stage_recipe_trains_through_the_graph(ray_local, tmp_path):
     cfg, d = composed(["experiment=tiny", "recipe=short_to_long", "tracking=disabled",
-                       f"run.root={tmp_path / 'out'}", "cluster.num_workers=1",
+                       f"run.root={tmp_path / 'out'}", "cluster.num_workers=1", "cluster.peak_tflops_per_worker=1",
                        "train.global_batch_size=2", "train.warmup_steps=1",
                        "train.data.shuffle_buffer=4", "recipe.stages.0.train.steps=2",
                        "recipe.stages.1.train.steps=2"])
