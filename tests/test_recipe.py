@@ -191,6 +191,16 @@ def test_preflight_checks_every_recipe_stage_and_names_it():
         preflight(cfg)
 
 
+def test_submit_takes_a_recipes_stage_names():
+    from pipeline.submit import SubmitError, build_submission
+
+    s = build_submission(["recipe=short_to_long", "run.root=/shared/st"], "train_long", None,
+                         "http://127.0.0.1:8265", run_id="20260101-000000-abcd")
+    assert s["entrypoint"].startswith("python -m pipeline.cli run --only train_long")
+    with pytest.raises(SubmitError, match="unknown stage 'train'; stages are: .*train_short"):
+        build_submission(["recipe=short_to_long", "run.root=/x"], "train", None, "http://x")
+
+
 # ----- the weights a stage starts from ----------------------------------------------------------
 def tiny_model() -> torch.nn.Module:
     return ModelConfig().build()
