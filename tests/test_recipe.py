@@ -29,6 +29,11 @@ from training.model import ModelConfig
 from training.trainer import TrainConfig
 from training.warm_start import check_init, digest, initial_weights, load_initial_weights
 
+try:
+    from test_storage import s3  # noqa: F401 (the fixture: a local S3 endpoint, moto's server)
+except pytest.skip.Exception:  # no moto: test_storage skips itself, and so does the bucket test
+    s3 = None
+
 register()
 REPO = Path(__file__).resolve().parent.parent
 THREE = ("+recipe.stages=[{name: train_a, train: {num_frames: 4, height: 16, width: 16}}, "
@@ -264,6 +269,27 @@ def test_the_driver_refuses_a_missing_start_before_any_worker(previous_stage, tm
     check_init({**init, "weights": "raw", "optimizer": "carry"}, 1)
 
 
+@pytest.mark.skipif(s3 is None, reason="needs moto (tests/test_storage.py's S3 endpoint)")
+def test_a_later_stage_starts_from_a_bucket_run_roots_previous_stage(previous_stage, s3):
+    """With run.root=s3://... the workers read the previous stage's weights from the bucket."""
+    from data.storage import Store
+
+    url = s3("run") + "/stages/train_short-0123456789ab"
+    store = Store(url)
+    for name in ("model.pt", "model_ema.pt"):
+        store.put_file(previous_stage / name, name)
+    store.write_json_atomic("checkpoints/step00000004/_COMPLETE.json",
+                            {"step": 4, "world_size": 2})
+    init = {"dir": url, "weights": "ema", "optimizer": "fresh", "from": "train_short"}
+    check_init(init, 1)
+    check_init({**init, "weights": "raw", "optimizer": "carry"}, 2)  # the mirror's world size
+    with pytest.raises(ValueError, match="written by 2 training workers"):
+        check_init({**init, "weights": "raw", "optimizer": "carry"}, 1)
+    model = tiny_model()
+    rec = load_initial_weights(model, init)
+    assert rec["digest"] == digest(initial_weights(str(previous_stage), "ema"))
+
+
 CARRY = textwrap.dedent("""
     import json, os, socket, sys
     from contextlib import closing
@@ -294,7 +320,7 @@ CARRY = textwrap.dedent("""
 
     def step(e, seed):
         g = torch.Generator().manual_seed(seed)
-        x0 = torch.rand(2, 3, 4, 16, 16, generator=g) * 2 - 1  # (B, C, T, H, W)
+        x0 = torch.rand(2, 3, 2, 8, 8, generator=g) * 2 - 1  # (B, C, T, H, W)
         ids, mask = e.module.tokenize(["a red circle", "two squares"])
         loss, _, _ = flow_loss(lambda x, t: e(x, t, ids, mask), x0, FlowConfig(), generator=g)
         e.backward(loss); e.step()
@@ -303,9 +329,9 @@ CARRY = textwrap.dedent("""
         return {k: v.detach().clone() for k, v in e.module.state_dict().items()}
 
     a = engine(0)
-    for i in range(3):
+    for i in range(2):
         step(a, i)
-    Checkpoints(out / "checkpoints", keep=1).save(a, 3, {}, None)
+    Checkpoints(out / "checkpoints", keep=1).save(a, 2, {}, None)
     torch.save(weights(a), out / "model.pt")
     step(a, 10)  # stage one, continued by one step
     init = {"dir": str(out), "weights": "raw", "optimizer": "carry", "from": "a"}

@@ -25,6 +25,7 @@ holds the engine and the EMA), so a restarted stage continues where it stopped.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -101,10 +102,14 @@ def carry_optimizer(engine, init: dict | None) -> str | None:
     if init is None or init["optimizer"] != "carry":
         return None
     ckpts = _checkpoints(init["dir"], download=True)
-    tag = ckpts.restore()
-    with weights_only_loads(ckpts.root / tag):
-        engine.load_checkpoint(str(ckpts.root), tag=tag, load_optimizer_states=True,
-                               load_lr_scheduler_states=False)
+    try:
+        tag = ckpts.restore()
+        with weights_only_loads(ckpts.root / tag):
+            engine.load_checkpoint(str(ckpts.root), tag=tag, load_optimizer_states=True,
+                                   load_lr_scheduler_states=False)
+    finally:
+        if has_scheme(init["dir"]):  # the downloaded copy
+            shutil.rmtree(ckpts.root.parent, ignore_errors=True)
     sched = engine.lr_scheduler
     for group, lr in zip(engine.optimizer.param_groups, sched.get_last_lr()):
         group["lr"] = lr
