@@ -117,8 +117,15 @@ def preflight(cfg) -> None:
         check_inputs(cfg.ingest)  # ValueError naming ingest.inputs[i]
     from training.patches import check_patchable  # lazy: CLI start-up 0.1 s, 9 s with eager imports
     from training.trainer import buckets_of  # lazy: CLI start-up 0.1 s, 9 s with eager imports
+    from training.ulysses import check_sequence_parallel  # lazy: CLI start-up 0.1 s, 9 s with eager imports
 
-    micro = micro_batch_size(cfg.train, cfg.cluster.num_workers, cfg.deepspeed.grad_accum)
+    try:
+        check_sequence_parallel(cfg.model.dit.num_heads, cfg.cluster.sequence_parallel,
+                                cfg.cluster.num_workers)
+        micro = micro_batch_size(cfg.train, cfg.cluster.num_workers, cfg.deepspeed.grad_accum,
+                                 cfg.cluster.sequence_parallel)
+    except ValueError as e:
+        raise SystemExit(f"spacetime: {e}") from None
     latent = cfg.train.data.kind == "latent"
     if latent and cfg.latent.kind == "ours":  # our VAE's latent space is known from its config
         check_our_latents(cfg, [(b.num_frames, b.height, b.width) for b in buckets_of(cfg.train, micro)])

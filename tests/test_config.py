@@ -141,8 +141,21 @@ def test_preflight_rejects_missing_input_directory(tmp_path):
 
 def test_preflight_rejects_indivisible_batch():
     cfg = to_object(compose_cfg(["train.global_batch_size=3"]))
-    with pytest.raises(ValueError, match="global_batch_size=3"):
+    with pytest.raises(SystemExit, match="^spacetime: train.global_batch_size=3"):
         preflight(cfg)
+    # under sequence parallelism the batch divides over data-parallel ranks only: 2 workers in
+    # one SP group are one data-parallel rank, so 3 samples per step is fine there
+    preflight(to_object(compose_cfg(["train.global_batch_size=3", "cluster.sequence_parallel=2"])))
+
+
+def test_preflight_rejects_a_sequence_parallel_degree_that_does_not_divide(tmp_path):
+    cfg = to_object(compose_cfg(["cluster.sequence_parallel=3"]))
+    with pytest.raises(SystemExit, match=r"^spacetime: cluster.sequence_parallel=3 must divide the 2 training "
+                                         r"workers .* valid degrees here are \[1, 2\]"):
+        preflight(cfg)
+    r = run_cli("run", "cluster.sequence_parallel=3", f"run.root={tmp_path}/out", cwd=tmp_path)
+    assert r.returncode == 1 and "cluster.sequence_parallel=3 must divide" in r.stderr
+    assert not (tmp_path / "out").exists()  # nothing started
 
 
 def test_preflight_names_the_train_shape_the_patch_cannot_cut():

@@ -1,0 +1,126 @@
+"""Sequence parallelism in training: real Ray Train, real DeepSpeed, 2 gloo ranks on CPU.
+
+Two runs shared by every test here: SP=1 on one worker (the reference) and SP=2 on two workers
+under ZeRO-3, one of whose workers is SIGKILLed mid-run (Ray Train restarts the group, which
+resumes from the last complete checkpoint). Same seed, same data, same global batch: the SP=2
+run must give the SP=1 loss curve. Model-level equality (outputs, every gradient) is in
+test_sequence_parallel.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from test_training import NUM_FRAMES, SIZE, losses, metrics, shards, train_cfg  # noqa: F401 (fixture)
+
+from data.tracking import TrackerSpec
+from training.checkpoint import Checkpoints
+from training.launch import check_resume_world_size, run_training
+from training.model import ModelConfig
+from training.parallelize import DeepSpeedConfig
+
+STEPS = 20
+
+
+class Cluster:
+    gpus_per_worker, cpus_per_worker, peak_tflops_per_worker = 0, 1, None
+
+    def __init__(self, num_workers: int, sequence_parallel: int):
+        self.num_workers, self.sequence_parallel = num_workers, sequence_parallel
+
+
+def model_cfg(attention: str = "full") -> ModelConfig:
+    mcfg = ModelConfig()
+    mcfg.dit.patch_size = [2, 4, 4]
+    mcfg.dit.attention = attention
+    return mcfg
+
+
+def train_sp(shards, out: Path, *, workers: int, sp: int, zero: int, ckpt_every: int = 100,
+             max_failures: int = 0) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    spec = TrackerSpec(mode="disabled", project="t", entity=None, dir=str(out), group="g",
+                       job_type="train", name="train", config={}, tags=[],
+                       jsonl=str(out / "metrics.jsonl"))
+    return run_training(train_cfg=train_cfg(STEPS, ckpt_every=ckpt_every, max_failures=max_failures),
+                        model_cfg=model_cfg(), ds_cfg=DeepSpeedConfig(zero_stage=zero),
+                        cluster=Cluster(workers, sp), out_dir=out, train_shards=shards,
+                        tracker_spec=spec, stage="train", stage_hash="0" * 64, inputs={})
+
+
+@pytest.fixture(scope="module")
+def sp1(ray_local, shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sp1")
+    train_sp(shards, out, workers=1, sp=1, zero=2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sp2_killed(ray_local, shards, sp1, tmp_path_factory) -> tuple[Path, dict, int | None]:
+    """SP=2 over 2 workers, ZeRO-3, a checkpoint every 4 steps; a worker SIGKILLed after step 6."""
+    out = tmp_path_factory.mktemp("sp2")
+    box: dict = {}
+    th = threading.Thread(target=lambda: box.setdefault(
+        "res", train_sp(shards, out, workers=2, sp=2, zero=3, ckpt_every=4, max_failures=2)))
+    th.start()
+    killed, deadline = None, time.time() + 400
+    while th.is_alive() and killed is None and time.time() < deadline:
+        if (out / "metrics.jsonl").exists() and max(losses(out), default=-1) >= 6:
+            workers = [p for p in psutil.process_iter(["cmdline"])
+                       if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+            if workers:
+                killed = workers[-1].pid
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.2)
+    th.join(timeout=600)
+    return out, box["res"], killed
+
+
+def test_sp2_gives_the_sp1_loss_curve_through_a_killed_worker(sp1, sp2_killed):
+    out, res, killed = sp2_killed
+    assert killed is not None, "training finished before a worker could be killed"
+    assert res["resumed_from_step"] in (4, 8) and res["sequence_parallel"] == 2
+    assert res["zero_stage"] == 3 and res["world_size"] == 2 and res["micro_batch"] == 4
+    a, b = losses(sp1), losses(out)
+    assert sorted(a) == sorted(b) == list(range(STEPS))
+    assert sum(a[s] for s in range(-4 + STEPS, STEPS)) < 0.9 * sum(a[s] for s in range(4))  # it learns
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-4), step
+    # the final weights too (SP leaves the parameters' names and values as SP=1 would)
+    wa, wb = (torch.load(o / "model.pt", weights_only=True) for o in (sp1, out))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-5)
+
+
+def test_sp2_counts_each_sample_once(sp1, sp2_killed):
+    """Throughput counts a sample once although both ranks of its group work on it."""
+    out, _, _ = sp2_killed
+    for m in metrics(out):
+        samples = round(m["train/samples_per_s"] * m["train/step_time_s"])
+        assert samples in (3, 4)  # the global batch, 3 at an epoch's end
+    assert json.loads((sp1 / "train_result.json").read_text())["sequence_parallel"] == 1
+
+
+def test_a_checkpoint_resumes_only_at_its_sequence_parallel_degree(sp2_killed):
+    out, _, _ = sp2_killed
+    ckpts = Checkpoints(out / "checkpoints", 2)
+    assert ckpts.resume_record()["sequence_parallel"] == 2
+    check_resume_world_size(ckpts, 2, 2)  # the same layout: fine
+    with pytest.raises(ValueError, match=r"written at sequence parallel degree 2 but "
+                                         r"cluster.sequence_parallel=1: resume with cluster.sequence_parallel=2"):
+        check_resume_world_size(ckpts, 2, 1)
+
+
+def test_indivisible_degrees_fail_before_any_worker_starts(shards, tmp_path):
+    with pytest.raises(ValueError, match=r"cluster.sequence_parallel=3 must divide the 2 training workers"):
+        train_sp(shards, tmp_path, workers=2, sp=3, zero=2)
+    assert not (tmp_path / "ray_train").exists()
