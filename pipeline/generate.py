@@ -114,6 +114,12 @@ def _ref(checkpoint: str, train_dir: Path, where: str) -> CheckpointRef:
         raise GenerateError(f"{where}: {str(e).replace('eval.checkpoint', '--checkpoint')}") from None
 
 
+def _here(root: Path, recorded: str) -> Path:
+    """A stage directory the lineage recorded, or the same one under `root` (moved or copied since)."""
+    p = Path(recorded)
+    return p if p.exists() or not (root / "stages" / p.name).exists() else root / "stages" / p.name
+
+
 def _runs(root: Path) -> list[str]:
     return sorted(p.name for p in (root / "runs").glob("*") if (p / "lineage.json").exists())
 
@@ -146,8 +152,8 @@ def resolve_source(cfg: GenerateConfig, root: str | Path) -> Source:
         raise GenerateError(f"unknown run {run_id!r} under run.root={root}; runs: "
                             f"{', '.join(runs[-10:]) or 'none'}")
     lineage = json.loads((root / "runs" / run_id / "lineage.json").read_text())
-    trains = [(n, Path(rec["path"])) for n, rec in lineage.get("stages", {}).items()
-              if _is_train_output(Path(rec["path"]))]
+    trains = [(n, _here(root, rec["path"])) for n, rec in lineage.get("stages", {}).items()
+              if _is_train_output(_here(root, rec["path"]))]
     if cfg.stage:
         named = [t for t in trains if t[0] == cfg.stage]
         if not named:
@@ -280,6 +286,19 @@ def run_vae(latent: dict, root: str | Path) -> dict:
                         f"or restore that directory")
 
 
+def pick_device(name: Optional[str]) -> torch.device:
+    """`name` (cpu, cuda, cuda:N), or cuda when there is a GPU; GenerateError for one that is not here."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        d = torch.device(name)
+    except RuntimeError:
+        raise GenerateError(f"--device {name!r} is not a device (cpu, cuda, cuda:N)") from None
+    if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
+        raise GenerateError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s); use --device cpu")
+    return d
+
+
 def prepare(cfg: GenerateConfig, root: str | Path) -> tuple[Source, dict]:
     """Everything short of loading weights: the source and the resolved request."""
     src = resolve_source(cfg, root)
@@ -292,7 +311,7 @@ def prepare(cfg: GenerateConfig, root: str | Path) -> tuple[Source, dict]:
     defaults = from_dict(EvalConfig, {k: v for k, v in eval_cfg.items() if k in known}) if eval_cfg else EvalConfig()
     plan = plan_shape(cfg, mcfg, tcfg, defaults)
     plan["vae"] = run_vae(tcfg["latent"], root)["config"].get("path") if tcfg.get("latent") else None
-    plan.update(run_id=src.run_id, stage=src.stage, train_dir=str(src.ref.train_dir),
+    plan.update(device=str(pick_device(cfg.device)), run_id=src.run_id, stage=src.stage, train_dir=str(src.ref.train_dir),
                 checkpoint={"kind": src.ref.kind, "path": str(src.ref.path), "step": src.ref.step},
                 defaults_from="the run's eval config" if eval_cfg else "EvalConfig defaults")
     return src, plan
@@ -306,10 +325,10 @@ def generate(cfg: GenerateConfig, root: str | Path, log=print) -> dict:
     for w in plan["warnings"]:
         log(f"spacetime: warning: {w}")
     out = Path(cfg.out) if cfg.out else Path(root) / "generated" / new_run_id()
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    log(f"generate: {src.ref.kind} weights of {plan['train_dir']} (step {src.ref.step}), {plan['frames']} frames "
-        f"{plan['height']}x{plan['width']} at {plan['fps']:g} fps ({plan['seconds']:g} s), {plan['tokens']} tokens, "
-        f"on {device}")
+    device = torch.device(plan["device"])
+    log(f"generate: {len(cfg.prompts)} prompt(s) x {cfg.num_samples} from {src.ref.kind} weights of "
+        f"{plan['train_dir']} (step {src.ref.step}): {plan['frames']} frames {plan['height']}x{plan['width']} at "
+        f"{plan['fps']:g} fps ({plan['seconds']:g} s), {plan['tokens']} tokens, on {device}")
     model, mcfg, tcfg, weights = load_checkpoint(src.ref, device, cfg.use_ema)
     space = None
     if tcfg.get("latent"):
@@ -329,7 +348,7 @@ def generate(cfg: GenerateConfig, root: str | Path, log=print) -> dict:
         write_mp4(path, v, fps=plan["fps"])
         samples.append({"index": i, "prompt": prompt, "seed": seed, "path": path.name,
                         "frames": int(v.shape[0]), "height": int(v.shape[1]), "width": int(v.shape[2])})
-    record = {"request": asdict(cfg), "resolved": {**plan, "weights": weights, "device": str(device)},
+    record = {"request": asdict(cfg), "resolved": {**plan, "weights": weights},
               "samples": samples, "duration_s": time.time() - t0}
     write_json_atomic(out / RESULT, record)
     log(f"generate: {len(samples)} video(s) in {out} ({RESULT}) in {record['duration_s']:.1f}s")

@@ -230,17 +230,21 @@ def test_latest_complete_train_stage_of_a_chain(tmp_path, pixel_root):
     assert src.ref.train_dir == first
     with pytest.raises(GenerateError, match="train stage train_min .* is not complete"):
         prepare(GenerateConfig(prompts=[PROMPT], stage="train_min"), root)
+    moved = tmp_path / "moved"  # a root moved since: its lineage's paths name the old place
+    shutil.move(root, moved)
+    src, _ = prepare(GenerateConfig(prompts=[PROMPT]), moved)
+    assert src.ref.train_dir == moved / "stages" / "train_long-ffffffffffff"
 
 
 # ----- bad requests fail before any weights are loaded ----------------------------------------
 @pytest.mark.parametrize("kw, message", [
-    (dict(frames=9), r"--frames 9, which this model cannot take.*--seconds 1 \(8 frames\) or "
-                     r"--seconds 1.25 \(10 frames\); or --frames 10"),
-    (dict(height=30), r"--height 30 is not a multiple of 8 \(the patch's 8\); nearest that work: 24 or 32"),
-    (dict(width=4), r"--width 4 is not a multiple of 8 .*nearest that work: 8$"),
-    (dict(run="nope"), r"unknown run 'nope' under run.root=.*; runs: 20260101-000000-ab12"),
-    (dict(stage="trian"), r"run 20260101-000000-ab12 has no train stage 'trian'; its train stages: train "
-                          r"\(stages: shard, train\)"),
+    ({"frames": 9}, (r"--frames 9, which this model cannot take.*--seconds 1 \(8 frames\) or "
+                     r"--seconds 1.25 \(10 frames\); or --frames 10")),
+    ({"height": 30}, r"--height 30 is not a multiple of 8 \(the patch's 8\); nearest that work: 24 or 32"),
+    ({"width": 4}, r"--width 4 is not a multiple of 8 .*nearest that work: 8$"),
+    ({"run": "nope"}, r"unknown run 'nope' under run.root=.*; runs: 20260101-000000-ab12"),
+    ({"stage": "trian"}, (r"run 20260101-000000-ab12 has no train stage 'trian'; its train stages: train "
+                          r"\(stages: shard, train\)")),
 ])
 def test_bad_requests_fail_before_loading_weights(pixel_root, tmp_path, kw, message):
     root = corrupt_copy(pixel_root, tmp_path / "root")
@@ -265,6 +269,15 @@ def test_no_runs_and_config_checks(tmp_path):
         GenerateConfig(prompts=[PROMPT], seconds=-1)
 
 
+def test_a_device_that_is_not_here_fails_before_loading(pixel_root, tmp_path):
+    root = corrupt_copy(pixel_root, tmp_path / "root")
+    with pytest.raises(GenerateError, match="'tpu0' is not a device"):
+        prepare(GenerateConfig(prompts=[PROMPT], device="tpu0"), root)
+    if not torch.cuda.is_available():
+        with pytest.raises(GenerateError, match="--device cuda: this machine has 0 GPU"):
+            prepare(GenerateConfig(prompts=[PROMPT], device="cuda"), root)
+
+
 # ----- latent models: through the run's VAE ---------------------------------------------------
 def test_latent_model_decodes_through_the_vae(latent_root, tmp_path):
     out = tmp_path / "lat"
@@ -276,6 +289,11 @@ def test_latent_model_decodes_through_the_vae(latent_root, tmp_path):
     n, fps, h, w, frames = probe_mp4(out / "sample-00.mp4")
     assert (n, fps, h, w) == (17, FPS, SIZE, SIZE)
     assert frames.std() > 1.0  # a decoded video, not a constant
+    # decoded one latent frame at a time (bounded memory for long clips): the same video
+    generate(GenerateConfig(prompts=[PROMPT], frames=17, steps=2, seed=1, decode_chunk=1, out=str(tmp_path / "c")),
+             latent_root, log=lambda s: None)
+    chunked = probe_mp4(tmp_path / "c" / "sample-00.mp4")[4]
+    assert np.abs(chunked.astype(int) - frames.astype(int)).mean() < 0.5
 
 
 def test_latent_frame_counts_follow_the_vae(latent_root, tmp_path):
@@ -285,6 +303,8 @@ def test_latent_frame_counts_follow_the_vae(latent_root, tmp_path):
                                             r"Nearest that work at 8 fps: --seconds 1.625 \(13 frames\) or "
                                             r"--seconds 2.125 \(17 frames\); or --frames 17"):
         prepare(GenerateConfig(prompts=[PROMPT], seconds=2), root)
+    with pytest.raises(GenerateError, match=r"--seconds 59.625 \(477 frames\) or --seconds 60.125 \(481 frames\)"):
+        prepare(GenerateConfig(prompts=[PROMPT], seconds=60), root)  # the README's example
     with pytest.raises(GenerateError, match=r"--height 36 is not a multiple of 16 \(the VAE's spatial compression "
                                             r"8 x the patch's 2\); nearest that work: 32 or 48"):
         prepare(GenerateConfig(prompts=[PROMPT], height=36), root)
@@ -309,11 +329,17 @@ def test_parse_generate_argv():
         parse_generate_argv(["p", "--frames", "ten"])
     with pytest.raises(SystemExit, match="--steps needs a value"):
         parse_generate_argv(["p", "--steps"])
+    with pytest.raises(SystemExit) as usage:
+        parse_generate_argv(["--usage"])
+    assert usage.value.code == 0
+    assert parse_generate_argv(["p", "--info", "x=1"]) == ({"prompts": ["p"]}, ["--info", "x=1"])
+    assert parse_generate_argv(["--info", "config", "p"]) == ({"prompts": ["p"]}, ["--info", "config"])
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "generate", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "generate", *args], check=False,
+                          capture_output=True,
                           text=True, timeout=300, cwd=REPO, env=env)
 
 
