@@ -4,6 +4,8 @@
     spacetime status [overrides...]                               the graph's state for a config
     spacetime params [overrides...]                               parameter counts of the presets
     spacetime report [RUN_ID] [--embed-videos] [overrides...]     the run's static HTML page
+    spacetime generate PROMPT... [--seconds S] [flags] [overrides...]  videos from a trained model
+                                                  (flags: spacetime generate --usage)
 
 On a Ray cluster (pipeline/submit.py) and before one (pipeline/plan.py):
 
@@ -39,8 +41,37 @@ CLUSTER_COMMANDS = ("submit", "jobs", "logs", "stop", "plan")  # parse their own
 # (names only), so "why was W&B offline / why did S3 refuse" has an answer after the fact.
 SECRET_NAMES = ("WANDB_API_KEY", "HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                 "GOOGLE_APPLICATION_CREDENTIALS", "RAY_AUTH_TOKEN")
-SUBCOMMANDS = ("run", "status", "params", "report", *CLUSTER_COMMANDS)
+SUBCOMMANDS = ("run", "status", "params", "report", "generate", *CLUSTER_COMMANDS)
 USAGE = __doc__
+# `generate`'s flags: --name VALUE or --name=VALUE -> (GenerateConfig field, type)
+GENERATE_FLAGS = {"--prompt": ("prompts", str), "--seconds": ("seconds", float), "--frames": ("frames", int),
+                  "--height": ("height", int), "--width": ("width", int), "--fps": ("fps", float),
+                  "--guidance": ("guidance", float), "--steps": ("steps", int), "--seed": ("seed", int),
+                  "--negative": ("negative_prompt", str), "--num": ("num_samples", int),
+                  "--batch-size": ("batch_size", int), "--run": ("run", str), "--stage": ("stage", str),
+                  "--checkpoint": ("checkpoint", str), "--out": ("out", str), "--device": ("device", str),
+                  "--decode-chunk": ("decode_chunk", int)}
+# Hydra's own flags that take a value (`--cfg job`); --info takes one of its topics, or none
+HYDRA_VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                     "--config-dir", "-cd", "--experimental-rerun")
+HYDRA_INFO = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+GENERATE_USAGE = """spacetime generate PROMPT... [flags] [overrides...]
+
+  --seconds S | --frames N   duration (default: the training's frame count); bad counts fail
+                             before any weights load, naming the nearest that work
+  --height H --width W       size (default: the training's)
+  --fps F                    frame rate (default: train.data.target_fps, else the run's eval.fps)
+  --guidance G --steps N     classifier-free guidance scale, sampler steps (default: the run's eval)
+  --seed S --num K           video j of a prompt from seed S + j (default 0, 1 video)
+  --negative TEXT            negative prompt (the guidance's unconditional branch; default "")
+  --run RUN_ID               a run under run.root (default: the latest)
+  --stage NAME               a train stage of the run (default: its last complete one)
+  --checkpoint latest|STEP|PATH   final weights, a saved step, or a training output / tag path
+  --raw                      the raw weights, not the EMA
+  --out DIR                  output directory (default: <run.root>/generated/<id>)
+  --batch-size B --device D --decode-chunk N   videos per batch, cpu/cuda, VAE decode chunk
+  --prompt TEXT              a prompt (also positional); Hydra overrides (run.root=...) follow
+"""
 
 
 def parse_argv(argv: list[str]) -> tuple[str, dict, list[str]]:
@@ -55,6 +86,8 @@ def parse_argv(argv: list[str]) -> tuple[str, dict, list[str]]:
         return cmd, {}, list(argv)
     if cmd == "report":
         return cmd, *parse_report_argv(argv)
+    if cmd == "generate":
+        return cmd, *parse_generate_argv(argv)
     flags: dict = {"only": None, "from_": None, "until": None}
     names = {"--only": "only", "--from": "from_", "--until": "until"}
     rest: list[str] = []
@@ -88,6 +121,62 @@ def parse_report_argv(argv: list[str]) -> tuple[dict, list[str]]:
         else:
             rest.append(a)
     return flags, rest
+
+
+def _is_override(a: str) -> bool:
+    """`key=value`, `+key=value`, `~key` (Hydra) as opposed to a prompt."""
+    head = a.split("=", 1)[0]
+    return (("=" in a or a.startswith("~")) and bool(head) and " " not in head
+            and all(c.isalnum() or c in "._-/@+~" for c in head))
+
+
+def parse_generate_argv(argv: list[str]) -> tuple[dict, list[str]]:
+    """`generate PROMPT... [--flag VALUE | --flag=VALUE | --raw] [overrides...]` -> (the given
+    GenerateConfig fields, Hydra's arguments). Other --flags go to Hydra (--cfg job, --help)."""
+    flags: dict = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        a, i = argv[i], i + 1
+        name, eq, val = a.partition("=")
+        if a == "--usage":
+            print(GENERATE_USAGE)
+            raise SystemExit(0)
+        if a == "--raw":
+            flags["use_ema"] = False
+        elif name in GENERATE_FLAGS:
+            if not eq:
+                if i == len(argv):
+                    raise SystemExit(f"spacetime: {name} needs a value\n\n{GENERATE_USAGE}")
+                val, i = argv[i], i + 1
+            key, kind = GENERATE_FLAGS[name]
+            try:
+                value = kind(val)
+            except ValueError:
+                raise SystemExit(f"spacetime: {name} needs a {kind.__name__}, got {val!r}") from None
+            if key == "prompts":
+                flags.setdefault("prompts", []).append(value)
+            else:
+                flags[key] = value
+        elif a.startswith("-") or _is_override(a):
+            rest.append(a)
+            takes = a in HYDRA_VALUE_FLAGS or (a in ("--info", "-i") and i < len(argv) and argv[i] in HYDRA_INFO)
+            if takes and i < len(argv):
+                rest.append(argv[i])
+                i += 1
+        else:
+            flags.setdefault("prompts", []).append(a)
+    return flags, rest
+
+
+def cmd_generate(root: str, flags: dict) -> int:
+    from pipeline.generate import GenerateConfig, generate  # lazy: CLI start-up 0.1 s, 9 s with eager imports
+
+    try:
+        generate(GenerateConfig(**flags), root)
+    except ValueError as e:  # GenerateError: a request the model cannot take, said before loading
+        raise SystemExit(f"spacetime: {e}") from None
+    return 0
 
 
 def versions() -> dict:
@@ -298,6 +387,9 @@ def main(argv: list[str] | None = None) -> None:
             return
         if cmd == "report":
             outcome["code"] = cmd_report(cfg.run.root, flags)
+            return
+        if cmd == "generate":
+            outcome["code"] = cmd_generate(cfg.run.root, flags)
             return
         cfg_dict = to_dict(dcfg)
         try:
