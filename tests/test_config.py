@@ -168,8 +168,8 @@ def test_preflight_names_the_train_shape_the_patch_cannot_cut():
 
 def test_cli_surface_is_frozen():
     # Changing the surface is deliberate: update this test with the README.
-    assert SUBCOMMANDS == ("run", "status", "params", "report", "submit", "jobs", "logs", "stop",
-                           "plan")
+    assert SUBCOMMANDS == ("run", "status", "params", "report", "generate", "submit", "jobs", "logs",
+                           "stop", "plan")
     assert parse_argv(["run", "--only", "train", "train.lr=1"]) == (
         "run", {"only": "train", "from_": None, "until": None}, ["train.lr=1"])
     assert parse_argv(["--from=eval"]) == ("run", {"only": None, "from_": "eval", "until": None},
@@ -206,7 +206,7 @@ def test_cli_surface_is_frozen():
     from pipeline.config import ClusterConfig
 
     assert [f.name for f in fields(ClusterConfig)] == [
-        "name", "address", "num_workers", "gpus_per_worker", "cpus_per_worker",
+        "name", "address", "num_workers", "sequence_parallel", "gpus_per_worker", "cpus_per_worker",
         "curate_concurrency", "peak_tflops_per_worker", "dashboard_host"]
     assert to_object(compose_cfg(["cluster=ray"])).cluster.gpus_per_worker == 1
     assert to_object(compose_cfg()).cluster.gpus_per_worker == 0
