@@ -50,7 +50,7 @@ GENERATE_FLAGS = {"--prompt": ("prompts", str), "--seconds": ("seconds", float),
                   "--negative": ("negative_prompt", str), "--num": ("num_samples", int),
                   "--batch-size": ("batch_size", int), "--run": ("run", str), "--stage": ("stage", str),
                   "--checkpoint": ("checkpoint", str), "--out": ("out", str), "--device": ("device", str),
-                  "--decode-chunk": ("decode_chunk", int)}
+                  "--decode-chunk": ("decode_chunk", int), "--sequence-parallel": ("sequence_parallel", int)}
 # Hydra's own flags that take a value (`--cfg job`); --info takes one of its topics, or none
 HYDRA_VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                      "--config-dir", "-cd", "--experimental-rerun")
@@ -70,6 +70,8 @@ GENERATE_USAGE = """spacetime generate PROMPT... [flags] [overrides...]
   --raw                      the raw weights, not the EMA
   --out DIR                  output directory (default: <run.root>/generated/<id>)
   --batch-size B --device D --decode-chunk N   videos per batch, cpu/cuda, VAE decode chunk
+  --sequence-parallel P      sample on P Ray workers, each video's tokens split across them
+                             (long clips; Ray from cluster.address, else a local one)
   --prompt TEXT              a prompt (also positional); Hydra overrides (run.root=...) follow
 """
 
@@ -169,11 +171,11 @@ def parse_generate_argv(argv: list[str]) -> tuple[dict, list[str]]:
     return flags, rest
 
 
-def cmd_generate(root: str, flags: dict) -> int:
+def cmd_generate(root: str, flags: dict, cluster=None) -> int:
     from pipeline.generate import GenerateConfig, generate  # lazy: CLI start-up 0.1 s, 9 s with eager imports
 
     try:
-        generate(GenerateConfig(**flags), root)
+        generate(GenerateConfig(**flags), root, cluster=cluster)
     except ValueError as e:  # GenerateError: a request the model cannot take, said before loading
         raise SystemExit(f"spacetime: {e}") from None
     return 0
@@ -389,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
             outcome["code"] = cmd_report(cfg.run.root, flags)
             return
         if cmd == "generate":
-            outcome["code"] = cmd_generate(cfg.run.root, flags)
+            outcome["code"] = cmd_generate(cfg.run.root, flags, cfg.cluster)
             return
         cfg_dict = to_dict(dcfg)
         try:

@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from data.checks import check_ranges, from_dict
@@ -45,6 +47,7 @@ from training.flops import token_grid
 from training.flow import FlowConfig, shift_for
 from training.latent.space import load_latent_space
 from training.latent.vae import latent_shape
+from training.ulysses import apply_sequence_parallel, sequence_groups
 
 RESULT = "generation.json"
 
@@ -76,11 +79,13 @@ class GenerateConfig:
     batch_size: int = 1
     device: Optional[str] = None  # None: cuda when available, else cpu
     decode_chunk: Optional[int] = None  # latent frames per VAE decode chunk (None: as trained)
+    # > 1: sample on this many Ray workers, each sample's tokens split across them (Ulysses)
+    sequence_parallel: int = 1
 
     def __post_init__(self) -> None:
         check_ranges(self, seconds="> 0", frames=">= 1", height=">= 1", width=">= 1", fps="> 0",
                      guidance=">= 0", steps=">= 1", num_samples=">= 1", batch_size=">= 1",
-                     decode_chunk=">= 0")
+                     decode_chunk=">= 0", sequence_parallel=">= 1")
         if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
             raise GenerateError("generate needs a prompt: spacetime generate \"a red ball bouncing\" [flags]")
         if self.seconds is not None and self.frames is not None:
@@ -310,6 +315,12 @@ def prepare(cfg: GenerateConfig, root: str | Path) -> tuple[Source, dict]:
     known = {f.name for f in fields(EvalConfig)}
     defaults = from_dict(EvalConfig, {k: v for k, v in eval_cfg.items() if k in known}) if eval_cfg else EvalConfig()
     plan = plan_shape(cfg, mcfg, tcfg, defaults)
+    heads = mcfg.dit.num_heads  # the degree splits the heads (one worker per rank of the group)
+    if heads % cfg.sequence_parallel:
+        valid = [d for d in range(1, heads + 1) if heads % d == 0]
+        raise GenerateError(f"--sequence-parallel {cfg.sequence_parallel} must divide the model's {heads} "
+                            f"attention heads (Ulysses splits them over the workers): use one of {valid}")
+    plan["sequence_parallel"] = cfg.sequence_parallel
     plan["vae"] = run_vae(tcfg["latent"], root)["config"].get("path") if tcfg.get("latent") else None
     plan.update(device=str(pick_device(cfg.device)), run_id=src.run_id, stage=src.stage, train_dir=str(src.ref.train_dir),
                 checkpoint={"kind": src.ref.kind, "path": str(src.ref.path), "step": src.ref.step},
@@ -318,8 +329,54 @@ def prepare(cfg: GenerateConfig, root: str | Path) -> tuple[Source, dict]:
 
 
 # ----- the generation -------------------------------------------------------------------------
-def generate(cfg: GenerateConfig, root: str | Path, log=print) -> dict:
-    """Validate, load, sample, write. Returns the record written to <out>/generation.json."""
+def generate_here(job: dict, device: torch.device, sequence_group=None) -> tuple[np.ndarray, str]:
+    """Load the weights (and the VAE) on `device` and sample `job`'s videos -> uint8 (N, T, H, W, 3)
+    and which weights. Under a sequence-parallel group every rank of it runs this alike."""
+    model, mcfg, tcfg, weights = load_checkpoint(job["ref"], device, job["use_ema"])
+    if sequence_group is not None:
+        apply_sequence_parallel(model.dit, sequence_group)
+    space = load_latent_space(job["vae"], device) if job["vae"] else None
+    videos = generate_videos(model, mcfg.text.build_tokenizer(), job["prompts"], job["seeds"], job["shape"],
+                             SamplerConfig(**job["sampler"]), device, space, job["negative"],
+                             job["batch_size"])  # (N, T, H, W, 3)
+    return videos.numpy(), weights
+
+
+def _sequence_parallel_worker(config: dict) -> None:
+    """One Ray Train worker of a sequence-parallel generation: all of them sample the same videos
+    together (the world is one SP group); rank 0 saves them for the driver."""
+    import ray.train  # lazy: ray.train import ~3.7 s, only on generation workers
+    import ray.train.torch  # lazy: as above
+
+    group, _, _ = sequence_groups(ray.train.get_context().get_world_size())
+    videos, weights = generate_here(config["job"], ray.train.torch.get_device(), group)
+    if ray.train.get_context().get_world_rank() == 0:
+        np.save(config["out"], videos)
+        Path(config["out"]).with_suffix(".json").write_text(json.dumps({"weights": weights}))
+
+
+def generate_on_workers(job: dict, sp: int, device: str, cluster=None) -> tuple[np.ndarray, str]:
+    """`job` sampled on `sp` Ray Train workers (gloo on CPU, NCCL on GPU) in one
+    sequence-parallel group; joins `cluster.address` or starts a local Ray."""
+    import ray  # lazy: ray ~1.7 s to import, only for a sequence-parallel generation
+    from ray.train import RunConfig, ScalingConfig  # lazy: as above
+    from ray.train.torch import TorchConfig, TorchTrainer  # lazy: as above
+
+    gpu = device.startswith("cuda")
+    if not ray.is_initialized():
+        ray.init(address=getattr(cluster, "address", None), configure_logging=False, log_to_driver=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "videos.npy")
+        TorchTrainer(_sequence_parallel_worker, train_loop_config={"job": job, "out": out},
+                     scaling_config=ScalingConfig(num_workers=sp, use_gpu=gpu),
+                     torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+                     run_config=RunConfig(storage_path=tmp, name="generate")).fit()
+        return np.load(out), json.loads(Path(out).with_suffix(".json").read_text())["weights"]
+
+
+def generate(cfg: GenerateConfig, root: str | Path, log=print, cluster=None) -> dict:
+    """Validate, load, sample, write. Returns the record written to <out>/generation.json.
+    cluster: where sequence-parallel generation finds Ray (``cluster.address``)."""
     t0 = time.time()
     src, plan = prepare(cfg, root)
     for w in plan["warnings"]:
@@ -329,18 +386,20 @@ def generate(cfg: GenerateConfig, root: str | Path, log=print) -> dict:
     log(f"generate: {len(cfg.prompts)} prompt(s) x {cfg.num_samples} from {src.ref.kind} weights of "
         f"{plan['train_dir']} (step {src.ref.step}): {plan['frames']} frames {plan['height']}x{plan['width']} at "
         f"{plan['fps']:g} fps ({plan['seconds']:g} s), {plan['tokens']} tokens, on {device}")
-    model, mcfg, tcfg, weights = load_checkpoint(src.ref, device, cfg.use_ema)
-    space = None
-    if tcfg.get("latent"):
-        rec = run_vae(tcfg["latent"], root)
+    vae, latent = None, train_configs(src.ref.train_dir)[1].get("latent")
+    if latent:
+        vae = run_vae(latent, root)
         if cfg.decode_chunk is not None:
-            rec["config"] = {**rec["config"], "chunk_frames": cfg.decode_chunk}
-        space = load_latent_space(rec, device)
+            vae["config"] = {**vae["config"], "chunk_frames": cfg.decode_chunk}
     prompts = [p for p in cfg.prompts for _ in range(cfg.num_samples)]
     seeds = [cfg.seed + j for _ in cfg.prompts for j in range(cfg.num_samples)]
-    videos = generate_videos(model, mcfg.text.build_tokenizer(), prompts, seeds, tuple(plan["shape"]),
-                             SamplerConfig(**plan["sampler"]), device, space, cfg.negative_prompt,
-                             cfg.batch_size).numpy()  # (N, T, H, W, 3)
+    job = {"ref": src.ref, "use_ema": cfg.use_ema, "vae": vae, "prompts": prompts, "seeds": seeds,
+           "shape": tuple(plan["shape"]), "sampler": plan["sampler"], "negative": cfg.negative_prompt,
+           "batch_size": cfg.batch_size}
+    if cfg.sequence_parallel > 1:
+        videos, weights = generate_on_workers(job, cfg.sequence_parallel, plan["device"], cluster)
+    else:
+        videos, weights = generate_here(job, device)
     out.mkdir(parents=True, exist_ok=True)
     samples = []
     for i, (prompt, seed, v) in enumerate(zip(prompts, seeds, videos)):
