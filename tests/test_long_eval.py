@@ -314,7 +314,7 @@ def test_a_latent_model_samples_long_clips_through_its_vae(tmp_path, val_shards)
 
 
 # ----- the report -------------------------------------------------------------------------
-def test_the_report_plots_the_probes_over_time(pixel_eval, broken, tmp_path):
+def test_the_report_plots_the_probes_over_time(broken, tmp_path):
     """A run whose eval stage wrote results.json with long clips: the Consistency section draws
     the held probes and the drifts against seconds, and lists where each clip first failed."""
     records = [broken["consistent"], broken["vanish"]]
@@ -345,9 +345,10 @@ def test_the_report_plots_the_probes_over_time(pixel_eval, broken, tmp_path):
     titles = dict(charts)
     assert titles["6 s: probes held, fraction of clips, by window"] == str(6 * len(HELD))
     assert titles["6 s: drift from the first window (RGB distance)"] == str(6 * 2)
-    assert section.count(">seconds</text>") == 2  # both plotted against time
+    assert titles["6 s: probes of the prompt, fraction of clips, by window"] == str(6 * 7)
+    assert section.count(">seconds</text>") == 3  # all plotted against time
     assert "none_vanished: 3 s" in section  # the vanished object's window, in seconds
     assert section.count("<video ") == 2 and "long/6s/consistent" in section
-    assert "'#consistency'" in page or "href='#consistency'" in page
+    assert "<a href='#consistency'>Consistency</a>" in page
     ev = page.split("<section id='evaluation'>")[1].split("</section>")[0]
     assert "long/fps" not in ev and "window_frames" not in ev  # the record is not a metric
