@@ -62,7 +62,7 @@ def clip_cards(page: Page, stage_dir: Path, ln: dict) -> str:
         windows = {w.get("window"): w for w in smp.get("windows") or [] if isinstance(w, dict)}
         first = smp.get("first_failure") if isinstance(smp.get("first_failure"), dict) else {}
         failed = [f"{p}: {fmt(windows.get(w, {}).get('start_s', w))} s" for p, w in first.items()
-                  if w is not None]
+                  if isinstance(w, int)]
         prompt = str(smp.get("prompt") or "")
         cards.append(f"<div class='card'>{page.video(path, prompt)}<p class='prompt'>{esc(prompt)}</p>"
                      f"<span class='probe'>consistent {_badge(smp.get('consistent'))}</span>"
