@@ -226,6 +226,12 @@ def preflight(cfg) -> None:
                             what="train shape", key="model.dit.patch_size")
         except ValueError as e:
             raise SystemExit(f"spacetime: {e}") from None
+    from training.evaluation.consistency import check_long_eval  # lazy: CLI start-up 0.1 s, 9 s with eager imports
+
+    try:
+        check_long_eval(cfg)  # eval.long lengths the model can sample
+    except ValueError as e:
+        raise SystemExit(f"spacetime: {e}") from None
     resolve_mode(cfg.tracking.mode)
 
 

@@ -148,6 +148,12 @@ def test_preflight_rejects_indivisible_batch():
     preflight(to_object(compose_cfg(["train.global_batch_size=3", "cluster.sequence_parallel=2"])))
 
 
+def test_preflight_names_a_long_eval_length_the_vae_cannot_sample():
+    cfg = to_object(compose_cfg(["experiment=latent", "eval.long.seconds=[10]"]))
+    with pytest.raises(SystemExit, match=r"^spacetime: eval\.long\.seconds: 10 s.*10\.125 \(81 frames\)"):
+        preflight(cfg)
+
+
 def test_preflight_rejects_a_sequence_parallel_degree_that_does_not_divide(tmp_path):
     cfg = to_object(compose_cfg(["cluster.sequence_parallel=3"]))
     with pytest.raises(SystemExit, match=r"^spacetime: cluster.sequence_parallel=3 must divide the 2 training "
