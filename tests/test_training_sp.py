@@ -124,3 +124,28 @@ def test_indivisible_degrees_fail_before_any_worker_starts(shards, tmp_path):
     with pytest.raises(ValueError, match=r"cluster.sequence_parallel=3 must divide the 2 training workers"):
         train_sp(shards, tmp_path, workers=2, sp=3, zero=2)
     assert not (tmp_path / "ray_train").exists()
+
+
+def test_the_plan_of_this_run_is_what_the_trainer_ran(sp2_killed):
+    """`spacetime plan` for the SP=2 run's shape and layout: its data-parallel width, gradient
+    accumulation, micro-batch and tokens per GPU are the trainer's."""
+    from pipeline.plan import GIB, PlanConfig, TrainSpec, VAESpec, VideoSpec, activation_bytes, dit_config, make_plan
+
+    out, res, _ = sp2_killed
+    mcfg = model_cfg()
+    cfg = PlanConfig(
+        model="tiny", patch_size=mcfg.dit.patch_size, text_dim=mcfg.dit.text_dim,
+        text_len=mcfg.text.max_length, video=VideoSpec(seconds=1, fps=NUM_FRAMES, height=SIZE[0], width=SIZE[1]),
+        vae=VAESpec(temporal=1, spatial=1, channels=3), num_gpus=2, zero_stage=3, sequence_parallel=2,
+        train=TrainSpec(global_batch_size=4, micro_batch_size=res["micro_batch"], precision="fp32",
+                        grad_checkpointing=False))
+    plan = make_plan(cfg)
+    tokens = (NUM_FRAMES // 2) * (SIZE[0] // 4) * (SIZE[1] // 4)
+    assert plan["compute"]["data_parallel"] == 1 and plan["compute"]["grad_accum"] == 1
+    assert plan["tokens"]["per_sample"] == tokens
+    full = [m for m in metrics(out) if round(m["train/samples_per_s"] * m["train/step_time_s"]) == 4]
+    assert full and all(m["train/tokens_per_s"] * m["train/step_time_s"] == pytest.approx(4 * tokens) for m in full)
+    # each rank holds micro x tokens / sp of them: what the planner's memory model charges per GPU
+    # (its per-token bytes are checked against SP=2's measured activations in benchmarks/bench_sp.py)
+    assert plan["memory_gib"]["activations_no_ckpt"] * GIB == pytest.approx(
+        activation_bytes(dit_config(cfg), res["micro_batch"] * tokens / 2, "fp32", False))
