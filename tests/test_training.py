@@ -37,8 +37,11 @@ NUM_FRAMES, SIZE = 8, (32, 32)
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> list[str]:
+    return write_training_shards(tmp_path_factory.mktemp("shards"))
+
+
+def write_training_shards(root: Path) -> list[str]:
     """4 shards of synthetic clips (whole videos) plus one corrupt sample in the last shard."""
-    root = tmp_path_factory.mktemp("shards")
     rows = generate(SourceConfig(num_videos=24, bad_fraction=0.0, multishot_fraction=0.0,
                                  seed=3), root / "src")
     samples = []

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from test_training import NUM_FRAMES, SIZE, losses, metrics, shards, train_cfg  # noqa: F401 (fixture)
+from test_training import NUM_FRAMES, SIZE, losses, metrics, train_cfg, write_training_shards
 
 from data.tracking import TrackerSpec
 from training.checkpoint import Checkpoints
@@ -54,6 +54,11 @@ def train_sp(shards, out: Path, *, workers: int, sp: int, zero: int, ckpt_every:
                         model_cfg=model_cfg(), ds_cfg=DeepSpeedConfig(zero_stage=zero),
                         cluster=Cluster(workers, sp), out_dir=out, train_shards=shards,
                         tracker_spec=spec, stage="train", stage_hash="0" * 64, inputs={})
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> list[str]:
+    return write_training_shards(tmp_path_factory.mktemp("shards"))
 
 
 @pytest.fixture(scope="module")
