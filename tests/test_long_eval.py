@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_eval import write_val_shard
 
-from data.shards import write_shard
-from data.synthetic import ClipSpec, SourceConfig, caption, generate, render
+from data.synthetic import ClipSpec, caption, render
 from data.tracking import JsonlTracker, MemoryTracker
 from data.video_io import read_frames, write_mp4
 from pipeline.graph import Graph, Stage
@@ -221,15 +221,7 @@ def write_train_dir(out: Path, latent: dict | None = None) -> Path:
 
 @pytest.fixture(scope="module")
 def val_shards(tmp_path_factory) -> list[str]:
-    root = tmp_path_factory.mktemp("val")
-    rows = generate(SourceConfig(num_videos=2, bad_fraction=0.0, multishot_fraction=0.0, seed=5,
-                                 width=SIZE, height=SIZE, seconds=1.5), root / "src")
-    samples = [{"__key__": r["id"], "mp4": (root / "src" / r["path"]).read_bytes(),
-                "json": {"start": 0, "end": r["num_frames"], "fps": r["fps"], "width": r["width"],
-                         "height": r["height"], "caption": r["caption"]}, "txt": r["caption"]}
-               for r in rows]
-    write_shard(str(root / "val-000000.tar"), samples)
-    return [str(root / "val-000000.tar")]
+    return write_val_shard(tmp_path_factory.mktemp("val"), 2, 1.5, SIZE)
 
 
 BASE = dict(prompts=[PROMPT, "a cat on a sofa"], sample_steps=2, batch_size=2, val_timesteps=[0.5],

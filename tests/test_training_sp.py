@@ -10,16 +10,11 @@ test_sequence_parallel.py.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import threading
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
-from test_training import NUM_FRAMES, SIZE, losses, metrics, train_cfg, write_training_shards
+from test_training import NUM_FRAMES, SIZE, losses, metrics, run_killing_a_worker, train_cfg, write_training_shards
 
 from data.tracking import TrackerSpec
 from training.checkpoint import Checkpoints
@@ -72,21 +67,9 @@ def sp1(ray_local, shards, tmp_path_factory) -> Path:
 def sp2_killed(ray_local, shards, sp1, tmp_path_factory) -> tuple[Path, dict, int | None]:
     """SP=2 over 2 workers, ZeRO-3, a checkpoint every 4 steps; a worker SIGKILLed after step 6."""
     out = tmp_path_factory.mktemp("sp2")
-    box: dict = {}
-    th = threading.Thread(target=lambda: box.setdefault(
-        "res", train_sp(shards, out, workers=2, sp=2, zero=3, ckpt_every=4, max_failures=2)))
-    th.start()
-    killed, deadline = None, time.time() + 400
-    while th.is_alive() and killed is None and time.time() < deadline:
-        if (out / "metrics.jsonl").exists() and max(losses(out), default=-1) >= 6:
-            workers = [p for p in psutil.process_iter(["cmdline"])
-                       if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
-            if workers:
-                killed = workers[-1].pid
-                os.kill(killed, signal.SIGKILL)
-        time.sleep(0.2)
-    th.join(timeout=600)
-    return out, box["res"], killed
+    res, killed = run_killing_a_worker(
+        lambda: train_sp(shards, out, workers=2, sp=2, zero=3, ckpt_every=4, max_failures=2), out, after_step=6)
+    return out, res, killed
 
 
 def test_sp2_gives_the_sp1_loss_curve_through_a_killed_worker(sp1, sp2_killed):
