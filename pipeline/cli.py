@@ -4,6 +4,8 @@
     spacetime status [overrides...]                               the graph's state for a config
     spacetime params [overrides...]                               parameter counts of the presets
     spacetime report [RUN_ID] [--embed-videos] [overrides...]     the run's static HTML page
+    spacetime generate PROMPT... [--seconds S] [flags] [overrides...]  videos from a trained model
+                                                  (flags: spacetime generate --usage)
 
 On a Ray cluster (pipeline/submit.py) and before one (pipeline/plan.py):
 
@@ -39,8 +41,39 @@ CLUSTER_COMMANDS = ("submit", "jobs", "logs", "stop", "plan")  # parse their own
 # (names only), so "why was W&B offline / why did S3 refuse" has an answer after the fact.
 SECRET_NAMES = ("WANDB_API_KEY", "HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                 "GOOGLE_APPLICATION_CREDENTIALS", "RAY_AUTH_TOKEN")
-SUBCOMMANDS = ("run", "status", "params", "report", *CLUSTER_COMMANDS)
+SUBCOMMANDS = ("run", "status", "params", "report", "generate", *CLUSTER_COMMANDS)
 USAGE = __doc__
+# `generate`'s flags: --name VALUE or --name=VALUE -> (GenerateConfig field, type)
+GENERATE_FLAGS = {"--prompt": ("prompts", str), "--seconds": ("seconds", float), "--frames": ("frames", int),
+                  "--height": ("height", int), "--width": ("width", int), "--fps": ("fps", float),
+                  "--guidance": ("guidance", float), "--steps": ("steps", int), "--seed": ("seed", int),
+                  "--negative": ("negative_prompt", str), "--num": ("num_samples", int),
+                  "--batch-size": ("batch_size", int), "--run": ("run", str), "--stage": ("stage", str),
+                  "--checkpoint": ("checkpoint", str), "--out": ("out", str), "--device": ("device", str),
+                  "--decode-chunk": ("decode_chunk", int), "--sequence-parallel": ("sequence_parallel", int)}
+# Hydra's own flags that take a value (`--cfg job`); --info takes one of its topics, or none
+HYDRA_VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                     "--config-dir", "-cd", "--experimental-rerun")
+HYDRA_INFO = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+GENERATE_USAGE = """spacetime generate PROMPT... [flags] [overrides...]
+
+  --seconds S | --frames N   duration (default: the training's frame count); bad counts fail
+                             before any weights load, naming the nearest that work
+  --height H --width W       size (default: the training's)
+  --fps F                    frame rate (default: train.data.target_fps, else the run's eval.fps)
+  --guidance G --steps N     classifier-free guidance scale, sampler steps (default: the run's eval)
+  --seed S --num K           video j of a prompt from seed S + j (default 0, 1 video)
+  --negative TEXT            negative prompt (the guidance's unconditional branch; default "")
+  --run RUN_ID               a run under run.root (default: the latest)
+  --stage NAME               a train stage of the run (default: its last complete one)
+  --checkpoint latest|STEP|PATH   final weights, a saved step, or a training output / tag path
+  --raw                      the raw weights, not the EMA
+  --out DIR                  output directory (default: <run.root>/generated/<id>)
+  --batch-size B --device D --decode-chunk N   videos per batch, cpu/cuda, VAE decode chunk
+  --sequence-parallel P      sample on P Ray workers, each video's tokens split across them
+                             (long clips; Ray from cluster.address, else a local one)
+  --prompt TEXT              a prompt (also positional); Hydra overrides (run.root=...) follow
+"""
 
 
 def parse_argv(argv: list[str]) -> tuple[str, dict, list[str]]:
@@ -55,6 +88,8 @@ def parse_argv(argv: list[str]) -> tuple[str, dict, list[str]]:
         return cmd, {}, list(argv)
     if cmd == "report":
         return cmd, *parse_report_argv(argv)
+    if cmd == "generate":
+        return cmd, *parse_generate_argv(argv)
     flags: dict = {"only": None, "from_": None, "until": None}
     names = {"--only": "only", "--from": "from_", "--until": "until"}
     rest: list[str] = []
@@ -90,6 +125,62 @@ def parse_report_argv(argv: list[str]) -> tuple[dict, list[str]]:
     return flags, rest
 
 
+def _is_override(a: str) -> bool:
+    """`key=value`, `+key=value`, `~key` (Hydra) as opposed to a prompt."""
+    head = a.split("=", 1)[0]
+    return (("=" in a or a.startswith("~")) and bool(head) and " " not in head
+            and all(c.isalnum() or c in "._-/@+~" for c in head))
+
+
+def parse_generate_argv(argv: list[str]) -> tuple[dict, list[str]]:
+    """`generate PROMPT... [--flag VALUE | --flag=VALUE | --raw] [overrides...]` -> (the given
+    GenerateConfig fields, Hydra's arguments). Other --flags go to Hydra (--cfg job, --help)."""
+    flags: dict = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        a, i = argv[i], i + 1
+        name, eq, val = a.partition("=")
+        if a == "--usage":
+            print(GENERATE_USAGE)
+            raise SystemExit(0)
+        if a == "--raw":
+            flags["use_ema"] = False
+        elif name in GENERATE_FLAGS:
+            if not eq:
+                if i == len(argv):
+                    raise SystemExit(f"spacetime: {name} needs a value\n\n{GENERATE_USAGE}")
+                val, i = argv[i], i + 1
+            key, kind = GENERATE_FLAGS[name]
+            try:
+                value = kind(val)
+            except ValueError:
+                raise SystemExit(f"spacetime: {name} needs a {kind.__name__}, got {val!r}") from None
+            if key == "prompts":
+                flags.setdefault("prompts", []).append(value)
+            else:
+                flags[key] = value
+        elif a.startswith("-") or _is_override(a):
+            rest.append(a)
+            takes = a in HYDRA_VALUE_FLAGS or (a in ("--info", "-i") and i < len(argv) and argv[i] in HYDRA_INFO)
+            if takes and i < len(argv):
+                rest.append(argv[i])
+                i += 1
+        else:
+            flags.setdefault("prompts", []).append(a)
+    return flags, rest
+
+
+def cmd_generate(root: str, flags: dict, cluster=None) -> int:
+    from pipeline.generate import GenerateConfig, generate  # lazy: CLI start-up 0.1 s, 9 s with eager imports
+
+    try:
+        generate(GenerateConfig(**flags), root, cluster=cluster)
+    except ValueError as e:  # GenerateError: a request the model cannot take, said before loading
+        raise SystemExit(f"spacetime: {e}") from None
+    return 0
+
+
 def versions() -> dict:
     out = {"python": platform.python_version()}
     for pkg in ("spacetime", "torch", "ray", "deepspeed", "webdataset", "decord", "av",
@@ -117,15 +208,22 @@ def preflight(cfg) -> None:
         check_inputs(cfg.ingest)  # ValueError naming ingest.inputs[i]
     from training.patches import check_patchable  # lazy: CLI start-up 0.1 s, 9 s with eager imports
     from training.trainer import buckets_of  # lazy: CLI start-up 0.1 s, 9 s with eager imports
+    from training.ulysses import check_sequence_parallel  # lazy: CLI start-up 0.1 s, 9 s with eager imports
 
     from pipeline.recipe import train_sections  # lazy: CLI start-up 0.1 s, 9 s with eager imports
 
+    try:
+        check_sequence_parallel(cfg.model.dit.num_heads, cfg.cluster.sequence_parallel,
+                                cfg.cluster.num_workers)
+    except ValueError as e:
+        raise SystemExit(f"spacetime: {e}") from None
     for stage, tcfg in train_sections(cfg):  # train, or each stage of a recipe
         at = f"recipe stage {stage}: " if cfg.recipe.stages else ""
         try:
-            micro = micro_batch_size(tcfg, cfg.cluster.num_workers, cfg.deepspeed.grad_accum)
+            micro = micro_batch_size(tcfg, cfg.cluster.num_workers, cfg.deepspeed.grad_accum,
+                                     cfg.cluster.sequence_parallel)
         except ValueError as e:
-            raise ValueError(f"{at}{e}") from None
+            raise SystemExit(f"spacetime: {at}{e}") from None
         shapes = [(b.num_frames, b.height, b.width) for b in buckets_of(tcfg, micro)]
         latent = tcfg.data.kind == "latent"
         if latent and cfg.recipe.stages:  # the latent shards hold one window, of latent.*'s shape
@@ -143,6 +241,12 @@ def preflight(cfg) -> None:
                                 key="model.dit.patch_size")
             except ValueError as e:
                 raise SystemExit(f"spacetime: {e}") from None
+    from training.evaluation.consistency import check_long_eval  # lazy: CLI start-up 0.1 s, 9 s with eager imports
+
+    try:
+        check_long_eval(cfg)  # eval.long lengths the model can sample
+    except ValueError as e:
+        raise SystemExit(f"spacetime: {e}") from None
     resolve_mode(cfg.tracking.mode)
 
 
@@ -307,6 +411,9 @@ def main(argv: list[str] | None = None) -> None:
             return
         if cmd == "report":
             outcome["code"] = cmd_report(cfg.run.root, flags)
+            return
+        if cmd == "generate":
+            outcome["code"] = cmd_generate(cfg.run.root, flags, cfg.cluster)
             return
         cfg_dict = to_dict(dcfg)
         try:

@@ -47,6 +47,9 @@ class ClusterConfig:
     name: str = "local"
     address: Optional[str] = None  # None: start a local Ray; "auto" or ray://host:port: join one
     num_workers: int = 2  # training workers (one per GPU on a GPU cluster)
+    # Ulysses sequence-parallel degree: each sample's spacetime tokens split over groups of this
+    # many workers (must divide num_workers and model.dit.num_heads); data parallel is the rest
+    sequence_parallel: int = 1
     # GPUs each training worker reserves (Ray's resources_per_worker): 0 trains on CPU with
     # gloo; > 0 on GPU with NCCL. 1 is one rank per GPU; a fraction packs several per GPU.
     # (Model actor pools follow the cluster's GPUs, see embed.* and caption.*.)

@@ -141,8 +141,27 @@ def test_preflight_rejects_missing_input_directory(tmp_path):
 
 def test_preflight_rejects_indivisible_batch():
     cfg = to_object(compose_cfg(["train.global_batch_size=3"]))
-    with pytest.raises(ValueError, match="global_batch_size=3"):
+    with pytest.raises(SystemExit, match="^spacetime: train.global_batch_size=3"):
         preflight(cfg)
+    # under sequence parallelism the batch divides over data-parallel ranks only: 2 workers in
+    # one SP group are one data-parallel rank, so 3 samples per step is fine there
+    preflight(to_object(compose_cfg(["train.global_batch_size=3", "cluster.sequence_parallel=2"])))
+
+
+def test_preflight_names_a_long_eval_length_the_vae_cannot_sample():
+    cfg = to_object(compose_cfg(["experiment=latent", "eval.long.seconds=[10]"]))
+    with pytest.raises(SystemExit, match=r"^spacetime: eval\.long\.seconds: 10 s.*10\.125 \(81 frames\)"):
+        preflight(cfg)
+
+
+def test_preflight_rejects_a_sequence_parallel_degree_that_does_not_divide(tmp_path):
+    cfg = to_object(compose_cfg(["cluster.sequence_parallel=3"]))
+    with pytest.raises(SystemExit, match=r"^spacetime: cluster.sequence_parallel=3 must divide the 2 training "
+                                         r"workers .* valid degrees here are \[1, 2\]"):
+        preflight(cfg)
+    r = run_cli("run", "cluster.sequence_parallel=3", f"run.root={tmp_path}/out", cwd=tmp_path)
+    assert r.returncode == 1 and "cluster.sequence_parallel=3 must divide" in r.stderr
+    assert not (tmp_path / "out").exists()  # nothing started
 
 
 def test_preflight_names_the_train_shape_the_patch_cannot_cut():
@@ -155,8 +174,8 @@ def test_preflight_names_the_train_shape_the_patch_cannot_cut():
 
 def test_cli_surface_is_frozen():
     # Changing the surface is deliberate: update this test with the README.
-    assert SUBCOMMANDS == ("run", "status", "params", "report", "submit", "jobs", "logs", "stop",
-                           "plan")
+    assert SUBCOMMANDS == ("run", "status", "params", "report", "generate", "submit", "jobs", "logs",
+                           "stop", "plan")
     assert parse_argv(["run", "--only", "train", "train.lr=1"]) == (
         "run", {"only": "train", "from_": None, "until": None}, ["train.lr=1"])
     assert parse_argv(["--from=eval"]) == ("run", {"only": None, "from_": "eval", "until": None},
@@ -193,7 +212,7 @@ def test_cli_surface_is_frozen():
     from pipeline.config import ClusterConfig
 
     assert [f.name for f in fields(ClusterConfig)] == [
-        "name", "address", "num_workers", "gpus_per_worker", "cpus_per_worker",
+        "name", "address", "num_workers", "sequence_parallel", "gpus_per_worker", "cpus_per_worker",
         "curate_concurrency", "peak_tflops_per_worker", "dashboard_host"]
     assert to_object(compose_cfg(["cluster=ray"])).cluster.gpus_per_worker == 1
     assert to_object(compose_cfg()).cluster.gpus_per_worker == 0

@@ -55,6 +55,17 @@ def tiny_model_cfg() -> ModelConfig:
 
 
 # ----- fixtures: a trained-for-two-steps DeepSpeed run, held-out shards, tiny metric models --
+def in_subprocess(function: str, *paths: Path) -> None:
+    """test_eval.<function>(*paths) in a fresh Python (DeepSpeed's process groups are module
+    globals: an engine per process)."""
+    args = ", ".join(f"Path({str(p)!r})" for p in paths)
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+              f"from test_eval import {function}; from pathlib import Path; {function}({args})")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
 def solo_zero2_engine():
     """A one-rank gloo group and a ZeRO-2 DeepSpeed engine over the tiny model (AdamW, lr 3e-2),
     as the trainer builds it; for the subprocess helpers below. Returns (model, engine)."""
@@ -116,26 +127,25 @@ def write_train_dir(out: Path) -> None:
 @pytest.fixture(scope="module")
 def train_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("train")
-    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-              f"from test_eval import write_train_dir; from pathlib import Path; "
-              f"write_train_dir(Path({str(out)!r}))")
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    in_subprocess("write_train_dir", out)
     return out, torch.load(out / "snapshots.pt", weights_only=True)
 
 
-@pytest.fixture(scope="module")
-def val_shards(tmp_path_factory) -> list[str]:
-    root = tmp_path_factory.mktemp("val")
-    rows = generate(SourceConfig(num_videos=3, bad_fraction=0.0, multishot_fraction=0.0, seed=5,
-                                 width=SIZE, height=SIZE, seconds=1.0), root / "src")
+def write_val_shard(root: Path, num_videos: int, seconds: float, size: int = SIZE) -> list[str]:
+    """One validation shard of `num_videos` whole synthetic videos, as the shard stage writes them."""
+    rows = generate(SourceConfig(num_videos=num_videos, bad_fraction=0.0, multishot_fraction=0.0, seed=5,
+                                 width=size, height=size, seconds=seconds), root / "src")
     samples = [{"__key__": r["id"], "mp4": (root / "src" / r["path"]).read_bytes(),
                 "json": {"start": 0, "end": r["num_frames"], "fps": r["fps"], "width": r["width"],
                          "height": r["height"], "caption": r["caption"]}, "txt": r["caption"]}
                for r in rows]
     write_shard(str(root / "val-000000.tar"), samples)
     return [str(root / "val-000000.tar")]
+
+
+@pytest.fixture(scope="module")
+def val_shards(tmp_path_factory) -> list[str]:
+    return write_val_shard(tmp_path_factory.mktemp("val"), 3, 1.0)
 
 
 @pytest.fixture(scope="module")
@@ -377,12 +387,7 @@ def test_resume_from_a_shared_mirror_loads_weights_only(train_dir, tmp_path):
     shutil.copytree(d / "checkpoints", tmp_path / "mirror-genuine")
     marker = crafted_copy(d, tmp_path / "crafted", "*optim_states.pt")
     shutil.copytree(tmp_path / "crafted" / "checkpoints", tmp_path / "mirror-crafted")
-    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-              f"from test_eval import resume_from_mirrors; from pathlib import Path; "
-              f"resume_from_mirrors(Path({str(d)!r}), Path({str(tmp_path)!r}))")
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    in_subprocess("resume_from_mirrors", d, tmp_path)
     res = json.loads((tmp_path / "resumed.json").read_text())
     assert res["mirror-genuine"] == {"tag": "step00000002", "step": 2, "weights_saved": True,
                                      "ema": True}

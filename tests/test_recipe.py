@@ -188,7 +188,7 @@ def test_preflight_checks_every_recipe_stage_and_names_it():
     with pytest.raises(SystemExit, match=r"recipe stage train_short: train shape \(4, 18, 16\)"):
         preflight(cfg)
     cfg, _ = composed(["recipe=short_to_long", "+recipe.stages.1.train.global_batch_size=3"])
-    with pytest.raises(ValueError, match="recipe stage train_long: train.global_batch_size=3"):
+    with pytest.raises(SystemExit, match="recipe stage train_long: train.global_batch_size=3"):
         preflight(cfg)
     # Latent shards hold one window per clip: a stage at another shape is refused up front.
     cfg, _ = composed(["experiment=latent", "recipe=short_to_long"])
@@ -267,6 +267,8 @@ def test_the_driver_refuses_a_missing_start_before_any_worker(previous_stage, tm
     with pytest.raises(ValueError, match="written by 1 training workers, but cluster.num_workers=2"):
         check_init({**init, "weights": "raw", "optimizer": "carry"}, 2)
     check_init({**init, "weights": "raw", "optimizer": "carry"}, 1)
+    with pytest.raises(ValueError, match="sequence parallel degree 1, but cluster.sequence_parallel=2"):
+        check_init({**init, "weights": "raw", "optimizer": "carry"}, 1, 2)
 
 
 @pytest.mark.skipif(s3 is None, reason="needs moto (tests/test_storage.py's S3 endpoint)")

@@ -28,8 +28,7 @@ from training.ema import EMA
 from training.launch import run_training, worker_resources
 from training.loader import Bucket, ClipStream, Loader, LoaderConfig, normalize
 from training.model import ModelConfig
-from training.parallelize import (DeepSpeedConfig, build_ds_config, checks_overflow, full_params,
-                                  parallelize)
+from training.parallelize import DeepSpeedConfig, build_ds_config, checks_overflow, full_params, parallelize
 from training.trainer import NonFiniteGuard, TrainConfig, lr_lambda, param_groups
 
 NUM_FRAMES, SIZE = 8, (32, 32)
@@ -37,8 +36,11 @@ NUM_FRAMES, SIZE = 8, (32, 32)
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> list[str]:
+    return write_training_shards(tmp_path_factory.mktemp("shards"))
+
+
+def write_training_shards(root: Path) -> list[str]:
     """4 shards of synthetic clips (whole videos) plus one corrupt sample in the last shard."""
-    root = tmp_path_factory.mktemp("shards")
     rows = generate(SourceConfig(num_videos=24, bad_fraction=0.0, multishot_fraction=0.0,
                                  seed=3), root / "src")
     samples = []
@@ -204,8 +206,9 @@ def test_damaged_shards_are_skipped_counted_and_the_count_survives_a_restore(dam
 def garbled_shards(shards, tmp_path_factory) -> list[str]:
     """Two shards of 6 good clips with their sidecars (as the shard stage writes them); a
     member header of the second shard's 3rd sample garbled: tarfile stops there silently."""
-    from data.shards import read_shards, write_sidecar
     from tar_damage import garble_header
+
+    from data.shards import read_shards, write_sidecar
 
     root = tmp_path_factory.mktemp("garbled")
     good = [dict(s, json=dict(s["json"])) for s in read_shards(shards[:2])]
@@ -528,27 +531,32 @@ def test_zero2_checkpoint_converts_with_zero_to_fp32(baseline):
     assert len(Checkpoints(baseline / "checkpoints", 2).complete_tags()) == 2  # keep last K
 
 
-def test_killed_worker_resumes_and_matches_uninterrupted_run(ray_with_state_api, shards, baseline,
-                                                             tmp_path):
+def run_killing_a_worker(run, out: Path, after_step: int) -> tuple[dict, int | None]:
+    """run() (a training into `out`) on a thread; once `out`'s metrics show `after_step`, SIGKILL
+    one Ray Train worker. Returns (run()'s result, the killed pid or None if it finished first)."""
     import psutil
 
     box: dict = {}
-    th = threading.Thread(target=lambda: box.setdefault(
-        "res", train(shards, tmp_path, zero=2, ckpt_every=4, max_failures=2)))
+    th = threading.Thread(target=lambda: box.setdefault("res", run()))
     th.start()
-    killed = None
-    deadline = time.time() + 300
+    killed, deadline = None, time.time() + 400
     while th.is_alive() and killed is None and time.time() < deadline:
-        if (tmp_path / "metrics.jsonl").exists() and max(losses(tmp_path), default=-1) >= 6:
+        if (out / "metrics.jsonl").exists() and max(losses(out), default=-1) >= after_step:
             workers = [p for p in psutil.process_iter(["cmdline"])
                        if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
             if workers:
                 killed = workers[-1].pid
                 os.kill(killed, signal.SIGKILL)
-        time.sleep(0.2)
+        time.sleep(0.2)  # polling the metrics file, not waiting for luck
     th.join(timeout=600)
+    return box["res"], killed
+
+
+def test_killed_worker_resumes_and_matches_uninterrupted_run(ray_with_state_api, shards, baseline,
+                                                             tmp_path):
+    res, killed = run_killing_a_worker(
+        lambda: train(shards, tmp_path, zero=2, ckpt_every=4, max_failures=2), tmp_path, after_step=6)
     assert killed is not None, "training finished before a worker could be killed"
-    res = box["res"]
     assert res["resumed_from_step"] in (4, 8)  # restored from a complete checkpoint
     a, b = losses(baseline), losses(tmp_path)
     assert sorted(a) == sorted(b) == list(range(16))
@@ -614,6 +622,7 @@ def test_frozen_open_clip_encoder_trains_through_the_embedding_cache(ray_with_st
     other runs leave out; fp32, so the trainer computes the gradient norm itself): its
     embeddings come from the cache, it gets no optimizer state, and the DiT still learns."""
     from test_text import write_open_clip_dir
+
     from training.dit import DiTConfig
     from training.text import TextEncoderConfig
 

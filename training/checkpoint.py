@@ -124,11 +124,15 @@ class Checkpoints:
     """root: the local checkpoint directory. keep: complete tags kept. mirror: optional URL (or
     path) every complete tag is copied to, and restored from when this disk lacks it."""
 
-    def __init__(self, root: str | Path, keep: int, mirror: str | None = None):
+    def __init__(self, root: str | Path, keep: int, mirror: str | None = None,
+                 layout: dict | None = None):
+        """layout: how the ranks were arranged ({"sequence_parallel": 2}), recorded with the
+        world size in each tag's completion marker, since a resume must match it."""
         if keep < 1:
             raise ValueError(f"train.keep_checkpoints must be >= 1, got {keep}")
         self.root = Path(root)
         self.keep = keep
+        self.layout = dict(layout or {})
         self.mirror = None
         if mirror:
             self.mirror = Store(mirror)
@@ -152,7 +156,7 @@ class Checkpoints:
         if rank == 0 and ema_state is not None:
             torch.save(ema_state, self.root / tag / "ema.pt")
         dist.barrier()  # every rank's files are on disk
-        complete = {"step": step, "world_size": dist.get_world_size()}
+        complete = {"step": step, "world_size": dist.get_world_size(), **self.layout}
         if self.mirror is not None:
             self.mirror.put_dir(self.root / tag, tag,
                                 select=lambda f: f != COMPLETE and owner_of(f) == rank)
@@ -226,13 +230,19 @@ class Checkpoints:
     def resume_world_size(self) -> int | None:
         """The number of ranks that wrote the tag :meth:`restore` would pick (read from its
         ``_COMPLETE.json``, nothing downloaded); None when training would start afresh."""
+        record = self.resume_record()
+        return None if record is None else record.get("world_size")
+
+    def resume_record(self) -> dict | None:
+        """The completion marker of the tag :meth:`restore` would pick: step, world size and
+        layout (nothing downloaded); None when training would start afresh."""
         remote = self.mirror_tags()
         if remote:
-            return self.mirror.read_json(f"{remote[-1]}/{COMPLETE}").get("world_size")
+            return self.mirror.read_json(f"{remote[-1]}/{COMPLETE}")
         tag = self.latest()
         if tag is None:
             return None
-        return json.loads((self.root / tag / COMPLETE).read_text()).get("world_size")
+        return json.loads((self.root / tag / COMPLETE).read_text())
 
     # ----- loading -----------------------------------------------------------------------
     def load(self, engine, tag: str, rank: int) -> tuple[int, dict, dict | None]:

@@ -32,7 +32,13 @@ attention compute; a varlen/flex kernel is the next step for long packed rows.
 
 The tensor plumbing lives beside it: patchify, unpatchify and packing in training/patches.py,
 the 3D RoPE in training/rope.py. The module is pure: no distributed calls, logging or I/O.
-Parallelism and precision are applied from outside (training/).
+Parallelism and precision are applied from outside (training/parallelize.py), by swapping the
+parameter-free modules that mark where a parallel plan acts (as torchtitan swaps its ``sdpa``):
+
+- ``DiT.split`` / ``DiT.merge``: where the token sequence may be split across ranks after the
+  embedding and gathered again before the final unpatchify (identities here).
+- ``SelfAttention.attend``: the attention core over (B, N, H, hd) q, k, v (SDPA here); sequence
+  parallelism wraps it in an all-to-all from sequence shards to head shards and back.
 """
 
 from __future__ import annotations
@@ -167,9 +173,10 @@ class Layout(NamedTuple):
     grid: Optional[tuple[int, int, int]] = None  # (T', H', W') when unpacked
     rope_spatial: Optional[torch.Tensor] = None  # (H'W', 1, hd/2): factorised, unpacked
     rope_temporal: Optional[torch.Tensor] = None  # (T', 1, hd/2): factorised, unpacked
-    mask: Optional[torch.Tensor] = None  # (R, 1, N, N) same clip (packed)
+    mask: Optional[torch.Tensor] = None  # (R, 1, N, N) same clip (packed); (1, 1, 1, N) real keys (split)
     mask_spatial: Optional[torch.Tensor] = None  # (R, 1, N, N) same clip and frame (packed, factorised)
-    mask_temporal: Optional[torch.Tensor] = None  # (R, 1, N, N) same clip and (h, w) (packed, factorised)
+    mask_temporal: Optional[torch.Tensor] = None  # (R, 1, N, N) same clip and (h, w) (packed, factorised);
+    # (1, 1, 1, T') real frames (split, factorised)
     token_clip: Optional[torch.Tensor] = None  # (R, N) long: clip of each token (packed; padding -> 0)
 
 
@@ -219,6 +226,32 @@ def norm_fp32(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.float()
 
 
+class Attend(nn.Module):
+    """The attention core: q, k, v (B, N, H, hd), mask broadcastable to (B, H, N, N) bool or None
+    -> (B, N, H, hd). Flash / memory-efficient SDPA kernels on GPU when the mask allows."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask)  # (B, H, N, hd)
+        return out.transpose(1, 2)  # (B, N, H, hd)
+
+
+class TokenSplit(nn.Module):
+    """Where the token sequence may be split across ranks: (patches (B, N, P*C), layout) -> the
+    same here; sequence parallelism swaps in a split of both (training/parallelize.py)."""
+
+    def forward(self, tokens: torch.Tensor, layout: "Layout") -> tuple[torch.Tensor, "Layout"]:
+        return tokens, layout
+
+
+class TokenMerge(nn.Module):
+    """The inverse of TokenSplit: this rank's outputs (B, N_local, P*C) -> all N tokens (B, N, P*C)."""
+
+    def forward(self, out: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        return out
+
+
 class SelfAttention(nn.Module):
     """Attention among the tokens of each row of x, with 3D RoPE, optional QK-RMSNorm and mask."""
 
@@ -229,6 +262,7 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.attend = Attend()
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -238,9 +272,8 @@ class SelfAttention(nn.Module):
         q, k, v = qkv.unbind(2)  # each (B, N, H, hd)
         q = rotate(norm_fp32(self.q_norm, q), rope).to(v.dtype)  # (B, N, H, hd)
         k = rotate(norm_fp32(self.k_norm, k), rope).to(v.dtype)  # (B, N, H, hd)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=mask)  # (B, H, N, hd)
-        return self.proj(out.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
+        out = self.attend(q, k, v, mask)  # (B, N, H, hd)
+        return self.proj(out.reshape(B, N, D))  # (B, N, D)
 
 
 class CrossAttention(nn.Module):
@@ -327,7 +360,7 @@ class DiTBlock(nn.Module):
         B, N, D = h.shape
         gt, gh, gw = layout.grid
         h = h.reshape(B, gt, gh * gw, D).transpose(1, 2).reshape(B * gh * gw, gt, D)  # (B*H'W', T', D)
-        out = self.temporal_attn(h, layout.rope_temporal)  # (B*H'W', T', D)
+        out = self.temporal_attn(h, layout.rope_temporal, layout.mask_temporal)  # (B*H'W', T', D)
         return out.reshape(B, gh * gw, gt, D).transpose(1, 2).reshape(B, N, D)  # (B, N, D)
 
     def forward(self, x, c, text, text_mask, layout: Layout):
@@ -376,6 +409,7 @@ class DiT(nn.Module):
             self.adaLN_single = nn.Sequential(nn.SiLU(), nn.Linear(D, cfg.num_modulations * D))
         self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.depth)])
         self.final = FinalLayer(D, cfg.patch_dim)
+        self.split, self.merge = TokenSplit(), TokenMerge()  # identities unless sequence-parallel
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -448,10 +482,12 @@ class DiT(nn.Module):
             t = t.expand(B)
         grid = patch_grid((T, H, W), self.patch, key="model.dit.patch_size")  # (T', H', W')
         text_mask = text_mask.bool()
-        tokens = self.x_embed(patchify(x, self.patch))  # (B, N, D)
+        patches = patchify(x, self.patch)  # (B, N, P*C)
+        n = patches.shape[1]
+        patches, layout = self.split(patches, self.grid_layout(grid, x.device))  # (B, N_local, P*C)
         c = self.condition(t, text, text_mask)  # (B, D)
-        out = self.trunk(tokens, c, text, text_mask, self.grid_layout(grid, x.device))  # (B, N, P*C)
-        return unpatchify(out, self.patch, grid)  # (B, C, T, H, W)
+        out = self.trunk(self.x_embed(patches), c, text, text_mask, layout)  # (B, N_local, P*C)
+        return unpatchify(self.merge(out, n), self.patch, grid)  # (B, C, T, H, W)
 
     def forward_packed(self, packed: PackedClips, t: torch.Tensor, text: torch.Tensor,
                        text_mask: torch.Tensor) -> list[torch.Tensor]:
@@ -465,10 +501,11 @@ class DiT(nn.Module):
         if t.shape[0] != K or text.shape[0] != K or text_mask.shape[0] != K:
             raise ValueError(f"{K} packed clips need K timesteps and captions; got t {tuple(t.shape)}, text {tuple(text.shape)}")
         text_mask = text_mask.bool()
-        tokens = self.x_embed(packed.tokens)  # (R, N, D)
+        patches, layout = self.split(packed.tokens, self.packed_layout(packed))  # (R, N_local, P*C)
         c = self.condition(t, text, text_mask)  # (K, D)
         row_text, row_mask = packed_text(packed, text, text_mask)  # (R, Kmax*L, Dt), (R, N, Kmax*L)
-        out = self.trunk(tokens, c, row_text, row_mask, self.packed_layout(packed))  # (R, N, P*C)
+        out = self.trunk(self.x_embed(patches), c, row_text, row_mask, layout)  # (R, N_local, P*C)
+        out = self.merge(out, packed.tokens.shape[1])  # (R, N, P*C)
         return unpack(out, packed)
 
 

@@ -26,8 +26,18 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from data.storage import Store
 from training.checkpoint import Checkpoints
-from training.trainer import (EXPORTS, NONFINITE, PREEMPT, Preempted, TrainConfig,
-                              check_latent_data, follow_data, train_loop)
+from training.trainer import (
+    EXPORTS,
+    NONFINITE,
+    PREEMPT,
+    Preempted,
+    TrainConfig,
+    check_latent_data,
+    follow_data,
+    micro_batch_size,
+    train_loop,
+)
+from training.ulysses import check_sequence_parallel
 from training.warm_start import check_init
 
 
@@ -42,15 +52,25 @@ def worker_resources(cluster) -> dict:
             "backend": "nccl" if gpus > 0 else "gloo"}
 
 
-def check_resume_world_size(ckpts, num_workers: int) -> None:
-    """The checkpoint training would resume from must have been written by as many workers:
-    reader positions and ZeRO partitions are per rank. Raises naming the key."""
-    saved = ckpts.resume_world_size()
+def check_resume_world_size(ckpts, num_workers: int, sequence_parallel: int = 1) -> None:
+    """The checkpoint training would resume from must have been written by as many workers, in
+    sequence-parallel groups of the same degree: reader positions, generators and ZeRO
+    partitions are per rank. Raises naming the key and both numbers."""
+    record = ckpts.resume_record()
+    if record is None:
+        return
+    saved = record.get("world_size")
     if saved is not None and saved != num_workers:
         raise ValueError(
             f"the latest checkpoint in {ckpts.root} was written by {saved} training workers but "
             f"cluster.num_workers={num_workers}: resume with cluster.num_workers={saved}, or "
             f"start this stage over (spacetime run --only train)")
+    saved_sp = int(record.get("sequence_parallel", 1))  # older checkpoints: no SP
+    if saved_sp != sequence_parallel:
+        raise ValueError(
+            f"the latest checkpoint in {ckpts.root} was written at sequence parallel degree "
+            f"{saved_sp} but cluster.sequence_parallel={sequence_parallel}: resume with "
+            f"cluster.sequence_parallel={saved_sp}, or start this stage over (spacetime run --only train)")
 
 
 def run_training(*, train_cfg: TrainConfig, model_cfg, ds_cfg, cluster, out_dir: Path,
@@ -65,11 +85,14 @@ def run_training(*, train_cfg: TrainConfig, model_cfg, ds_cfg, cluster, out_dir:
     init: start from another training output's weights (a recipe's later stage; see
     ``training.warm_start``)."""
     check_latent_data(train_cfg, model_cfg, latent)  # before any worker starts
-    check_init(init, cluster.num_workers)
     out_dir = Path(out_dir).resolve()
     res = worker_resources(cluster)
+    sp = int(getattr(cluster, "sequence_parallel", 1))
+    check_init(init, cluster.num_workers, sp)
+    check_sequence_parallel(model_cfg.dit.num_heads, sp, cluster.num_workers)
+    micro_batch_size(train_cfg, cluster.num_workers, ds_cfg.grad_accum, sp)  # raises naming the keys
     check_resume_world_size(Checkpoints(out_dir / "checkpoints", train_cfg.keep_checkpoints,
-                                        mirror=ckpt_mirror), cluster.num_workers)
+                                        mirror=ckpt_mirror), cluster.num_workers, sp)
     model_cfg = follow_data(train_cfg, model_cfg, latent)  # what model_config.json records
     if res["use_gpu"] and train_cfg.precision == "fp32":
         print("training in fp32 on GPUs: set train.precision=bf16 for bf16 matmuls (the usual "
@@ -82,7 +105,7 @@ def run_training(*, train_cfg: TrainConfig, model_cfg, ds_cfg, cluster, out_dir:
         "out_dir": str(out_dir), "train_shards": train_shards, "tracker": asdict(tracker_spec),
         "stage": stage, "stage_hash": stage_hash, "inputs": inputs,
         "peak_flops_per_worker": (cluster.peak_tflops_per_worker or 0) * 1e12,
-        "latent": latent, "ckpt_mirror": ckpt_mirror, "init": init,
+        "latent": latent, "ckpt_mirror": ckpt_mirror, "sequence_parallel": sp, "init": init,
     }
     trainer = TorchTrainer(
         train_loop,

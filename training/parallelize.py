@@ -7,9 +7,9 @@ all come from ``DeepSpeedConfig``, turned into DeepSpeed's own config by ``build
 The model files and the loop hold no distributed code besides the collectives of the step
 itself; Ray Train (``training.launch``) makes the process group before this runs.
 
-Sequence parallelism (DeepSpeed Ulysses: the token axis of the DiT's attention split across
-ranks, all-to-all around each attention) will be applied here too, so that the DiT stays a pure
-module and the loop does not change.
+Sequence parallelism (DeepSpeed Ulysses: the token axis of the DiT split across the ranks of a
+group, all-to-all around each attention; the pieces in ``training.ulysses``) is applied here too,
+before the engine is built, so that the DiT stays a pure module and the loop does not change.
 
 ``extra`` is the escape hatch: any raw DeepSpeed keys, deep-merged last, so users can reach
 options ``DeepSpeedConfig`` does not name without editing code.
@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from data.checks import check_ranges
+from training.ulysses import apply_sequence_parallel
 
 
 @dataclass
@@ -89,15 +90,22 @@ def build_ds_config(cfg: DeepSpeedConfig, micro_batch: int, precision: str) -> d
 
 def parallelize(model: nn.Module, cfg: DeepSpeedConfig, *, params: list[dict], lr: float,
                 weight_decay: float, schedule: Callable[[int], float], micro_batch: int,
-                precision: str):
+                precision: str, sequence_group=None):
     """The DeepSpeed engine around `model` (already on this rank's device, with identical weights
     on every rank): an AdamW over `params` (the optimizer's parameter groups; DeepSpeed's CPU
     Adam when the optimizer states are offloaded), its rate scaled by `schedule` (LambdaLR),
-    and ZeRO as `cfg` says. Every rank must call it (it partitions collectively)."""
+    and ZeRO as `cfg` says. Every rank must call it (it partitions collectively).
+
+    sequence_group: this rank's sequence-parallel group (``ulysses.sequence_groups``), or None.
+    Its DiT is made sequence-parallel first (``ulysses.apply_sequence_parallel``). DeepSpeed is
+    not told about the groups: it averages gradients and partitions ZeRO over the whole world
+    (data x sequence parallel), which with the merge's adjoint gives the SP=1 update."""
     import deepspeed  # lazy: deepspeed import ~1.2 s; the config layer imports this module
     from deepspeed.utils import logger as ds_logger  # lazy: deepspeed, as above
 
     ds_logger.setLevel("WARNING")
+    if sequence_group is not None:
+        apply_sequence_parallel(model.dit, sequence_group)
     ds_config = build_ds_config(cfg, micro_batch, precision)
     if cfg.offload_optimizer:  # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed's CPU Adam
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # lazy: deepspeed, as above

@@ -164,11 +164,13 @@ class TrainStep:
             engine.lr_scheduler.step()
 
 
-def reduce_counts(r: StepResult, device: torch.device) -> torch.Tensor:
+def reduce_counts(r: StepResult, device: torch.device, share: float = 1.0) -> torch.Tensor:
     """[loss sum, losses, samples, tokens, FLOPs] of the step, summed over ranks (gloo has no
-    AVG)."""
+    AVG). ``share``: this rank's part of its samples (1 / the sequence-parallel degree: the
+    group's ranks each do that share of the same samples, so the sums count each sample once)."""
     loss_sum = torch.stack(r.losses).sum() if r.losses else torch.zeros(())
-    stats = torch.tensor([float(loss_sum), float(len(r.losses)), r.samples, r.tokens, r.flops],
+    stats = torch.tensor([float(loss_sum) * share, float(len(r.losses)) * share, r.samples * share,
+                          r.tokens * share, r.flops * share],
                          device=device, dtype=torch.float64)
     dist.all_reduce(stats)
     return stats

@@ -56,6 +56,7 @@ from training.patches import check_patchable
 from training.prebuild import use_venv_ninja
 from training.step import StepResult, TextConditioning, TrainStep, reduce_counts
 from training.text_separation import caption_pairs
+from training.ulysses import sequence_groups
 from training.warm_start import carry_optimizer, load_initial_weights
 
 PREEMPT = "PREEMPT"
@@ -125,12 +126,16 @@ def param_groups(model, lr: float, text_lr_scale: float) -> list[dict]:
     return groups
 
 
-def micro_batch_size(cfg: TrainConfig, world: int, grad_accum: int) -> int:
-    per = cfg.global_batch_size // (world * grad_accum)
-    if per < 1 or per * world * grad_accum != cfg.global_batch_size:
+def micro_batch_size(cfg: TrainConfig, world: int, grad_accum: int, sequence_parallel: int = 1) -> int:
+    """Samples per data-parallel rank per micro-step: the ranks of one sequence-parallel group
+    share their samples, so the data-parallel world is workers / sequence_parallel."""
+    dp = world // sequence_parallel
+    per = cfg.global_batch_size // (dp * grad_accum)
+    if per < 1 or per * dp * grad_accum != cfg.global_batch_size:
+        sp = f" / cluster.sequence_parallel ({sequence_parallel})" if sequence_parallel > 1 else ""
         raise ValueError(
             f"train.global_batch_size={cfg.global_batch_size} must be a multiple of "
-            f"workers ({world}) x deepspeed.grad_accum ({grad_accum})"
+            f"workers ({world}){sp} x deepspeed.grad_accum ({grad_accum})"
         )
     return per
 
@@ -246,21 +251,26 @@ def peak_flops(config: dict[str, Any], dtype: torch.dtype, device: torch.device,
         matmul_flops_per_s(n=1024, seconds=0.5, dtype=dtype, device=device) if rank == 0 else 0.0)
 
 
-def restore(ckpts: Checkpoints, engine, gen: torch.Generator, ema: EMA | None,
-            rank: int) -> tuple[int, dict | None]:
+def restore(ckpts: Checkpoints, engine, gen: torch.Generator, tcfg: TrainConfig, zero_stage: int,
+            rank: int) -> tuple[int, dict | None, EMA | None]:
     """Resume from the latest complete checkpoint, if there is one: the engine (weights,
     optimizer, scheduler), this rank's generator and rank 0's EMA.
-    Returns (the first step to run, this rank's loader position or None)."""
+    Returns (the first step to run, this rank's loader position or None, rank 0's EMA).
+
+    The EMA is made after the engine is loaded: under ZeRO-3, gathering the weights before
+    ``load_checkpoint`` leaves DeepSpeed's parameter-fetch trace out of step with the next
+    iterations ("tracing error ... expected the next parameters in the fetch queue")."""
     tag = ckpts.restore()
-    if tag is None:
-        return 0, None
-    start, rank_state, ema_state = ckpts.load(engine, tag, rank)
-    set_rng_state(rank_state["rng"], gen)
+    start, rank_state, ema_state = 0, None, None
+    if tag is not None:
+        start, rank_state, ema_state = ckpts.load(engine, tag, rank)
+        set_rng_state(rank_state["rng"], gen)
+    ema = make_ema(engine, tcfg.ema_decay, zero_stage, rank)
     if ema is not None and ema_state is not None:
         ema.load_state_dict(ema_state)
-    if rank == 0:
+    if tag is not None and rank == 0:
         print(f"resumed from {tag} at step {start}", flush=True)
-    return start, rank_state["loader"]
+    return start, None if rank_state is None else rank_state["loader"], ema
 
 
 def update_ema(engine, ema: EMA | None, zero_stage: int) -> None:
@@ -394,25 +404,28 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(tcfg.seed)
     model = mcfg.build().to(device)
     init = load_initial_weights(model, config.get("init"))  # a recipe's later stage: warm_start
-    micro = micro_batch_size(tcfg, world, dcfg.grad_accum)
+    sp = int(config.get("sequence_parallel", 1))
+    # the ranks of a sequence-parallel group read, noise and sample alike: data-parallel rank
+    sp_group, dp_rank, dp_world = sequence_groups(sp)
+    micro = micro_batch_size(tcfg, world, dcfg.grad_accum, sp)
 
-    # parallelize: the DeepSpeed engine (ZeRO, the optimizer, its schedule) around the module
+    # parallelize: sequence parallelism on the DiT, then the DeepSpeed engine (ZeRO, the
+    # optimizer, its schedule) around the module
     engine = parallelize(model, dcfg, params=param_groups(model, tcfg.lr, mcfg.text.lr_scale),
                          lr=tcfg.lr, weight_decay=tcfg.weight_decay, schedule=lr_lambda(tcfg),
-                         micro_batch=micro, precision=tcfg.precision)
+                         micro_batch=micro, precision=tcfg.precision, sequence_group=sp_group)
     carry_optimizer(engine, config.get("init"))  # optimizer: carry (before the EMA copies weights)
     dtype = torch.bfloat16 if tcfg.precision == "bf16" else torch.float32
     # Noise, timesteps and caption dropout draw from this generator on the training device.
-    gen = torch.Generator(device=device).manual_seed(tcfg.seed * 1000 + rank)
+    gen = torch.Generator(device=device).manual_seed(tcfg.seed * 1000 + dp_rank)
 
     # restore: the latest complete checkpoint, if any (the EMA lives on rank 0)
     ckpts = Checkpoints(out / "checkpoints", tcfg.keep_checkpoints,
-                        mirror=config.get("ckpt_mirror"))
-    ema = make_ema(engine, tcfg.ema_decay, dcfg.zero_stage, rank)
-    start, loader_state = restore(ckpts, engine, gen, ema, rank)
+                        mirror=config.get("ckpt_mirror"), layout={"sequence_parallel": sp})
+    start, loader_state, ema = restore(ckpts, engine, gen, tcfg, dcfg.zero_stage, rank)
     peak = peak_flops(config, dtype, device, rank)  # before the loader's threads start
-    data = Loader(ClipStream(config["train_shards"], buckets=buckets_of(tcfg, micro), rank=rank,
-                             world=world, seed=tcfg.seed, cfg=tcfg.data,
+    data = Loader(ClipStream(config["train_shards"], buckets=buckets_of(tcfg, micro), rank=dp_rank,
+                             world=dp_world, seed=tcfg.seed, cfg=tcfg.data,
                              state=Loader.restore_state(loader_state, tcfg.data.num_workers)))
     tracker = make_tracker(TrackerSpec(**config["tracker"]), rank)
     text = TextConditioning(engine, mcfg, latent, dcfg.zero_stage, tcfg.flow, gen, device)
@@ -441,7 +454,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if (step + 1) % tcfg.ema_every == 0:
             update_ema(engine, ema, dcfg.zero_stage)
         step_time = time.time() - t0
-        stats = reduce_counts(r, device)
+        stats = reduce_counts(r, device, share=1 / sp)
         if (step + 1) % tcfg.ckpt_every == 0 and step + 1 < tcfg.steps:
             save(step + 1)
         log(step, r, stats, step_time, stopped)
@@ -461,7 +474,8 @@ def train_loop(config: dict[str, Any]) -> None:
         export(out, weights, ema, config, {
             "final_loss": log.last_loss, "steps": tcfg.steps, "resumed_from_step": start,
             "train_seconds": time.time() - t_start, "skipped_samples": data.skipped_total,
-            "nonfinite_steps": guard.total, "world_size": world, "micro_batch": micro,
+            "nonfinite_steps": guard.total, "world_size": world, "sequence_parallel": sp,
+            "micro_batch": micro,
             "zero_stage": dcfg.zero_stage, "run_ids_seen": run_ids,
             "text_encoder_calls": text.calls, "text_from_shards": text.stored is not None,
             "init": init},

@@ -37,9 +37,10 @@ from training.checkpoint import Checkpoints, weights_only_loads
 WEIGHT_FILES = {"raw": ("model.pt",), "ema": ("model.pt", "model_ema.pt")}
 
 
-def check_init(init: dict | None, num_workers: int) -> None:
+def check_init(init: dict | None, num_workers: int, sequence_parallel: int = 1) -> None:
     """Driver side, before any worker starts: the previous stage's files are there, and a
-    carried optimizer state was written by as many workers. Raises naming what is missing."""
+    carried optimizer state was written by as many workers, in sequence-parallel groups of the
+    same degree. Raises naming what is missing or both numbers."""
     if init is None:
         return
     store = Store(init["dir"])
@@ -49,10 +50,17 @@ def check_init(init: dict | None, num_workers: int) -> None:
                 f"cannot start from stage '{init.get('from')}': {store.url_of(name)} is missing "
                 f"(its training did not finish; rerun it: spacetime run --only {init.get('from')})")
     if init["optimizer"] == "carry":
-        saved = _checkpoints(init["dir"], download=False).resume_world_size()
-        if saved is None:
+        record = _checkpoints(init["dir"], download=False).resume_record()
+        if record is None:
             raise FileNotFoundError(f"optimizer: carry needs a checkpoint of stage "
                                     f"'{init.get('from')}' in {init['dir']}/checkpoints; none")
+        saved, saved_sp = record.get("world_size"), int(record.get("sequence_parallel", 1))
+        if saved_sp != sequence_parallel:
+            raise ValueError(
+                f"optimizer: carry loads the optimizer state of stage '{init.get('from')}', "
+                f"written at sequence parallel degree {saved_sp}, but "
+                f"cluster.sequence_parallel={sequence_parallel}: train with "
+                f"cluster.sequence_parallel={saved_sp}, or use optimizer: fresh")
         if saved != num_workers:
             raise ValueError(
                 f"optimizer: carry loads the optimizer state of stage '{init.get('from')}', "

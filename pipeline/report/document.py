@@ -11,6 +11,7 @@ from typing import Optional
 from pipeline.report.load import load_run
 from pipeline.report.markup import esc, fmt_time
 from pipeline.report.page import Page, ReportConfig
+from pipeline.report.sections.consistency import consistency
 from pipeline.report.sections.curation import curation
 from pipeline.report.sections.evaluation import evaluation
 from pipeline.report.sections.lineage import lineage
@@ -21,9 +22,10 @@ from pipeline.report.sections.training import training
 
 def render(page: Page) -> str:
     sections = [header(page), curation(page), training(page), evaluation(page),
-                samples(page), lineage(page)]
+                consistency(page), samples(page), lineage(page)]
     nav = "".join(f"<a href='#{k}'>{k.title()}</a>" for k in
-                  ("run", "curation", "training", "evaluation", "samples", "lineage"))
+                  ("run", "curation", "training", "evaluation", "consistency", "samples",
+                   "lineage"))
     title = f"spacetime run {page.run.run_id}"
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             f"<meta name='viewport' content='width=device-width, initial-scale=1'>"

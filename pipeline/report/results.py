@@ -12,7 +12,29 @@ from pipeline.report.load import RunData, StageData, _finite, _flatten
 
 TIMESTEP_BUCKET = re.compile(r"^(.*)_t(\d+(?:\.\d+)?)(?:-\d+(?:\.\d+)?)?$")  # loss_t0.25-0.50
 RESULTS_NOT_METRICS = ("samples", "checkpoints", "probes", "step", "grid", "prompts", "skipped",
-                       "weights")
+                       "weights", "long")
+WINDOW_KEYS = ("window", "start_s", "end_s")  # a per-window row's place in time, not a measure
+DRIFTS = ("color_drift", "background_drift")
+
+
+def long_lengths(res: dict) -> list[dict]:
+    """results.json's long clips (``long.lengths``: seconds, frames, samples, per_window), those
+    that have a per-window curve."""
+    long = res.get("long")
+    lengths = long.get("lengths") if isinstance(long, dict) else None
+    return [ln for ln in lengths or [] if isinstance(ln, dict) and _finite(ln.get("seconds"))
+            and isinstance(ln.get("per_window"), list) and ln["per_window"]]
+
+
+def window_series(rows: list[dict], keys) -> dict[str, list[tuple[float, float]]]:
+    """key -> [(window start in seconds, value)] over per-window rows, finite values only."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for k in keys:
+        pts = [(float(r["start_s"]), float(r[k])) for r in rows
+               if isinstance(r, dict) and _finite(r.get("start_s")) and _finite(r.get(k))]
+        if pts:
+            out[k] = pts
+    return out
 
 
 def final_samples(res: dict) -> list[dict]:

@@ -26,6 +26,13 @@ probe scores mean something. Probes run on every prompt that parses as a synthet
 CLIP score and FVD run when their model is configured and are reported as skipped (with the
 reason) otherwise, never silently absent.
 
+Long clips (``eval.long``, off by default): the first ``long.num_prompts`` prompts are also
+sampled at each of ``long.seconds`` (the DiT is shape-independent: RoPE is computed per grid),
+decoded through the latent space like the other samples, written at the model's frame rate under
+``samples/long/<L>s/`` and probed window by window (``consistency``): ``long/<L>s/*`` metrics,
+per-window curves in results.json's ``long`` and the W&B table ``long_windows``. The lengths are
+checked (``consistency.long_lengths``) before anything is loaded.
+
 Output layout: the newest checkpoint of the run writes ``samples/sample-NN.mp4`` and
 ``samples/grid.mp4``; earlier ones of a series write under ``samples/stepNNNNNNNN/``.
 """
@@ -34,7 +41,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +51,16 @@ from data.checks import check_ranges, from_dict
 from data.prompts import synthetic_prompts
 from data.video_io import read_frames, write_mp4
 from training.checkpoint import COMPLETE, tag_of, weights_only_loads
+from training.evaluation.consistency import (
+    WINDOW_COLUMNS,
+    LongEvalConfig,
+    long_lengths,
+    long_scores,
+    per_window,
+    window_frames,
+    window_probes,
+    window_rows,
+)
 from training.evaluation.probes import probe_scores, probe_video, prompt_sensitivity
 from training.evaluation.samples import grid_video, sample_table
 from training.evaluation.video_metrics import ClipScoreConfig, FVDConfig, feature_stats, fvd
@@ -77,6 +94,7 @@ class EvalConfig:
     sensitivity_prompts: int = 8
     clip: ClipScoreConfig = field(default_factory=ClipScoreConfig)
     fvd: FVDConfig = field(default_factory=FVDConfig)
+    long: LongEvalConfig = field(default_factory=LongEvalConfig)  # long clips, probed per window
 
     def __post_init__(self) -> None:
         check_ranges(self, steps=">= 0", val_timesteps="in [0, 1]", val_max_clips=">= 1",
@@ -287,6 +305,11 @@ def evaluate(cfg: EvalConfig, train_dir: Path, val_shards: list[str], out_dir: P
     out_dir = Path(out_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     refs = resolve_checkpoints(cfg, Path(train_dir))
+    mcfg, tcfg = train_configs(refs[0].train_dir)
+    fps = model_fps(tcfg, cfg)
+    compression = (tcfg.get("latent") or {}).get("compression")
+    lengths = long_lengths(cfg.long, fps, int(mcfg.dit.patch_size[0]),
+                           int(compression[0]) if compression else None)  # before any work
     prompts = list(cfg.prompts) or synthetic_prompts(cfg.num_prompts, cfg.seed)
     skipped: dict[str, str] = {}
     if not cfg.clip.name:
@@ -298,7 +321,6 @@ def evaluate(cfg: EvalConfig, train_dir: Path, val_shards: list[str], out_dir: P
     clip_scorer = cfg.clip.build(device) if cfg.clip.name else None
     extractor = cfg.fvd.build(device) if cfg.fvd.path else None
 
-    _, tcfg = train_configs(refs[0].train_dir)
     clips = read_clips(val_shards, max(cfg.val_max_clips, cfg.fvd.num_real if extractor else 0),
                            tcfg["num_frames"], (tcfg["height"], tcfg["width"]),
                            tcfg["data"]["target_fps"])
@@ -326,25 +348,36 @@ def evaluate(cfg: EvalConfig, train_dir: Path, val_shards: list[str], out_dir: P
         videos = _sample(model, mcfg, tcfg, prompts, cfg, device, space)  # (N, T, H, W, 3)
         if cfg.probes and cfg.sensitivity_prompts:
             metrics.update(sensitivity(model, mcfg, tcfg, cfg, device, space))
-        del model
         newest = n == len(refs) - 1  # the newest writes samples/, earlier ones samples/stepNNNNNNNN/
         sample_dir = out_dir / "samples" if newest else out_dir / "samples" / tag_of(ref.step)
+        long_metrics, long = ({}, None) if not lengths else evaluate_long(
+            model, mcfg, tcfg, prompts, cfg, lengths, fps, device, space, sample_dir, out_dir)
+        del model
         samples, shown, grid = write_samples(videos, prompts, sample_dir, out_dir, cfg.fps)
         metrics.update(score_samples(samples, shown, cfg, clip_scorer, extractor, real_stats, skipped))
+        metrics.update(long_metrics)
         tracker.log(metrics, step=ref.step)
         tracker.log_video("samples/grid", str(grid), caption=f"step {ref.step}: {len(prompts)} prompts",
                           step=ref.step)
+        for ln in long["lengths"] if long else ():
+            tracker.log_video(f"samples/long_{ln['seconds']:g}s", str(out_dir / ln["grid"]),
+                              caption=f"step {ref.step}: {ln['seconds']:g} s", step=ref.step)
         checkpoints.append({"step": ref.step, "checkpoint": str(ref.path), "kind": ref.kind,
                             "weights": weights, "metrics": metrics,
-                            "grid": str(grid.relative_to(out_dir)), "samples": samples})
+                            "grid": str(grid.relative_to(out_dir)), "samples": samples,
+                            **({"long": long} if long else {})})
 
     columns, rows = sample_table(checkpoints, out_dir)
     tracker.log_table("samples", columns, rows)
+    if lengths:
+        tracker.log_table("long_windows", WINDOW_COLUMNS,
+                          [r for ck in checkpoints for r in window_rows(ck["step"], ck["long"]["lengths"])])
     final = checkpoints[-1]
     tracker.summary({**final["metrics"], "eval/step": final["step"], "eval/checkpoints": len(checkpoints)})
     results = {**final["metrics"], "step": final["step"], "weights": final["weights"],
                "samples": final["samples"], "grid": final["grid"], "prompts": prompts,
-               "skipped": skipped, "fvd_real_clips": n_real, "checkpoints": checkpoints}
+               "skipped": skipped, "fvd_real_clips": n_real, "checkpoints": checkpoints,
+               **({"long": final["long"]} if "long" in final else {})}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
@@ -365,11 +398,46 @@ def sensitivity(model, mcfg, tcfg: dict, cfg: EvalConfig, device, space=None) ->
                                for k, a in enumerate(ATTRIBUTES)})
 
 
+LONG_SEED = 200_000  # noise seeds of the long clips: apart from the prompts' and sensitivity's
+
+
+def model_fps(tcfg: dict, cfg: EvalConfig) -> float:
+    """The frame rate the model samples at: the training's target_fps, else eval.fps."""
+    return float(tcfg["data"].get("target_fps") or cfg.fps)
+
+
+def evaluate_long(model, mcfg, tcfg: dict, prompts: list[str], cfg: EvalConfig,
+                  lengths: list[tuple[float, int]], fps: float, device, space, sample_dir: Path,
+                  out_dir: Path) -> tuple[dict[str, float], dict]:
+    """The first cfg.long.num_prompts prompts sampled at each (seconds, frames) of `lengths`
+    (prompt i from the noise seeded LONG_SEED + i), written at `fps` under
+    sample_dir/long/<L>s/ and probed window by window -> (long/<L>s/* metrics, {"fps",
+    "window_seconds", "window_frames", "lengths": [{"seconds", "frames", "grid", "samples"
+    (records with their window probes), "per_window"}]})."""
+    prompts = prompts[: cfg.long.num_prompts]
+    seeds = [LONG_SEED + i for i in range(len(prompts))]
+    n = window_frames(cfg.long, fps)
+    batched = replace(cfg, batch_size=cfg.long.batch_size)
+    metrics, rec = {}, {"fps": fps, "window_seconds": cfg.long.window_seconds, "window_frames": n,
+                        "lengths": []}
+    for seconds, T in lengths:
+        videos = _sample(model, mcfg, tcfg, prompts, batched, device, space, seeds, frames=T)  # (N, T, H, W, 3)
+        samples, shown, grid = write_samples(videos, prompts, sample_dir / "long" / f"{seconds:g}s",
+                                             out_dir, fps)
+        for s, v in zip(samples, shown):
+            s.update(window_probes(v, s["prompt"], n, fps))
+        metrics.update(long_scores(samples, seconds))
+        rec["lengths"].append({"seconds": seconds, "frames": T, "grid": str(grid.relative_to(out_dir)),
+                               "samples": samples, "per_window": per_window(samples)})
+    return metrics, rec
+
+
 def _sample(model, mcfg, tcfg: dict, prompts: list[str], cfg: EvalConfig, device, space=None,
-            seeds: list[int] | None = None) -> np.ndarray:
-    """Samples at the training shape with the training's timestep shift -> (N, T, H, W, 3);
-    latent models sample latents of the encoded shape and decode them through `space`."""
-    shape = (tcfg["num_frames"], tcfg["height"], tcfg["width"])
+            seeds: list[int] | None = None, frames: int | None = None) -> np.ndarray:
+    """Samples at the training shape (or `frames` frames long) with the timestep shift of their
+    token count -> (N, T, H, W, 3); latent models sample latents of the encoded shape and decode
+    them through `space`."""
+    shape = (frames or tcfg["num_frames"], tcfg["height"], tcfg["width"])
     if space is not None:
         shape = tuple(space.latent_shape(shape))
     flow = from_dict(FlowConfig, tcfg["flow"])
