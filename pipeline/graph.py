@@ -113,8 +113,8 @@ class Stage:
     resumable: bool = False
     description: str = ""
     stream: tuple[str, ...] = ()
-    overrides: Mapping[str, Any] = field(default_factory=dict)
-    settings: Mapping[str, Any] = field(default_factory=dict)
+    overrides: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    settings: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
 
 def _drop(d: dict, dotted: str) -> None:
