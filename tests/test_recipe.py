@@ -18,10 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import Recorder
+from test_training import write_training_shards
 from hydra import compose, initialize_config_dir
 
-from data.shards import write_shard
-from data.synthetic import SourceConfig, generate
 from pipeline.config import CONF_DIR, ConfigError, register, to_dict, to_object
 from pipeline.graph import Graph, Stage, StageContext
 from pipeline.stages import STAGES, build_graph, graph_for
@@ -359,23 +358,12 @@ def test_a_carried_optimizer_continues_the_previous_stage_exactly(tmp_path):
 
 
 # ----- one real 2-stage run through the graph ---------------------------------------------------
-def shard_stage_from(root: Path):
+def shard_stage(ctx):
     """A shard stage's output made straight from the synthetic source (no curation)."""
-    def fn(ctx):
-        rows = generate(SourceConfig(num_videos=8, bad_fraction=0.0, multishot_fraction=0.0,
-                                     seed=3), root / "src")
-        samples = []
-        for r in rows:
-            meta = {"start": 0, "end": r["num_frames"], "fps": r["fps"], "width": r["width"],
-                    "height": r["height"], "caption": r["caption"]}
-            samples.append({"__key__": r["id"], "mp4": (root / "src" / r["path"]).read_bytes(),
-                            "json": meta, "txt": r["caption"]})
-        (ctx.out_dir / "shards").mkdir()
-        write_shard(str(ctx.out_dir / "shards" / "train-000000.tar"), samples)
-        (ctx.out_dir / "index.json").write_text(json.dumps(
-            {"train": ["shards/train-000000.tar"], "val": []}))
-        return {}
-    return fn
+    urls = write_training_shards(ctx.out_dir / "shards")
+    (ctx.out_dir / "index.json").write_text(json.dumps(
+        {"train": [f"shards/{Path(u).name}" for u in urls], "val": []}))
+    return {}
 
 
 def test_a_two_stage_recipe_trains_through_the_graph(ray_local, tmp_path):
@@ -385,7 +373,7 @@ def test_a_two_stage_recipe_trains_through_the_graph(ray_local, tmp_path):
                        "train.data.shuffle_buffer=4", "recipe.stages.0.train.steps=2",
                        "recipe.stages.1.train.steps=2"])
     g = graph_for(cfg)
-    stages = [Stage("shard", shard_stage_from(tmp_path)),
+    stages = [Stage("shard", shard_stage),
               g.stages["train_short"], g.stages["train_long"]]
     graph = Graph(stages, tmp_path / "out")
     lin = graph.run(cfg, d, "recipe-run", log=lambda s: None)
