@@ -387,8 +387,12 @@ def train_stage(ctx: StageContext) -> dict:
 def eval_stage(ctx: StageContext) -> dict:
     """Rerun alone with `spacetime run --only eval eval.checkpoint=200` or, for metric-vs-step
     curves, `eval.steps=[100,200,300]` (the training stage must have kept those tags)."""
+    cluster = ctx.section("cluster")  # not hashed: where long clips are sampled, not what
+    if cluster.sequence_parallel > 1 and ctx.section("eval").long.seconds:
+        ensure_ray(ctx)
     res = evaluate(ctx.section("eval"), ctx.inputs["train"],
-                   shard_urls(ctx, "val"), ctx.out_dir, ctx.tracker)
+                   shard_urls(ctx, "val"), ctx.out_dir, ctx.tracker,
+                   sequence_parallel=cluster.sequence_parallel, ray_address=cluster.address)
     return {"step": res["step"], "weights": res["weights"], "skipped": res["skipped"],
             **res["checkpoints"][-1]["metrics"]}
 
