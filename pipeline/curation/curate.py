@@ -53,7 +53,7 @@ from pipeline.curation.media import (
 )
 from pipeline.curation.parts import read_parts, run_parts
 from pipeline.curation.scores import TEXT_MIN_SIZE, apply_filters, frame_scores, keyframe_scores
-from pipeline.curation.shots import ShotSplitter, buffer_frames
+from pipeline.curation.shots import ShotSplitter, buffer_frames, shot_fields
 
 
 @dataclass
@@ -258,17 +258,6 @@ def _split_and_score(item: dict, path: str, info: dict, c: CurateConfigs, t0: fl
                 "thumb": thumb,
             })
     return out
-
-
-# What a clip says of the shot it comes from; a shot kept whole is its own window 0 of 1.
-SHOT_KEYS = ("shot_id", "shot_start", "shot_end", "window_index", "window_count")
-
-
-def shot_fields(source_id: str, shot: tuple[int, int], index: int, count: int) -> dict:
-    """A clip's parent shot (its id names the source and the shot's frame span, like a clip
-    id) and its place among the shot's windows."""
-    return {"shot_id": f"{source_id}-{shot[0]:06d}-{shot[1]:06d}", "shot_start": int(shot[0]),
-            "shot_end": int(shot[1]), "window_index": int(index), "window_count": int(count)}
 
 
 def _sample(n: int, k: int) -> np.ndarray:

@@ -377,3 +377,14 @@ def split_shots(frames: np.ndarray, fps: float, cfg: ShotConfig) -> ShotSplit:
         splitter.push(frames[i : i + SCORE_CHUNK])
     splitter.finish()
     return splitter.result
+
+
+# What a clip says of the shot it comes from; a shot kept whole is its own window 0 of 1.
+SHOT_KEYS = ("shot_id", "shot_start", "shot_end", "window_index", "window_count")
+
+
+def shot_fields(source_id: str, shot: tuple[int, int], index: int, count: int) -> dict:
+    """A clip's parent shot (its id names the source and the shot's frame span, like a clip
+    id) and its place among the shot's windows."""
+    return {"shot_id": f"{source_id}-{shot[0]:06d}-{shot[1]:06d}", "shot_start": int(shot[0]),
+            "shot_end": int(shot[1]), "window_index": int(index), "window_count": int(count)}
