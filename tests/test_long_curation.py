@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from data.probe import ProbeConfig, probe_file
-from pipeline.curation.curate import CurateConfig, CurateConfigs, analyse_video
+from pipeline.curation.curate import CurateConfig, CurateConfigs, analyse_video, decode_bytes
 from pipeline.curation.scores import ScoreConfig
 from pipeline.curation.shard import ShardConfig, run_sharding
 from pipeline.curation.shots import SHOT_KEYS, ShotConfig, ShotSplitter, buffer_frames
@@ -168,3 +168,11 @@ def test_shot_fields_reach_the_shard_sidecars_and_manifest(long_records, tmp_pat
             assert rows[c["clip_id"]][k] == metas[c["clip_id"]][k] == c[k], k
     whole = metas[clips[0]["clip_id"]]
     assert whole["num_frames"] == 1440 and whole["window_count"] == 1
+
+
+def test_the_decoders_memory_check_counts_the_splitters_frames_not_the_video():
+    info = {"width": 1920, "height": 1080, "fps": 60.0, "num_frames": 36_000}  # 10 min at 60 fps
+    held = decode_bytes(info, 160, ShotConfig())
+    assert held == buffer_frames(60.0, ShotConfig()) * 90 * 160 * 3 < 100 * 2**20
+    assert decode_bytes({**info, "num_frames": 3 * 36_000}, 160, ShotConfig()) == held
+    assert decode_bytes({**info, "num_frames": 600}, 160, ShotConfig()) == 600 * 90 * 160 * 3

@@ -2,13 +2,19 @@
 
     frames (T, h, w, 3) uint8 RGB --detect_cuts--> cuts [first frame of each new shot]
         --split_shots--> clips [(start, end)] (end exclusive) + too_short [(start, end)]
+    chunks of frames --ShotSplitter.push / finish--> each clip's (start, end, frames) once known
 
-Detection runs on the frames curation has already decoded at scoring size, so a video is
-decoded once for splitting and scoring. The detectors are PySceneDetect's: ``content`` and
+Detection runs on the frames curation decodes at scoring size, so a video is decoded once for
+splitting and scoring. It streams: `ShotSplitter` takes the frames chunk by chunk and gives
+each clip's frames out as soon as its span is final, holding at most one shot (or three
+windows of a longer one) plus the detector's lag (`buffer_frames`), so memory is bounded by
+the shot length limit, not the video (the whole-video detector it replaces kept int16 HSV
+copies of every frame and ran out of memory at 14,400 frames of 160 px). `split_shots` is
+the same splitter fed a whole array. The detectors are PySceneDetect's: ``content`` and
 ``adaptive`` compute exactly the library's scores and rules (``ContentDetector``,
 ``AdaptiveDetector``; the tests check cut-for-cut equality with the library classes), but for
-all frames in a few array operations: the library's per-frame Python calls cost about as much
-as decoding the 64 px frames. ``threshold`` (fades to black) runs the library's
+chunks of frames in a few array operations: the library's per-frame Python calls cost about as
+much as decoding the 64 px frames. ``threshold`` (fades to black) runs the library's
 ``ThresholdDetector`` itself. Design decisions:
 
 - ``adaptive`` is the default. ``content`` cuts wherever the HSV frame difference passes a fixed
@@ -26,7 +32,9 @@ as decoding the 64 px frames. ``threshold`` (fades to black) runs the library's
 - Shots longer than the maximum are cut into fixed windows of ``window_seconds``; a remainder
   shorter than the minimum joins the last window when that stays within the maximum, and is
   reported as too short otherwise. ``detector=window`` skips detection: fixed windows only.
-  Windows are cut at frame boundaries the shard stage can seek to; they carry no cut.
+  Windows are cut at frame boundaries the shard stage can seek to; they carry no cut. Each
+  clip records its shot and its window index (`shot_fields`); ``shots=long`` keeps shots up
+  to 60 s whole.
 """
 
 from __future__ import annotations
