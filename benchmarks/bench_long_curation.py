@@ -16,6 +16,7 @@ import tempfile
 import time
 import tracemalloc
 from fractions import Fraction
+from functools import partial
 from pathlib import Path
 
 import av
@@ -87,9 +88,9 @@ def main() -> None:
             info = probe_file(str(path), ProbeConfig(max_seconds=max(600, 60 * m)))
             item = {"id": path.stem, "url": str(path), "caption": "", "meta": {}}
             n = info["num_frames"]
-            shots = peak(lambda: shot_detection(path, args.fps, (h, w), cfg))
-            whole = peak(lambda: analyse_video(item, str(path), info, curate))
-            enc = peak(lambda: encode_span(str(path), 0, n, float(args.fps), 0, n, 23, "ultrafast"))
+            shots = peak(partial(shot_detection, path, args.fps, (h, w), cfg))
+            whole = peak(partial(analyse_video, item, str(path), info, curate))
+            enc = peak(partial(encode_span, str(path), 0, n, float(args.fps), 0, n, 23, "ultrafast"))
             rows.append((m, n, n * h * w * 3 / 2**20, shots, whole, enc))
     base = rows[0]
     print(f"{h}x{w} at {args.fps} fps; peak traced MiB (x the {base[0]}-minute run), seconds")

@@ -36,21 +36,11 @@ import numpy as np
 from data.checks import check_ranges
 from data.probe import safe_probe
 from data.shards import read_parquet, write_parquet
-from data.video_io import (
-    VideoError,
-    decode_size,  # noqa: F401 - also imported from here (tests, benchmarks)
-)
+from data.video_io import VideoError, decode_size
 from pipeline.curation.dedup import thumbnail_embeddings
 from pipeline.curation.fetch import FetchError
 from pipeline.curation.ingest import fetch_item
-from pipeline.curation.media import (
-    MediaError,
-    MediaLimits,
-    iter_display,
-    read_clip_frames,
-    read_display,
-    run_isolated,
-)
+from pipeline.curation.media import MediaError, MediaLimits, iter_display, read_clip_frames, read_display, run_isolated
 from pipeline.curation.parts import read_parts, run_parts
 from pipeline.curation.scores import TEXT_MIN_SIZE, apply_filters, frame_scores, keyframe_scores
 from pipeline.curation.shots import ShotSplitter, buffer_frames, shot_fields
@@ -170,7 +160,7 @@ def analyse_video(item: dict, path: str, info: dict, c: CurateConfigs) -> dict:
     except VideoError as e:  # the probe passed but the decoder did not
         return {"records": [{"kind": "reject", **reject(item, "decode", "decode_failed",
                                                         str(e)[:500])}]}
-    except Exception:  # noqa: BLE001 - a bug on one file must not lose the others
+    except Exception:
         return {"records": [{"kind": "reject", **reject(item, "curate", "error",
                                                         traceback.format_exc(limit=3))}]}
 
@@ -272,7 +262,7 @@ def curate_group(items: list[dict], c: CurateConfigs) -> list[dict]:
     for item in items:
         try:
             out += curate_video(item, c, blocklist)
-        except Exception:  # noqa: BLE001 - a bug on one file must not lose the others
+        except Exception:
             out.append({"kind": "reject", **reject(item, "curate", "error",
                                                    traceback.format_exc(limit=3))})
     return out
@@ -321,7 +311,7 @@ class ModelScorer:
                 ok.append((c, clip_keyframes(c, 4, self.long_side, self.limits)))
             except (MediaError, FetchError) as e:
                 out.append({"clip_id": c["clip_id"], "reason": e.reason, "error": e.detail[:300]})
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 out.append({"clip_id": c["clip_id"], "error": f"{type(e).__name__}: {e}"[:300]})
         if ok:
             res = self.scorer({"frames": [f for _, f in ok],

@@ -31,9 +31,8 @@ run's storage.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-
-from typing import Iterator
 
 import av
 import decord

@@ -181,9 +181,11 @@ class CutDetector:
         self.judged = 0  # adaptive: frames whose cut decision is made
         self.fade = None
         if cfg.detector == "threshold":
-            from scenedetect.detectors import ThresholdDetector  # lazy: ~0.6 s to import
+            from scenedetect import FrameTimecode  # lazy: scenedetect ~0.6 s to import, needed only here
+            from scenedetect.detectors import ThresholdDetector
 
             self.fade = ThresholdDetector(threshold=self.threshold, min_scene_len=0)
+            self.timecode = FrameTimecode
 
     @property
     def horizon(self) -> int:
@@ -212,11 +214,9 @@ class CutDetector:
             self.seen += len(frames)
             return []
         if det == "threshold":
-            from scenedetect import FrameTimecode
-
             found = []
             for frame in frames:
-                found += self.fade.process_frame(FrameTimecode(self.seen, fps=self.fps),
+                found += self.fade.process_frame(self.timecode(self.seen, fps=self.fps),
                                                  cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
                 self.seen += 1
             return [c.frame_num for c in found if c.frame_num > 0]
@@ -239,9 +239,7 @@ class CutDetector:
                         cuts.append(k)
                     self.judged = k + 1
         elif self.fade is not None and n:
-            from scenedetect import FrameTimecode
-
-            cuts = [c.frame_num for c in self.fade.post_process(FrameTimecode(n - 1, fps=self.fps))]
+            cuts = [c.frame_num for c in self.fade.post_process(self.timecode(n - 1, fps=self.fps))]
         self.seen = n
         return cuts
 
