@@ -176,3 +176,13 @@ def test_the_decoders_memory_check_counts_the_splitters_frames_not_the_video():
     assert held == buffer_frames(60.0, ShotConfig()) * 90 * 160 * 3 < 100 * 2**20
     assert decode_bytes({**info, "num_frames": 3 * 36_000}, 160, ShotConfig()) == held
     assert decode_bytes({**info, "num_frames": 600}, 160, ShotConfig()) == 600 * 90 * 160 * 3
+
+
+def test_shots_long_is_a_config_choice_and_the_default_is_unchanged():
+    from pipeline.submit import compose_run_config
+
+    obj, plain = compose_run_config(["shots=long"])
+    assert isinstance(obj.shots, ShotConfig)
+    assert (obj.shots.max_seconds, obj.shots.window_seconds, obj.shots.detector) == (60.0, 60.0, "adaptive")
+    _, default = compose_run_config([])
+    assert default["shots"] == {**plain["shots"], "max_seconds": 20.0, "window_seconds": 10.0}
