@@ -42,10 +42,12 @@ KINDS = {
     "faststart_truncated": "truncated",  # index first, cut in half: opens, frames missing
     "fifo": "timeout",  # a named pipe: open() blocks (stands in for a stalled mount)
     "corrupt_midstream": "decode_failed",  # garbage over the middle of the mdat: first frame fine
-    "frame_flood": "decode_too_large",  # 48,000 frames of 160x96 from 10 bytes each: 2.2 GB decoded
+    # 48,000 frames of 160x96 from 10 bytes each (2.2 GB decoded): curation streams them in
+    # bounded memory, so the grey still that they show is what rejects it.
+    "frame_flood": "low_motion",
 }
 # Kinds the probe passes ("keep") and a later stage rejects: kind -> that stage.
-AFTER_PROBE = {"corrupt_midstream": "decode", "frame_flood": "decode"}
+AFTER_PROBE = {"corrupt_midstream": "decode", "frame_flood": "filter"}
 
 
 def probe_outcome(kind: str) -> str:

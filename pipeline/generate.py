@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -43,11 +43,12 @@ from data.video_io import write_mp4
 from pipeline.provenance import new_run_id
 from training.evaluation.evaluate import CheckpointRef, EvalConfig, load_checkpoint, resolve_checkpoints, train_configs
 from training.evaluation.generate import SamplerConfig, generate_videos
+from training.evaluation.parallel import on_sequence_parallel_workers
 from training.flops import token_grid
 from training.flow import FlowConfig, shift_for
 from training.latent.space import load_latent_space
 from training.latent.vae import latent_shape
-from training.ulysses import apply_sequence_parallel, sequence_groups
+from training.ulysses import apply_sequence_parallel
 
 RESULT = "generation.json"
 
@@ -329,6 +330,12 @@ def prepare(cfg: GenerateConfig, root: str | Path) -> tuple[Source, dict]:
 
 
 # ----- the generation -------------------------------------------------------------------------
+def _generate_work(job: dict, device, group) -> tuple[np.ndarray, dict]:
+    """One sequence-parallel worker's share of a generation (every rank runs it alike)."""
+    videos, weights = generate_here(job, device, group)
+    return videos, {"weights": weights}
+
+
 def generate_here(job: dict, device: torch.device, sequence_group=None) -> tuple[np.ndarray, str]:
     """Load the weights (and the VAE) on `device` and sample `job`'s videos -> uint8 (N, T, H, W, 3)
     and which weights. Under a sequence-parallel group every rank of it runs this alike."""
@@ -340,38 +347,6 @@ def generate_here(job: dict, device: torch.device, sequence_group=None) -> tuple
                              SamplerConfig(**job["sampler"]), device, space, job["negative"],
                              job["batch_size"])  # (N, T, H, W, 3)
     return videos.numpy(), weights
-
-
-def _sequence_parallel_worker(config: dict) -> None:
-    """One Ray Train worker of a sequence-parallel generation: all of them sample the same videos
-    together (the world is one SP group); rank 0 saves them for the driver."""
-    import ray.train  # lazy: ray.train import ~3.7 s, only on generation workers
-    import ray.train.torch  # lazy: as above
-
-    group, _, _ = sequence_groups(ray.train.get_context().get_world_size())
-    videos, weights = generate_here(config["job"], ray.train.torch.get_device(), group)
-    if ray.train.get_context().get_world_rank() == 0:
-        np.save(config["out"], videos)
-        Path(config["out"]).with_suffix(".json").write_text(json.dumps({"weights": weights}))
-
-
-def generate_on_workers(job: dict, sp: int, device: str, cluster=None) -> tuple[np.ndarray, str]:
-    """`job` sampled on `sp` Ray Train workers (gloo on CPU, NCCL on GPU) in one
-    sequence-parallel group; joins `cluster.address` or starts a local Ray."""
-    import ray  # lazy: ray ~1.7 s to import, only for a sequence-parallel generation
-    from ray.train import RunConfig, ScalingConfig  # lazy: as above
-    from ray.train.torch import TorchConfig, TorchTrainer  # lazy: as above
-
-    gpu = device.startswith("cuda")
-    if not ray.is_initialized():
-        ray.init(address=getattr(cluster, "address", None), configure_logging=False, log_to_driver=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = str(Path(tmp) / "videos.npy")
-        TorchTrainer(_sequence_parallel_worker, train_loop_config={"job": job, "out": out},
-                     scaling_config=ScalingConfig(num_workers=sp, use_gpu=gpu),
-                     torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-                     run_config=RunConfig(storage_path=tmp, name="generate")).fit()
-        return np.load(out), json.loads(Path(out).with_suffix(".json").read_text())["weights"]
 
 
 def generate(cfg: GenerateConfig, root: str | Path, log=print, cluster=None) -> dict:
@@ -397,7 +372,9 @@ def generate(cfg: GenerateConfig, root: str | Path, log=print, cluster=None) -> 
            "shape": tuple(plan["shape"]), "sampler": plan["sampler"], "negative": cfg.negative_prompt,
            "batch_size": cfg.batch_size}
     if cfg.sequence_parallel > 1:
-        videos, weights = generate_on_workers(job, cfg.sequence_parallel, plan["device"], cluster)
+        videos, rec = on_sequence_parallel_workers(partial(_generate_work, job), cfg.sequence_parallel,
+                                                   plan["device"], getattr(cluster, "address", None))
+        weights = rec["weights"]
     else:
         videos, weights = generate_here(job, device)
     out.mkdir(parents=True, exist_ok=True)

@@ -397,8 +397,12 @@ def eval_stage(ctx: StageContext) -> dict:
     """Rerun alone with `spacetime run --only eval eval.checkpoint=200` or, for metric-vs-step
     curves, `eval.steps=[100,200,300]` (the training stage must have kept those tags). Its
     first input is the training stage it evaluates (a recipe's last)."""
+    cluster = ctx.section("cluster")  # not hashed: where long clips are sampled, not what
+    if cluster.sequence_parallel > 1 and ctx.section("eval").long.seconds:
+        ensure_ray(ctx)
     res = evaluate(ctx.section("eval"), ctx.inputs[ctx.stage.inputs[0]],
-                   shard_urls(ctx, "val"), ctx.out_dir, ctx.tracker)
+                   shard_urls(ctx, "val"), ctx.out_dir, ctx.tracker,
+                   sequence_parallel=cluster.sequence_parallel, ray_address=cluster.address)
     return {"step": res["step"], "weights": res["weights"], "skipped": res["skipped"],
             **res["checkpoints"][-1]["metrics"]}
 
@@ -411,7 +415,7 @@ STAGES = [
                    "ingest.fetch_max_bytes"),
           description="generate the synthetic videos or list the inputs (dirs, URLs, manifests)"),
     Stage("curate", curate_stage, inputs=("source",),
-          config_keys=("ingest", "probe", "shots", "scores", "curate"), version=3,
+          config_keys=("ingest", "probe", "shots", "scores", "curate"), version=4,
           exclude=("ingest.storage_options", "ingest.fetch_retries", "ingest.fetch_backoff_s",
                    "ingest.fetch_timeout_s", "ingest.fetch_read_timeout_s",
                    "ingest.remote_manifests", "probe.startup_timeout_s", "curate.group_size",
@@ -429,7 +433,7 @@ STAGES = [
           exclude=("caption.concurrency", "caption.max_retries", "caption.num_gpus",
                    "caption.group_size"), resumable=True,
           description="pass source captions through or recaption with a VLM (actor pool)"),
-    Stage("shard", shard_stage, inputs=("caption",), config_keys=("shard",), version=3,
+    Stage("shard", shard_stage, inputs=("caption",), config_keys=("shard",), version=4,
           exclude=("shard.max_retries", "shard.upload_retries", "shard.upload_backoff_s",
                    "shard.progress_every_s", "shard.media.startup_timeout_s"), resumable=True,
           description="cut, encode and pack clips into WebDataset tars"),

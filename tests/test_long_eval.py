@@ -344,3 +344,17 @@ def test_the_report_plots_the_probes_over_time(broken, tmp_path):
     assert "<a href='#consistency'>Consistency</a>" in page
     ev = page.split("<section id='evaluation'>")[1].split("</section>")[0]
     assert "long/fps" not in ev and "window_frames" not in ev  # the record is not a metric
+
+
+def test_long_clips_sample_on_sequence_parallel_workers(pixel_eval, val_shards, tmp_path, ray_local):
+    """sequence_parallel=2 (cluster.sequence_parallel, which the eval stage passes): the long clips
+    are sampled by 2 Ray Train workers splitting each clip's tokens, every rank running the whole
+    sampler (no hang); the clips, and so their window probes, are those of one process."""
+    train, out, _, res = pixel_eval
+    cfg = EvalConfig(**BASE, long=LongEvalConfig(seconds=[3.0], window_seconds=1.0, num_prompts=2))
+    sp = evaluate(cfg, train, val_shards, tmp_path / "eval", MemoryTracker(), sequence_parallel=2)
+    for a, b in zip(res["long"]["lengths"][0]["samples"], sp["long"]["lengths"][0]["samples"]):
+        fa, fb = (read_frames(o / s["path"]).astype(int) for o, s in ((out, a), (tmp_path / "eval", b)))
+        assert fa.shape == fb.shape == (24, SIZE, SIZE, 3) and np.abs(fa - fb).mean() < 0.5
+    assert {k: v for k, v in sp.items() if k.startswith("long/")} == {k: v for k, v in res.items()
+                                                                      if k.startswith("long/")}

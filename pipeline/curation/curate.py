@@ -36,17 +36,14 @@ import numpy as np
 from data.checks import check_ranges
 from data.probe import safe_probe
 from data.shards import read_parquet, write_parquet
-from data.video_io import (
-    VideoError,
-    decode_size,  # noqa: F401 - also imported from here (tests, benchmarks)
-)
+from data.video_io import VideoError, decode_size
 from pipeline.curation.dedup import thumbnail_embeddings
 from pipeline.curation.fetch import FetchError
 from pipeline.curation.ingest import fetch_item
-from pipeline.curation.media import MediaError, MediaLimits, read_clip_frames, read_display, run_isolated
+from pipeline.curation.media import MediaError, MediaLimits, iter_display, read_clip_frames, read_display, run_isolated
 from pipeline.curation.parts import read_parts, run_parts
-from pipeline.curation.scores import TEXT_MIN_SIZE, apply_filters, cpu_scores
-from pipeline.curation.shots import split_shots
+from pipeline.curation.scores import TEXT_MIN_SIZE, apply_filters, frame_scores, keyframe_scores
+from pipeline.curation.shots import ShotSplitter, buffer_frames, shot_fields
 
 
 @dataclass
@@ -102,10 +99,15 @@ class CurateConfigs:
     cache_dir: str
 
 
-def decode_bytes(info: dict, long_side: int) -> int:
-    """Bytes of the whole video decoded at `long_side` (what `analyse_video` holds)."""
+def decode_bytes(info: dict, long_side: int, shots=None) -> int:
+    """Bytes of decoded frames at `long_side` that `analyse_video` holds at most: the frames
+    the shot splitter keeps (`pipeline.curation.shots.buffer_frames` for `shots`, the
+    ShotConfig), or with `shots` None the whole video."""
     h, w = decode_size(info["width"], info["height"], long_side)
-    return int(info["num_frames"]) * h * w * 3
+    frames = int(info["num_frames"])
+    if shots is not None:
+        frames = min(frames, buffer_frames(float(info["fps"]), shots))
+    return frames * h * w * 3
 
 
 def curate_video(item: dict, c: CurateConfigs, blocklist) -> list[dict]:
@@ -120,11 +122,11 @@ def curate_video(item: dict, c: CurateConfigs, blocklist) -> list[dict]:
     if why:
         return [{"kind": "reject", **reject(item, "probe", *why)}]
     lim = c.curate.media
-    need = decode_bytes(info, c.curate.frame_long_side)
+    need = decode_bytes(info, c.curate.frame_long_side, c.shots)
     if lim.max_memory_mb and need > MEMORY_SHARE * lim.max_memory_mb * 2**20:
         return [{"kind": "reject", **reject(
             item, "decode", "decode_too_large",
-            f"{info['num_frames']} frames need {need / 2**20:.0f} MB decoded at "
+            f"the shot splitter holds up to {need / 2**20:.0f} MB of frames decoded at "
             f"{c.curate.frame_long_side} px; the decoder's limit is {lim.max_memory_mb} MB")}]
     work = dataclasses.replace(c, ingest=None, probe=None)  # what the child needs, no more
     try:
@@ -136,37 +138,29 @@ def curate_video(item: dict, c: CurateConfigs, blocklist) -> list[dict]:
     return res["records"]
 
 
-# Of the media child's address-space limit, the share a video's decoded frames may take (the
-# rest: the libraries, the decoder's buffers, the keyframes and the scorers' arrays).
+# Of the media child's address-space limit, the share the shot splitter's decoded frames may
+# take (the rest: the libraries, the decoder's buffers, the keyframes and the scorers' arrays).
 MEMORY_SHARE = 0.5
 
 
 def analyse_video(item: dict, path: str, info: dict, c: CurateConfigs) -> dict:
     """In the media child: decode, split and score one probed video -> {"records": [...]}.
 
-    Decodes the whole video once at ``curate.frame_long_side`` (for splitting, motion,
-    brightness and the dedup thumbnails), then a few keyframes per clip at
-    ``curate.keyframe_long_side`` (for sharpness and text, which small frames cannot see).
-    Frames are turned to display orientation first."""
+    Streams the video once at ``curate.frame_long_side`` (for splitting, motion, brightness
+    and the dedup thumbnails) through the shot splitter, which gives each clip's frames out as
+    soon as the clip is known and then lets them go, so memory is bounded by the longest clip
+    (`pipeline.curation.shots.ShotSplitter`), not the video; then decodes a few keyframes per
+    clip at ``curate.keyframe_long_side`` (for sharpness and text, which small frames cannot
+    see). Frames are turned to display orientation first."""
 
     cv2.setNumThreads(1)  # Ray gives the task that asked for this work one CPU
-    rot = info.get("rotation")
-    disp_w, disp_h = info.get("display_width", info["width"]), info.get(
-        "display_height", info["height"])
     t0 = time.perf_counter()
     try:
-        size = decode_size(disp_w, disp_h, c.curate.frame_long_side)
-        frames = read_display(path, None, size, rot)  # (T, h, w, 3)
+        return {"records": _split_and_score(item, path, info, c, t0)}
     except VideoError as e:  # the probe passed but the decoder did not
         return {"records": [{"kind": "reject", **reject(item, "decode", "decode_failed",
                                                         str(e)[:500])}]}
-    decode_s = time.perf_counter() - t0
-    try:
-        return {"records": _split_and_score(item, path, info, c, frames, decode_s)}
-    except VideoError as e:
-        return {"records": [{"kind": "reject", **reject(item, "decode", "decode_failed",
-                                                        str(e)[:500])}]}
-    except Exception:  # noqa: BLE001 - a bug on one file must not lose the others
+    except Exception:
         return {"records": [{"kind": "reject", **reject(item, "curate", "error",
                                                         traceback.format_exc(limit=3))}]}
 
@@ -182,35 +176,54 @@ def keyframe_size(width: int, height: int, long_side: int) -> tuple[int, int]:
 KEYFRAME_CHUNK = 32  # clips whose keyframes are decoded together (bounds their memory)
 
 
-def _split_and_score(item: dict, path: str, info: dict, c: CurateConfigs, frames: np.ndarray,
-                     decode_s: float) -> list[dict]:
-    out: list[dict] = []
+def _split_and_score(item: dict, path: str, info: dict, c: CurateConfigs, t0: float
+                     ) -> list[dict]:
     fps = float(info["fps"])
     rot = info.get("rotation")
     width, height = info.get("display_width", info["width"]), info.get(
         "display_height", info["height"])
-    split = split_shots(frames, fps, c.shots)
-    out.append({"kind": "video", "source_id": item["id"], "seconds": len(frames) / fps,
-                "decode_s": decode_s, "cuts": split.cuts})
+    meta = {"width": width, "height": height}
+    stride = max(1, round(fps / c.curate.score_fps))
+    splitter = ShotSplitter(fps, c.shots)
+    scored: dict[tuple[int, int], tuple[dict, list]] = {}  # span -> (frame scores, thumb)
+
+    def score(given: list) -> None:
+        for start, end, span in given:  # span: (t, h, w, 3), let go after this
+            scores = frame_scores(span[::stride], fps / stride, meta, c.scores)
+            thumbs = span[np.linspace(0, len(span) - 1, 4).round().astype(int)]  # (4, h, w, 3)
+            scored[(start, end)] = scores, thumbnail_embeddings([thumbs])[0].round(5).tolist()
+
+    size = decode_size(width, height, c.curate.frame_long_side)
+    decode_s, frames = 0.0, iter_display(path, size, rot)
+    while True:
+        chunk = next(frames, None)  # (t, h, w, 3)
+        decode_s += time.perf_counter() - t0
+        if chunk is None:
+            break
+        score(splitter.push(chunk))
+        t0 = time.perf_counter()
+    score(splitter.finish())
+    split = splitter.result
+    out: list[dict] = [{"kind": "video", "source_id": item["id"],
+                        "seconds": splitter.detector.seen / fps, "decode_s": decode_s,
+                        "cuts": split.cuts}]
     for start, end in split.too_short:
         out.append({"kind": "reject", **reject(item, "split", "too_short",
                                                f"{end - start} frames < {split.min_len}",
                                                start, end)})
-    meta = {"width": width, "height": height}
     n_keys = c.scores.sample_frames
     ksize = keyframe_size(width, height, c.curate.keyframe_long_side)
-    clips = list(zip(split.clips, split.windowed))
+    clips = list(zip(split.clips, split.windowed, split.shots, split.window_index,
+                     split.window_count))
     for k0 in range(0, len(clips), KEYFRAME_CHUNK):
         chunk = clips[k0 : k0 + KEYFRAME_CHUNK]
-        picks = [start + _sample(end - start, n_keys) for (start, end), _ in chunk]
+        picks = [start + _sample(end - start, n_keys) for (start, end), *_ in chunk]
         wanted = sorted({int(i) for p in picks for i in p})
         big = dict(zip(wanted, read_display(path, wanted, ksize, rot)))
-        for ((start, end), windowed), pick in zip(chunk, picks):
-            span = frames[start:end]  # (t, h, w, 3)
-            stride = max(1, round(fps / c.curate.score_fps))
+        for ((start, end), windowed, shot, index, count), pick in zip(chunk, picks):
+            scores, thumb = scored.pop((start, end))
             keyframes = np.stack([big[int(i)] for i in pick])  # (K, H, W, 3)
-            scores = cpu_scores(span[::stride], fps / stride, meta, c.scores,
-                                keyframes=keyframes)
+            scores.update(keyframe_scores(keyframes, c.scores))
             scores.update(num_frames=end - start, windowed=bool(windowed))
             if "seconds" in scores:
                 scores["seconds"] = (end - start) / fps
@@ -219,7 +232,6 @@ def _split_and_score(item: dict, path: str, info: dict, c: CurateConfigs, frames
                 out.append({"kind": "reject", **reject(item, "filter", failed[0], failed[1],
                                                        start, end, scores=scores)})
                 continue
-            thumbs = span[np.linspace(0, len(span) - 1, 4).round().astype(int)]  # (4, h, w, 3)
             out.append({
                 "kind": "clip",
                 "clip_id": f"{item['id']}-{start:06d}-{end:06d}", "source_id": item["id"],
@@ -228,11 +240,12 @@ def _split_and_score(item: dict, path: str, info: dict, c: CurateConfigs, frames
                 "sar": info.get("sar") or "1:1", "pix_fmt": info.get("pix_fmt"),
                 "source_fps": fps, "source_vfr": bool(info.get("vfr")),
                 "caption": shot_caption(item, start, end), "scores": scores,
+                **shot_fields(item["id"], shot, index, count),
                 "source": {"license": item.get("license"), "source_url": item.get("source_url"),
                            **(item.get("meta") or {})},
                 "source_frames": info["num_frames"], "source_bytes": info["size_bytes"],
                 "codec": info["codec"], "container": info["container"],
-                "thumb": thumbnail_embeddings([thumbs])[0].round(5).tolist(),
+                "thumb": thumb,
             })
     return out
 
@@ -249,7 +262,7 @@ def curate_group(items: list[dict], c: CurateConfigs) -> list[dict]:
     for item in items:
         try:
             out += curate_video(item, c, blocklist)
-        except Exception:  # noqa: BLE001 - a bug on one file must not lose the others
+        except Exception:
             out.append({"kind": "reject", **reject(item, "curate", "error",
                                                    traceback.format_exc(limit=3))})
     return out
@@ -298,7 +311,7 @@ class ModelScorer:
                 ok.append((c, clip_keyframes(c, 4, self.long_side, self.limits)))
             except (MediaError, FetchError) as e:
                 out.append({"clip_id": c["clip_id"], "reason": e.reason, "error": e.detail[:300]})
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 out.append({"clip_id": c["clip_id"], "error": f"{type(e).__name__}: {e}"[:300]})
         if ok:
             res = self.scorer({"frames": [f for _, f in ok],

@@ -31,13 +31,16 @@ run's storage.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import av
+import decord
 import numpy as np
 
 from data.checks import check_ranges
 from data.isolate import IsolatedError, shared_isolated
-from data.video_io import read_frames, read_frames_av
+from data.video_io import VideoError, read_frames, read_frames_av
 from pipeline.curation.fetch import FetchError, fetch, is_remote
 
 # Imported by the media child before it answers: every call then pays only its own work.
@@ -132,6 +135,72 @@ def read_display(path: str, indices: list[int] | None, size: tuple[int, int] | N
     if rot in (0, 90, 270):  # decord turns 90 and 270 itself, `size` being the displayed size
         return read_frames(path, indices=indices, size=size, threads=threads)
     return to_display(read_frames_av(path, indices, stored_size(size, rot)), rot)
+
+
+STREAM_CHUNK = 64  # frames `iter_display` decodes at once
+
+
+def iter_display(path: str, size: tuple[int, int] | None, rotation: int | None,
+                 chunk: int = STREAM_CHUNK, threads: int = 1) -> Iterator[np.ndarray]:
+    """All frames of `path` as `read_display(path, None, size, rotation)` gives them, in
+    consecutive chunks of up to `chunk` frames (each (t, h, w, 3) uint8 RGB), so a caller that
+    streams holds one chunk, not the video. decord where `read_display` uses it (falling back
+    to PyAV from the frame where decord fails, as `data.video_io.read_frames` does for the
+    whole video), PyAV + `to_display` for 180 degrees. Raises data.video_io.VideoError."""
+    rot = (rotation or 0) % 360
+    start = 0
+    if rot in (0, 90, 270):
+        h, w = size if size is not None else (-1, -1)
+        try:
+            reader = decord.VideoReader(path, ctx=decord.cpu(0), width=w, height=h,
+                                        num_threads=threads)
+            n = len(reader)
+        except (RuntimeError, decord.DECORDError) as e:
+            raise VideoError("decode_failed", str(e)[:500]) from e
+        if n == 0:
+            raise VideoError("decode_failed", "no frames")
+        while start < n:
+            idx = list(range(start, min(start + chunk, n)))
+            try:
+                frames = reader.get_batch(idx).asnumpy()  # (t, H, W, 3) uint8
+            except (RuntimeError, decord.DECORDError):  # mis-strided width, or a bad file
+                break
+            if frames.ndim != 4 or frames.shape[0] != len(idx) or frames.shape[-1] != 3:
+                break
+            yield frames
+            start += len(idx)
+        else:
+            return
+        del reader
+        yield from _iter_av(path, stored_size(size, rot), rot, start, chunk, n)
+        return
+    yield from _iter_av(path, stored_size(size, rot), rot, 0, chunk, None)
+
+
+def _iter_av(path: str, size: tuple[int, int] | None, rot: int, first: int, chunk: int,
+             expect: int | None) -> Iterator[np.ndarray]:
+    """PyAV's frames `first`, `first + 1`, ... of `path` at stored size `size`, turned by `rot`,
+    in chunks; `expect`: the frame count the stream must reach (decord's)."""
+    h, w = size if size is not None else (None, None)
+    got, count = [], 0
+    try:
+        with av.open(path) as container:
+            for i, frame in enumerate(container.decode(video=0)):
+                count = i + 1
+                if i < first:
+                    continue
+                got.append(frame.reformat(width=w, height=h, format="rgb24").to_ndarray())
+                if len(got) == chunk:
+                    yield to_display(np.stack(got), rot)
+                    got = []
+    except (av.FFmpegError, IndexError) as e:  # IndexError: no video stream
+        raise VideoError("decode_failed", str(e)) from e
+    if got:
+        yield to_display(np.stack(got), rot)
+    if count == 0:
+        raise VideoError("decode_failed", "no frames decoded")
+    if expect is not None and count < expect:
+        raise VideoError("decode_failed", f"decoded {count} of {expect} frames")
 
 
 def decode_frames(path: str, indices: list[int], size: tuple[int, int] | None,

@@ -325,7 +325,7 @@ def _sample(n: int, k: int) -> np.ndarray:
 
 def cpu_scores(frames: np.ndarray, fps: float, meta: dict, cfg: ScoreConfig,
                keyframes: Optional[np.ndarray] = None) -> dict[str, float]:
-    """All enabled CPU scores of one clip.
+    """All enabled CPU scores of one clip: `frame_scores`, then `keyframe_scores`.
 
     frames: (T, h, w, 3) uint8 RGB, consecutive frames of the clip at `fps` (if you decode every
     k-th frame, pass fps / k). meta: the source's ``width`` and ``height`` (pixels) and optionally
@@ -333,6 +333,15 @@ def cpu_scores(frames: np.ndarray, fps: float, meta: dict, cfg: ScoreConfig,
     frames for sharpness and text; by default `sample_frames` of `frames` are used. Text needs
     frames of at least TEXT_MIN_SIZE px and is left out of the result on smaller ones.
     """
+    out = frame_scores(frames, fps, meta, cfg)
+    keys = keyframes if keyframes is not None else frames[_sample(len(frames), cfg.sample_frames)]
+    out.update(keyframe_scores(keys, cfg))
+    return out
+
+
+def frame_scores(frames: np.ndarray, fps: float, meta: dict, cfg: ScoreConfig) -> dict[str, float]:
+    """The scores of `cpu_scores` that need the clip's frames (shape, brightness, black frames,
+    motion), not its keyframes."""
     on = lambda key: getattr(cfg, key).enabled  # noqa: E731
     out: dict[str, float] = {}
     num_frames = int(meta.get("num_frames", len(frames)))
@@ -341,16 +350,24 @@ def cpu_scores(frames: np.ndarray, fps: float, meta: dict, cfg: ScoreConfig,
              "long_side": max(width, height), "aspect": width / height}
     out.update({"num_frames": num_frames, "width": width, "height": height})
     out.update({k: float(v) for k, v in shape.items() if on(k)})
-    gray = luma(frames)  # (T, h, w)
-    if on("brightness"):
-        out["brightness"] = float(gray.mean())
-    if on("black_fraction"):
-        out["black_fraction"] = black_fraction(gray, cfg.black_luma, cfg.black_pixels)
+    if on("brightness") or on("black_fraction"):
+        gray = luma(frames)  # (T, h, w)
+        if on("brightness"):
+            out["brightness"] = float(gray.mean())
+        if on("black_fraction"):
+            out["black_fraction"] = black_fraction(gray, cfg.black_luma, cfg.black_pixels)
     if on("motion") or on("jitter") or on("flow_residual") or on("noise"):
         m = motion_scores(frames, fps, cfg.flow_size, cfg.flow_anchors)
         out.update({k: v for k, v in m.items() if on(k)})
+    return out
+
+
+def keyframe_scores(keyframes: np.ndarray, cfg: ScoreConfig) -> dict[str, float]:
+    """keyframes: (K, H, W, 3) uint8 RGB -> the enabled sharpness and text scores."""
+    on = lambda key: getattr(cfg, key).enabled  # noqa: E731
+    out: dict[str, float] = {}
     if on("sharpness") or on("text"):
-        keys = luma(keyframes) if keyframes is not None else gray[_sample(len(gray), cfg.sample_frames)]  # (K, H, W)
+        keys = luma(keyframes)  # (K, H, W)
         if on("sharpness"):
             out["sharpness"] = sharpness(keys)
         if on("text") and max(keys.shape[1:]) >= TEXT_MIN_SIZE:

@@ -57,6 +57,7 @@ from data.video_io import MP4_AUDIO, _rate, remux_mp4
 from pipeline.curation.fetch import FetchError
 from pipeline.curation.media import MediaError, MediaLimits, run_isolated, source_path, stored_size, to_display, turned
 from pipeline.curation.retry import TransientError, is_transient, retry
+from pipeline.curation.shots import SHOT_KEYS
 
 
 @dataclass
@@ -325,7 +326,8 @@ def copy_audio(src, sound, dest, out, t0: float, t1: float) -> int:
 
 
 META_KEYS = ("clip_id", "source_id", "path", "start", "end", "fps", "width", "height",
-             "caption", "caption_source", "scores", "source", "source_fps", "source_vfr")
+             "caption", "caption_source", "scores", "source", "source_fps", "source_vfr",
+             *SHOT_KEYS)
 
 
 def write_one_shard(path: str, clips: list[dict], cfg: ShardConfig,
@@ -447,6 +449,7 @@ def run_sharding(clips: list[dict], cfg: ShardConfig, out: Path, concurrency: in
             rows.append({**row, "split": split, "source_id": c["source_id"], "path": c["path"],
                          "start": c["start"], "end": c["end"], "caption": c["caption"],
                          "caption_source": c.get("caption_source") or "",
+                         **{k: c.get(k) for k in SHOT_KEYS},
                          "scores": json.dumps(c["scores"]),
                          "source": json.dumps(c.get("source") or {})})
     return {"rows": rows, "failed": failed, "shards": shards, "written": len(pending),

@@ -42,6 +42,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,7 @@ from training.evaluation.consistency import (
     window_probes,
     window_rows,
 )
+from training.evaluation.parallel import on_sequence_parallel_workers
 from training.evaluation.probes import probe_scores, probe_video, prompt_sensitivity
 from training.evaluation.samples import grid_video, sample_table
 from training.evaluation.video_metrics import ClipScoreConfig, FVDConfig, feature_stats, fvd
@@ -72,6 +74,7 @@ from training.loader import normalize, read_clips
 from training.model import ModelConfig
 from training.text_separation import ATTRIBUTES, caption_pairs
 from training.trainer import TrainConfig
+from training.ulysses import apply_sequence_parallel
 
 
 @dataclass
@@ -299,9 +302,11 @@ def sample_videos(model, tokenizer, prompts: list[str], cfg: EvalConfig, shape: 
 
 # ----- the evaluation -------------------------------------------------------------------------
 def evaluate(cfg: EvalConfig, train_dir: Path, val_shards: list[str], out_dir: Path,
-             tracker) -> dict:
+             tracker, sequence_parallel: int = 1, ray_address: str | None = None) -> dict:
     """Evaluate the checkpoints `cfg` names; write results.json and samples under `out_dir`,
-    log to `tracker`. Returns the results (see the module docstring for their layout)."""
+    log to `tracker`. Returns the results (see the module docstring for their layout).
+    sequence_parallel > 1: the long clips (eval.long) are sampled on that many Ray workers in one
+    sequence-parallel group (``training.evaluation.parallel``), the rest here."""
     out_dir = Path(out_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     refs = resolve_checkpoints(cfg, Path(train_dir))
@@ -350,8 +355,9 @@ def evaluate(cfg: EvalConfig, train_dir: Path, val_shards: list[str], out_dir: P
             metrics.update(sensitivity(model, mcfg, tcfg, cfg, device, space))
         newest = n == len(refs) - 1  # the newest writes samples/, earlier ones samples/stepNNNNNNNN/
         sample_dir = out_dir / "samples" if newest else out_dir / "samples" / tag_of(ref.step)
+        sp = None if sequence_parallel <= 1 else (sequence_parallel, ref, ray_address)
         long_metrics, long = ({}, None) if not lengths else evaluate_long(
-            model, mcfg, tcfg, prompts, cfg, lengths, fps, device, space, sample_dir, out_dir)
+            model, mcfg, tcfg, prompts, cfg, lengths, fps, device, space, sample_dir, out_dir, sp)
         del model
         samples, shown, grid = write_samples(videos, prompts, sample_dir, out_dir, cfg.fps)
         metrics.update(score_samples(samples, shown, cfg, clip_scorer, extractor, real_stats, skipped))
@@ -408,7 +414,7 @@ def model_fps(tcfg: dict, cfg: EvalConfig) -> float:
 
 def evaluate_long(model, mcfg, tcfg: dict, prompts: list[str], cfg: EvalConfig,
                   lengths: list[tuple[float, int]], fps: float, device, space, sample_dir: Path,
-                  out_dir: Path) -> tuple[dict[str, float], dict]:
+                  out_dir: Path, sp: tuple | None = None) -> tuple[dict[str, float], dict]:
     """The first cfg.long.num_prompts prompts sampled at each (seconds, frames) of `lengths`
     (prompt i from the noise seeded LONG_SEED + i), written at `fps` under
     sample_dir/long/<L>s/ and probed window by window -> (long/<L>s/* metrics, {"fps",
@@ -421,7 +427,11 @@ def evaluate_long(model, mcfg, tcfg: dict, prompts: list[str], cfg: EvalConfig,
     metrics, rec = {}, {"fps": fps, "window_seconds": cfg.long.window_seconds, "window_frames": n,
                         "lengths": []}
     for seconds, T in lengths:
-        videos = _sample(model, mcfg, tcfg, prompts, batched, device, space, seeds, frames=T)  # (N, T, H, W, 3)
+        if sp is None:
+            videos = _sample(model, mcfg, tcfg, prompts, batched, device, space, seeds, frames=T)  # (N, T, H, W, 3)
+        else:  # (degree, checkpoint, Ray address): the same sampling on sequence-parallel workers
+            work = partial(_long_work, sp[1], cfg.use_ema, tcfg.get("latent"), prompts, batched, seeds, T)
+            videos = on_sequence_parallel_workers(work, sp[0], str(device), sp[2])[0]
         samples, shown, grid = write_samples(videos, prompts, sample_dir / "long" / f"{seconds:g}s",
                                              out_dir, fps)
         for s, v in zip(samples, shown):
@@ -430,6 +440,15 @@ def evaluate_long(model, mcfg, tcfg: dict, prompts: list[str], cfg: EvalConfig,
         rec["lengths"].append({"seconds": seconds, "frames": T, "grid": str(grid.relative_to(out_dir)),
                                "samples": samples, "per_window": per_window(samples)})
     return metrics, rec
+
+
+def _long_work(ref: CheckpointRef, use_ema: bool, latent: dict | None, prompts: list[str], cfg: EvalConfig,
+               seeds: list[int], frames: int, device, group) -> tuple[np.ndarray, dict]:
+    """A sequence-parallel worker's long-clip sampling: load, split the DiT over `group`, sample."""
+    model, mcfg, tcfg, _ = load_checkpoint(ref, device, use_ema)
+    apply_sequence_parallel(model.dit, group)
+    space = load_latent_space(latent, device) if latent else None
+    return _sample(model, mcfg, tcfg, prompts, cfg, device, space, seeds, frames=frames), {}
 
 
 def _sample(model, mcfg, tcfg: dict, prompts: list[str], cfg: EvalConfig, device, space=None,
