@@ -15,6 +15,16 @@ from training.prebuild import use_venv_ninja
 use_venv_ninja()  # in-process DeepSpeed builds its ops with the ninja the workers use
 
 
+def forget_deepspeed_groups() -> None:
+    """DeepSpeed caches process groups in module globals (``deepspeed.utils.groups``); a test
+    that builds an engine in the pytest process after another one destroyed its process group
+    would find the dead group there. Drop the cached ones (workers have one group per process)."""
+    import deepspeed.utils.groups as groups  # lazy: deepspeed import ~1.2 s, only for such tests
+
+    groups._WORLD_GROUP = None
+    groups.mesh_device = None
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run fastest single-threaded, and the CI machine's 2 cores are shared."""

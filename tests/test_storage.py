@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import uuid
 
 import pytest
 from conftest import Recorder
@@ -39,7 +40,9 @@ def s3():
         made = []
 
         def bucket(prefix="run"):
-            name = f"bucket{len(made)}"
+            # unique across fixture instances: moto keeps its buckets in process-wide state, and
+            # test_recipe.py starts its own server (this fixture) in the same process
+            name = f"bucket{len(made)}-{uuid.uuid4().hex[:8]}"
             fs.mkdir(name)
             made.append(name)
             return f"s3://{name}/{prefix}"

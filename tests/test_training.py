@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import forget_deepspeed_groups
 
 from data.shards import write_shard
 from data.synthetic import SourceConfig, generate
@@ -330,6 +331,7 @@ def test_parallelize_wraps_the_pure_module_as_the_configs_say(tmp_path, monkeypa
     import torch.distributed as dist
 
     monkeypatch.setenv("LOCAL_RANK", "0")  # what Ray Train sets in its workers
+    forget_deepspeed_groups()  # test_storage's engine, earlier in this process, left its group there
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         mcfg = ModelConfig()
