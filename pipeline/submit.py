@@ -50,6 +50,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shlex
 import sys
 import time
@@ -175,7 +176,9 @@ def client(address: str):
 
 def explain(e: Exception, address: str) -> str:
     text = str(e)
-    if type(e).__name__ == "AuthenticationError" or "401" in text or "403" in text:
+    # an HTTP 401/403, not those digits inside the address's port (127.0.0.1:40193)
+    status = re.search(r"(?<![\w.:])(401|403)(?!\w)", text.replace(address, ""))
+    if type(e).__name__ == "AuthenticationError" or status:
         return (f"the Ray job API at {address} refused the request ({text.splitlines()[0]}). "
                 f"It uses token authentication: export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
                 f"(or RAY_AUTH_TOKEN_PATH) as given by whoever runs the cluster")

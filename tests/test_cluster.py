@@ -637,3 +637,15 @@ def test_secret_helper_prints_nothing_when_there_is_no_secret():
     r = subprocess.run([sys.executable, str(CLUSTER / "secret.py"), "gcp", "no-such-secret"],
                        capture_output=True, text=True, timeout=60, env=clean_env())
     assert r.returncode == 0 and r.stdout == "" and "cannot read" in r.stderr
+
+
+def test_a_refused_connection_is_told_from_an_auth_failure_whatever_the_port():
+    """A port with 401 or 403 in it (127.0.0.1:40193) is not an HTTP 401/403."""
+    from pipeline.submit import explain
+
+    for port in (40193, 40301, 8265):
+        address = f"http://127.0.0.1:{port}"
+        msg = explain(ConnectionError(f"Failed to connect to Ray at address: {address}."), address)
+        assert "Is the tunnel up?" in msg, msg
+    auth = explain(RuntimeError("Request failed with status code 401: Unauthorized"), "http://127.0.0.1:40193")
+    assert "token authentication" in auth
