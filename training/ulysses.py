@@ -130,7 +130,7 @@ class _GatherTokens(torch.autograd.Function):
 class SequenceMerge(nn.Module):
     """Replaces ``DiT.merge``: every rank gets all tokens' outputs, padding dropped."""
 
-    def __init__(self, group: dist.ProcessGroup, factorised: bool):
+    def __init__(self, group: dist.ProcessGroup):
         super().__init__()
         self.group = group
 
@@ -179,7 +179,7 @@ def apply_sequence_parallel(dit: DiT, group: dist.ProcessGroup) -> DiT:
     sp = dist.get_world_size(group)
     check_sequence_parallel(dit.cfg.num_heads, sp, dist.get_world_size())
     factorised = dit.cfg.attention == "factorised"
-    dit.split, dit.merge = SequenceSplit(group, factorised), SequenceMerge(group, factorised)
+    dit.split, dit.merge = SequenceSplit(group, factorised), SequenceMerge(group)
     for block in dit.blocks:
         attn = block.temporal_attn if factorised else block.attn
         attn.attend = UlyssesAttend(attn.attend, group)
