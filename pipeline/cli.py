@@ -206,11 +206,10 @@ def preflight(cfg) -> None:
         from pipeline.curation.ingest import check_inputs  # lazy: CLI start-up 0.1 s, 9 s with eager imports
 
         check_inputs(cfg.ingest)  # ValueError naming ingest.inputs[i]
-    from training.patches import check_patchable  # lazy: CLI start-up 0.1 s, 9 s with eager imports
-    from training.trainer import buckets_of  # lazy: CLI start-up 0.1 s, 9 s with eager imports
-    from training.ulysses import check_sequence_parallel  # lazy: CLI start-up 0.1 s, 9 s with eager imports
-
     from pipeline.recipe import train_sections  # lazy: CLI start-up 0.1 s, 9 s with eager imports
+    from training.patches import check_patchable  # lazy: CLI start-up 0.1 s, 9 s with eager imports
+    from training.trainer import buckets_of, check_latent_buckets  # lazy: CLI start-up 0.1 s, 9 s with eager imports
+    from training.ulysses import check_sequence_parallel  # lazy: CLI start-up 0.1 s, 9 s with eager imports
 
     try:
         check_sequence_parallel(cfg.model.dit.num_heads, cfg.cluster.sequence_parallel,
@@ -226,13 +225,15 @@ def preflight(cfg) -> None:
             raise SystemExit(f"spacetime: {at}{e}") from None
         shapes = [(b.num_frames, b.height, b.width) for b in buckets_of(tcfg, micro)]
         latent = tcfg.data.kind == "latent"
-        if latent and cfg.recipe.stages:  # the latent shards hold one window, of latent.*'s shape
+        if latent:  # every shape a window the latent shards will hold (latent.*, latent.span)
             lat = (cfg.latent.num_frames, cfg.latent.height, cfg.latent.width)
-            if lat not in shapes:
-                raise SystemExit(f"spacetime: {at}trains at {shapes} but the latent shards hold "
-                                 f"clips encoded at (frames, height, width)={lat} "
-                                 f"(latent.num_frames/height/width): in latent space every stage "
-                                 f"trains at that shape")
+            tc = cfg.vae.model.compression[0] if cfg.latent.kind == "ours" else None  # diffusers: once loaded
+            try:
+                check_latent_buckets(buckets_of(tcfg, micro), lat, getattr(cfg.latent, "span", "window"), tc,  # MERGE-TODO
+                                     cfg.model.dit.patch_size)
+            except ValueError as e:
+                raise SystemExit(f"spacetime: {at}the latent shards (latent.num_frames/height/width="
+                                 f"{lat}): {e}") from None
         if latent and cfg.latent.kind == "ours":  # our VAE's latent space is known from its config
             check_our_latents(cfg, shapes)
         for shape in shapes if not latent else ():  # latents: checked in latent space

@@ -91,8 +91,12 @@ OUT_OF_RANGE = {
     "train.flow.caption_dropout=1.5": "train.flow.caption_dropout must be in [0, 1], got 1.5",
     "train.data.shuffle_buffer=0": "train.data.shuffle_buffer must be >= 1, got 0",
     "train.data.target_fps=0": "train.data.target_fps must be > 0, got 0.0",  # not vae.*, which follows it
-    "train.data.buckets=[{num_frames:8,height:8,width:8,batch_size:1},{num_frames:8,height:8,width:8,batch_size:0}]":
-        "train.data.buckets[1].batch_size must be >= 1, got 0",
+    "train.data.buckets=[{num_frames:8,height:8,width:8,batch_size:1},{num_frames:8,height:8,width:8,batch_size:-1}]":
+        "train.data.buckets[1].batch_size must be >= 0, got -1",
+    "train.data.buckets=[{num_frames:8,height:8,width:8,batch_size:1,prob:1.5}]":
+        "train.data.buckets[0].prob must be in [0, 1], got 1.5",
+    "train.data.buckets=[{num_frames:8,height:8,width:8,batch_size:0}]":  # 0: from the token budget
+        "train.data.buckets[0].batch_size is 0 (from the token budget) but train.data.token_budget is 0",
     "source.bad_fraction=-0.1": "source.bad_fraction must be in [0, 1], got -0.1",
     "source.fps=0": "source.fps must be > 0, got 0.0",
     "probe.min_side=5000": "probe.min_side must be <= max_side, got 5000 > 4096",
@@ -268,7 +272,7 @@ def test_latent_experiment_follows_the_vae_and_checks_shapes_before_work():
 
     for bad, match in ((dit(in_channels=16), r"in_channels \(16\) must equal the VAE's latent channels"),
                        (replace(cfg, train=replace(cfg.train, num_frames=8)),
-                        r"train.num_frames/height/width.*T = 1 \+ k\*4"),
+                        r"training shape \(8, 32, 32\): a window of latents is 1 \+ k\*4 frames"),
                        (dit(patch_size=[2, 2, 2]), r"latents \(3, 4, 4\).*patch_size \[2, 2, 2\]")):
         with pytest.raises(SystemExit, match=match):
             preflight(bad)

@@ -190,9 +190,15 @@ def test_preflight_checks_every_recipe_stage_and_names_it():
     cfg, _ = composed(["recipe=short_to_long", "+recipe.stages.1.train.global_batch_size=3"])
     with pytest.raises(SystemExit, match="recipe stage train_long: train.global_batch_size=3"):
         preflight(cfg)
-    # Latent shards hold one window per clip: a stage at another shape is refused up front.
+    # Latent shards hold clips at one height and width, and (latent.span=window) one window of
+    # latent.num_frames: a stage at another size or a longer window is refused up front.
     cfg, _ = composed(["experiment=latent", "recipe=short_to_long"])
-    with pytest.raises(SystemExit, match="recipe stage train_short: trains at .* latent shards"):
+    with pytest.raises(SystemExit, match="recipe stage train_short: the latent shards .*height x width 32x32"):
+        preflight(cfg)
+    cfg, _ = composed(["experiment=latent", "recipe=short_to_long", "recipe.stages.0.train.height=32",
+                       "recipe.stages.0.train.width=32", "recipe.stages.0.train.num_frames=5",
+                       "+recipe.stages.1.train.num_frames=17"])
+    with pytest.raises(SystemExit, match=r"recipe stage train_long: .*one window of 9 frames.*latent.span=whole"):
         preflight(cfg)
 
 

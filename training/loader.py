@@ -17,10 +17,17 @@ Order: raw (undecoded) samples go through a shuffle buffer driven by an RNG seed
 ``(seed, epoch, g)``; a sample's clip window is drawn from an RNG seeded by ``(seed, epoch,
 key)``, so it does not depend on order. Decoding happens only when a batch is assembled.
 
-Buckets: every batch has one (frames, height, width) shape; samples go to the bucket of the
-closest aspect ratio that their clip can fill, each bucket with its own batch size. Latent
-samples were encoded at one pixel shape (their ``video_shape``) and go to the bucket of exactly
-that (frames, height, width); a latent that fits no bucket is skipped and counted.
+Buckets: every batch has one (frames, height, width) shape. Buckets of several frame counts
+are duration buckets: a clip goes to the longest bucket it can fill, of the aspect ratio
+closest to its own, or with that bucket's ``prob`` falls through to the next shorter one
+(Open-Sora's ``bucket_config`` probabilities), so a minute-long clip gives sometimes a minute,
+sometimes a few seconds. Each bucket has its own batch size, or takes it from
+``token_budget`` (the DiT's spacetime tokens per rank per micro-batch: many short clips or one
+long one per step, as Open-Sora-Plan and Open-Sora batch). Latent samples go to the buckets of
+their encoded height and width and any frame count ``1 + k * tc`` their stored latent holds:
+a ``latent.span=whole`` shard stores the whole clip, and a window of it (its first latent frame
+drawn per epoch and key) is cut here without decoding video; a latent that fits no bucket is
+skipped and counted.
 
 State (saved with checkpoints): per reader, the epoch, how many raw samples it has taken out
 of its shuffle buffer in that epoch, the keys waiting in partly filled buckets and its count of
@@ -70,10 +77,15 @@ class Bucket:
     num_frames: int
     height: int
     width: int
-    batch_size: int  # per rank
+    batch_size: int  # per rank; 0: from train.data.token_budget (`resolve_batch_sizes`)
+    # Chance that a clip which fits this bucket is taken at its length; otherwise it tries the
+    # next shorter bucket of its aspect ratio (Open-Sora's bucket_config probabilities), so
+    # long clips also give short windows. The shortest fitting bucket always takes it.
+    prob: float = 1.0
 
     def __post_init__(self) -> None:
-        check_ranges(self, num_frames=">= 1", height=">= 1", width=">= 1", batch_size=">= 1")
+        check_ranges(self, num_frames=">= 1", height=">= 1", width=">= 1", batch_size=">= 0",
+                     prob="in [0, 1]")
 
 
 LOADER_KINDS = ("raw", "latent")
@@ -89,11 +101,32 @@ class LoaderConfig:
     # Shapes to batch by; empty: one bucket of train.num_frames x height x width at the
     # micro batch size.
     buckets: list[Bucket] = field(default_factory=list)
+    # Spacetime tokens (the DiT's patches) per rank per micro-batch for the buckets whose
+    # batch_size is 0: each takes max(1, token_budget // its tokens per clip) clips, so a step
+    # holds many short clips or one long one (0: off, every bucket names its batch size).
+    token_budget: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in LOADER_KINDS:
             raise ValueError(f"unknown train.data.kind {self.kind!r}; valid: {', '.join(LOADER_KINDS)}")
-        check_ranges(self, target_fps="> 0", shuffle_buffer=">= 1", num_workers=">= 0", prefetch=">= 0")
+        check_ranges(self, target_fps="> 0", shuffle_buffer=">= 1", num_workers=">= 0", prefetch=">= 0",
+                     token_budget=">= 0")
+        unsized = [i for i, b in enumerate(self.buckets) if b.batch_size == 0]
+        if unsized and self.token_budget == 0:
+            raise ValueError(f"train.data.buckets[{unsized[0]}].batch_size is 0 (from the token budget) "
+                             f"but train.data.token_budget is 0: set a token budget or a batch size")
+
+
+def resolve_batch_sizes(buckets: list[Bucket], token_budget: int, tokens_per_clip) -> list[Bucket]:
+    """The buckets with every batch_size 0 set from the token budget: max(1, budget // the
+    bucket's tokens per clip). `tokens_per_clip(bucket) -> int` counts the DiT's spacetime
+    patches of one clip of that shape (pixels or latents: the caller knows the model)."""
+    out = []
+    for b in buckets:
+        if b.batch_size == 0:
+            b = Bucket(b.num_frames, b.height, b.width, max(1, token_budget // tokens_per_clip(b)), b.prob)
+        out.append(b)
+    return out
 
 
 def _seed(*parts) -> int:
@@ -206,6 +239,23 @@ def parse_sample(s: dict) -> dict:
     return out
 
 
+def latent_frames(meta: dict, num_frames: int) -> int | None:
+    """The latent frames of a window of `num_frames` pixel frames of a stored latent (its
+    ``.json`` ``video_shape`` (T, H, W) and ``latent_shape`` (C, t, h, w): the whole clip for
+    ``latent.span=whole``, the encoded window otherwise), or None when the latent holds no such
+    window: another height or width, longer than the clip, or not ``1 + k * tc`` frames."""
+    shape, lat = meta.get("video_shape"), meta.get("latent_shape")
+    if not shape or not lat:
+        return None
+    T, t = int(shape[0]), int(lat[1])
+    if num_frames > T:
+        return None
+    if t == 1 or T == 1:  # one latent frame: only one-frame windows
+        return 1 if num_frames == 1 else None
+    tc = (T - 1) // (t - 1)
+    return 1 + (num_frames - 1) // tc if (num_frames - 1) % tc == 0 else None
+
+
 class ClipStream(IterableDataset):
     """Endless batches ``(video (B, 3, T, H, W) uint8, captions, reader_state)`` for one rank
     (kind=latent: ``(latents (B, C, t, h, w) float32, captions, reader_state)``).
@@ -222,6 +272,9 @@ class ClipStream(IterableDataset):
             raise ValueError("no training shards")
         if not buckets:
             raise ValueError("no buckets")
+        if any(b.batch_size < 1 for b in buckets):
+            raise ValueError("a bucket has batch_size 0: resolve it from the token budget first "
+                             "(resolve_batch_sizes)")
         self.urls, self.buckets = list(urls), list(buckets)
         self.rank, self.world, self.seed = rank, world, seed
         self.cfg = cfg or LoaderConfig()
@@ -292,13 +345,22 @@ class ClipStream(IterableDataset):
         while buf:
             yield buf.pop(rng.randrange(len(buf)))
 
-    def assign(self, sample: dict) -> int | None:
-        """The bucket of a sample, from its metadata alone (no decoding); None: no bucket fits."""
+    def assign(self, sample: dict, epoch: int = 0) -> int | None:
+        """The bucket of a sample, from its metadata alone (no decoding); None: no bucket fits.
+
+        Raw clips: the buckets whose frame count the clip can fill at the target fps, of the
+        aspect ratio closest to the clip's (too short for all: the one needing fewest frames).
+        Latents: the buckets of the encoded height and width whose frame count is a whole
+        number of latent frames (``1 + k * tc``) no longer than the stored latent. Among
+        those, longest first, each bucket takes the clip with its ``prob`` (an RNG of the
+        seed, epoch and key, so the choice does not depend on order); the shortest always."""
         meta = sample.get("json") or {}
-        if self.cfg.kind == "latent":  # encoded at one pixel shape: the bucket of exactly that shape
-            shape = list(meta.get("video_shape") or [])
-            return next((i for i, b in enumerate(self.buckets)
-                         if [b.num_frames, b.height, b.width] == shape), None)
+        key = sample.get("__key__", "?")
+        if self.cfg.kind == "latent":
+            hw = list((meta.get("video_shape") or [0, 0, 0])[1:])
+            fits = [i for i, b in enumerate(self.buckets)
+                    if [b.height, b.width] == hw and latent_frames(meta, b.num_frames) is not None]
+            return self._pick(fits, epoch, key) if fits else None
         if not {"start", "end", "fps", "width", "height"} <= meta.keys():
             return 0  # no metadata: the first bucket; decode_sample probes the file
         # num_frames: what the mp4 holds (a variable-rate source's span is resampled)
@@ -308,19 +370,36 @@ class ClipStream(IterableDataset):
         fits = [i for i, b in enumerate(self.buckets) if (b.num_frames - 1) * stride + 1 <= n]
         if not fits:  # too short for every bucket: the one needing fewest frames
             return min(range(len(self.buckets)), key=lambda i: self.buckets[i].num_frames)
-        return min(fits, key=lambda i: (abs(math.log(self.buckets[i].width
-                                                     / self.buckets[i].height) - aspect),
-                                        -self.buckets[i].num_frames))
+        gap = {i: abs(math.log(self.buckets[i].width / self.buckets[i].height) - aspect) for i in fits}
+        best = min(gap.values())
+        return self._pick([i for i in fits if gap[i] <= best + 1e-9], epoch, key)
+
+    def _pick(self, fits: list[int], epoch: int, key: str) -> int:
+        """Longest bucket first, each taking the clip with its `prob`; the last one always."""
+        order = sorted(fits, key=lambda i: -self.buckets[i].num_frames)  # stable: config order on ties
+        rng = random.Random(_seed(self.seed, epoch, key, "bucket"))
+        for i in order[:-1]:
+            p = self.buckets[i].prob
+            if p >= 1.0 or (p > 0.0 and rng.random() < p):
+                return i
+        return order[-1]
 
     def _decode(self, s: dict, b: int | None, epoch: int):
         if b is None:
             raise ValueError(f"sample {s.get('__key__')!r} fits no bucket")
-        if self.cfg.kind == "latent":
-            return (*decode_latent_sample(s), latent_text(s))  # (C, t, h, w) float32, caption, key, (n, D) or None
         bk = self.buckets[b]
         key = s.get("__key__", "?")
-        v, cap = decode_frames(s, bk.num_frames, (bk.height, bk.width), self.cfg.target_fps,
-                               random.Random(_seed(self.seed, epoch, key)))
+        rng = random.Random(_seed(self.seed, epoch, key))
+        if self.cfg.kind == "latent":
+            z, cap, key = decode_latent_sample(s)  # (C, t_clip, h, w)
+            t = latent_frames(s.get("json") or {}, bk.num_frames)
+            if t is None:
+                raise ValueError(f"latent {key!r} does not hold a window of {bk.num_frames} frames")
+            if t < z.shape[1]:  # a window of the whole-clip latent, its start drawn per epoch
+                first = rng.randrange(z.shape[1] - t + 1)
+                z = z[:, first : first + t].contiguous()  # (C, t, h, w)
+            return z, cap, key, latent_text(s)
+        v, cap = decode_frames(s, bk.num_frames, (bk.height, bk.width), self.cfg.target_fps, rng)
         return v, cap, key  # (T, H, W, 3)
 
     def __iter__(self):
@@ -360,7 +439,7 @@ class ClipStream(IterableDataset):
                     continue
                 try:
                     s = parse_sample(s)
-                    b = self.assign(s)
+                    b = self.assign(s, epoch)
                     held[b].append(self._decode(s, b, epoch))
                 except Exception:  # noqa: BLE001 - a corrupt (or bucketless) sample is skipped and counted
                     skipped += 1

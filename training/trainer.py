@@ -18,8 +18,9 @@ does not retry a run that would diverge again) and the driver raises the message
 Latent training (``train.data.kind=latent``): the shards are latent shards from
 ``training.latent.precompute`` and ``run_training`` gets their ``latent_space.json`` record; batches are
 latents used as they are (no ``normalize``), the DiT's ``model.dit.in_channels`` follows the
-VAE's latent channels (``null``; an explicit value must equal them), and one bucket must have
-the clips' encoded (frames, height, width). When the shards hold a frozen text encoder's
+VAE's latent channels (``null``; an explicit value must equal them), and every bucket must be
+a window the shards hold (``check_latent_buckets``: the encoded height and width, ``1 + k * tc``
+frames, at most the encoded window unless ``latent.span=whole`` stored whole clips). When the shards hold a frozen text encoder's
 caption tokens (the record's ``text``), batches bring their text and the encoder never runs
 (the model's encoder must be the one that made them: same identity). The record is saved under
 ``latent`` in ``train_config.json`` so that evaluation decodes samples through the same VAE
@@ -49,7 +50,7 @@ from training.checkpoint import Checkpoints, rng_state, set_rng_state
 from training.ema import EMA
 from training.flops import matmul_flops_per_s
 from training.flow import FlowConfig
-from training.loader import Bucket, ClipStream, Loader, LoaderConfig
+from training.loader import Bucket, ClipStream, Loader, LoaderConfig, resolve_batch_sizes
 from training.model import ModelConfig
 from training.parallelize import DeepSpeedConfig, full_params, parallelize
 from training.patches import check_patchable
@@ -160,14 +161,51 @@ def check_latent_data(tcfg: TrainConfig, mcfg, latent: dict | None) -> None:
         raise ValueError(f"the latent shards hold caption tokens of the {text['kind']} encoder {text['name']!r} "
                          f"(dim {text['dim']}, max_length {text['max_length']}), not of model.text (dim "
                          f"{mcfg.text.dim}, max_length {mcfg.text.max_length}): precompute them again")
-    shape = list(latent["video_shape"])
-    shapes = [[b.num_frames, b.height, b.width] for b in buckets_of(tcfg, 1)]
-    if shape not in shapes:
-        raise ValueError(f"the latent shards hold clips encoded at (frames, height, width)={tuple(shape)}, but "
-                         f"the training shapes are {[tuple(s) for s in shapes]}: set train.num_frames, "
-                         f"train.height, train.width (or train.data.buckets) to {tuple(shape)}")
-    lt, lh, lw = latent["latent_shape"][1:]
-    check_patchable((lt, lh, lw), mcfg.dit.patch_size, what="the grid of latents", key="model.dit.patch_size")
+    try:
+        check_latent_buckets(buckets_of(tcfg, 1), latent["video_shape"], latent.get("span", "window"),
+                             int(latent["compression"][0]), mcfg.dit.patch_size, latent["compression"])
+    except ValueError as e:
+        raise ValueError(f"the latent shards ({latent['config']['kind']} VAE): {e}") from None
+
+
+def check_latent_buckets(buckets: list[Bucket], video_shape, span: str, tc: int | None, patch,
+                         compression=None) -> None:
+    """Every training shape must be a window the latent shards hold: their encoded height and
+    width, ``1 + k * tc`` frames (``tc`` None: not known yet, a diffusers VAE before it loads),
+    and for ``latent.span=window`` no more frames than were encoded; with `compression`, its
+    grid of latents must fit the DiT's patch. Errors name the keys."""
+    T0, H, W = (int(v) for v in video_shape)
+    for b in buckets:
+        shape = (b.num_frames, b.height, b.width)
+        if (b.height, b.width) != (H, W):
+            raise ValueError(f"they hold clips encoded at height x width {H}x{W}, but a training shape is "
+                             f"(frames, height, width)={shape}: in latent space every shape has the encoded "
+                             f"size (train.height/width, train.data.buckets, latent.height/width)")
+        if tc and (b.num_frames - 1) % tc:
+            raise ValueError(f"training shape {shape}: a window of latents is 1 + k*{tc} frames "
+                             f"(e.g. {1 + tc}, {1 + 4 * tc}, {1 + 8 * tc}); set train.num_frames or the "
+                             f"buckets' num_frames to one")
+        if span != "whole" and b.num_frames > T0:
+            raise ValueError(f"they hold one window of {T0} frames per clip (latent.span=window), "
+                             f"but a training shape is {shape}: set latent.span=whole to store whole "
+                             f"clips, or train on at most {T0} frames")
+        if compression is not None:
+            grid = (1 + (b.num_frames - 1) // int(compression[0]), H // int(compression[1]),
+                    W // int(compression[2]))
+            check_patchable(grid, patch, what=f"the grid of latents of {shape}", key="model.dit.patch_size")
+
+
+def clip_tokens(tcfg: TrainConfig, mcfg, latent: dict | None):
+    """`bucket -> the DiT's spacetime tokens per clip of its shape` (pixels, or the latents of
+    the record's compression): what ``train.data.token_budget`` counts."""
+    patch = mcfg.dit.patch_size
+    comp = [int(c) for c in latent["compression"]] if tcfg.data.kind == "latent" and latent else [1, 1, 1]
+
+    def tokens(b: Bucket) -> int:
+        grid = (1 + (b.num_frames - 1) // comp[0], b.height // comp[1], b.width // comp[2])
+        return math.prod(-(-g // p) for g, p in zip(grid, patch))
+
+    return tokens
 
 
 def follow_data(tcfg: TrainConfig, mcfg, latent: dict | None):
@@ -179,9 +217,12 @@ def follow_data(tcfg: TrainConfig, mcfg, latent: dict | None):
     return replace(mcfg, dit=replace(mcfg.dit, in_channels=C))
 
 
-def buckets_of(cfg: TrainConfig, micro: int) -> list[Bucket]:
-    """The loader's buckets: the configured ones, or one of the train shape at the micro batch."""
-    return list(cfg.data.buckets) or [Bucket(cfg.num_frames, cfg.height, cfg.width, micro)]
+def buckets_of(cfg: TrainConfig, micro: int, tokens=None) -> list[Bucket]:
+    """The loader's buckets: the configured ones, or one of the train shape at the micro batch.
+    With `tokens` (``clip_tokens``), batch sizes 0 are resolved from ``train.data.token_budget``;
+    without, they stay 0 (shapes only)."""
+    buckets = list(cfg.data.buckets) or [Bucket(cfg.num_frames, cfg.height, cfg.width, micro)]
+    return resolve_batch_sizes(buckets, cfg.data.token_budget, tokens) if tokens else buckets
 
 
 class NonFiniteGuard:
@@ -424,7 +465,8 @@ def train_loop(config: dict[str, Any]) -> None:
                         mirror=config.get("ckpt_mirror"), layout={"sequence_parallel": sp})
     start, loader_state, ema = restore(ckpts, engine, gen, tcfg, dcfg.zero_stage, rank)
     peak = peak_flops(config, dtype, device, rank)  # before the loader's threads start
-    data = Loader(ClipStream(config["train_shards"], buckets=buckets_of(tcfg, micro), rank=dp_rank,
+    buckets = buckets_of(tcfg, micro, clip_tokens(tcfg, mcfg, latent))
+    data = Loader(ClipStream(config["train_shards"], buckets=buckets, rank=dp_rank,
                              world=dp_world, seed=tcfg.seed, cfg=tcfg.data,
                              state=Loader.restore_state(loader_state, tcfg.data.num_workers)))
     tracker = make_tracker(TrackerSpec(**config["tracker"]), rank)
