@@ -4,6 +4,8 @@
   the memory cap), one that takes too long and one corrupt mid-stream end as rejects with a
   reason, and the worker carries on;
 - a Ray task whose worker dies is retried a bounded number of times and loses only its input;
+  so is an actor of a model pool (restarted a bounded number of times), with no Ray
+  deprecation warning on the way;
 - a transient HTTP failure is retried, a permanent one is not;
 - sources missing on the node that shards them (fetched by another node) are fetched again;
 - text is scored on keyframes large enough to see subtitles, and always recorded; filtered
@@ -22,6 +24,7 @@ import os
 import shutil
 import socket
 import time
+import warnings
 from fractions import Fraction
 from pathlib import Path
 
@@ -197,6 +200,60 @@ def test_task_pools_queue_a_task_per_cpu_only_when_the_cluster_caps_them(tmp_pat
     spans = sorted(r["span"] for r in read_parts(tmp_path / "parts"))
     assert len(spans) == 4
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans  # never two at once
+
+
+def test_parts_bound_actor_restarts_without_deprecated_ray_args(tmp_path, ray_local):
+    """Tasks and actor pools (with a prepare step, an actor whose model load fails once) run
+    with Ray's deprecation warnings as errors; an input that kills its actor is tried
+    max_retries + 1 times, then the run fails (not an endless restart loop)."""
+    import ray
+    from ray.util.annotations import RayDeprecationWarning
+
+    from pipeline.curation.parts import read_parts, run_parts
+
+    calls, flaky = tmp_path / "calls", tmp_path / "flaky"
+
+    def load():  # a model load that times out on the first try of the first actor
+        if not flaky.exists():
+            flaky.touch()
+            raise TimeoutError("hub timeout")
+
+        def model(items, prepared):
+            out = []
+            for it, p in zip(items, prepared):
+                if it["id"] == "killer":
+                    with open(calls, "a") as f:
+                        f.write("x")
+                    os.kill(os.getpid(), 9)
+                out.append({"id": it["id"], "prep": p, "pid": os.getpid()})
+            return out
+        return model
+
+    def prepare(items):
+        return [it["id"].upper() for it in items]
+
+    def work(items):
+        return [{"id": it["id"], "n": len(items)} for it in items]
+
+    items = [{"id": f"v{i}"} for i in range(5)]
+    quiet = lambda *a: None  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RayDeprecationWarning)
+        run_parts(items, work, tmp_path / "tasks", group_size=2, concurrency=2, log=quiet)
+        run_parts(items, None, tmp_path / "actors", group_size=2, concurrency=2, log=quiet,
+                  actor_factory=lambda: load(), prepare=prepare, actor_init_retries=1)
+    assert sorted((r["id"], r["n"]) for r in read_parts(tmp_path / "tasks")) == [
+        ("v0", 2), ("v1", 2), ("v2", 2), ("v3", 2), ("v4", 1)]
+    got = sorted(read_parts(tmp_path / "actors"), key=lambda r: r["id"])
+    assert [(r["id"], r["prep"]) for r in got] == [(f"v{i}", f"V{i}") for i in range(5)]
+    assert flaky.exists()  # the load failed once and was retried in the actor
+
+    with pytest.raises(ray.exceptions.RayActorError):
+        run_parts([{"id": "v0"}, {"id": "killer"}], None, tmp_path / "killed", group_size=1,
+                  concurrency=1, log=quiet, actor_factory=lambda: load(), prepare=prepare,
+                  max_retries=1)
+    assert calls.read_text() == "xx"  # the first try and one retry on a restarted actor
+    assert [r["id"] for r in read_parts(tmp_path / "killed")] == ["v0"]  # kept for a rerun
 
 
 # ----- transient failures --------------------------------------------------------------------

@@ -21,10 +21,10 @@ captioning fails is not lost: it comes back as a reject with reason ``caption_fa
 error in ``detail``.
 
 The VLM path runs as resumable parts (`pipeline.curation.parts.run_parts`): the clips are cut into groups
-of ``group_size``, and each group is one Ray Data row through two operators, so it streams with
-backpressure and runs unchanged on a multi-node cluster:
+of ``group_size``, and each group goes through two steps on Ray, a bounded number in flight, so
+it streams with backpressure and runs unchanged on a multi-node cluster:
 
-    groups ──map (CPU tasks)──► sampled frames ──map_batches (actor pool)──► captions
+    groups ──CPU tasks──► sampled frames ──actor pool──► captions
              decode num_frames                   CaptionGroup: one model per actor,
              per clip                            batched generate, GPUs when there are any
 
@@ -32,14 +32,14 @@ and the driver writes each group's captions to ``parts/part-NNNNNN.jsonl`` atomi
 arrives. A killed driver loses only the groups in flight: the graph keeps the caption stage's
 unfinished directory (``resumable=True``) and the rerun captions only the groups with no part.
 
-Decoding is a separate task stage so GPU actors never wait on video decoding. (On a CPU-only
-cluster both operators ask for the same resources and Ray Data fuses them, so each actor decodes
-its own clips: no frames cross the object store, and the CPUs were shared anyway.) The pool is
+Decoding is a separate task so GPU actors never wait on video decoding. (On a CPU-only
+cluster each actor decodes its own clips: no frames cross the object store, and the CPUs were
+shared anyway.) The pool is
 sized by `pipeline.curation.parts.actor_pool`: ``concurrency`` actors (default one per GPU), never more
 than the cluster's GPUs hold. Each actor loads the model once. Failures, by kind:
 
-- a worker or node dies: Ray Data restarts the actor (its default: without limit) and reruns the
-  batches it held; lost decode tasks are rerun by Ray;
+- a worker or node dies: Ray restarts the actor and reruns the group it held, and reruns lost
+  decode tasks, each up to `run_parts`' ``max_retries`` times (then the run fails);
 - the model load raises (a hub timeout, say): retried in the actor up to ``max_retries`` times,
   then the run fails (a wrong model id is a config error, not a bad clip);
 - one clip's error (a missing or corrupt file, a generate call that fails for that clip only):
@@ -157,7 +157,7 @@ def sampled_fps(clip: dict, num_frames: int) -> float:
 
 
 def decode_clip(row: dict, num_frames: int, frame_size: int) -> dict:
-    """Ray Data map (a CPU task): a clip -> its sampled frames as raw bytes, or the error."""
+    """A clip -> its sampled frames as raw bytes, or the error (in `decode_group`'s task)."""
     clip = json.loads(row["clip"])
     out = {"i": row["i"], "clip": row["clip"], "frames": b"", "shape": [0, 0, 0, 0], "error": ""}
     try:

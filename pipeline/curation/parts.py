@@ -2,8 +2,8 @@
 
 A curation stage over millions of videos must not redo finished work when its driver dies.
 Items are cut into fixed groups (in a deterministic order, so the same inputs always give the
-same groups); each group is one Ray Data row, processed by a task (CPU work) or an actor
-(model work) and returned to the driver, which writes the group's records to
+same groups); each group is one Ray task (CPU work) or one call on a pool of Ray actors
+(model work), returned to the driver, which writes the group's records to
 ``parts/part-NNNNNN.jsonl`` atomically as they stream in. When the stage runs again (the graph
 keeps a resumable stage's unfinished directory), groups whose part file exists are skipped,
 so finished work is not redone and, since a part is written whole or not at all, no record is
@@ -17,8 +17,10 @@ are sized by `actor_pool`: as configured, capped by the GPUs the cluster has.
 
 Records go back to the driver rather than being written by the workers, so the workers need no
 shared filesystem for this (only the bulky outputs, shards, are written where they run).
-Ray Data streams the groups with backpressure, retries tasks lost to worker or node failures
-(a bounded number of times) and shows progress bars.
+A bounded number of groups is in flight at a time (backpressure), and a task or actor lost to a
+worker or node failure is retried a bounded number of times (Ray Core's ``max_retries``,
+``max_restarts``/``max_task_retries``; Ray Data's map calls take those only through their
+``**ray_remote_args``, deprecated since Ray 2.60).
 """
 
 from __future__ import annotations
@@ -26,12 +28,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-import numpy as np
 
 
 def groups_of(items: list[dict], size: int) -> list[list[dict]]:
@@ -88,24 +88,32 @@ def _run_group(row: dict, fn: Callable[[list[dict]], list[dict]]) -> dict:
     return {"index": row["index"], "out": json.dumps(fn(json.loads(row["items"])))}
 
 
-def _prepare_group(row: dict, fn: Callable[[list[dict]], Any]) -> dict:
-    return {**row, "prepared": pickle.dumps(fn(json.loads(row["items"])))}
+def _prepare_group(row: dict, fn: Callable[[list[dict]], Any]) -> Any:
+    return fn(json.loads(row["items"]))
 
 
-class _ActorGroup:
-    """Runs an actor's callable (built once per actor) over one group per call: ``fn(items)``,
-    or ``fn(items, prepared)`` after a ``prepare`` step."""
+class _GroupActor:
+    """A Ray actor: builds its callable once (``factory()``, retried ``init_retries`` times when
+    it raises, e.g. a hub timeout loading a model) and runs it over one group per call:
+    ``fn(items)``, or ``fn(items, prepared)`` after a ``prepare`` step (run by a task before,
+    or, given `prepare`, here)."""
 
-    def __init__(self, factory: Callable[[], Callable[..., list[dict]]]):
-        self.fn = factory()
+    def __init__(self, factory: Callable[[], Callable[..., list[dict]]], init_retries: int,
+                 prepare: Callable[[list[dict]], Any] | None = None):
+        self.prepare = prepare
+        for attempt in range(init_retries + 1):
+            try:
+                self.fn = factory()
+                break
+            except Exception:
+                if attempt == init_retries:
+                    raise
 
-    def __call__(self, batch: dict) -> dict:
-        if "prepared" in batch:
-            outs = [json.dumps(self.fn(json.loads(s), pickle.loads(p)))
-                    for s, p in zip(batch["items"], batch["prepared"])]
-        else:
-            outs = [json.dumps(self.fn(json.loads(s))) for s in batch["items"]]
-        return {"index": batch["index"], "out": np.array(outs, dtype=object)}
+    def run(self, row: dict, *prepared: Any) -> dict:
+        items = json.loads(row["items"])
+        if self.prepare is not None:
+            prepared = (self.prepare(items),)
+        return {"index": row["index"], "out": json.dumps(self.fn(items, *prepared))}
 
 
 def _check_groups(parts_dir: Path, items: list[dict], group_size: int, log) -> None:
@@ -206,33 +214,69 @@ def tasks_in_flight(concurrency: int) -> int:
 
 def _stream(rows: list[dict], fn, concurrency: int, actor_factory, prepare, num_gpus: float,
             actor_init_retries: int, max_retries: int, tolerate: bool) -> Iterator[dict]:
-    """The groups through Ray Data, streamed back as they finish. With `tolerate`, groups
-    that fail after their retries are left out instead of failing the whole dataset."""
+    """The groups as Ray tasks (or calls on a pool of actors), streamed back as they finish.
+    With `tolerate`, groups that fail after their retries are left out instead of failing.
+
+    Ray Core, not Ray Data: the retry bound on a lost worker is a Ray Core task/actor option
+    (``max_retries``, ``max_restarts``/``max_task_retries``) that Ray Data's map calls accept
+    only through ``**ray_remote_args``, deprecated in Ray 2.60 and removed in 2.64, and no named
+    parameter or DataContext setting replaces it (Ray Data's own default retries forever)."""
     import ray  # lazy: ray ~1.7 s (ray.train ~4.7 s) to import, needed only here
 
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    # This dataset's own context (later operators copy it), so no global setting changes.
-    ds.context.actor_init_retry_on_errors = actor_init_retries > 0
-    ds.context.actor_init_max_retries = actor_init_retries
-    if tolerate:
-        ds.context.max_errored_blocks = len(rows)
-    if actor_factory is not None:
-        if prepare is not None:
-            ds = ds.map(_prepare_group, fn_kwargs={"fn": prepare}, num_cpus=1,
-                        max_retries=max_retries)
-        ds = ds.map_batches(_ActorGroup, fn_constructor_kwargs={"factory": actor_factory},
-                            batch_size=1, num_cpus=1, num_gpus=num_gpus,
-                            compute=ray.data.ActorPoolStrategy(size=concurrency),
-                            max_restarts=max_retries, max_task_retries=max_retries)
-    else:
-        # One operator: Ray Data's per-operator reservation (half the CPUs, kept for other
-        # operators) only idles CPUs here. Measured on 2 CPUs, 0.8 s tasks: 1.5 tasks in flight
-        # on average with it, 1.9 without.
-        ds.context.op_resource_reservation_enabled = False
-        ds = ds.map(_run_group, fn_kwargs={"fn": fn}, num_cpus=1,
-                    compute=ray.data.TaskPoolStrategy(size=tasks_in_flight(concurrency)),
-                    max_retries=max_retries)
-    yield from ds.iter_rows()
+    if actor_factory is None:
+        task = ray.remote(num_cpus=1, max_retries=max_retries)(_run_group)
+        fn_ref = ray.put(fn)
+        yield from _bounded(rows, lambda row, _: task.remote(row, fn_ref),
+                            [None] * tasks_in_flight(concurrency), tolerate)
+        return
+    actor = ray.remote(num_cpus=1, num_gpus=num_gpus, max_restarts=max_retries,
+                       max_task_retries=max_retries)(_GroupActor)
+    # Without GPUs the actors prepare their own groups: a separate CPU task would compete with
+    # the actors for the same CPUs (and never start when the actors hold them all).
+    fused = prepare if num_gpus == 0 else None
+    pool = [actor.remote(actor_factory, actor_init_retries, fused) for _ in range(concurrency)]
+    prep = ray.remote(num_cpus=1, max_retries=max_retries)(_prepare_group)
+    prep_ref = ray.put(prepare) if prepare is not None and fused is None else None
+
+    def submit(row: dict, a):
+        # the prepared group travels to the actor as an object ref: Ray runs the CPU task
+        # first and hands the actor its result, so GPU actors never wait on decoding
+        extra = () if prep_ref is None else (prep.remote(row, prep_ref),)
+        return a.run.remote(row, *extra)
+
+    try:
+        # two groups per actor: the next one's inputs arrive while the current one runs
+        yield from _bounded(rows, submit, [a for _ in range(2) for a in pool], tolerate)
+    finally:
+        for a in pool:
+            ray.kill(a)  # frees the models' (GPU) memory now, not when the driver exits
+
+
+def _bounded(rows: list[dict], submit, slots: list, tolerate: bool) -> Iterator[dict]:
+    """Submit each row to a free slot (a worker: None for plain tasks, or an actor), at most
+    one in flight per slot, and yield the results as they finish."""
+    import ray  # lazy, as above
+
+    free, flight, todo = list(slots), {}, iter(rows)
+    try:
+        while True:
+            while free and (row := next(todo, None)) is not None:
+                slot = free.pop(0)
+                flight[submit(row, slot)] = slot
+            if not flight:
+                return
+            [ref], _ = ray.wait(list(flight), num_returns=1)
+            free.append(flight.pop(ref))
+            try:
+                out = ray.get(ref)
+            except ray.exceptions.RayError:  # a worker lost more often than retried, or fn raised
+                if not tolerate:
+                    raise
+                continue
+            yield out
+    finally:  # failed, or the caller stopped reading: nothing left running for this run
+        for ref in flight:
+            ray.cancel(ref)
 
 
 def _recover(groups, missing, fn, parts_dir: Path, concurrency: int, max_retries: int,
