@@ -24,7 +24,7 @@ from training.latent.precompute import precompute_latents
 from training.latent_format import decode_latent_sample
 from training.loader import Bucket, ClipStream, Loader, LoaderConfig, decode_sample, normalize
 from training.latent.recon_metrics import evaluate_reconstruction, psnr, ssim
-from training.latent.vae import VAEConfig
+from training.latent.vae import VAEConfig, from_pretrained
 from training.latent.vae_train import PerceptualLoss, VAETrainConfig, train_vae
 
 T, SIZE = 9, (32, 32)
@@ -180,6 +180,11 @@ def test_vae_training_reconstructs_better_than_step0(shards, tmp_path):
     assert res["skipped_samples"] >= 1  # the corrupt clip
     assert json.loads((tmp_path / "results.json").read_text())["final"] == res["final"]
     assert any("vae/recon" in m for _, m in tracker.metrics)
+    # the same weights and config as a safetensors folder (tests/test_safetensors.py)
+    folder = from_pretrained(tmp_path / "vae")
+    assert folder.cfg.latent_std == res["latent_std"]
+    pt = torch.load(tmp_path / "vae.pt", weights_only=True)
+    assert all(torch.equal(v, pt[k]) for k, v in folder.state_dict().items()) and folder.state_dict().keys() == pt.keys()
     # loaded back through the latent-space factory: normalised latents, the same encoder
     space = LatentConfig(kind="ours", path=str(tmp_path)).build()
     assert space.channels == 4 and space.compression == (4, 8, 8)

@@ -11,16 +11,24 @@ encoders (open_clip, t5) have no trainable parameters: build the optimizer from
 Pure ``nn.Module`` (no distributed calls, logging or I/O): DeepSpeed wraps it from outside.
 The text-embedding cache, which may touch disk, is passed in by the caller
 (``encode_captions(captions, cache=cfg.text.build_cache())``).
+
+Exported weights (a training output's ``dit/`` and ``dit_ema/``) are diffusers-style folders
+(`training.pretrained`): `from_pretrained` rebuilds the model from their ``config.json`` (this
+``ModelConfig``) and loads their safetensors. A frozen hub encoder (open_clip, t5) is built as
+configured first (its name must resolve, as for training), then its weights are the file's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
+from data.checks import from_dict
+from training import pretrained
 from training.dit import DiTConfig
 from training.patches import PackedClips
 from training.text import TextEmbeddingCache, TextEncoderConfig, encode_captions
@@ -102,3 +110,20 @@ class TextToVideo(nn.Module):
             text, text_mask = self.encode_text(ids, mask)  # (B, L, Dt), (B, L)
         # frozen encoders return float32; the DiT may hold bf16 weights (DeepSpeed bf16)
         return text.to(self.dit.x_embed.weight.dtype), text_mask
+
+
+def save_pretrained(folder: str | Path, cfg: ModelConfig | dict,
+                    state_dict: dict[str, torch.Tensor]) -> Path:
+    """A model's weights as a diffusers-style folder: config.json (the ModelConfig) and
+    diffusion_pytorch_model.safetensors."""
+    config = asdict(cfg) if isinstance(cfg, ModelConfig) else dict(cfg)
+    return pretrained.save_pretrained(folder, TextToVideo.__name__, config, state_dict)
+
+
+def from_pretrained(folder: str | Path) -> TextToVideo:
+    """The model of a `save_pretrained` folder (e.g. a training output's ``dit`` or
+    ``dit_ema``), in eval mode on the CPU; every weight of the module comes from the file."""
+    config, state = pretrained.load_pretrained(folder, TextToVideo.__name__)
+    model = from_dict(ModelConfig, config).build()
+    model.load_state_dict(state)  # strict: a key missing or extra is an error
+    return model.eval()

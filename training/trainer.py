@@ -51,10 +51,11 @@ from training.ema import EMA
 from training.flops import matmul_flops_per_s
 from training.flow import FlowConfig
 from training.loader import Bucket, ClipStream, Loader, LoaderConfig, resolve_batch_sizes
-from training.model import ModelConfig
+from training.model import ModelConfig, save_pretrained
 from training.parallelize import DeepSpeedConfig, full_params, parallelize
 from training.patches import check_patchable
 from training.prebuild import use_venv_ninja
+from training.pretrained import FILES as PRETRAINED_FILES
 from training.step import StepResult, TextConditioning, TrainStep, reduce_counts
 from training.text_separation import caption_pairs
 from training.ulysses import sequence_groups
@@ -64,6 +65,7 @@ PREEMPT = "PREEMPT"
 NONFINITE = "NONFINITE.json"  # written by rank 0 when the non-finite guard stops the run
 # What rank 0 writes into the stage output besides checkpoints (train_result.json last).
 EXPORTS = ("model.pt", "model_ema.pt", "model_config.json", "train_config.json",
+           *(f"{d}/{f}" for d in ("dit", "dit_ema") for f in PRETRAINED_FILES),
            "train_result.json")
 
 
@@ -414,6 +416,10 @@ def export(out: Path, weights: dict, ema: EMA, config: dict, summary: dict, trac
     that does not hold `out`)."""
     torch.save(weights, out / "model.pt")
     torch.save(ema.shadow, out / "model_ema.pt")
+    # the same weights as safetensors folders (training.model.from_pretrained); the EMA one
+    # complete: the raw weights with the EMA's (the trainable ones) over them
+    save_pretrained(out / "dit", config["model"], weights)
+    save_pretrained(out / "dit_ema", config["model"], {**weights, **ema.shadow})
     (out / "model_config.json").write_text(json.dumps(config["model"], indent=2))
     train = {**config["train"], "latent": config.get("latent")}  # evaluation reads the latent space
     (out / "train_config.json").write_text(json.dumps(train, indent=2))

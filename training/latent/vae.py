@@ -34,20 +34,24 @@ Design decisions:
   (``VAEConfig.latent_mean/latent_std``, measured on training clips after training by
   ``training.latent.vae_train``), so the DiT sees ~unit-variance latents; ``decode`` inverts it.
 
-Pure ``nn.Module`` (no distributed calls, logging or I/O).
+Pure ``nn.Module`` (no distributed calls, logging or I/O), but for `save_pretrained` /
+`from_pretrained`: a diffusers-style folder (``config.json`` = this ``VAEConfig``, weights as
+safetensors; `training.pretrained`), which VAE training writes as ``<out>/vae/``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.checks import check_ranges
+from data.checks import check_ranges, from_dict
+from training import pretrained
 
 # Size presets; every preset compresses (4, 8, 8) like the pretrained video VAEs (Wan, CogVideoX).
 PRESETS: dict[str, dict] = {
@@ -456,3 +460,18 @@ class VAE(nn.Module):
         """Training: x (B, 3, T, H, W) -> (reconstruction (B, 3, T, H, W), posterior)."""
         q = self.posterior(x)
         return self.decoder(q.sample(generator)), q
+
+
+def save_pretrained(folder: str | Path, vae: VAE) -> Path:
+    """The VAE as a diffusers-style folder: config.json (its VAEConfig, with the latent
+    normalisation) and diffusion_pytorch_model.safetensors."""
+    return pretrained.save_pretrained(folder, VAE.__name__, asdict(vae.cfg), vae.state_dict())
+
+
+def from_pretrained(folder: str | Path) -> VAE:
+    """The VAE of a `save_pretrained` folder (a VAE-training output's ``vae``), in eval mode
+    on the CPU."""
+    config, state = pretrained.load_pretrained(folder, VAE.__name__)
+    vae = from_dict(VAEConfig, config).build()
+    vae.load_state_dict(state)  # strict
+    return vae.eval()

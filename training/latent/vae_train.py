@@ -11,7 +11,8 @@ clips skipped and counted). The frame count must be 1 + k*tc; single frames (ima
 through the same network, so ``num_frames=1`` trains an image autoencoder of the same space.
 
 Outputs (``out_dir``): ``vae.pt`` (state dict), ``vae_config.json`` (the ``VAEConfig``
-including the measured latent normalisation), ``results.json`` (the validation reconstruction
+including the measured latent normalisation), ``vae/`` (both again as a diffusers-style folder:
+``config.json`` + ``diffusion_pytorch_model.safetensors``), ``results.json`` (the validation reconstruction
 loss, PSNR and SSIM at step 0 and at the end, the latent statistics, timings).
 
 Latent normalisation: after training, the posterior means of ``stats_clips`` training clips
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 
 from data.checks import check_ranges
 from training.latent.recon_metrics import psnr, ssim
-from training.latent.vae import VAEConfig
+from training.latent.vae import VAEConfig, save_pretrained
 from training.loader import Bucket, ClipStream, Loader, LoaderConfig, normalize, read_clips
 
 RECON_LOSSES = ("l1", "mse")
@@ -181,7 +182,7 @@ def latent_statistics(vae, batches, max_clips: int, device) -> tuple[list[float]
 
 def train_vae(cfg: VAETrainConfig, train_urls: list[str], val_urls: list[str], out_dir, tracker) -> dict:
     """Train the VAE of `cfg.model` on `train_urls`, evaluate on `val_urls` (the first training
-    clips when empty); write vae.pt, vae_config.json, results.json into out_dir."""
+    clips when empty); write vae.pt, vae_config.json, vae/, results.json into out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -245,6 +246,7 @@ def train_vae(cfg: VAETrainConfig, train_urls: list[str], val_urls: list[str], o
     tracker.log({f"vae/val_{k}": v for k, v in after.items()}, step=cfg.steps)
     torch.save({k: v.detach().cpu() for k, v in vae.state_dict().items()}, out / "vae.pt")
     (out / "vae_config.json").write_text(json.dumps(asdict(vae.cfg), indent=2))
+    save_pretrained(out / "vae", vae)  # the same as safetensors: training.latent.vae.from_pretrained
     results = {"step0": before, "final": after, "steps": cfg.steps, "latent_mean": mean, "latent_std": std,
                "compression": list(vae.compression), "channels": vae.channels,
                "params": sum(p.numel() for p in vae.parameters()), "train_seconds": train_seconds,
