@@ -28,7 +28,7 @@ from training.checkpoint import COMPLETE, Checkpoints
 from training.ema import EMA
 from training.launch import run_training, worker_resources
 from training.loader import Bucket, ClipStream, Loader, LoaderConfig, normalize
-from training.model import ModelConfig
+from training.model import ModelConfig, from_pretrained
 from training.parallelize import DeepSpeedConfig, build_ds_config, checks_overflow, full_params, parallelize
 from training.trainer import NonFiniteGuard, TrainConfig, lr_lambda, param_groups
 
@@ -457,6 +457,12 @@ def test_zero2_trains_with_falling_loss(baseline):
         assert m["train/peak_memory_bytes"] > 0 and m["train/nonfinite_steps"] == 0
     res = json.loads((baseline / "train_result.json").read_text())
     assert res["zero_stage"] == 2 and res["world_size"] == 2 and res["skipped_samples"] >= 0
+    # the exports as safetensors folders too: the raw weights, and the EMA over them
+    raw = torch.load(baseline / "model.pt", weights_only=True)
+    ema = {**raw, **torch.load(baseline / "model_ema.pt", weights_only=True)}
+    for folder, want in (("dit", raw), ("dit_ema", ema)):
+        got = from_pretrained(baseline / folder).state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 @pytest.mark.parametrize("zero,offload", [(1, False), (3, False), (2, True)])
