@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -427,6 +427,23 @@ class VAE(nn.Module):
         else:
             moments = self._encode_chunked(x, chunk)  # (B, 2C, t, h, w)
         return DiagonalGaussian(moments)
+
+    def posterior_stream(self, chunks: Iterable[torch.Tensor]) -> DiagonalGaussian:
+        """q(z | x) of a clip given as consecutive chunks (B, 3, T_i, H, W) in [-1, 1]: the
+        first of one frame, every later one of a multiple of the temporal compression frames
+        (``chunk * tc``). Each chunk goes through the encoder with the causal cache and is then
+        dropped, so only one chunk's activations (and the small moments) are ever alive: the
+        memory of a minute is the memory of a chunk. Equal to ``posterior`` of the whole clip
+        up to float rounding."""
+        cache: Cache = {}
+        outs = []
+        for i, x in enumerate(chunks):
+            if i == 0 and x.shape[2] != 1:
+                raise ValueError(f"the first chunk of a stream is the first frame alone, got {x.shape[2]} frames")
+            outs.append(self.encoder(x, cache))  # (B, 2C, t_i, h, w)
+        if not outs:
+            raise ValueError("an empty stream of chunks")
+        return DiagonalGaussian(torch.cat(outs, dim=2))  # (B, 2C, t, h, w)
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         return (z - self.latent_mean) / self.latent_std  # (B, C, t, h, w)
