@@ -158,7 +158,8 @@ class CausalConv3d(nn.Module):
         if (x.shape[2] - self.kt) % self.st:
             raise ValueError(f"a chunk of {T} frames does not align with temporal stride {self.st}")
         if cache is not None:
-            cache[id(self)] = x[:, :, x.shape[2] - (self.kt - self.st):]  # (B, C, kt - st, H, W)
+            # a copy, not a view: a view would keep this chunk's whole padded input alive
+            cache[id(self)] = x[:, :, x.shape[2] - (self.kt - self.st):].clone()  # (B, C, kt - st, H, W)
         return self.conv(x)  # (B, C', T', H', W')
 
 
