@@ -1,7 +1,8 @@
 """`experiment=long` at test scale (issue 22, part 6): the same graph as the minute-long run
 (bouncing long shots kept whole, our VAE, whole-clip latents, the short-to-long recipe in latent
 space at sequence parallelism 2 on 2 Ray Train workers, long samples on SP workers, the
-consistency probes, the report), on 10-second clips with a few steps, through the real CLI."""
+consistency probes, the report), on 10-second clips with a few steps, through the real CLI. It
+also stands for a two-stage recipe through the graph (stage chaining, warm start, hashes)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from data.shards import read_shards
+from training.warm_start import digest, initial_weights
 
 REPO = Path(__file__).resolve().parents[1]
 SECONDS = 10.125  # 81 frames at 8 fps: 1 + 4k, one whole shot per video
@@ -62,6 +64,8 @@ def test_the_recipe_trains_at_sequence_parallel_2_from_the_short_stage(long_run)
     for r in (rs, rl):
         assert r["world_size"] == 2 and r["sequence_parallel"] == 2 and r["skipped_samples"] == 0
     assert rs["init"] is None and rl["init"]["from"] == "train_short"
+    # the long stage's step 0 had exactly the short stage's final EMA weights
+    assert rl["init"]["digest"] == digest(initial_weights(str(short), "ema"))
     cfg = json.loads((long / "train_config.json").read_text())
     assert [b["num_frames"] for b in cfg["data"]["buckets"]] == [81, 41] and cfg["data"]["token_budget"] == 512
     info = json.loads((long / "info.json").read_text())
