@@ -139,6 +139,7 @@ def sp_worker(rank: int, port: int, a, out: str) -> None:
            "ladder": {f: measure(cfg, f, a.size, group)["saved_bytes"] for f in ladder(a.frames)}}
     if rank == 0:
         Path(out).write_text(json.dumps(res))
+    dist.barrier()  # neither rank tears gloo down while the other still uses it (SIGABRT)
     dist.destroy_process_group()
 
 

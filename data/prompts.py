@@ -12,22 +12,27 @@ from typing import Optional
 
 import numpy as np
 
-from data.synthetic import BACKGROUNDS, COLORS, COUNTS, DIRECTIONS, NUMBER_WORDS, SHAPES, ClipSpec, caption
+from data.synthetic import (AXES, BACKGROUNDS, COLORS, COUNTS, DIRECTIONS, NUMBER_WORDS, SHAPES,
+                            ClipSpec, caption)
 
 _PROMPT = re.compile(
-    r"^(?P<count>\w+) (?P<color>[a-z]+) (?P<shape>[a-z]+?)s?(?: moving (?P<direction>[a-z]+))?"
+    r"^(?P<count>\w+) (?P<color>[a-z]+) (?P<shape>[a-z]+?)s?"
+    r"(?: moving (?P<direction>[a-z]+)| bouncing (?P<bounce>[a-z]+ and [a-z]+))?"
     r" on a (?P<background>[a-z ]+) background$")
 
 
 @dataclass(frozen=True)
 class Expected:
-    """What a synthetic prompt asks for. direction None: a still clip."""
+    """What a synthetic prompt asks for. direction None: a still clip, or a bouncing one
+    (bounce True: it moves back and forth along `axis`, horizontal | vertical)."""
 
     count: int
     color: str
     shape: str
     direction: Optional[str]
     background: str
+    bounce: bool = False
+    axis: Optional[str] = None  # bouncing prompts only
 
 
 def parse_prompt(prompt: str) -> Optional[Expected]:
@@ -40,6 +45,12 @@ def parse_prompt(prompt: str) -> Optional[Expected]:
             or g["background"] not in dict(BACKGROUNDS)
             or (g["direction"] is not None and g["direction"] not in dict(DIRECTIONS))):
         return None
+    if g["bounce"] is not None:
+        axis = next((a for a, _, words in AXES if words == g["bounce"]), None)
+        if axis is None:
+            return None
+        return Expected(NUMBER_WORDS.index(g["count"]), g["color"], g["shape"], None,
+                        g["background"], bounce=True, axis=axis)
     return Expected(NUMBER_WORDS.index(g["count"]), g["color"], g["shape"], g["direction"],
                     g["background"])
 

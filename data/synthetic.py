@@ -14,6 +14,13 @@ Design choices:
 - Motion wraps around the frame edges (a torus): objects never leave, and as
   all objects of a clip share direction and speed, objects that do not overlap
   at t=0 never overlap.
+- `motion="bounce"` instead moves the clip's objects as one rigid group that
+  bounces off the frame's walls: when the group's extent reaches a wall its
+  direction reverses (left <-> right, up <-> down). Objects never leave the
+  frame and never wrap, so a clip of any length (a minute at 32x32) keeps its
+  count; starts are drawn inside the frame, with the group narrow enough along
+  its axis to travel at least half the frame. Captions say "bouncing left and
+  right" / "bouncing up and down".
 - Shots of a multi-shot video always change background, so every cut is a
   large jump in mean frame difference, far above motion between frames.
 - A fixed fraction of videos are deliberately bad inputs, each labelled with
@@ -53,6 +60,9 @@ BACKGROUNDS = (
 )
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = (("left", (0, -1)), ("right", (0, 1)), ("up", (-1, 0)), ("down", (1, 0)))  # (dy, dx)
+# Bouncing motion's axes: (axis, its two directions, the caption's words).
+AXES = (("horizontal", ("left", "right"), "left and right"), ("vertical", ("up", "down"), "up and down"))
+MOTIONS = ("wrap", "bounce")
 COUNTS = (1, 2, 3)
 SPEEDS = (1, 2, 3)  # pixels per frame
 NUMBER_WORDS = ("zero", "one", "two", "three")
@@ -68,6 +78,17 @@ EXPECTED = (  # bad kind -> the label curation should give it
 BAD_KINDS = tuple(kind for kind, _ in EXPECTED)
 TINY_SIZE = 16
 MIN_SEPARATION = 0.25  # toroidal Chebyshev distance between start centres, in frame fractions
+# Bounce starts, in frame fractions: centres inside [MARGIN, 1 - MARGIN] on both axes (objects are
+# at most 0.1 of a side across from the centre, so none touches a wall it is not bouncing off),
+# and the group's spread along its axis at most BOUNCE_SPREAD, so it travels >= half the frame.
+BOUNCE_MARGIN = 0.15
+BOUNCE_SPREAD = 0.3
+# Bounce speeds, pixels per frame. Each reversal is a pair of opposite flows, which curation's
+# jitter score (scores.jitter <= 0.35) counts at 12 evenly spaced anchors; when the bounce's
+# period aliases with their spacing they all land on reversals. Minute-long 32x32 clips: at
+# speeds 1-3, 2 of 24 at speed 3 and 1 of 150 at speeds 1-2 scored 0.40-0.49 (rejected as
+# jittery); at speed 1, the worst of 150 scored 0.22.
+BOUNCE_SPEEDS = (1,)
 
 
 @dataclass
@@ -86,10 +107,13 @@ class SourceConfig:
     multishot_fraction: float = 0.15  # videos of 2-3 shots with hard cuts
     bad_fraction: float = 0.15  # videos that are bad inputs, see BAD_KINDS
     bad_kinds: list[str] = field(default_factory=lambda: list(BAD_KINDS))
+    motion: str = "wrap"  # wrap (around the frame edges) | bounce (off the walls, as one group)
 
     def __post_init__(self) -> None:
         check_ranges(self, num_videos=">= 1", width=">= 1", height=">= 1", fps="> 0",
                      seconds="> 0", multishot_fraction="in [0, 1]", bad_fraction="in [0, 1]")
+        if self.motion not in MOTIONS:
+            raise ValueError(f"motion: unknown {self.motion!r}; valid: {', '.join(MOTIONS)}")
         unknown = sorted(set(self.bad_kinds) - set(BAD_KINDS))
         if unknown:
             raise ValueError(f"bad_kinds: unknown {unknown}; valid: {', '.join(BAD_KINDS)}")
@@ -104,17 +128,34 @@ class ClipSpec:
     speed: int  # pixels per frame; 0 renders a still clip
     background: str
     starts: tuple[tuple[float, float], ...]  # (y, x) object centres at t=0, fractions of H and W
+    motion: str = "wrap"  # wrap | bounce; direction is then the direction at t=0
 
     @classmethod
     def from_dict(cls, d: dict) -> ClipSpec:
         return cls(**{**d, "starts": tuple(tuple(p) for p in d["starts"])})
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "starts": [list(p) for p in self.starts]}
+        """Wrap (the default) is left out, so wrap manifests keep their bytes."""
+        d = {**asdict(self), "starts": [list(p) for p in self.starts]}
+        if self.motion == "wrap":
+            del d["motion"]
+        return d
+
+    @property
+    def axis(self) -> str:
+        """The axis of the direction: horizontal | vertical."""
+        return axis_of(self.direction)
 
 
-def sample_spec(rng: np.random.Generator, avoid_background: str | None = None) -> ClipSpec:
+def axis_of(direction: str) -> str:
+    return next(a for a, pair, _ in AXES if direction in pair)
+
+
+def sample_spec(rng: np.random.Generator, avoid_background: str | None = None,
+                motion: str = "wrap") -> ClipSpec:
     """Draw a clip; start centres are at least MIN_SEPARATION apart where possible."""
+    if motion == "bounce":
+        return _sample_bounce(rng, avoid_background)
     backgrounds = [name for name, _ in BACKGROUNDS if name != avoid_background]
     count = COUNTS[rng.integers(len(COUNTS))]
     starts: list[tuple[float, float]] = []
@@ -135,15 +176,54 @@ def sample_spec(rng: np.random.Generator, avoid_background: str | None = None) -
     )
 
 
+def _sample_bounce(rng: np.random.Generator, avoid_background: str | None) -> ClipSpec:
+    """A bouncing clip: the direction first, then starts that leave it room (`bounce_starts`)."""
+    backgrounds = [name for name, _ in BACKGROUNDS if name != avoid_background]
+    count = int(COUNTS[rng.integers(len(COUNTS))])
+    direction = DIRECTIONS[rng.integers(len(DIRECTIONS))][0]
+    return ClipSpec(
+        shape=SHAPES[rng.integers(len(SHAPES))],
+        color=COLORS[rng.integers(len(COLORS))][0],
+        count=count,
+        direction=direction,
+        speed=int(BOUNCE_SPEEDS[rng.integers(len(BOUNCE_SPEEDS))]),
+        background=backgrounds[rng.integers(len(backgrounds))],
+        starts=bounce_starts(rng, count, axis_of(direction)),
+        motion="bounce",
+    )
+
+
+def bounce_starts(rng: np.random.Generator, count: int, axis: str,
+                  attempts: int = 1000) -> tuple[tuple[float, float], ...]:
+    """Start centres inside [BOUNCE_MARGIN, 1 - BOUNCE_MARGIN]^2, at least MIN_SEPARATION apart
+    (plain Chebyshev distance: nothing wraps) and spread at most BOUNCE_SPREAD along `axis`;
+    after `attempts` draws, a line across the axis at one position along it."""
+    along = 0 if axis == "vertical" else 1  # index of the motion axis in (y, x)
+    lo, hi = BOUNCE_MARGIN, 1 - BOUNCE_MARGIN
+    for _attempt in range(attempts):
+        starts = [tuple(round(float(v), 4) for v in rng.uniform(lo, hi, 2)) for _ in range(count)]
+        spread = max(p[along] for p in starts) - min(p[along] for p in starts)
+        if spread <= BOUNCE_SPREAD and all(max(abs(a - b) for a, b in zip(p, q)) >= MIN_SEPARATION
+                                           for i, p in enumerate(starts) for q in starts[:i]):
+            return tuple(starts)
+    at = round(float(rng.uniform(lo, hi)), 4)
+    across = np.linspace(lo, hi, count) if count > 1 else [0.5]
+    return tuple((at, round(float(c), 4)) if along == 0 else (round(float(c), 4), at) for c in across)
+
+
 def _torus_dist(p: tuple[float, float], q: tuple[float, float]) -> float:
     d = [abs(a - b) % 1.0 for a, b in zip(p, q)]
     return max(min(x, 1.0 - x) for x in d)
 
 
 def caption(spec: ClipSpec) -> str:
-    """E.g. "two red circles moving left on a black background"."""
+    """E.g. "two red circles moving left on a black background", or for a bouncing clip
+    "one red circle bouncing left and right on a black background"."""
     noun = spec.shape + ("s" if spec.count > 1 else "")
-    motion = f" moving {spec.direction}" if spec.speed else ""
+    if spec.motion == "bounce":
+        motion = f" bouncing {dict((a, w) for a, _, w in AXES)[spec.axis]}" if spec.speed else ""
+    else:
+        motion = f" moving {spec.direction}" if spec.speed else ""
     return f"{NUMBER_WORDS[spec.count]} {spec.color} {noun}{motion} on a {spec.background} background"
 
 
@@ -157,11 +237,21 @@ def render(spec: ClipSpec, num_frames: int, height: int, width: int) -> np.ndarr
     frames = np.empty((num_frames, height, width, 3), np.uint8)  # (T, H, W, 3)
     frames[:] = dict(BACKGROUNDS)[spec.background]
     color = dict(COLORS)[spec.color]
+    bounce = spec.motion == "bounce"
+    if bounce:
+        offset = bounce_offsets(spec, num_frames, height, width)  # (T,) the group's displacement
+    elif spec.motion != "wrap":
+        raise ValueError(f"unknown motion {spec.motion!r}; valid: {', '.join(MOTIONS)}")
     for fy, fx in spec.starts:
-        cy = (fy * height + dy * spec.speed * t)[:, None, None]  # (T, 1, 1)
-        cx = (fx * width + dx * spec.speed * t)[:, None, None]  # (T, 1, 1)
-        oy = (ys - cy + height / 2) % height - height / 2  # (T, H, 1) wrapped offset from centre
-        ox = (xs - cx + width / 2) % width - width / 2  # (T, 1, W)
+        if bounce:
+            cy = (fy * height + abs(dy) * offset)[:, None, None]  # (T, 1, 1)
+            cx = (fx * width + abs(dx) * offset)[:, None, None]  # (T, 1, 1)
+            oy, ox = ys - cy, xs - cx  # (T, H, 1), (T, 1, W) offsets from the centre
+        else:
+            cy = (fy * height + dy * spec.speed * t)[:, None, None]  # (T, 1, 1)
+            cx = (fx * width + dx * spec.speed * t)[:, None, None]  # (T, 1, 1)
+            oy = (ys - cy + height / 2) % height - height / 2  # (T, H, 1) wrapped offset from centre
+            ox = (xs - cx + width / 2) % width - width / 2  # (T, 1, W)
         if spec.shape == "circle":
             mask = oy**2 + ox**2 <= r**2  # (T, H, W)
         elif spec.shape == "square":
@@ -172,6 +262,26 @@ def render(spec: ClipSpec, num_frames: int, height: int, width: int) -> np.ndarr
             raise ValueError(f"unknown shape {spec.shape!r}")
         frames[mask] = color
     return frames
+
+
+def bounce_offsets(spec: ClipSpec, num_frames: int, height: int, width: int) -> np.ndarray:
+    """A bouncing group's displacement along its axis at each frame, in pixels -> (T,) float.
+
+    The group's extent is its objects' centres +- the half extent r; it may move by `lo` (its
+    leading object at the low wall) to `hi` (its last one at the high wall). The path is the
+    straight one folded into [lo, hi] (a triangle wave): it reverses wherever it meets a wall."""
+    r = max(1.0, min(height, width) / 10)
+    dy, dx = dict(DIRECTIONS)[spec.direction]
+    size, sign = (height, dy) if dy else (width, dx)
+    centres = [fy * height if dy else fx * width for fy, fx in spec.starts] or [size / 2]
+    lo, hi = r - min(centres), size - r - max(centres)  # lo <= 0 <= hi when the group fits
+    room = hi - lo
+    t = np.arange(num_frames, dtype=np.float64)  # (T,)
+    if room <= 0:
+        return np.zeros(num_frames)  # wider than the frame: it cannot move
+    u = np.clip(-lo, 0.0, room) + sign * spec.speed * t  # (T,) unfolded, 0 = at the low wall
+    m = np.mod(u, 2 * room)  # (T,)
+    return lo + np.where(m <= room, m, 2 * room - m)  # (T,)
 
 
 def _shot_lengths(rng: np.random.Generator, num_frames: int, num_shots: int) -> list[int]:
@@ -206,9 +316,9 @@ def _make_video(cfg: SourceConfig, index: int, kind: str | None) -> tuple[bytes,
     num_frames = max(1, round(cfg.fps * cfg.seconds))
     height, width = cfg.height, cfg.width
     num_shots = int(rng.integers(2, 4)) if kind == "multishot" else 1
-    specs = [sample_spec(rng)]
+    specs = [sample_spec(rng, motion=cfg.motion)]
     for _ in range(num_shots - 1):
-        specs.append(sample_spec(rng, avoid_background=specs[-1].background))
+        specs.append(sample_spec(rng, avoid_background=specs[-1].background, motion=cfg.motion))
     if kind == "frozen":
         specs = [replace(specs[0], speed=0)]
     elif kind == "too_short":

@@ -229,7 +229,7 @@ def preflight(cfg) -> None:
             lat = (cfg.latent.num_frames, cfg.latent.height, cfg.latent.width)
             tc = cfg.vae.model.compression[0] if cfg.latent.kind == "ours" else None  # diffusers: once loaded
             try:
-                check_latent_buckets(buckets_of(tcfg, micro), lat, getattr(cfg.latent, "span", "window"), tc,  # MERGE-TODO
+                check_latent_buckets(buckets_of(tcfg, micro), lat, cfg.latent.span, tc,
                                      cfg.model.dit.patch_size)
             except ValueError as e:
                 raise SystemExit(f"spacetime: {at}the latent shards (latent.num_frames/height/width="

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import Recorder
-from test_training import write_training_shards
 from hydra import compose, initialize_config_dir
 
 from pipeline.config import CONF_DIR, ConfigError, register, to_dict, to_object
@@ -364,38 +363,4 @@ def test_a_carried_optimizer_continues_the_previous_stage_exactly(tmp_path):
     assert res["fresh"] > 1e-4
 
 
-# ----- one real 2-stage run through the graph ---------------------------------------------------
-def shard_stage(ctx):
-    """A shard stage's output made straight from the synthetic source (no curation)."""
-    urls = write_training_shards(ctx.out_dir / "shards")
-    (ctx.out_dir / "index.json").write_text(json.dumps(
-        {"train": [f"shards/{Path(u).name}" for u in urls], "val": []}))
-    return {}
-
-
-def test_a_two_stage_recipe_trains_through_the_graph(ray_local, tmp_path):
-    cfg, d = composed(["experiment=tiny", "recipe=short_to_long", "tracking=disabled",
-                       f"run.root={tmp_path / 'out'}", "cluster.num_workers=1", "cluster.peak_tflops_per_worker=1",
-                       "train.global_batch_size=2", "train.warmup_steps=1",
-                       "train.data.shuffle_buffer=4", "recipe.stages.0.train.steps=2",
-                       "recipe.stages.1.train.steps=2"])
-    g = graph_for(cfg)
-    stages = [Stage("shard", shard_stage),
-              g.stages["train_short"], g.stages["train_long"]]
-    graph = Graph(stages, tmp_path / "out")
-    lin = graph.run(cfg, d, "recipe-run", log=lambda s: None)
-    assert {n: r["state"] for n, r in lin["stages"].items()} == dict.fromkeys(
-        ["shard", "train_short", "train_long"], "done")
-    short = Path(lin["stages"]["train_short"]["path"])
-    long = Path(lin["stages"]["train_long"]["path"])
-    assert json.loads((short / "train_config.json").read_text())["num_frames"] == 4
-    assert json.loads((long / "train_config.json").read_text())["num_frames"] == 8
-    res_short = json.loads((short / "train_result.json").read_text())
-    res_long = json.loads((long / "train_result.json").read_text())
-    assert res_short["init"] is None
-    # The second stage's step 0 had exactly the first stage's final EMA weights.
-    assert res_long["init"]["digest"] == digest(initial_weights(str(short), "ema"))
-    assert res_long["init"]["from"] == "train_short" and res_long["steps"] == 2
-    info = json.loads((long / "info.json").read_text())
-    assert info["config"]["settings"]["init"]["from"] == "train_short"
-    assert info["input_hashes"]["train_short"] == lin["stages"]["train_short"]["hash"]
+# A two-stage recipe through the real graph: tests/test_experiment_long.py (experiment=long).

@@ -168,9 +168,16 @@ def decode_frames(sample: dict, num_frames: int, size: tuple[int, int],
                   target_fps: float | None, rng: random.Random | None
                   ) -> tuple[np.ndarray, str]:
     """One WebDataset sample -> ((T, H, W, 3) uint8, possibly a strided view; caption)."""
+    n, fps, h, w = clip_geometry(sample)
+    stride = max(1, round(fps / target_fps)) if target_fps else 1
+    return read_resized(sample, clip_window(n, num_frames, stride, rng), (h, w), size), sample.get("txt") or ""
+
+
+def clip_geometry(sample: dict) -> tuple[int, float, int, int]:
+    """(frames the mp4 holds, fps, height, width) of a clip sample: from its ``.json`` (a
+    variable-rate source's span is resampled: ``num_frames``), else probed."""
     meta = sample.get("json") or {}
     if "end" in meta and "fps" in meta:
-        # num_frames: what the mp4 holds (a variable-rate source's span is resampled)
         n, fps = meta.get("num_frames") or meta["end"] - meta["start"], float(meta["fps"])
         h, w = meta.get("height"), meta.get("width")
     else:
@@ -179,12 +186,16 @@ def decode_frames(sample: dict, num_frames: int, size: tuple[int, int],
     if not h or not w:
         p = probe(sample["mp4"])
         h, w = p.height, p.width
-    stride = max(1, round(fps / target_fps)) if target_fps else 1
-    rh, rw = resize_crop_size(h, w, size)
-    frames = read_frames(sample["mp4"], indices=clip_window(n, num_frames, stride, rng),
-                         size=(rh, rw))  # (T, rh, rw, 3)
+    return int(n), fps, int(h), int(w)
+
+
+def read_resized(sample: dict, indices: list[int], hw: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """Frames `indices` of a clip of (h, w) = `hw`, resized keeping the aspect ratio and
+    centre-cropped to `size` -> (T, H, W, 3) uint8, possibly a strided view."""
+    rh, rw = resize_crop_size(*hw, size)
+    frames = read_frames(sample["mp4"], indices=indices, size=(rh, rw))  # (T, rh, rw, 3)
     top, left = (rh - size[0]) // 2, (rw - size[1]) // 2
-    return frames[:, top : top + size[0], left : left + size[1]], sample.get("txt") or ""
+    return frames[:, top : top + size[0], left : left + size[1]]
 
 
 def decode_sample(sample: dict, num_frames: int, size: tuple[int, int],

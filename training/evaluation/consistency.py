@@ -21,7 +21,11 @@ synthetic prompt and work on any prompt):
   the distances are recorded (``color_drift``, ``background_drift``) and plotted. The
   thresholds are well under half the closest pair of the source's palette (yellow-orange 115,
   black-dark green 104), so a drift that fails is one a viewer reads as another colour.
-- ``direction_held``: the window's motion direction is the first window's.
+- ``direction_held``: the window's motion direction is the first window's. For a bouncing
+  prompt ("bouncing left and right"), whose direction reverses at every wall, the window's
+  motion axis is the first window's (``probes.motion_axis``: the direction's axis, or where a
+  reversal inside the window balances the direction out to still, the axis its frame pairs
+  move along); motion along the other axis, or none, fails.
 
 Frame counts: the model samples at the training's frame rate (``train.data.target_fps``; when
 that is unset, ``eval.fps``), so ``seconds * fps`` must be a whole number of frames the model
@@ -40,7 +44,7 @@ import numpy as np
 
 from data.checks import check_ranges
 from data.prompts import parse_prompt
-from training.evaluation.probes import Measurement, judge, measure
+from training.evaluation.probes import Measurement, judge, measure, motion_axis
 
 HELD = ("count_held", "none_vanished", "none_appeared", "color_held", "background_held",
         "direction_held")
@@ -141,7 +145,13 @@ def _drift(a: Optional[list[float]], b: Optional[list[float]]) -> Optional[float
     return None if a is None or b is None else round(float(np.linalg.norm(np.subtract(a, b))), 2)
 
 
-def _window(m: Measurement, ref: Measurement, ref_count: int) -> dict:
+def _direction_held(m: Measurement, ref: Measurement, bounce: bool) -> bool:
+    if bounce:
+        return motion_axis(m) is not None and motion_axis(m) == motion_axis(ref)
+    return m.direction is not None and m.direction == ref.direction
+
+
+def _window(m: Measurement, ref: Measurement, ref_count: int, bounce: bool = False) -> dict:
     lo, hi = min(m.counts), max(m.counts)
     color_drift = _drift(m.color_rgb, ref.color_rgb)
     bg_drift = _drift(m.background_rgb, ref.background_rgb)
@@ -151,13 +161,13 @@ def _window(m: Measurement, ref: Measurement, ref_count: int) -> dict:
         "none_appeared": ref_count > 0 and hi <= ref_count,
         "color_held": color_drift is not None and color_drift <= MAX_COLOR_DRIFT,
         "background_held": bg_drift is not None and bg_drift <= MAX_BACKGROUND_DRIFT,
-        "direction_held": m.direction is not None and m.direction == ref.direction,
+        "direction_held": _direction_held(m, ref, bounce),
     }
     return {"count": _mode(m.counts), "vanished": max(0, ref_count - lo),
             "appeared": max(0, hi - ref_count), "color": m.color, "color_rgb": m.color_rgb,
             "color_drift": color_drift, "background": m.background,
             "background_rgb": m.background_rgb, "background_drift": bg_drift,
-            "direction": m.direction, "shift": m.shift, "held": held}
+            "direction": m.direction, "axis": m.axis, "shift": m.shift, "held": held}
 
 
 def window_probes(video: np.ndarray, prompt: str, frames_per_window: int, fps: float) -> dict:
@@ -176,7 +186,8 @@ def window_probes(video: np.ndarray, prompt: str, frames_per_window: int, fps: f
     windows = []
     for w, ((a, b), m) in enumerate(zip(bounds, ms)):
         windows.append({"window": w, "start_s": round(a / fps, 4), "end_s": round(b / fps, 4),
-                        **_window(m, ref, ref_count), "pass": {} if e is None else judge(m, e)})
+                        **_window(m, ref, ref_count, e is not None and e.bounce),
+                        "pass": {} if e is None else judge(m, e)})
     first = {p: next((x["window"] for x in windows if not x["held"][p]), None) for p in HELD}
     held = {p: first[p] is None for p in HELD}
     return {"expected": None if e is None else asdict(e), "windows": windows,

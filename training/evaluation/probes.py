@@ -42,6 +42,13 @@ How each attribute is measured, and why that way:
   measures, with no tracking or matching of objects. (Unnormalised: phase correlation
   whitens every frequency and lets mp4's static noise pattern win.) A prompt without
   "moving" expects less than ``MIN_SPEED`` pixels per frame.
+- **Motion axis** (for bouncing prompts, "bouncing left and right"): the same correlation per
+  pair of frames 2 apart, alone; the axis whose mean |shift| is larger (``still`` below
+  ``MIN_SPEED``). A bouncing clip's pairs before and after a reversal shift in opposite
+  directions, so their sum (the direction above) can read ``still`` or pick either side; each
+  pair alone still moves along the axis. A bouncing prompt's direction probe passes when the
+  clip's reading is on its axis: the direction, or the axis where the direction is ambiguous
+  (``still`` / ``diagonal``). A still clip or motion along the other axis fails.
 - **Flicker**: the mean absolute frame-to-frame change of the background's mean luminance
   (0-255). A static scene's background does not change at all; mp4 adds well under a level.
 
@@ -60,7 +67,7 @@ import cv2
 import numpy as np
 
 from data.prompts import Expected, parse_prompt
-from data.synthetic import BACKGROUNDS, COLORS, SHAPES
+from data.synthetic import BACKGROUNDS, COLORS, SHAPES, axis_of
 
 PROBES = ("background", "color", "shape", "direction", "count", "count_constant", "flicker")
 FG_MIN_DIST = 40.0  # RGB distance from the background beyond which a pixel may be an object
@@ -173,6 +180,7 @@ class Measurement:
     shape_votes: dict[str, int]
     shift: Optional[list[float]]  # (dy, dx) pixels per frame; None for a single frame
     direction: Optional[str]  # left | right | up | down | still | diagonal | None
+    axis: Optional[str]  # horizontal | vertical | still | diagonal, frame pair by pair; None: 1 frame
     flicker: float  # mean |change| of background luminance between frames (0-255)
     flicker_global: float  # the same for the whole frame's mean luminance
 
@@ -225,10 +233,11 @@ def measure(video: np.ndarray) -> Measurement:
     shape = (max(SHAPES, key=lambda name: (votes[name], fit[name]))  # ties: the better fit
              if any(votes.values()) else None)
 
-    shift = direction = None
+    shift = direction = axis = None
     if T > 1:
         shift = _velocity(s)
         direction = _direction(*shift)
+        axis = _axis(s)
 
     luma = v @ _LUMA  # (T, H, W)
     bg_px = s < 0.25  # (T, H, W)
@@ -238,7 +247,7 @@ def measure(video: np.ndarray) -> Measurement:
     flicker_global = float(np.abs(np.diff(luma.mean(axis=(1, 2)))).mean()) if T > 1 else 0.0
     return Measurement(background=_nearest(bg, BACKGROUNDS), background_rgb=bg.round(1).tolist(),
                        color=color, color_rgb=color_rgb, counts=counts, shape=shape,
-                       shape_votes=votes, shift=shift, direction=direction,
+                       shape_votes=votes, shift=shift, direction=direction, axis=axis,
                        flicker=round(flicker, 3), flicker_global=round(flicker_global, 3))
 
 
@@ -274,6 +283,29 @@ def _velocity(s: np.ndarray) -> list[float]:
     return [round(float(x), 2) for x in v]
 
 
+def _axis(s: np.ndarray) -> str:
+    """The axis a coverage video (T, H, W) moves along, pair by pair: the mean |(dy, dx)| of the
+    shifts between frames t and t+k (k = 2, or 1 for two frames), each pair on its own, so
+    motion that reverses (a bounce) does not cancel out."""
+    k = 2 if len(s) > 2 else 1
+    F = np.fft.fft2(s)  # (T, H, W)
+    corr = np.fft.ifft2(F[k:] * np.conj(F[:-k])).real  # (T-k, H, W)
+    mean = np.abs([_peak(c) for c in corr]).mean(axis=0) / k  # (2,) mean |dy|, |dx| per frame
+    if mean.max() < MIN_SPEED:
+        return "still"
+    if mean[1] > mean[0]:
+        return "horizontal"
+    return "vertical" if mean[0] > mean[1] else "diagonal"
+
+
+def motion_axis(m: Measurement) -> Optional[str]:
+    """The axis a measurement moves along: its direction's, or where the direction is ambiguous
+    (still, diagonal: a bounce's two directions can balance out) the pair-by-pair axis."""
+    if m.direction in ("left", "right", "up", "down"):
+        return axis_of(m.direction)
+    return m.axis
+
+
 def _direction(dy: float, dx: float) -> str:
     if max(abs(dy), abs(dx)) < MIN_SPEED:
         return "still"
@@ -291,7 +323,8 @@ def judge(m: Measurement, e: Expected) -> dict[str, bool]:
         "background": m.background == e.background,
         "color": m.color == e.color,
         "shape": m.shape == e.shape,
-        "direction": m.direction == (e.direction or "still"),
+        "direction": (motion_axis(m) == e.axis if e.bounce
+                      else m.direction == (e.direction or "still")),
         "count": all(c == e.count for c in m.counts),
         "count_constant": len(set(m.counts)) == 1 and m.counts[0] > 0,
         "flicker": m.flicker <= MAX_FLICKER,

@@ -12,11 +12,19 @@ tars do), so a reader tells a damaged shard from a whole one (`data.shards.read_
 damaged input shard stops the precompute with an error naming it (`ShardIncomplete`), rather
 than encoding what was left of it.
 
-Each clip is encoded from its first window of ``num_frames`` frames at ``target_fps``
-(``decode_sample`` with no RNG), resized keeping the aspect ratio and centre-cropped to
-``size``: one fixed window per clip, where raw training draws a random window each epoch. The
-``.npy`` members are plain numpy files (loaded with ``allow_pickle=False``: no code runs on
-load), so any WebDataset reader can use them.
+What is stored per clip (``latent.span``): ``window`` (the default) encodes its first window of
+``num_frames`` frames at ``target_fps`` (``decode_sample`` with no RNG), resized keeping the
+aspect ratio and centre-cropped to ``size``: one fixed window per clip, where raw training
+draws a random window each epoch. ``whole`` stores every frame of the clip at ``target_fps``
+(trimmed to ``1 + k * tc``, at most ``max_frames``, short clips padded to ``num_frames``), each
+sample's ``.json`` then giving its own ``video_shape`` and ``latent_shape``, and the loader
+cuts windows of any bucket's length from it (`training.loader.latent_frames`). A whole clip is
+streamed (`whole_clip`): frame 0, then ``chunk_frames * tc`` frames at a time are read from
+the mp4 and go through our VAE's causal cache (``LatentSpace.encode_stream``), so memory is
+that of a chunk whatever the clip's length (``benchmarks/bench_latent_memory.py``); a
+diffusers VAE takes the decoded clip at once (its own encode chunks inside), so its memory
+grows with the clip. The ``.npy`` members are plain numpy files (loaded with
+``allow_pickle=False``: no code runs on load), so any WebDataset reader can use them.
 
 The output directory mirrors the shard stage's: ``index.json`` (``{"train": [...], "val":
 [...]}`` relative paths), ``stats.json`` where clips in = encoded + failed for every split,
@@ -42,13 +50,51 @@ import numpy as np
 import torch
 
 from data.shards import SIDECAR, read_shards, write_shard, write_sidecar
+from training.latent.space import STREAM_CHUNK
 from training.latent_format import LATENT, STORE, TEXT, npy_bytes
-from training.loader import decode_sample, normalize
+from training.loader import clip_geometry, decode_sample, normalize, read_resized, to_tensor
 from training.text import encode_captions
 
 
 def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
+
+
+class ClipUnreadable(Exception):
+    """A clip's frames could not be read (span=whole reads them while encoding)."""
+
+
+def whole_clip(sample: dict, size: tuple[int, int], target_fps: Optional[float], tc: int, chunk: int,
+               min_frames: int, max_frames: int = 0):
+    """Every frame of a clip at `target_fps` as a stream for ``LatentSpace.encode_stream``.
+
+    Frames: the clip's at stride round(fps / target_fps), at most `max_frames` (0: all),
+    trimmed to 1 + k * tc, and padded by repeating the last to `min_frames` (as a short clip's
+    window is). Returns (frame count, an iterator of normalised chunks (1, 3, T_i, H, W): the
+    first frame alone, then ``chunk * tc`` frames at a time, each read from the mp4 only when
+    the encoder asks for it). A read error surfaces as ClipUnreadable."""
+    try:
+        n, fps, h, w = clip_geometry(sample)
+    except Exception as e:  # noqa: BLE001 - an unreadable clip is recorded, never fatal
+        raise ClipUnreadable(f"{type(e).__name__}: {e}") from e
+    stride = max(1, round(fps / target_fps)) if target_fps else 1
+    idx = list(range(0, n, stride))[: max_frames or None]
+    if not idx:
+        raise ClipUnreadable("the clip has no frames")
+    idx = idx[: 1 + (len(idx) - 1) // tc * tc]
+    idx += [idx[-1]] * max(0, min_frames - len(idx))
+    step = chunk * tc
+    bounds = [(0, 1)] + [(a, a + step) for a in range(1, len(idx), step)]
+
+    def chunks():
+        for a, b in bounds:
+            try:
+                frames = read_resized(sample, idx[a:b], (h, w), size)  # (T_i, H, W, 3)
+            except Exception as e:  # noqa: BLE001 - recorded as the clip's failure
+                raise ClipUnreadable(f"{type(e).__name__}: {e}") from e
+            yield normalize(to_tensor(frames)[None])  # (1, 3, T_i, H, W)
+
+    return len(idx), chunks()
 
 
 def precompute_latents(latent_cfg, shard_urls_by_split: dict[str, list[str]], out_dir, num_frames: int,
@@ -85,9 +131,13 @@ def precompute_latents(latent_cfg, shard_urls_by_split: dict[str, list[str]], ou
         text_record = {"identity": encoder.identity, "kind": text.kind, "name": text.name,
                        "dim": encoder.out_dim, "max_length": tokenizer.max_length,
                        "null": null[0, nmask[0]].cpu().tolist()}  # (n0, D): caption dropout's tokens
-    store = STORE[latent_cfg.store_dtype]
+    store_as = STORE[latent_cfg.store_dtype]
+    whole = latent_cfg.span == "whole"
+    chunk = latent_cfg.chunk_frames or STREAM_CHUNK
+    # span=whole: the shapes are the least a clip holds (shorter clips are padded to them)
     record = {**space.describe(), "video_shape": list(video_shape), "latent_shape": list(lat_shape),
-              "target_fps": target_fps, "store_dtype": latent_cfg.store_dtype, "text": text_record}
+              "target_fps": target_fps, "store_dtype": latent_cfg.store_dtype, "text": text_record,
+              "span": latent_cfg.span}
 
     t0 = time.time()
     index: dict[str, list[str]] = {}
@@ -112,11 +162,22 @@ def precompute_latents(latent_cfg, shard_urls_by_split: dict[str, list[str]], ou
                 pending = pending[latent_cfg.clips_per_shard :]
 
         def encode(batch: list[tuple]) -> None:
-            nonlocal n_ok
             video = normalize(torch.stack([b[1] for b in batch]).to(device))  # (B, 3, T, H, W)
             keys = [b[0]["__key__"] for b in batch]
             gen = torch.Generator().manual_seed(_seed(latent_cfg.seed, keys)) if latent_cfg.sample else None
-            z = space.encode(video, generator=gen).cpu()  # (B, C, t, h, w)
+            store(batch, space.encode(video, generator=gen).cpu(), video_shape, lat_shape)  # (B, C, t, h, w)
+
+        def encode_whole(s: dict) -> None:
+            """One clip whole, streamed chunk by chunk through the encoder (span=whole)."""
+            T, chunks = whole_clip(s, size, target_fps, space.compression[0], chunk, video_shape[0],
+                                   latent_cfg.max_frames)
+            gen = torch.Generator().manual_seed(_seed(latent_cfg.seed, [s["__key__"]])) if latent_cfg.sample else None
+            z = space.encode_stream((c.to(device) for c in chunks), generator=gen).cpu()  # (1, C, t, h, w)
+            store([(s, None, s.get("txt") or "")], z, (T, *video_shape[1:]), tuple(z.shape[1:]))
+
+        def store(batch: list[tuple], z: torch.Tensor, vshape, lshape) -> None:
+            nonlocal n_ok
+            keys = [b[0]["__key__"] for b in batch]
             caps = [b[2] for b in batch]
             if encoder is not None:
                 emb, emask = encode_captions(encoder, tokenizer, caps, cache)  # (B, L, D), (B, L)
@@ -127,10 +188,10 @@ def precompute_latents(latent_cfg, shard_urls_by_split: dict[str, list[str]], ou
                                    "reason": "nonfinite_latent", "detail": ""})
                     continue
                 meta = s.get("json") if isinstance(s.get("json"), dict) else {}
-                meta = {**meta, "video_shape": list(video_shape), "latent_shape": list(lat_shape),
+                meta = {**meta, "video_shape": list(vshape), "latent_shape": list(lshape),
                         "target_fps": target_fps, "vae": space.identity,
                         "source_shard": Path(s["__url__"]).name}
-                out_s = {"__key__": keys[i], LATENT: npy_bytes(z[i].numpy().astype(store)), "txt": cap,
+                out_s = {"__key__": keys[i], LATENT: npy_bytes(z[i].numpy().astype(store_as)), "txt": cap,
                          "json": meta}
                 if encoder is not None:
                     out_s[TEXT] = npy_bytes(emb[i, emask[i]].numpy().astype(np.float32))  # (n, D)
@@ -143,8 +204,11 @@ def precompute_latents(latent_cfg, shard_urls_by_split: dict[str, list[str]], ou
         for s in read_shards(urls):
             n_in += 1
             try:
+                if whole:
+                    encode_whole(s)
+                    continue
                 video, cap = decode_sample(s, num_frames, size, target_fps, rng=None)  # (3, T, H, W)
-            except Exception as e:  # noqa: BLE001 - one bad clip is recorded, never fatal
+            except (ClipUnreadable if whole else Exception) as e:  # noqa: BLE001 - one bad clip is recorded, never fatal
                 failed.append({"key": s.get("__key__", "?"), "split": split,
                                "shard": Path(s.get("__url__", "?")).name, "reason": "decode_failed",
                                "detail": f"{type(e).__name__}: {e}"})
@@ -173,7 +237,7 @@ def precompute_latents(latent_cfg, shard_urls_by_split: dict[str, list[str]], ou
              "fail_reasons": reasons, "failed": failed, "bytes": int(total_bytes), "seconds": seconds,
              "clips_per_s": n_in / seconds if seconds > 0 else 0.0, "vae": space.identity,
              "text_encoder": encoder.identity if encoder is not None else None,
-             "video_shape": list(video_shape), "latent_shape": list(lat_shape)}
+             "video_shape": list(video_shape), "latent_shape": list(lat_shape), "span": latent_cfg.span}
     (out / "index.json").write_text(json.dumps(index, indent=2))
     (out / "latent_space.json").write_text(json.dumps(record, indent=2))
     (out / "stats.json").write_text(json.dumps(stats, indent=2))

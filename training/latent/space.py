@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -42,6 +42,8 @@ from training.text import weights_fingerprint
 LATENT_KINDS = ("none", "ours", "diffusers")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STORE_DTYPES = ("fp32", "fp16")
+SPANS = ("window", "whole")
+STREAM_CHUNK = 4  # latent frames per chunk of a whole-clip encode when chunk_frames is 0
 
 
 @dataclass
@@ -63,9 +65,14 @@ class LatentConfig:
     height: int = 32
     width: int = 32
     target_fps: Optional[float] = None
-    batch_size: int = 4  # clips per encode call
+    batch_size: int = 4  # clips per encode call (span=window; whole clips encode one at a time)
     clips_per_shard: int = 64
     store_dtype: str = "fp32"  # fp32 | fp16 (halves the shards; ~1e-3 relative rounding)
+    # window: each clip's first num_frames frames | whole: every frame of the clip at target_fps
+    # (trimmed to 1 + k * tc, padded to num_frames), streamed through the encoder in causal
+    # chunks of chunk_frames latent frames (STREAM_CHUNK when 0), so training takes any window
+    span: str = "window"
+    max_frames: int = 0  # span=whole: at most this many frames per clip (0: all)
 
     def __post_init__(self) -> None:
         if self.kind not in LATENT_KINDS:
@@ -74,13 +81,18 @@ class LatentConfig:
             raise ValueError(f"unknown latent.precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
         if self.store_dtype not in STORE_DTYPES:
             raise ValueError(f"unknown latent.store_dtype {self.store_dtype!r}; valid: {', '.join(STORE_DTYPES)}")
+        if self.span not in SPANS:
+            raise ValueError(f"unknown latent.span {self.span!r}; valid: {', '.join(SPANS)}")
+        if self.span == "whole" and self.tile_size > 0:
+            raise ValueError("latent.span=whole streams each clip through the encoder's causal cache, which "
+                             "spatial tiles cannot share: set latent.tile_size=0 (or latent.span=window)")
         if self.kind == "diffusers" and not self.path:
             raise ValueError("latent.kind=diffusers needs latent.path (a hub id or a local directory)")
         if self.tile_size < 0 or not 0 <= self.tile_overlap < max(self.tile_size, 1):
             raise ValueError(f"latent.tile_overlap ({self.tile_overlap}) must be in [0, latent.tile_size "
                              f"({self.tile_size})); tile_size 0 turns tiling off")
         check_ranges(self, chunk_frames=">= 0", num_frames=">= 1", height=">= 1", width=">= 1",
-                     target_fps="> 0", batch_size=">= 1", clips_per_shard=">= 1")
+                     target_fps="> 0", batch_size=">= 1", clips_per_shard=">= 1", max_frames=">= 0")
 
     @property
     def enabled(self) -> bool:
@@ -147,6 +159,19 @@ class LatentSpace(nn.Module):
         return z.float()
 
     @torch.no_grad()
+    def encode_stream(self, chunks: Iterable[torch.Tensor], generator: Optional[torch.Generator] = None
+                      ) -> torch.Tensor:
+        """A clip given as consecutive chunks (B, 3, T_i, H, W) in [-1, 1] (the first frame
+        alone, then multiples of the temporal compression) -> normalised latents (B, C, t, h, w)
+        float32: ``encode`` of the whole clip, with (for our VAE) one chunk in memory at a time."""
+        return self._encode_stream((c.to(self.device, self.dtype) for c in chunks), generator).float()
+
+    def _encode_stream(self, chunks, generator) -> torch.Tensor:
+        # default: gather the clip and encode it whole (diffusers VAEs chunk inside their own
+        # encode, but take the whole clip: their memory grows with its length)
+        return self._encode(torch.cat(list(chunks), dim=2), generator)
+
+    @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """normalised latents (B, C, t, h, w) -> video (B, 3, T, H, W) float32, ~[-1, 1]."""
         if z.shape[1] != self.channels:
@@ -196,6 +221,10 @@ class OurVAE(LatentSpace):
 
     def _decode(self, z):
         return self.model.decode(z.to(self.dtype), **self._opts())
+
+    def _encode_stream(self, chunks, generator):
+        q = self.model.posterior_stream(chunks)
+        return self.model.normalize(q.sample(generator) if self.cfg.sample else q.mode())
 
 
 def load_latent_space(source, device=None) -> Optional[LatentSpace]:

@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -162,7 +162,8 @@ class CausalConv3d(nn.Module):
         if (x.shape[2] - self.kt) % self.st:
             raise ValueError(f"a chunk of {T} frames does not align with temporal stride {self.st}")
         if cache is not None:
-            cache[id(self)] = x[:, :, x.shape[2] - (self.kt - self.st):]  # (B, C, kt - st, H, W)
+            # a copy, not a view: a view would keep this chunk's whole padded input alive
+            cache[id(self)] = x[:, :, x.shape[2] - (self.kt - self.st):].clone()  # (B, C, kt - st, H, W)
         return self.conv(x)  # (B, C', T', H', W')
 
 
@@ -431,6 +432,23 @@ class VAE(nn.Module):
         else:
             moments = self._encode_chunked(x, chunk)  # (B, 2C, t, h, w)
         return DiagonalGaussian(moments)
+
+    def posterior_stream(self, chunks: Iterable[torch.Tensor]) -> DiagonalGaussian:
+        """q(z | x) of a clip given as consecutive chunks (B, 3, T_i, H, W) in [-1, 1]: the
+        first of one frame, every later one of a multiple of the temporal compression frames
+        (``chunk * tc``). Each chunk goes through the encoder with the causal cache and is then
+        dropped, so only one chunk's activations (and the small moments) are ever alive: the
+        memory of a minute is the memory of a chunk. Equal to ``posterior`` of the whole clip
+        up to float rounding."""
+        cache: Cache = {}
+        outs = []
+        for i, x in enumerate(chunks):
+            if i == 0 and x.shape[2] != 1:
+                raise ValueError(f"the first chunk of a stream is the first frame alone, got {x.shape[2]} frames")
+            outs.append(self.encoder(x, cache))  # (B, 2C, t_i, h, w)
+        if not outs:
+            raise ValueError("an empty stream of chunks")
+        return DiagonalGaussian(torch.cat(outs, dim=2))  # (B, 2C, t, h, w)
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         return (z - self.latent_mean) / self.latent_std  # (B, C, t, h, w)
