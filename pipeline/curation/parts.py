@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 
-
 def groups_of(items: list[dict], size: int) -> list[list[dict]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
