@@ -438,7 +438,9 @@ STAGES = [
                    "shard.progress_every_s", "shard.media.startup_timeout_s"), resumable=True,
           description="cut, encode and pack clips into WebDataset tars"),
     Stage("train", train_stage, inputs=("shard",), config_keys=("model", "train", "deepspeed"),
-          exclude=("train.log_every", "train.max_failures", "train.data.prefetch", "train.text_sep_every"),
+          exclude=("train.log_every", "train.max_failures", "train.data.prefetch", "train.text_sep_every",
+                   "deepspeed.config_file"),  # its content is hashed: deepspeed.file_config
+          unset=("deepspeed.file_config",),
           resumable=True,
           stream=("shards/*",),
           description="train the DiT with DeepSpeed ZeRO on Ray Train workers"),
