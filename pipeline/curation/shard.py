@@ -62,7 +62,7 @@ from pipeline.curation.shots import SHOT_KEYS
 
 @dataclass
 class ShardConfig:
-    target_shard_bytes: int = 256 * 2**20  # about this many bytes of mp4 per tar
+    target_shard_bytes: int = 10**9  # about this many bytes of mp4 per tar (~1 GB, WebDataset's usual)
     max_clips_per_shard: int = 0  # 0: no cap
     val_fraction: float = 0.1
     min_val_clips: int = 2
