@@ -156,16 +156,22 @@ def parse_argv(argv: list[str]) -> tuple[str, dict, list[str]]:
     return cmd, flags, rest
 
 
-def completion_line(line: str) -> tuple[str, list[str], str]:
+COMPLETION_FLAGS = ("--only", "--from", "--until", "--help", "--cfg", "--info", "--hydra-help", "--multirun")
+
+
+def completion_line(line: str) -> tuple[str | None, list[str], str]:
     """A shell's completion line (``COMP_LINE``: ``spacetime run --only train train.l``) as
     Hydra's completion reads it: the app name, then Hydra's arguments alone (the subcommand and
     our flags dropped, as ``parse_argv`` drops them). Returns (that line, the subcommands that
-    complete the word being typed when it is the first, the command)."""
+    complete the word being typed when it is the first, the command); a flag being typed: (None,
+    the flags it may be, "run")."""
     app, _, args = line.lstrip().partition(" ")
     words = [w for w in args.split() if w not in ("--help", "-h", "--usage")]  # they print
     ends = not args or args[-1] == " "  # a new word starts at the cursor
     typing = "" if ends else (words.pop() if words else "")
     commands = [c for c in SUBCOMMANDS if c.startswith(typing)] if not words and "=" not in typing else []
+    if typing.startswith("-"):  # a flag, ours or Hydra's (its completion parses, not completes, them)
+        return None, [f for f in COMPLETION_FLAGS if f.startswith(typing)], "run"
     cmd = words[0] if words and words[0] in SUBCOMMANDS else "run"
     try:
         _, _, rest = parse_argv(words)
@@ -442,9 +448,11 @@ def main(argv: list[str] | None = None) -> None:
     cmd, flags, rest = parse_argv(sys.argv[1:] if argv is None else argv)
     if any(a.startswith("query=") for a in rest) and "COMP_LINE" in os.environ:  # -sc query=bash
         line, commands, cmd = completion_line(os.environ["COMP_LINE"])
-        os.environ["COMP_LINE"] = line
         if commands:
             print(" ".join(commands))
+        if line is None:
+            sys.exit(0)
+        os.environ["COMP_LINE"] = line
         rest = [a for a in rest if a in ("-sc", "--shell-completion") or a.startswith("query=")]
         cmd = "plan" if cmd == "plan" else "run"  # the cluster commands take the run's overrides
     if cmd == "plan":

@@ -51,11 +51,17 @@ def test_hydras_own_help_still_works():
     ("spacetime submit --follow --address http://h:1 train.data.k", "spacetime train.data.k", []),
     ("spacetime report RUN1 --embed-videos eval.f", "spacetime eval.f", []),
     ("spacetime generate a cat --seconds 2 train.l", "spacetime train.l", []),
-    ("spacetime run --only", "spacetime --only", []),
+    ("spacetime run --only ", "spacetime ", []),  # an unfinished flag: what parses
 ])
 def test_completion_line_drops_the_subcommand_and_our_flags(line, hydra_line, commands):
     got, cmds, _ = completion_line(line)
     assert got == hydra_line and cmds == commands
+
+
+def test_completion_of_a_flag_offers_ours():
+    assert completion_line("spacetime run --o") == (None, ["--only"], "run")
+    r = cli("-sc", "query=bash", env={"COMP_LINE": "spacetime run --", "COMP_POINT": "16"})
+    assert r.returncode == 0 and {"--only", "--from", "--until", "--cfg"} <= set(r.stdout.split())
 
 
 def test_completion_after_a_subcommand_through_hydras_protocol():
