@@ -15,7 +15,9 @@ On a Ray cluster (pipeline/submit.py) and before one (pipeline/plan.py):
     spacetime stop JOB [--address ADDR]                           stop a job
     spacetime plan [--json] [overrides...]                        tokens, memory, time and cost
 
-Hydra's own flags work after the subcommand (``spacetime run --cfg job``, ``--help``).
+Hydra's own flags work after the subcommand (``spacetime run --cfg job``, ``--hydra-help``);
+``--help`` is ours (``HELP``). Shell completion is Hydra's, the subcommand and our flags skipped
+(``completion_line``): ``eval "$(spacetime -sc install=bash)"``, then ``spacetime run train.l<TAB>``.
 """
 
 from __future__ import annotations
@@ -76,14 +78,58 @@ GENERATE_USAGE = """spacetime generate PROMPT... [flags] [overrides...]
 """
 
 
+HELP = """usage: spacetime [COMMAND] [FLAGS] [OVERRIDES...]          (COMMAND defaults to run)
+
+commands:
+  run [--only S | --from S | --until S]  run what is missing of the graph (or force stages)
+  status                                 each stage's state, hash and output for a config
+  params                                 parameter counts of the model presets
+  report [RUN_ID] [--embed-videos]       the run's static HTML page (default: the latest run)
+  generate PROMPT... [flags]             videos from a trained model (spacetime generate --usage)
+  plan [--json] [overrides...]           tokens, memory, time and cost (its own config: conf/plan)
+  submit [--address ADDR] [--only/--from S] [--follow]   the run as a job on a Ray cluster
+  jobs | logs JOB [--follow] | stop JOB  [--address ADDR]  submitted jobs, a job's output, stop
+
+stage flags (run; S: a stage name, as `spacetime status` lists them):
+  --only S     force S alone (what is missing upstream of it runs first)
+  --from S     force S and everything downstream of it
+  --until S    run what is missing up to S, forcing nothing (an unfinished stage resumes)
+
+overrides (Hydra): key=value | group=option | ~key | +key=value (new keys only in open
+  sections: deepspeed.extra, ingest.storage_options) | -m key=a,b (a sweep)
+config groups (group=option):
+{groups}
+Hydra's own flags, after the command:
+  --cfg job            the composed config (--cfg hydra, --cfg all; --package KEY for a part)
+  --info [TOPIC]       defaults tree, search path, plugins
+  --hydra-help         Hydra's own help (its flags and plugins)
+  -sc install=bash     shell completion: eval "$(spacetime -sc install=bash)" (README)
+"""
+
+
+def help_text() -> str:
+    """HELP with the config groups and their options (read from conf/, no imports)."""
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    dirs = sorted(d for d in conf.glob("**/") if d != conf and "plan" not in d.relative_to(conf).parts
+                  and any(d.glob("*.yaml")))
+    groups = [f"  {d.relative_to(conf).as_posix()}: {', '.join(sorted(p.stem for p in d.glob('*.yaml')))}"
+              for d in dirs]
+    return HELP.format(groups="\n".join(groups))
+
+
 def parse_argv(argv: list[str]) -> tuple[str, dict, list[str]]:
-    """Split our own arguments from Hydra's. Returns (command, flags, hydra_argv)."""
+    """Split our own arguments from Hydra's. Returns (command, flags, hydra_argv). ``--help``
+    (``-h``) prints our help (commands, stage flags, config groups), not Hydra's config dump
+    (that is ``--hydra-help``); a cluster command's --help is its own."""
     cmd = "run"
     if argv and argv[0] in SUBCOMMANDS:
         cmd, argv = argv[0], argv[1:]
     elif argv and not argv[0].startswith("-") and "=" not in argv[0]:
         raise SystemExit(f"spacetime: unknown command '{argv[0]}'; commands: "
                          f"{', '.join(SUBCOMMANDS)}\n\n{USAGE}")
+    if cmd not in CLUSTER_COMMANDS and ("--help" in argv or "-h" in argv):
+        print(help_text(), end="")
+        raise SystemExit(0)
     if cmd in CLUSTER_COMMANDS:
         return cmd, {}, list(argv)
     if cmd == "report":
@@ -108,6 +154,33 @@ def parse_argv(argv: list[str]) -> tuple[str, dict, list[str]]:
     if cmd != "run" and any(flags.values()):
         raise SystemExit("spacetime: --only/--from/--until belong to 'run'")
     return cmd, flags, rest
+
+
+COMPLETION_FLAGS = ("--only", "--from", "--until", "--help", "--cfg", "--info", "--hydra-help", "--multirun")
+
+
+def completion_line(line: str) -> tuple[str | None, list[str], str]:
+    """A shell's completion line (``COMP_LINE``: ``spacetime run --only train train.l``) as
+    Hydra's completion reads it: the app name, then Hydra's arguments alone (the subcommand and
+    our flags dropped, as ``parse_argv`` drops them). Returns (that line, the subcommands that
+    complete the word being typed when it is the first, the command); a flag being typed: (None,
+    the flags it may be, "run")."""
+    app, _, args = line.lstrip().partition(" ")
+    words = [w for w in args.split() if w not in ("--help", "-h", "--usage")]  # they print
+    ends = not args or args[-1] == " "  # a new word starts at the cursor
+    typing = "" if ends else (words.pop() if words else "")
+    commands = [c for c in SUBCOMMANDS if c.startswith(typing)] if not words and "=" not in typing else []
+    if typing.startswith("-"):  # a flag, ours or Hydra's (its completion parses, not completes, them)
+        return None, [f for f in COMPLETION_FLAGS if f.startswith(typing)], "run"
+    cmd = words[0] if words and words[0] in SUBCOMMANDS else "run"
+    try:
+        _, _, rest = parse_argv(words)
+    except SystemExit:  # an unfinished flag (--only<TAB>) or an unknown word: what parses
+        rest = [w for w in words[1 if words[:1] == [cmd] else 0:] if _is_override(w)]
+    if cmd in CLUSTER_COMMANDS:  # their own flags (--address ADDR, --follow, JOB): overrides only
+        rest = [w for w in rest if _is_override(w)]
+    rest = [w for w in rest if w not in ("-sc", "--shell-completion") and not w.startswith("query=")]
+    return " ".join([app, *rest, typing]), commands, cmd  # typing "": a trailing space, a new word
 
 
 def parse_report_argv(argv: list[str]) -> tuple[dict, list[str]]:
@@ -373,6 +446,15 @@ def main(argv: list[str] | None = None) -> None:
 
     use_venv_ninja()  # one ninja for DeepSpeed's op builds here and in the Ray workers it starts
     cmd, flags, rest = parse_argv(sys.argv[1:] if argv is None else argv)
+    if any(a.startswith("query=") for a in rest) and "COMP_LINE" in os.environ:  # -sc query=bash
+        line, commands, cmd = completion_line(os.environ["COMP_LINE"])
+        if commands:
+            print(" ".join(commands))
+        if line is None:
+            sys.exit(0)
+        os.environ["COMP_LINE"] = line
+        rest = [a for a in rest if a in ("-sc", "--shell-completion") or a.startswith("query=")]
+        cmd = "plan" if cmd == "plan" else "run"  # the cluster commands take the run's overrides
     if cmd == "plan":
         sys.exit(plan_main(rest))
     if cmd in CLUSTER_COMMANDS:

@@ -9,6 +9,7 @@ before any stage starts.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from training.latent.space import LatentConfig
 from training.latent.vae_train import VAETrainConfig
 from training.model import ModelConfig
 from training.trainer import TrainConfig
-from training.parallelize import DeepSpeedConfig
+from training.parallelize import DeepSpeedConfig, build_ds_config, read_json_config
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -129,9 +130,85 @@ GROUPS = {
 }
 
 
+def _read_json(path: Optional[str]) -> dict:
+    try:
+        return read_json_config(path)
+    except ValueError as e:
+        raise ValueError(f"deepspeed.{e}") from None
+
+
+# deepspeed.config_file's content, read when the config resolves: the hash (pipeline.graph) and
+# the typed config both see it, the path itself is left out of the train stage's hash
+OmegaConf.register_new_resolver("spacetime.json_file", _read_json, replace=True)
+FILE_CONFIG = "${spacetime.json_file:${deepspeed.config_file}}"
+
+
+def schema() -> DictConfig:
+    """The typed root config, with its open sections (mapping-typed fields: deepspeed.extra,
+    ingest.storage_options) accepting any key: set with or without ``+``, a mapping value
+    deep-merged (``deepspeed.extra={zero_optimization: {stage3_max_live_parameters: 1000}}``).
+    Every other key is the schema's (``check_keys``)."""
+    node = OmegaConf.structured(RunConfig)
+    _open_mappings(node)
+    node.deepspeed.file_config = FILE_CONFIG
+    return node
+
+
+def _open_mappings(node: DictConfig) -> None:
+    for key in node:
+        child = node._get_node(key)
+        if not isinstance(child, DictConfig) or child._is_none() or child._is_missing():
+            continue
+        if dataclasses.is_dataclass(OmegaConf.get_type(child)):
+            _open_mappings(child)
+        else:
+            child._set_flag("struct", False)
+
+
 def register() -> None:
     """Register the typed schema that conf/config.yaml extends (its first default)."""
-    ConfigStore.instance().store(name="schema", node=RunConfig)
+    ConfigStore.instance().store(name="schema", node=schema())
+
+
+def check_keys(node: DictConfig, prefix: str = "", root: DictConfig | None = None) -> None:
+    """ConfigError naming the first key of a typed section its dataclass does not have (Hydra's
+    ``+key=value`` adds one silently: ``+train.lrr=1``), with the closest valid key. Mapping-typed
+    fields are open (any key); a recipe stage's ``train`` mapping is checked by check_recipe."""
+    root = node if root is None else root
+    typ = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(typ):
+        names = [f.name for f in dataclasses.fields(typ)]
+        for key in node:
+            if key not in names:
+                close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+                if not close:
+                    close = [k for k in _dotted_keys(root)  # +lr=1: train.lr
+                             if k.rsplit(".", 1)[-1] == key and k != f"{prefix}{key}"]
+                    hint = f"; did you mean {' or '.join(close[:3])}?" if close else ""
+                else:
+                    hint = f"; did you mean {prefix}{close[0]}?"
+                raise ConfigError(f"{prefix}{key}: no such key in the config schema{hint}")
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, ListConfig) and not child._is_none() and not child._is_missing():
+            for i in range(len(child)):
+                item = child._get_node(i)
+                if isinstance(item, DictConfig) and not item._is_none() and not item._is_missing():
+                    check_keys(item, f"{prefix}{key}[{i}].", root)
+        elif (isinstance(child, DictConfig) and not child._is_none() and not child._is_missing()
+              and dataclasses.is_dataclass(OmegaConf.get_type(child))):
+            check_keys(child, f"{prefix}{key}.", root)
+
+
+def _dotted_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    out = []
+    for key in node:
+        child = node._get_node(key)
+        out.append(f"{prefix}{key}")
+        if (isinstance(child, DictConfig) and not child._is_none() and not child._is_missing()
+                and dataclasses.is_dataclass(OmegaConf.get_type(child))):
+            out += _dotted_keys(child, f"{prefix}{key}.")
+    return out
 
 
 class ConfigError(ValueError):
@@ -142,7 +219,10 @@ def to_object(cfg: DictConfig) -> RunConfig:
     """The typed config. A component's ``__post_init__`` check names the field relative to its
     dataclass (``lr must be > 0, got -1.0``); the error raised here names the dotted key
     (``train.lr must be > 0, got -1.0``). A recipe's stages are checked against the train
-    section they override (``recipe.stages[1].train.num_framez``: :mod:`pipeline.recipe`)."""
+    section they override (``recipe.stages[1].train.num_framez``: :mod:`pipeline.recipe`). A key
+    no section has (``+train.lrr=1``) is named first (check_keys); a deepspeed.config_file that
+    contradicts the keys this project sets is named last."""
+    check_keys(cfg)
     try:
         obj = OmegaConf.to_object(cfg)
     except Exception as e:  # noqa: BLE001 - whatever the check raised, named and re-raised
@@ -151,6 +231,11 @@ def to_object(cfg: DictConfig) -> RunConfig:
         check_recipe(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if obj.deepspeed.file_config:  # the file against ours (its batch keys: "auto" or absent)
+        try:
+            build_ds_config(obj.deepspeed, 1, obj.train.precision)
+        except ValueError as e:
+            raise ConfigError(f"deepspeed.{e}") from None
     return obj  # type: ignore[return-value]
 
 

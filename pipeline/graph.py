@@ -89,6 +89,8 @@ class Stage:
         that part of its section (it appears nested in the hashed config, ``{"model": {"text":
         ...}}``).
     exclude: dotted keys inside those sections left out of the hash (must not change output).
+    unset: dotted keys left out of the hash while unset (None or empty): an option added later
+        leaves the hash of every config that does not use it as it was.
     version: bump when the stage's code changes what it writes.
     resumable: an unfinished output (crash, preemption) is kept for the stage to resume from,
         instead of being wiped; a forced rerun (--only/--from) still starts clean.
@@ -109,6 +111,7 @@ class Stage:
     inputs: tuple[str, ...] = ()
     config_keys: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    unset: tuple[str, ...] = ()
     version: int = 1
     resumable: bool = False
     description: str = ""
@@ -131,6 +134,14 @@ def _get(cfg: Any, dotted: str) -> Any:
     for k in dotted.split("."):
         cfg = cfg[k] if isinstance(cfg, Mapping) else getattr(cfg, k)
     return cfg
+
+
+def _get_or_none(d: Any, dotted: str) -> Any:
+    for k in dotted.split("."):
+        if not isinstance(d, Mapping) or k not in d:
+            return None
+        d = d[k]
+    return d
 
 
 def _put(d: dict, dotted: str, value: Any) -> None:
@@ -314,6 +325,9 @@ class Graph:
             _put(section, k, value if over is None else _deep_merge(value, _plain(over)))
         for dotted in s.exclude:
             _drop(section, dotted)
+        for dotted in s.unset:
+            if _get_or_none(section, dotted) in (None, {}, []):
+                _drop(section, dotted)
         if s.settings:
             section["settings"] = _plain(s.settings)
         return section

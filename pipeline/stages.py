@@ -41,7 +41,7 @@ from pipeline.curation.funnel import histograms, render_png, step
 from pipeline.curation.ingest import is_manifest, list_inputs
 from pipeline.curation.parts import actor_pool
 from pipeline.curation.scores import apply_filters
-from pipeline.curation.shard import run_sharding
+from pipeline.curation.shard import run_sharding, wids_index
 from pipeline.graph import Graph, GraphError, Stage, StageContext
 from pipeline.recipe import entries
 from training.evaluation.evaluate import evaluate
@@ -326,6 +326,9 @@ def shard_stage(ctx: StageContext) -> dict:
     (ctx.out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
     (ctx.out_dir / "index.json").write_text(json.dumps(
         {k: [f"shards/{n}" for n in v] for k, v in res["shards"].items()}, indent=2))
+    for split, names in res["shards"].items():  # wids: WebDataset's indexed reader opens these
+        (ctx.out_dir / f"{split}.wids.json").write_text(
+            json.dumps(wids_index(split, names, res["nsamples"]), indent=2))
     ctx.tracker.summary({"shard/clips": stats["clips_sharded"], "shard/bytes": stats["bytes"],
                          "shard/train_shards": stats["shards"]["train"],
                          "shard/val_shards": stats["shards"]["val"]})
@@ -433,12 +436,14 @@ STAGES = [
           exclude=("caption.concurrency", "caption.max_retries", "caption.num_gpus",
                    "caption.group_size"), resumable=True,
           description="pass source captions through or recaption with a VLM (actor pool)"),
-    Stage("shard", shard_stage, inputs=("caption",), config_keys=("shard",), version=4,
+    Stage("shard", shard_stage, inputs=("caption",), config_keys=("shard",), version=5,
           exclude=("shard.max_retries", "shard.upload_retries", "shard.upload_backoff_s",
                    "shard.progress_every_s", "shard.media.startup_timeout_s"), resumable=True,
           description="cut, encode and pack clips into WebDataset tars"),
     Stage("train", train_stage, inputs=("shard",), config_keys=("model", "train", "deepspeed"),
-          exclude=("train.log_every", "train.max_failures", "train.data.prefetch", "train.text_sep_every"),
+          exclude=("train.log_every", "train.max_failures", "train.data.prefetch", "train.text_sep_every",
+                   "deepspeed.config_file"),  # its content is hashed: deepspeed.file_config
+          unset=("deepspeed.file_config",),
           resumable=True,
           stream=("shards/*",),
           description="train the DiT with DeepSpeed ZeRO on Ray Train workers"),

@@ -146,6 +146,26 @@ def test_shards_carry_metadata_and_read_with_plain_tools(run):
     assert not list(d.rglob("*.tmp"))
 
 
+def test_each_split_has_a_wids_index_of_its_shards(run, tmp_path):
+    """`<split>.wids.json` beside index.json: WebDataset's indexed-reader descriptor, urls
+    relative to it, `nsamples` what plain webdataset reads from each tar."""
+    d = run["dirs"]["shard"]
+    index = json.loads((d / "index.json").read_text())
+    for split in ("train", "val"):
+        desc = json.loads((d / f"{split}.wids.json").read_text())
+        assert desc["__kind__"] == "wids-shard-index-v1" and desc["wids_version"] == 1
+        assert [e["url"] for e in desc["shardlist"]] == index[split] and index[split]
+        for e in desc["shardlist"]:
+            got = sum(1 for _ in wds.WebDataset(str(d / e["url"]), shardshuffle=False))
+            assert e["nsamples"] == got > 0
+        try:
+            import wids  # webdataset's indexed reader, where installed
+        except ImportError:
+            continue
+        ds = wids.ShardListDataset(str(d / f"{split}.wids.json"), cache_dir=str(tmp_path / "wids"))
+        assert len(ds) == sum(e["nsamples"] for e in desc["shardlist"]) and ".mp4" in ds[0]
+
+
 # Put on PYTHONPATH, this is imported by every Python process of a run (the driver and the
 # Ray workers it starts): shard tasks past the first `SPACETIME_TEST_SHARDS_FREE` of each
 # split never finish, so a driver killed once a shard is written always dies with shards

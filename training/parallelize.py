@@ -11,15 +11,26 @@ Sequence parallelism (DeepSpeed Ulysses: the token axis of the DiT split across 
 group, all-to-all around each attention; the pieces in ``training.ulysses``) is applied here too,
 before the engine is built, so that the DiT stays a pure module and the loop does not change.
 
-``extra`` is the escape hatch: any raw DeepSpeed keys, deep-merged last, so users can reach
-options ``DeepSpeedConfig`` does not name without editing code.
+``config_file`` is a whole DeepSpeed JSON, the base of what DeepSpeed gets (as the HF Trainer
+takes one): every key this project does not set passes through, and its values for the keys
+set here only as defaults (bucket sizes, ``pin_memory``, ``steps_per_print``) win. The keys
+this project owns (``OWNED``: batch sizes, accumulation, clipping, ZeRO stage, offload devices,
+precision, optimizer and scheduler) come from its config: the file may leave them out, say
+``"auto"`` (filled in here) or give the same value; a different one is an error naming the
+key to set instead, raised when the config is loaded. The file's content, not its path, is in
+the train stage's hash (``file_config``, read when the config resolves).
+
+``extra`` is the escape hatch: any raw DeepSpeed keys, deep-merged last (over ours and the
+file's), so users can reach options ``DeepSpeedConfig`` does not name without editing code.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -39,9 +50,15 @@ class DeepSpeedConfig:
     # DeepSpeed's default (5e8) allocates GBs of buffers per rank, far more than small models
     # need; raise it on large GPU runs for fewer, larger collectives.
     bucket_elements: int = 50_000_000
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed keys, merged last
+    config_file: Optional[str] = None  # a DeepSpeed JSON, the base (module docstring); not hashed
+    # config_file's content: filled in when the config resolves (pipeline.config), or here when
+    # built in Python; hashed in the path's place
+    file_config: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.config_file and not self.file_config:
+            self.file_config = read_json_config(self.config_file)
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0-3, got {self.zero_stage}")
         check_ranges(self, grad_clip=">= 0", grad_accum=">= 1", bucket_elements=">= 1")
@@ -56,8 +73,92 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+def read_json_config(path: str | None) -> dict:
+    """A DeepSpeed JSON config file's content ({} for no path), or ValueError naming it."""
+    if not path:
+        return {}
+    try:
+        out = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"config_file {path!r}: {e}") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"config_file {path!r}: a DeepSpeed config is a JSON object, got "
+                         f"{type(out).__name__}")
+    return out
+
+
+BATCH = "train.global_batch_size, cluster.num_workers and deepspeed.grad_accum"
+# DeepSpeed keys this project owns (a prefix owns what is under it) -> the config keys they come
+# from. A config_file leaves them out, says "auto" or agrees; anything else is an error.
+OWNED = {
+    "train_micro_batch_size_per_gpu": BATCH,
+    "train_batch_size": BATCH,
+    "gradient_accumulation_steps": "deepspeed.grad_accum",
+    "gradient_clipping": "deepspeed.grad_clip",
+    "zero_optimization.stage": "deepspeed.zero_stage",
+    "zero_optimization.offload_optimizer.device": "deepspeed.offload_optimizer",
+    "zero_optimization.offload_param.device": "deepspeed.offload_param",
+    "bf16.enabled": "train.precision",
+    "fp16.enabled": "train.precision (fp32 or bf16)",
+    "amp": "train.precision (fp32 or bf16)",
+    "optimizer": "train.lr and train.weight_decay (the trainer's AdamW)",
+    "scheduler": "train's LR schedule (the trainer's LambdaLR)",
+}
+ALWAYS_OURS = ("train_micro_batch_size_per_gpu", "train_batch_size", "optimizer", "scheduler", "amp")
+OFF = (False, None, "none")  # a file's value for an owned key this project leaves unset
+
+
+def _leaves(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _lookup(d: dict, dotted: str) -> Any:
+    for k in dotted.split("."):
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def _owner(dotted: str) -> str | None:
+    return next((p for p in OWNED if dotted == p or dotted.startswith(p + ".")), None)
+
+
+def merge_file_config(file: dict, ours: dict) -> dict:
+    """`ours` (the keys this project sets) over a DeepSpeed config file's content: the file's
+    "auto" values dropped (ours fill them), its other keys kept, its values for our default-only
+    keys winning. ValueError naming the first owned key the file gives another value."""
+    clean = copy.deepcopy(file)
+    for key, value in list(_leaves(file)):
+        owner = _owner(key)
+        if value == "auto":
+            *parents, leaf = key.split(".")
+            node = clean
+            for p in parents:
+                node = node[p]
+            node.pop(leaf)
+            if owner is None and _lookup(ours, key) is None:
+                raise ValueError(f"config_file: {key} is 'auto', but this project does not set it; "
+                                 f"give it a value")
+            continue
+        if owner is None:
+            continue
+        have = _lookup(ours, key)
+        if owner in ALWAYS_OURS or not (value == have or (have is None and value in OFF)):
+            raise ValueError(f"config_file sets {key}={json.dumps(value)}, but this project sets it "
+                             f"from {OWNED[owner]}"
+                             + (f" (here {json.dumps(have)})" if owner not in ALWAYS_OURS else "")
+                             + f"; set that instead, or leave {key} out of the file (or 'auto')")
+    return _merge(ours, clean)
+
+
 def build_ds_config(cfg: DeepSpeedConfig, micro_batch: int, precision: str) -> dict:
-    """precision: fp32 | bf16. Returns the dict handed to deepspeed.initialize."""
+    """precision: fp32 | bf16. Returns the dict handed to deepspeed.initialize: ours over
+    ``cfg.file_config`` (``merge_file_config``), ``cfg.extra`` over both."""
     if cfg.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"deepspeed.zero_stage must be 0-3, got {cfg.zero_stage}")
     if precision not in ("fp32", "bf16"):
@@ -85,7 +186,7 @@ def build_ds_config(cfg: DeepSpeedConfig, micro_batch: int, precision: str) -> d
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    return _merge(ds, dict(cfg.extra))
+    return _merge(merge_file_config(dict(cfg.file_config), ds), dict(cfg.extra))
 
 
 def parallelize(model: nn.Module, cfg: DeepSpeedConfig, *, params: list[dict], lr: float,

@@ -62,7 +62,7 @@ from pipeline.curation.shots import SHOT_KEYS
 
 @dataclass
 class ShardConfig:
-    target_shard_bytes: int = 256 * 2**20  # about this many bytes of mp4 per tar
+    target_shard_bytes: int = 10**9  # about this many bytes of mp4 per tar (~1 GB, WebDataset's usual)
     max_clips_per_shard: int = 0  # 0: no cap
     val_fraction: float = 0.1
     min_val_clips: int = 2
@@ -437,13 +437,14 @@ def run_sharding(clips: list[dict], cfg: ShardConfig, out: Path, concurrency: in
     log(f"shard: wrote {len(pending)} shards ({total_clips} clips, "
         f"{total_clips / max(dt, 1e-9):.2f} clips/s) in {dt:.1f}s, reused {len(done)}")
     by_key = {c["clip_id"]: c for c in clips}
-    rows, failed, shards = [], [], {"train": [], "val": []}
+    rows, failed, shards, nsamples = [], [], {"train": [], "val": []}, {}
     for name, _ in plan:
         side = json.loads((shard_dir / f"{name}.rows.json").read_text())
         split = name.split("-")[0]
         failed += side["failed"]
         if side["rows"]:
             shards[split].append(name)
+            nsamples[name] = len(side["rows"])
         for row in side["rows"]:
             c = by_key[row["key"]]
             rows.append({**row, "split": split, "source_id": c["source_id"], "path": c["path"],
@@ -452,5 +453,12 @@ def run_sharding(clips: list[dict], cfg: ShardConfig, out: Path, concurrency: in
                          **{k: c.get(k) for k in SHOT_KEYS},
                          "scores": json.dumps(c["scores"]),
                          "source": json.dumps(c.get("source") or {})})
-    return {"rows": rows, "failed": failed, "shards": shards, "written": len(pending),
-            "reused": len(done)}
+    return {"rows": rows, "failed": failed, "shards": shards, "nsamples": nsamples,
+            "written": len(pending), "reused": len(done)}
+
+
+def wids_index(split: str, names: list[str], nsamples: dict[str, int]) -> dict:
+    """A split's shards as WebDataset's indexed reader (``wids.ShardListDataset``) opens them: its
+    shard-index JSON, urls relative to the file (written beside ``index.json``)."""
+    return {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": split,
+            "shardlist": [{"url": f"shards/{n}", "nsamples": nsamples[n]} for n in names]}
