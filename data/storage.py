@@ -1,6 +1,6 @@
 """A run's storage: a local (or shared) directory, or a prefix of an object store (s3://, gs://).
 
-:class:`Store` is the handful of operations the run graph and the checkpoint mirror need, on
+:class:`Store` is the handful of operations the run graph and the trainer's exports need, on
 keys relative to one root: ``exists``, ``read_json``, ``write_json_atomic``, ``list``, ``rm``,
 ``put_dir``/``get_dir``, ``put_file``/``get_file`` and ``url_of``. A local root goes through
 the operating system as before; a URL root goes through its fsspec filesystem (``s3fs`` for

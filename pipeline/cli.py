@@ -43,7 +43,7 @@ CLUSTER_COMMANDS = ("submit", "jobs", "logs", "stop", "plan")  # parse their own
 # (names only), so "why was W&B offline / why did S3 refuse" has an answer after the fact.
 SECRET_NAMES = ("WANDB_API_KEY", "HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                 "GOOGLE_APPLICATION_CREDENTIALS", "RAY_AUTH_TOKEN")
-SUBCOMMANDS = ("run", "status", "params", "report", "generate", *CLUSTER_COMMANDS)
+SUBCOMMANDS = ("run", "status", "params", "report", "generate", "tune", *CLUSTER_COMMANDS)
 USAGE = __doc__
 # `generate`'s flags: --name VALUE or --name=VALUE -> (GenerateConfig field, type)
 GENERATE_FLAGS = {"--prompt": ("prompts", str), "--seconds": ("seconds", float), "--frames": ("frames", int),
@@ -87,6 +87,7 @@ commands:
   report [RUN_ID] [--embed-videos]       the run's static HTML page (default: the latest run)
   generate PROMPT... [flags]             videos from a trained model (spacetime generate --usage)
   plan [--json] [overrides...]           tokens, memory, time and cost (its own config: conf/plan)
+  tune --grid KEY=V1,V2 [--metric M]     the training stage as Ray Tune trials (spacetime tune -h)
   submit [--address ADDR] [--only/--from S] [--follow]   the run as a job on a Ray cluster
   jobs | logs JOB [--follow] | stop JOB  [--address ADDR]  submitted jobs, a job's output, stop
 
@@ -445,7 +446,12 @@ def main(argv: list[str] | None = None) -> None:
     from training.prebuild import use_venv_ninja  # lazy: CLI start-up 0.1 s, 9 s with eager imports
 
     use_venv_ninja()  # one ninja for DeepSpeed's op builds here and in the Ray workers it starts
-    cmd, flags, rest = parse_argv(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["tune"]:  # its own flags, then the run's overrides
+        from pipeline.tune import main as tune_main  # lazy: ray.tune and the graph; CLI start-up 0.1 s
+
+        sys.exit(tune_main(argv[1:]))
+    cmd, flags, rest = parse_argv(argv)
     if any(a.startswith("query=") for a in rest) and "COMP_LINE" in os.environ:  # -sc query=bash
         line, commands, cmd = completion_line(os.environ["COMP_LINE"])
         if commands:

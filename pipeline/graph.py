@@ -77,6 +77,9 @@ class StageFailed(Exception):
         self.stage = stage
         self.cause = cause
 
+    def __reduce__(self):  # copied and pickled whole (Ray Tune copies a trial's error)
+        return (type(self), (self.stage, self.cause))
+
 
 @dataclass(frozen=True)
 class Stage:

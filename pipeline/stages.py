@@ -388,7 +388,7 @@ def train_stage(ctx: StageContext) -> dict:
                                                  run.local_cache),
         stage=ctx.stage.name, stage_hash=ctx.stage_hash,
         inputs={k: str(v) for k, v in ctx.inputs.items()}, latent=latent,
-        ckpt_mirror=f"{ctx.out_url}/checkpoints" if has_scheme(ctx.out_url) else None,
+        stage_url=str(ctx.out_url) if has_scheme(ctx.out_url) else None,
         init=init,
     )
     res.pop("history", None)
@@ -474,8 +474,8 @@ def recipe_stages(train: Stage, recipe: list[dict]) -> list[Stage]:
     train section (its hash and what it reads). After the first, a stage's inputs add its
     predecessor, and how it starts from it (``init``: from, weights, optimizer) is in its
     settings, so its hash holds both (the graph chains upstream hashes): changing a stage
-    reruns it and the stages after it, never the ones before. When the predecessor's
-    optimizer state is not carried its checkpoints are not downloaded (a URL root)."""
+    reruns it and the stages after it, never the ones before. The predecessor's checkpoints are
+    never downloaded (a URL root): a carried optimizer state is read from the bucket."""
     if not recipe:
         return [train]
     out: list[Stage] = []
@@ -485,9 +485,9 @@ def recipe_stages(train: Stage, recipe: list[dict]) -> list[Stage]:
                                             f"{len(recipe)})")
         if out:
             init = {"from": out[-1].name, "weights": e["weights"], "optimizer": e["optimizer"]}
-            stream = train.stream if e["optimizer"] == "carry" else (*train.stream, "checkpoints/*")
+            # its checkpoints are read where they are (a carried optimizer state), never copied
             s = dataclasses.replace(s, inputs=(*train.inputs, out[-1].name),
-                                    settings={"init": init}, stream=stream)
+                                    settings={"init": init}, stream=(*train.stream, "checkpoints/*"))
         out.append(s)
     return out
 

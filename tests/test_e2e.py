@@ -7,6 +7,7 @@ One module-scoped run feeds several tests (a run costs about a minute and a half
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 
 from data.shards import read_parquet, read_shards
 from data.video_io import read_frames, read_frames_av
-
+from training.checkpoint import RunCheckpoints
 
 STAGES = ["source", "curate", "filter", "caption", "shard", "train", "eval"]
 CURATION = dict.fromkeys(["source", "curate", "filter", "caption", "shard"], "cached")
@@ -150,9 +151,9 @@ def test_training_ran_deepspeed_on_two_workers_and_logged(run1):
     res = json.loads((d / "train_result.json").read_text())
     assert res["world_size"] == 2 and res["zero_stage"] == 2
     assert res["run_ids_seen"] == [run1["lineage"]["run_id"]] * 2  # via the environment
-    tag = (d / "checkpoints" / "latest").read_text().strip()
-    ckpt = d / "checkpoints" / tag
-    assert {p.name for p in ckpt.iterdir()} >= {
+    checkpoint, last = RunCheckpoints(d).latest()  # Ray Train's
+    ckpt = Path(checkpoint.path) / f"step{last['step']:08d}"
+    assert last["world_size"] == 2 and {p.name for p in ckpt.iterdir()} >= {
         "mp_rank_00_model_states.pt",
         "zero_pp_rank_0_mp_rank_00_optim_states.pt",
         "zero_pp_rank_1_mp_rank_00_optim_states.pt",
@@ -279,6 +280,38 @@ def test_rerun_is_all_cached_and_an_override_makes_only_train_and_eval_stale(run
     # (the override's run, what status then says, and --only eval: the SIGTERM test below)
 
 
+def test_a_ray_tune_sweep_runs_the_train_stage_as_trials(run1):
+    """`spacetime tune --grid train.lr=...`: one Ray Tune trial per value, each the train stage
+    under a run id of its own (curation reused, not rerun), reporting Ray Train's checkpoint
+    metrics to Tune; Tune's results under run.root/tune/<sweep id>."""
+    cwd, root = run1["cwd"], run1["root"]
+    r = spacetime("tune", "--grid", "train.lr=1e-3,2e-3", "experiment=tiny", "train.steps=2",
+                  "cluster.num_workers=1", cwd=cwd)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "sweep: 2 trials, 0 failed; best by train/loss (min)" in r.stdout
+    (sweep,) = (root / "tune").iterdir()
+    results = {}
+    for trial in sorted(sweep.glob("trial_*")):
+        rows = [json.loads(s) for s in (trial / "result.json").read_text().splitlines()]
+        results[json.loads((trial / "params.json").read_text())["train.lr"]] = rows[-1]
+    assert sorted(results) == ["1e-3", "2e-3"]
+    train_dirs = set()
+    for lr, last in results.items():
+        assert last["step"] == 2 and math.isfinite(last["train/loss"]) and last["world_size"] == 1
+        assert last["train/lr"] == pytest.approx(float(lr), rel=0.5)  # the trial's own rate
+        ckpt = Path(last["checkpoint_path"])  # Ray Train's checkpoint, in the stage output
+        train_dir = ckpt.parent.parent
+        assert RunCheckpoints(train_dir).latest()[1]["step"] == 2 and train_dir.parent == root / "stages"
+        train_dirs.add(train_dir)
+        lin = json.loads((root / "runs" / f"{sweep.name}-{last['trial_id']}" / "lineage.json").read_text())
+        assert lin["tune"] == {"sweep_id": sweep.name, "trial_id": last["trial_id"],
+                               "params": {"train.lr": lr}}
+        assert {n: st["state"] for n, st in lin["stages"].items()} == {
+            **dict.fromkeys(CURATION, "cached"), "train": "done", "eval": "skipped"}
+        assert lin["stages"]["train"]["path"] == str(train_dir)
+    assert len(train_dirs) == 2  # a stage output per trial
+
+
 def test_a_real_stage_that_raises_is_failed_and_redone(run1):
     cwd = run1["cwd"]
     clips = run1["dirs"]["caption"] / "clips.parquet"
@@ -332,8 +365,7 @@ def test_sigterm_checkpoints_then_the_rerun_resumes(run1):
     assert p.wait(timeout=400) == 1, log.read_text()[-3000:]
     assert train_dir is not None and not (train_dir / "_SUCCESS.json").exists()
     assert "preempted" in json.loads((train_dir / "_FAILED.json").read_text())["error"]
-    tag = (train_dir / "checkpoints" / "latest").read_text().strip()
-    step = json.loads((train_dir / "checkpoints" / tag / "_COMPLETE.json").read_text())["step"]
+    step = RunCheckpoints(train_dir).latest()[1]["step"]  # Ray Train's latest checkpoint
     assert 3 <= step < 60
 
     r = spacetime("run", *overrides, cwd=cwd)

@@ -1,5 +1,5 @@
-"""The eval stage's parts on real objects: a DeepSpeed ZeRO-2 checkpoint written by the project's
-own `Checkpoints` (one gloo rank in this process), WebDataset shards of synthetic mp4 clips, a
+"""The eval stage's parts on real objects: DeepSpeed ZeRO-2 checkpoints written by the trainer's
+own `write_tag` (one gloo rank in a subprocess) and registered as Ray Train registers them, WebDataset shards of synthetic mp4 clips, a
 tiny VideoMAE, I3D-style TorchScript file and open_clip model built from configs, saved and loaded
 back through the paths real weights take. Then `evaluate` on a checkpoint series."""
 
@@ -92,7 +92,8 @@ def write_train_dir(out: Path) -> None:
     trainer's final exports, and snapshots.pt: {step: (raw weights, EMA weights)} at each save.
     Run in a subprocess: DeepSpeed keeps its process groups in module globals, so a second
     engine in the same process (another test file) would find the first one's dead groups."""
-    from training.checkpoint import Checkpoints
+    from ray_checkpoints import register
+    from training.checkpoint import write_tag
     from training.ema import EMA
     from training.flow import FlowConfig, flow_loss
     from training.trainer import TrainConfig
@@ -101,7 +102,7 @@ def write_train_dir(out: Path) -> None:
     mcfg = tiny_model_cfg()
     model, engine = solo_zero2_engine()
     ema = EMA({k: p for k, p in model.named_parameters() if p.requires_grad}, decay=0.5)
-    ckpts = Checkpoints(out / "checkpoints", keep=5)
+    saves = []
     ids, mask = model.tokenize([SYNTH, "a cat"])
     snapshots = {}
     for step in (1, 2):
@@ -111,9 +112,11 @@ def write_train_dir(out: Path) -> None:
         engine.backward(loss)
         engine.step()
         ema.update({k: p for k, p in engine.module.named_parameters() if p.requires_grad})
-        ckpts.save(engine, step, {"rng": {}, "loader": {}}, ema.state_dict())
+        write_tag(engine, out / ".staging" / str(step), step, {"rng": {}, "loader": {}}, ema.state_dict())
+        saves.append((out / ".staging" / str(step), {"step": step, "world_size": 1}))
         snapshots[step] = ({k: v.detach().clone() for k, v in engine.module.state_dict().items()},
                            {k: v.clone() for k, v in ema.shadow.items()})
+    register(out, saves, move=True)
     torch.save(snapshots[2][0], out / "model.pt")
     torch.save(snapshots[2][1], out / "model_ema.pt")
     torch.save(snapshots, out / "snapshots.pt")
@@ -319,7 +322,7 @@ def crafted_copy(train_dir: Path, dest: Path, replace: str) -> Path:
     swapped for a payload (alongside the genuine rest); returns the marker the payload makes."""
     shutil.copytree(train_dir, dest)
     marker = dest.parent / f"{dest.name}-PAYLOAD-RAN"
-    files = list((dest / "checkpoints" / "step00000002").glob(replace))
+    files = list((dest / "checkpoints" / "step00000002" / "step00000002").glob(replace))
     assert files
     for f in files:
         torch.save({"module": Payload(marker), "step": 2}, f)
@@ -336,7 +339,7 @@ def test_a_crafted_deepspeed_tag_is_refused_and_runs_nothing(train_dir, tmp_path
     marker = crafted_copy(d, tmp_path / "train", replace)
     tag = tmp_path / "train" / "checkpoints" / "step00000002"
     if layout == "zero0":
-        for f in tag.glob("*optim_states.pt"):
+        for f in (tag / "step00000002").glob("*optim_states.pt"):
             f.unlink()
     (ref,) = resolve_checkpoints(EvalConfig(checkpoint=str(tag)), tmp_path / "elsewhere")
     assert ref == CheckpointRef(2, tag, "deepspeed")
@@ -351,48 +354,44 @@ def test_a_genuine_zero0_layout_loads_its_model_states(train_dir, tmp_path):
     d, snaps = train_dir
     shutil.copytree(d, tmp_path / "train")
     tag = tmp_path / "train" / "checkpoints" / "step00000002"
-    for f in tag.glob("*optim_states.pt"):
+    for f in (tag / "step00000002").glob("*optim_states.pt"):
         f.unlink()
     raw, *_ = load_checkpoint(CheckpointRef(2, tag, "deepspeed"), "cpu", use_ema=False)
     for k, v in raw.state_dict().items():
         torch.testing.assert_close(v, snaps[2][0][k], rtol=0, atol=0)
 
 
-def resume_from_mirrors(train_dir: Path, work: Path) -> None:
-    """In a subprocess (see write_train_dir): a ZeRO-2 engine resumes through `Checkpoints`
-    from each mirror under work/ (restore downloads the tag into an empty local directory, then
-    load); writes work/resumed.json: mirror -> the step and whether the weights are the saved
-    ones, or the refusal."""
-    from training.checkpoint import Checkpoints
+def resume_from_copies(train_dir: Path, work: Path) -> None:
+    """In a subprocess (see write_train_dir): a ZeRO-2 engine resumes through the trainer's
+    `load_tag` from each copy of the checkpoint under work/ (as a resumed worker loads Ray
+    Train's checkpoint, downloaded from a bucket anyone may write); writes work/resumed.json:
+    copy -> the step and whether the weights are the saved ones, or the refusal."""
+    from training.checkpoint import load_tag
 
     model, engine = solo_zero2_engine()
     saved = torch.load(train_dir / "snapshots.pt", weights_only=True)[2][0]
     out = {}
-    for mirror in sorted(work.glob("mirror-*")):
-        ckpts = Checkpoints(work / f"local-{mirror.name}", keep=5, mirror=str(mirror))
-        tag = ckpts.restore()
+    for copy in sorted(work.glob("copy-*")):
         try:
-            step, _, ema = ckpts.load(engine, tag, 0)
+            step, _, ema = load_tag(engine, copy, 0)
         except UnsafeCheckpoint as e:
-            out[mirror.name] = {"tag": tag, "refused": str(e)}
+            out[copy.name] = {"refused": str(e)}
             continue
         same = all(torch.equal(v, saved[k]) for k, v in engine.module.state_dict().items())
-        out[mirror.name] = {"tag": tag, "step": step, "weights_saved": same, "ema": ema is not None}
+        out[copy.name] = {"step": step, "weights_saved": same, "ema": ema is not None}
     (work / "resumed.json").write_text(json.dumps(out))
     dist.destroy_process_group()
 
 
-def test_resume_from_a_shared_mirror_loads_weights_only(train_dir, tmp_path):
+def test_resume_from_a_shared_checkpoint_loads_weights_only(train_dir, tmp_path):
     d, _ = train_dir
-    shutil.copytree(d / "checkpoints", tmp_path / "mirror-genuine")
+    shutil.copytree(d / "checkpoints" / "step00000002", tmp_path / "copy-genuine")
     marker = crafted_copy(d, tmp_path / "crafted", "*optim_states.pt")
-    shutil.copytree(tmp_path / "crafted" / "checkpoints", tmp_path / "mirror-crafted")
-    in_subprocess("resume_from_mirrors", d, tmp_path)
+    shutil.copytree(tmp_path / "crafted" / "checkpoints" / "step00000002", tmp_path / "copy-crafted")
+    in_subprocess("resume_from_copies", d, tmp_path)
     res = json.loads((tmp_path / "resumed.json").read_text())
-    assert res["mirror-genuine"] == {"tag": "step00000002", "step": 2, "weights_saved": True,
-                                     "ema": True}
-    assert res["mirror-crafted"]["tag"] == "step00000002"
-    assert "refusing to load checkpoint" in res["mirror-crafted"]["refused"]
+    assert res["copy-genuine"] == {"step": 2, "weights_saved": True, "ema": True}
+    assert "refusing to load checkpoint" in res["copy-crafted"]["refused"]
     assert not marker.exists()
 
 

@@ -17,11 +17,12 @@ import av
 import numpy as np
 import pytest
 import torch
+from ray_checkpoints import register
 
 from data.storage import SUCCESS
 from pipeline.cli import parse_generate_argv
 from pipeline.generate import RESULT, GenerateConfig, GenerateError, generate, prepare
-from training.checkpoint import COMPLETE, tag_of
+from training.checkpoint import tag_of
 from training.latent.space import LatentConfig
 from training.latent.vae import VAEConfig
 from training.model import ModelConfig
@@ -63,10 +64,11 @@ def write_train_output(d: Path, mcfg: ModelConfig, tcfg: TrainConfig, latent: di
     (d / "train_config.json").write_text(json.dumps({**asdict(tcfg), "latent": latent}))
     (d / "train_result.json").write_text(json.dumps({"steps": tcfg.steps}))
     (d / "info.json").write_text(json.dumps({"stage": "train", "config": {"model": {}, "train": {}}}))
-    tag = d / "checkpoints" / tag_of(1)
-    tag.mkdir(parents=True)
-    torch.save({"module": random_weights(mcfg, seed + 100)}, tag / "mp_rank_00_model_states.pt")
-    (tag / COMPLETE).write_text(json.dumps({"step": 1}))
+    save = d / "save" / tag_of(1)
+    save.mkdir(parents=True)
+    torch.save({"module": random_weights(mcfg, seed + 100)}, save / "mp_rank_00_model_states.pt")
+    (save.parent / "latest").write_text(tag_of(1))
+    register(d, [(save.parent, {"step": 1})], move=True)
     (d / SUCCESS).write_text(json.dumps({"hash": "x"}))
 
 

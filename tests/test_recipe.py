@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import Recorder
 from hydra import compose, initialize_config_dir
+from ray_checkpoints import register as register_checkpoints
 
 from pipeline.config import CONF_DIR, ConfigError, register, to_dict, to_object
 from pipeline.graph import Graph, Stage, StageContext
@@ -258,6 +259,15 @@ def test_the_weights_transfer_across_clip_lengths_and_resolutions(previous_stage
         assert out.shape == x.shape and torch.isfinite(out).all()
 
 
+def save_dir(root: Path, step: int) -> Path:
+    """An (empty) DeepSpeed save directory of `step`: its `latest` and tag directory."""
+    d = root / f"save{step}"
+    (d / f"step{step:08d}").mkdir(parents=True)
+    (d / "latest").write_text(f"step{step:08d}")
+    (d / f"step{step:08d}" / "rank00000_state.pt").write_bytes(b"")
+    return d
+
+
 def test_the_driver_refuses_a_missing_start_before_any_worker(previous_stage, tmp_path):
     (previous_stage / "model_ema.pt").unlink()
     init = {"dir": str(previous_stage), "weights": "ema", "optimizer": "fresh", "from": "s"}
@@ -266,9 +276,7 @@ def test_the_driver_refuses_a_missing_start_before_any_worker(previous_stage, tm
     check_init({**init, "weights": "raw"}, 2)  # model.pt is there
     with pytest.raises(FileNotFoundError, match="optimizer: carry needs a checkpoint"):
         check_init({**init, "weights": "raw", "optimizer": "carry"}, 2)
-    (previous_stage / "checkpoints" / "step00000004").mkdir(parents=True)
-    (previous_stage / "checkpoints" / "step00000004" / "_COMPLETE.json").write_text(
-        json.dumps({"step": 4, "world_size": 1}))
+    register_checkpoints(previous_stage, [(save_dir(tmp_path, 4), {"step": 4, "world_size": 1})])
     with pytest.raises(ValueError, match="written by 1 training workers, but cluster.num_workers=2"):
         check_init({**init, "weights": "raw", "optimizer": "carry"}, 2)
     check_init({**init, "weights": "raw", "optimizer": "carry"}, 1)
@@ -277,7 +285,7 @@ def test_the_driver_refuses_a_missing_start_before_any_worker(previous_stage, tm
 
 
 @pytest.mark.skipif(s3 is None, reason="needs moto (tests/test_storage.py's S3 endpoint)")
-def test_a_later_stage_starts_from_a_bucket_run_roots_previous_stage(previous_stage, s3):
+def test_a_later_stage_starts_from_a_bucket_run_roots_previous_stage(previous_stage, s3, tmp_path):
     """With run.root=s3://... the workers read the previous stage's weights from the bucket."""
     from data.storage import Store
 
@@ -285,8 +293,7 @@ def test_a_later_stage_starts_from_a_bucket_run_roots_previous_stage(previous_st
     store = Store(url)
     for name in ("model.pt", "model_ema.pt"):
         store.put_file(previous_stage / name, name)
-    store.write_json_atomic("checkpoints/step00000004/_COMPLETE.json",
-                            {"step": 4, "world_size": 2})
+    register_checkpoints(url, [(save_dir(tmp_path, 4), {"step": 4, "world_size": 2})])
     init = {"dir": url, "weights": "ema", "optimizer": "fresh", "from": "train_short"}
     check_init(init, 1)
     check_init({**init, "weights": "raw", "optimizer": "carry"}, 2)  # the mirror's world size
@@ -302,7 +309,9 @@ CARRY = textwrap.dedent("""
     from contextlib import closing
     from pathlib import Path
     import torch, torch.distributed as dist
-    from training.checkpoint import Checkpoints
+    sys.path.insert(0, sys.argv[2])  # the tests' directory
+    from ray_checkpoints import register
+    from training.checkpoint import write_tag
     from training.flow import FlowConfig, flow_loss
     from training.model import ModelConfig
     from training.parallelize import DeepSpeedConfig, parallelize
@@ -338,7 +347,8 @@ CARRY = textwrap.dedent("""
     a = engine(0)
     for i in range(2):
         step(a, i)
-    Checkpoints(out / "checkpoints", keep=1).save(a, 2, {}, None)
+    write_tag(a, out / "save", 2, {}, None)
+    register(out, [(out / "save", {"step": 2, "world_size": 1})], move=True)
     torch.save(weights(a), out / "model.pt")
     step(a, 10)  # stage one, continued by one step
     init = {"dir": str(out), "weights": "raw", "optimizer": "carry", "from": "a"}
@@ -355,7 +365,8 @@ CARRY = textwrap.dedent("""
 def test_a_carried_optimizer_continues_the_previous_stage_exactly(tmp_path):
     """One step after carrying the AdamW state is the previous engine's next step (to the bit);
     with a fresh optimizer the same step lands elsewhere."""
-    r = subprocess.run([sys.executable, "-c", CARRY, str(tmp_path)], capture_output=True,
+    r = subprocess.run([sys.executable, "-c", CARRY, str(tmp_path), str(Path(__file__).parent)],
+                       capture_output=True,
                        text=True, timeout=300, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])

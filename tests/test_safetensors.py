@@ -84,7 +84,7 @@ def exported(tmp_path_factory):
     out.mkdir()
     config = {"model": asdict(mcfg), "train": {"steps": 1}, "latent": None, "stage": "train",
               "stage_hash": "0" * 64, "inputs": {},
-              "ckpt_mirror": str(root / "bucket" / "train" / "checkpoints")}
+              "stage_url": str(root / "bucket" / "train")}
     export(out, weights, ema, config, {"train/loss": 1.0}, MemoryTracker())
     return {"out": out, "mirror": root / "bucket" / "train", "model": model, "mcfg": mcfg,
             "weights": weights, "ema": {**weights, **ema.shadow}}

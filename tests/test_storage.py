@@ -268,7 +268,7 @@ def test_resumable_stage_resumes_on_another_machine(s3, tmp_path):
     assert t.fs.cat_file(t.url_of("progress.txt")) == b"10" and t.exists(SUCCESS)
 
 
-# ----- checkpoint mirror --------------------------------------------------------------------
+# ----- checkpoints in the bucket --------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def engine():
     """A real one-rank DeepSpeed engine (gloo) on a tiny model."""
@@ -306,58 +306,41 @@ def step(engine):
     engine.step()
 
 
-def test_checkpoint_mirror_restores_the_newest_complete_tag(s3, engine, tmp_path):
+def test_a_checkpoint_in_the_bucket_restores_through_ray_train(s3, engine, tmp_path):
+    """A checkpoint registered in a bucket (as Ray Train's workers upload it straight there)
+    is found by RunCheckpoints, downloaded by Ray's Checkpoint.as_directory and restored."""
+    from pathlib import Path
+
     import torch
+    from ray_checkpoints import register
 
-    from training.checkpoint import COMPLETE, Checkpoints
+    from training.checkpoint import RunCheckpoints, load_tag, write_tag
 
-    mirror = s3("ckpt")
-    ck = Checkpoints(tmp_path / "a", keep=2, mirror=mirror)
-    assert ck.restore() is None  # nothing anywhere: start afresh
-    for s in (1, 2, 3):
+    url = s3("stage")
+    assert RunCheckpoints(url).latest() is None  # nothing there: start afresh
+    for s in (1, 2):
         step(engine)
-        ck.save(engine, s, {"step": s}, {"ema": torch.full((2,), float(s))})
-    m = Store(mirror)
-    assert ck.mirror_tags() == ["step00000002", "step00000003"]  # pruned like the local dir
-    assert m.fs.cat_file(m.url_of("latest")) == b"step00000003"
-    assert {"rank00000_state.pt", "ema.pt", COMPLETE} <= set(m.list("step00000003"))
+        write_tag(engine, tmp_path / f"save{s}", s, {"step": s}, {"ema": torch.full((2,), float(s))})
+    register(url, [(tmp_path / f"save{s}", {"step": s, "world_size": 1}) for s in (1, 2)])
     weights = {k: v.clone() for k, v in engine.module.state_dict().items()}
-
-    # A half-uploaded newer tag (no _COMPLETE.json) is never taken.
-    m.write_json_atomic("step00000004/rank00000_state.pt", {"junk": True})
-    shutil.rmtree(tmp_path / "a")
-    ck2 = Checkpoints(tmp_path / "b", keep=2, mirror=mirror)
-    assert ck2.restore() == "step00000003"
-    assert (tmp_path / "b" / "latest").read_text() == "step00000003"
+    assert "checkpoints/checkpoint_manager_snapshot.json" in keys(url)
+    ckpts = RunCheckpoints(url)
+    assert ckpts.tags() == ["step00000001", "step00000002"]
+    checkpoint, metrics = ckpts.latest()
+    assert metrics == {"step": 2, "world_size": 1}
     step(engine)  # move away from the saved weights, then load them back
-    got, rank_state, ema = ck2.load(engine, "step00000003", 0)
-    assert got == 3 and rank_state == {"step": 3} and ema["ema"].tolist() == [3.0, 3.0]
+    with checkpoint.as_directory() as d:
+        got, rank_state, ema = load_tag(engine, Path(d), 0)
+    assert got == 2 and rank_state == {"step": 2} and ema["ema"].tolist() == [2.0, 2.0]
     for k, v in engine.module.state_dict().items():
         assert torch.equal(v, weights[k])
-
-    # A local tag newer than the mirror's newest complete one is dropped, not resumed from.
-    (tmp_path / "b" / "step00000009").mkdir()
-    (tmp_path / "b" / "step00000009" / COMPLETE).write_text("{}")
-    assert ck2.restore() == "step00000003" and not (tmp_path / "b" / "step00000009").exists()
-    assert Checkpoints(tmp_path / "c", keep=2).restore() is None  # no mirror: local only
-
-
-def test_each_rank_mirrors_the_files_it_writes(engine):
-    from training.checkpoint import owner_of
-
-    for dp_rank, bf16 in ((3, False), (12, True)):  # DeepSpeed's own names of ZeRO partitions
-        name = engine._get_rank_zero_ckpt_name("/c", "t", 0, dp_rank, bf16)
-        assert owner_of(name.rsplit("/", 1)[1]) == dp_rank
-    assert owner_of("zero_pp_rank_5_mp_rank_00_model_states.pt") == 5  # ZeRO-3 partition
-    assert owner_of("rank00007_state.pt") == 7
-    assert owner_of("mp_rank_00_model_states.pt") == 0 and owner_of("ema.pt") == 0
 
 
 # ----- the real graph on a bucket --------------------------------------------------------------
 def test_the_tiny_graph_runs_with_its_root_in_a_bucket(s3, tmp_path):
     """`spacetime run` with run.root=s3://...: every stage's output, the shards (uploaded by
-    the Ray workers), the mirrored checkpoints and the run state end up in the bucket; a second
-    machine (a fresh local cache) sees the whole graph as done."""
+    the Ray workers), Ray Train's checkpoints (uploaded by its workers) and the run state end
+    up in the bucket; a second machine (a fresh local cache) sees the whole graph as done."""
     import os
     import subprocess
     import sys
@@ -378,9 +361,12 @@ def test_the_tiny_graph_runs_with_its_root_in_a_bucket(s3, tmp_path):
     assert stages == {"source", "curate", "filter", "caption", "shard", "train", "eval"}
     train = next(k.split("/")[1] for k in got if k.startswith("stages/train-"))
     assert {f"stages/{train}/{f}" for f in ("model.pt", "model_ema.pt", "train_result.json",
-                                            "checkpoints/latest")} <= got
-    tag = Store(root).fs.cat_file(f"{Store(root).path}/stages/{train}/checkpoints/latest")
-    assert f"stages/{train}/checkpoints/{tag.decode().strip()}/_COMPLETE.json" in got
+                                            "checkpoints/checkpoint_manager_snapshot.json")} <= got
+    from training.checkpoint import RunCheckpoints
+
+    _, last = RunCheckpoints(f"{root}/stages/{train}").latest()
+    tag = f"step{last['step']:08d}"
+    assert f"stages/{train}/checkpoints/{tag}/{tag}/mp_rank_00_model_states.pt" in got
     assert any(k.startswith("stages/shard-") and k.endswith(".tar") for k in got)
     assert any(k.startswith("runs/") and k.endswith("/lineage.json") for k in got)
 

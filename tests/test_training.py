@@ -18,13 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray.train
 import torch
 from conftest import forget_deepspeed_groups
+from ray_checkpoints import register
 
 from data.shards import write_shard
 from data.synthetic import SourceConfig, generate
 from data.tracking import TrackerSpec
-from training.checkpoint import COMPLETE, Checkpoints
+from training.checkpoint import RunCheckpoints
 from training.ema import EMA
 from training.launch import run_training, worker_resources
 from training.loader import Bucket, ClipStream, Loader, LoaderConfig, normalize
@@ -292,18 +294,6 @@ def test_ema_tracks_a_moving_average():
     assert ema2.shadow["w"].item() == pytest.approx(0.5)
 
 
-def test_incomplete_checkpoint_is_never_latest_and_old_ones_are_pruned(tmp_path):
-    c = Checkpoints(tmp_path, keep=2)
-    for step in (10, 20, 30):
-        (tmp_path / f"step{step:08d}").mkdir()
-        (tmp_path / f"step{step:08d}" / COMPLETE).write_text("{}")
-    (tmp_path / "step00000040").mkdir()  # interrupted while saving
-    assert c.latest() == "step00000030"
-    c.prune()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "step00000020", "step00000030", "step00000040"]
-
-
 def test_deepspeed_config_comes_from_the_hydra_config_with_raw_keys_merged():
     ds = build_ds_config(DeepSpeedConfig(
         zero_stage=3, grad_clip=0.5, grad_accum=2, offload_param=True,
@@ -378,12 +368,12 @@ def test_workers_gpus_and_backend_come_from_the_cluster_config():
 
 
 def test_resuming_with_another_number_of_workers_fails_before_training(shards, tmp_path):
-    tag = tmp_path / "checkpoints" / "step00000004"
-    tag.mkdir(parents=True)
-    (tag / COMPLETE).write_text(json.dumps({"step": 4, "world_size": 3}))
+    (tmp_path / "save" / "step00000004").mkdir(parents=True)
+    (tmp_path / "save" / "latest").write_text("step00000004")
+    register(tmp_path, [(tmp_path / "save", {"step": 4, "world_size": 3})])
     with pytest.raises(ValueError, match=r"written by 3 training workers but cluster.num_workers=2"):
         train(shards, tmp_path, zero=2)  # no Ray needed: it fails before any worker starts
-    assert not (tmp_path / "ray_train").exists()
+    assert not (tmp_path / ".staging").exists()
 
 
 # ----- Ray Train + DeepSpeed ----------------------------------------------------------------
@@ -519,7 +509,8 @@ def check_zero_to_fp32(out: Path):
     from training.evaluation.evaluate import EvalConfig, sample_videos
     from training.text import Tokenizer
 
-    sd = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"))  # reads `latest`
+    ck, _ = RunCheckpoints(out).latest()  # Ray Train's latest checkpoint: a DeepSpeed save dir
+    sd = get_fp32_state_dict_from_zero_checkpoint(ck.path)  # reads its `latest`
     ref = torch.load(out / "model.pt", weights_only=True)
     assert sd.keys() == ref.keys()
     for k in ref:
@@ -535,8 +526,29 @@ def check_zero_to_fp32(out: Path):
 
 def test_zero2_checkpoint_converts_with_zero_to_fp32(baseline):
     check_zero_to_fp32(baseline)
-    assert (baseline / "checkpoints" / "zero_to_fp32.py").exists()  # DeepSpeed's script
-    assert len(Checkpoints(baseline / "checkpoints", 2).complete_tags()) == 2  # keep last K
+    ck, _ = RunCheckpoints(baseline).latest()
+    assert (Path(ck.path) / "zero_to_fp32.py").exists()  # DeepSpeed's script, in each checkpoint
+
+
+def test_checkpoints_and_metrics_are_ray_trains(baseline):
+    """Ray Train's own Result of the run directory lists the checkpoints (the newest
+    train.keep_checkpoints=2 of saves at 4, 8, 12 and the final 16) with rank 0's metrics; each
+    holds every rank's files; nothing else is left in the run directory or the staging area."""
+    result = ray.train.Result.from_path(str(baseline / "checkpoints"))
+    steps = [m["step"] for _, m in result.best_checkpoints]
+    assert steps == [12, 16] and result.metrics["step"] == 16
+    assert result.checkpoint.path == str(baseline / "checkpoints" / "step00000016")
+    logged = losses(baseline)
+    for ck, m in result.best_checkpoints:
+        assert m["world_size"] == 2 and m["sequence_parallel"] == 1
+        assert m["train/loss"] == logged[m["train/step"]] and m["train/step"] == m["step"] - 1
+        tag = Path(ck.path) / f"step{m['step']:08d}"
+        assert {f.name for f in tag.iterdir()} >= {
+            "mp_rank_00_model_states.pt", "rank00000_state.pt", "rank00001_state.pt", "ema.pt",
+            "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+    assert sorted(p.name for p in (baseline / "checkpoints").iterdir() if p.is_dir()) == [
+        "step00000012", "step00000016"]
+    assert not any((baseline / ".staging").rglob("*.pt"))
 
 
 def run_killing_a_worker(run, out: Path, after_step: int) -> tuple[dict, int | None]:

@@ -17,7 +17,7 @@ import torch
 from test_training import NUM_FRAMES, SIZE, losses, metrics, run_killing_a_worker, train_cfg, write_training_shards
 
 from data.tracking import TrackerSpec
-from training.checkpoint import Checkpoints
+from training.checkpoint import RunCheckpoints
 from training.launch import check_resume_world_size, run_training
 from training.model import ModelConfig
 from training.parallelize import DeepSpeedConfig
@@ -100,8 +100,8 @@ def test_sp2_counts_each_sample_once(sp1, sp2_killed):
 
 def test_a_checkpoint_resumes_only_at_its_sequence_parallel_degree(sp2_killed):
     out, _, _ = sp2_killed
-    ckpts = Checkpoints(out / "checkpoints", 2)
-    assert ckpts.resume_record()["sequence_parallel"] == 2
+    ckpts = RunCheckpoints(out)
+    assert ckpts.latest()[1]["sequence_parallel"] == 2
     check_resume_world_size(ckpts, 2, 2)  # the same layout: fine
     with pytest.raises(ValueError, match=r"written at sequence parallel degree 2 but "
                                          r"cluster.sequence_parallel=1: resume with cluster.sequence_parallel=2"):

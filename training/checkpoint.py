@@ -1,31 +1,30 @@
-"""Checkpoints that survive failures.
+"""Checkpoints that survive failures, through Ray Train's checkpoint API.
 
-Layout under ``<train output>/checkpoints/``::
+Saving: every rank writes the files it owns into a staging directory of its own
+(``<out>/.staging/rank<r>/``): DeepSpeed's ``save_checkpoint`` (tag ``stepNNNNNNNN``), ours
+``rank<r>_state.pt`` (RNG states and loader position) and, on rank 0, ``ema.pt``. Then every rank
+calls ``ray.train.report(metrics, checkpoint=Checkpoint.from_directory(staging))``. Ray Train
+merges the ranks' directories into one checkpoint in the run's storage (the stage output: a local
+directory, or a bucket prefix written straight from the workers), registers it only once every
+rank's upload has finished (so a checkpoint a rank died writing is never resumed from), records
+it with rank 0's metrics in its snapshot and keeps the newest ``train.keep_checkpoints``.
 
-    step00000100/                      one tag per save
-        mp_rank_00_model_states.pt     DeepSpeed (module, client state)
-        zero_pp_rank_<r>_..._optim_states.pt   DeepSpeed (ZeRO partitions, one per rank)
-        rank<r>_state.pt               ours: RNG states and loader position of rank r
-        ema.pt                         ours: EMA weights (rank 0)
-        _COMPLETE.json                 ours: written after every rank has finished writing
-    latest                             the newest complete tag (DeepSpeed's own format)
-    zero_to_fp32.py                    DeepSpeed's converter, copied in by DeepSpeed
+Layout under ``<train output>/checkpoints/`` (Ray Train's run directory)::
 
-A tag without ``_COMPLETE.json`` was interrupted while saving and is never taken as the
-latest. ``latest`` is replaced atomically, and only after ``_COMPLETE.json`` exists, so
-DeepSpeed's own tools (``zero_to_fp32.py``) read the same tag we resume from.
+    checkpoint_manager_snapshot.json   Ray Train: the registered checkpoints and their metrics
+    step00000100/                      one Ray checkpoint per save, a DeepSpeed save directory
+        latest                         DeepSpeed's: the tag inside (zero_to_fp32.py runs as is)
+        zero_to_fp32.py                DeepSpeed's converter
+        step00000100/
+            mp_rank_00_model_states.pt, zero_pp_rank_<r>_..._optim_states.pt   DeepSpeed
+            rank<r>_state.pt           ours: RNG states and loader position of rank r
+            ema.pt                     ours: EMA weights (rank 0)
 
-**Mirror.** With ``mirror`` (a URL such as ``s3://bucket/run/stages/train-<hash>/checkpoints``,
-or a path) every tag is also copied there, so training survives losing the machine and its
-disk. The protocol extends the one above: once every rank's files are on disk, each rank
-uploads the files it wrote (its ``rank<r>_state.pt`` and ZeRO partition ``*pp_rank_<r>_*``;
-rank 0 the rest), a barrier, then rank 0 writes the mirror's ``_COMPLETE.json`` and ``latest``
-(in that order, each one atomic PUT) and prunes the mirror as it prunes the local directory;
-only then the local ``_COMPLETE.json``. So a ``_COMPLETE.json``, local or mirrored, means every
-rank's files are in the mirror. :meth:`restore` resumes from the mirror's newest complete tag,
-downloading what this disk lacks (all of the tag's files: DeepSpeed's ZeRO loader reads every
-rank's partition); every rank reads the same mirror, so all ranks pick the same tag even when
-their disks differ. Local tags newer than it are dropped.
+Reading: ``ray.train.get_checkpoint()`` in the workers (a restarted worker group, or a rerun of
+the stage: Ray Train restores its snapshot from the storage path), ``ray.train.Result.from_path``
+anywhere else (:class:`RunCheckpoints`: evaluation of ``eval.steps``, a recipe's warm start, the
+driver's world-size check). A directory in ``checkpoints/`` that the snapshot does not list was
+being written when something failed; nothing reads it.
 
 **What loading trusts.** A checkpoint is a set of pickles, and unpickling can run any code, so
 every file is loaded with ``torch.load(weights_only=True)``: tensors, plain containers and
@@ -33,14 +32,13 @@ numbers, and the few DeepSpeed records its optimizer states hold (:func:`deepspe
 whose unpickling sets fields and runs none of their code. :func:`weights_only_loads` imposes it
 on DeepSpeed's own loads too (they ask for ``weights_only=False``). A file holding anything else
 (a crafted payload) fails to load, naming the tag, and runs nothing. The files' values are
-trusted: whoever can write the checkpoint directory or its mirror decides the weights, optimizer
-state, RNG and loader position a resume continues from, and which tag is the latest.
+trusted: whoever can write the checkpoint storage decides the weights, optimizer state, RNG and
+loader position a resume continues from.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import pickle
 import random
@@ -51,26 +49,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data.storage import Store
+from data.storage import Store, is_url
 
-COMPLETE = "_COMPLETE.json"
+RUN_DIR = "checkpoints"  # Ray Train's run directory (RunConfig name) in the training output
+STAGING = ".staging"  # each rank's directory for the checkpoint it is writing
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch's own switch, read by every load
-_OWNER = re.compile(r"(?:^|_)pp_rank_(\d+)_|^rank(\d+)_state\.pt$")
-
-
-def owner_of(filename: str) -> int:
-    """The rank that writes (and mirrors) a checkpoint file: the dp rank in DeepSpeed's ZeRO
-    partition names and in ours, rank 0 for everything else."""
-    m = _OWNER.search(filename)
-    return int(m.group(1) or m.group(2)) if m else 0
-
-
-def _doomed(tags: list[str], complete: list[str], keep: int) -> list[str]:
-    """Tags pruning removes: complete ones beyond the newest `keep`, partial ones older than
-    the newest complete tag (a newer partial one may still be being written)."""
-    newest = complete[-1] if complete else ""
-    kept = set(complete[-keep:])
-    return [t for t in tags if t not in kept and (t in complete or t < newest)]
 
 
 def tag_of(step: int) -> str:
@@ -120,148 +103,99 @@ def weights_only_loads(what: str | Path):
             os.environ[FORCE_WEIGHTS_ONLY] = before
 
 
-class Checkpoints:
-    """root: the local checkpoint directory. keep: complete tags kept. mirror: optional URL (or
-    path) every complete tag is copied to, and restored from when this disk lacks it."""
+def ray_storage(stage_root: str | os.PathLike) -> tuple[str, object | None]:
+    """Ray Train's ``(storage_path, storage_filesystem)`` for a training output: a local
+    directory as it is; a URL root (s3://, gs://) as its path on the store's own fsspec
+    filesystem (credentials and endpoint from the environment, as for every other file of the
+    run), wrapped for pyarrow, which Ray Train uploads and downloads with."""
+    if not is_url(stage_root):
+        return str(Path(Store(stage_root).path).resolve()), None
+    import pyarrow.fs  # lazy: only bucket runs need it (the config layer imports this module)
 
-    def __init__(self, root: str | Path, keep: int, mirror: str | None = None,
-                 layout: dict | None = None):
-        """layout: how the ranks were arranged ({"sequence_parallel": 2}), recorded with the
-        world size in each tag's completion marker, since a resume must match it."""
-        if keep < 1:
-            raise ValueError(f"train.keep_checkpoints must be >= 1, got {keep}")
-        self.root = Path(root)
-        self.keep = keep
-        self.layout = dict(layout or {})
-        self.mirror = None
-        if mirror:
-            self.mirror = Store(mirror)
+    store = Store(stage_root)
+    return store.path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(store.fs))
 
-    def complete_tags(self) -> list[str]:
-        if not self.root.exists():
+
+class RunCheckpoints:
+    """The registered checkpoints of a training output (a path or a URL): Ray Train's
+    ``Result.from_path`` of its run directory, oldest first, each with the metrics rank 0
+    reported with it (``step``, ``world_size``, ``sequence_parallel``, the latest train/*)."""
+
+    def __init__(self, stage_root: str | os.PathLike):
+        self.stage_root = stage_root
+        path, self.fs = ray_storage(stage_root)
+        self.path = f"{path.rstrip('/')}/{RUN_DIR}"
+
+    def records(self) -> list[tuple[object, dict]]:
+        """[(ray.train.Checkpoint, metrics)] oldest first; [] before the first save."""
+        from ray.train import Result  # lazy: ray.train ~3.7 s to import; the config layer imports this module
+
+        try:
+            result = Result.from_path(self.path, storage_filesystem=self.fs)
+        except RuntimeError:  # no run directory, or no snapshot in it yet: nothing registered
             return []
-        return sorted(p.name for p in self.root.glob("step*") if (p / COMPLETE).exists())
+        return sorted(result.best_checkpoints or [], key=lambda cm: cm[1]["step"])
 
-    def latest(self) -> str | None:
-        tags = self.complete_tags()
-        return tags[-1] if tags else None
+    def tags(self) -> list[str]:
+        return [tag_of(m["step"]) for _, m in self.records()]
 
-    # ----- saving: every rank calls save(); collectives inside ---------------------------
-    def save(self, engine, step: int, rank_state: dict, ema_state: dict | None) -> str:
-        tag = tag_of(step)
-        engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step},
-                               save_latest=False)
-        rank = dist.get_rank()
-        torch.save(rank_state, self.root / tag / f"rank{rank:05d}_state.pt")
-        if rank == 0 and ema_state is not None:
-            torch.save(ema_state, self.root / tag / "ema.pt")
-        dist.barrier()  # every rank's files are on disk
-        complete = {"step": step, "world_size": dist.get_world_size(), **self.layout}
-        if self.mirror is not None:
-            self.mirror.put_dir(self.root / tag, tag,
-                                select=lambda f: f != COMPLETE and owner_of(f) == rank)
-            dist.barrier()  # every rank's files are in the mirror
-            if rank == 0:
-                self._publish(tag, complete)
-            else:  # a disk of its own holds only this rank's files of older tags: drop them
-                for p in self.root.glob("step*"):
-                    if p.name < tag and not (p / COMPLETE).exists():
-                        shutil.rmtree(p, ignore_errors=True)
-        if rank == 0:
-            (self.root / tag / COMPLETE).write_text(json.dumps(complete))
-            tmp = self.root / ".latest.tmp"
-            tmp.write_text(tag)
-            os.replace(tmp, self.root / "latest")
-            self.prune()
-        dist.barrier()
-        return tag
+    def latest(self) -> tuple[object, dict] | None:
+        recs = self.records()
+        return recs[-1] if recs else None
 
-    def prune(self) -> None:
-        """Keep the newest `keep` complete tags; drop older complete and stale partial ones."""
-        tags = [p.name for p in self.root.glob("step*")]
-        for t in _doomed(tags, self.complete_tags(), self.keep):
-            shutil.rmtree(self.root / t, ignore_errors=True)
-
-    # ----- the mirror --------------------------------------------------------------------
-    def _publish(self, tag: str, complete: dict) -> None:
-        """Rank 0, once every rank's files of `tag` are mirrored: mark it complete there, point
-        `latest` at it (last), prune the mirror."""
-        m = self.mirror
-        script = self.root / "zero_to_fp32.py"
-        if script.exists() and not m.exists(script.name):
-            m.put_file(script, script.name)
-        m.write_json_atomic(f"{tag}/{COMPLETE}", complete)
-        m.write_bytes_atomic("latest", tag.encode())
-        tags = [t for t in m.list() if t.startswith("step")]
-        for t in _doomed(tags, self.mirror_tags(), self.keep):
-            m.rm(t)
-
-    def mirror_tags(self) -> list[str]:
-        """Complete tags in the mirror, oldest first."""
-        if self.mirror is None:
-            return []
-        return [t for t in self.mirror.list() if t.startswith("step")
-                and self.mirror.exists(f"{t}/{COMPLETE}")]
-
-    def restore(self) -> str | None:
-        """The tag to resume from, complete on this disk; None to start afresh.
-
-        Without a mirror (or with an empty one) that is :meth:`latest`. With one it is the
-        mirror's newest complete tag, downloaded first if this disk lacks any of its files.
-        Every rank calls it; ranks sharing a disk may download at once (files land by rename).
-        """
-        remote = self.mirror_tags()
-        if not remote:
-            return self.latest()
-        tag = remote[-1]
-        for p in self.root.glob("step*"):
-            if p.name > tag:  # saved after the mirror's newest: not on every rank's disk
-                shutil.rmtree(p, ignore_errors=True)
-        if not (self.root / tag / COMPLETE).exists():
-            self.mirror.get_dir(tag, self.root / tag, select=lambda f: f != COMPLETE)
-            script = self.root / "zero_to_fp32.py"
-            if not script.exists() and self.mirror.exists(script.name):
-                self.mirror.get_file(script.name, script)
-            _write_atomic(self.root / tag / COMPLETE,
-                          json.dumps(self.mirror.read_json(f"{tag}/{COMPLETE}")))
-        _write_atomic(self.root / "latest", tag)
-        return tag
-
-    def resume_world_size(self) -> int | None:
-        """The number of ranks that wrote the tag :meth:`restore` would pick (read from its
-        ``_COMPLETE.json``, nothing downloaded); None when training would start afresh."""
-        record = self.resume_record()
-        return None if record is None else record.get("world_size")
-
-    def resume_record(self) -> dict | None:
-        """The completion marker of the tag :meth:`restore` would pick: step, world size and
-        layout (nothing downloaded); None when training would start afresh."""
-        remote = self.mirror_tags()
-        if remote:
-            return self.mirror.read_json(f"{remote[-1]}/{COMPLETE}")
-        tag = self.latest()
-        if tag is None:
-            return None
-        return json.loads((self.root / tag / COMPLETE).read_text())
-
-    # ----- loading -----------------------------------------------------------------------
-    def load(self, engine, tag: str, rank: int) -> tuple[int, dict, dict | None]:
-        """Restore the engine; returns (step, this rank's state, EMA state or None). Raises
-        UnsafeCheckpoint for a tag with anything but weights in it (nothing of it runs)."""
-        with weights_only_loads(self.root / tag):
-            _, client = engine.load_checkpoint(str(self.root), tag=tag)
-            rank_state = torch.load(self.root / tag / f"rank{rank:05d}_state.pt",
-                                    map_location="cpu", weights_only=True)
-            ema_path = self.root / tag / "ema.pt"
-            ema = (torch.load(ema_path, map_location="cpu", weights_only=True)
-                   if rank == 0 and ema_path.exists() else None)
-        return int(client["step"]), rank_state, ema
+    def local_dir(self, step: int) -> Path:
+        """The directory of the checkpoint registered at `step` (a local training output)."""
+        for ck, m in self.records():
+            if m["step"] == step:
+                return Path(ck.path)
+        raise FileNotFoundError(
+            f"no registered checkpoint for step {step} in {self.path}; registered: "
+            f"{self.tags() or 'none'} "
+            f"(train.ckpt_every sets when they are saved, train.keep_checkpoints how many are kept)")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def write_tag(engine, save_dir: Path, step: int, rank_state: dict, ema_state: dict | None) -> Path:
+    """Collectively: this rank's files of the checkpoint at `step` into `save_dir`, a DeepSpeed
+    save directory (``latest`` and ``zero_to_fp32.py`` from rank 0). Returns the tag's dir."""
+    tag = tag_of(step)
+    engine.save_checkpoint(str(save_dir), tag=tag, client_state={"step": step}, save_latest=True)
+    rank = dist.get_rank()
+    (save_dir / tag).mkdir(parents=True, exist_ok=True)
+    torch.save(rank_state, save_dir / tag / f"rank{rank:05d}_state.pt")
+    if rank == 0 and ema_state is not None:
+        torch.save(ema_state, save_dir / tag / "ema.pt")
+    return save_dir / tag
+
+
+def report_checkpoint(engine, out: Path, step: int, rank_state: dict, ema_state: dict | None,
+                      metrics: dict) -> None:
+    """Every rank: write this rank's files (:func:`write_tag`) into its own staging directory and
+    hand them to Ray Train (``ray.train.report``: a barrier; the checkpoint is registered once
+    every rank's upload is done; the staging copy is deleted after the upload)."""
+    import ray.train  # lazy: ray.train ~3.7 s to import; the config layer imports this module
+
+    staging = Path(out) / STAGING / f"rank{dist.get_rank():05d}"
+    shutil.rmtree(staging, ignore_errors=True)  # a save that died halfway
+    staging.mkdir(parents=True)
+    write_tag(engine, staging, step, rank_state, ema_state)
+    ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(str(staging)),
+                     checkpoint_dir_name=tag_of(step), delete_local_checkpoint_after_upload=True)
+
+
+def load_tag(engine, save_dir: Path, rank: int) -> tuple[int, dict, dict | None]:
+    """Restore the engine from a DeepSpeed save directory (a checkpoint's local copy); returns
+    (step, this rank's state, EMA state or None). Raises UnsafeCheckpoint for a tag with anything
+    but weights in it (nothing of it runs)."""
+    save_dir = Path(save_dir)
+    tag = (save_dir / "latest").read_text().strip()
+    with weights_only_loads(save_dir / tag):
+        _, client = engine.load_checkpoint(str(save_dir), tag=tag)
+        rank_state = torch.load(save_dir / tag / f"rank{rank:05d}_state.pt",
+                                map_location="cpu", weights_only=True)
+        ema_path = save_dir / tag / "ema.pt"
+        ema = (torch.load(ema_path, map_location="cpu", weights_only=True)
+               if rank == 0 and ema_path.exists() else None)
+    return int(client["step"]), rank_state, ema
 
 
 def rng_state(gen: torch.Generator) -> dict:

@@ -6,8 +6,13 @@ model, the cluster's worker resources, a resumed checkpoint's world size), then 
 process group (gloo on CPU, NCCL on GPU: the only difference between the two paths; see
 ``worker_resources``).
 
+Checkpoints and metrics go through Ray Train's own API (``training.checkpoint``): the run's
+storage path is the stage output (its ``checkpoints/`` is Ray Train's run directory, on a local
+disk or straight in the bucket), so ``trainer.fit()``'s Result, ``Result.from_path`` and Ray Tune
+(``pipeline.tune``) see every checkpoint with its metrics.
+
 Failures: Ray Train restarts a dead worker group up to ``train.max_failures`` times; each
-restart resumes from the latest complete checkpoint. Preemption: SIGTERM to the driver is
+restart resumes from the latest registered checkpoint, as does a rerun of the stage. Preemption: SIGTERM to the driver is
 relayed as ``PREEMPT`` in the output directory (the workers checkpoint and stop), and
 ``run_training`` raises ``Preempted``. A run the non-finite guard stopped returns from the workers
 (so Ray Train does not retry it) and ``run_training`` raises its message.
@@ -21,11 +26,13 @@ import threading
 from dataclasses import asdict
 from pathlib import Path
 
-from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.trainable.trainable_fn_utils import _in_tune_session
 
 from data.storage import Store
-from training.checkpoint import Checkpoints
+from training.checkpoint import RUN_DIR, RunCheckpoints, ray_storage
 from training.trainer import (
     EXPORTS,
     NONFINITE,
@@ -52,38 +59,57 @@ def worker_resources(cluster) -> dict:
             "backend": "nccl" if gpus > 0 else "gloo"}
 
 
-def check_resume_world_size(ckpts, num_workers: int, sequence_parallel: int = 1) -> None:
+def check_resume_world_size(ckpts: RunCheckpoints, num_workers: int,
+                            sequence_parallel: int = 1) -> None:
     """The checkpoint training would resume from must have been written by as many workers, in
     sequence-parallel groups of the same degree: reader positions, generators and ZeRO
     partitions are per rank. Raises naming the key and both numbers."""
-    record = ckpts.resume_record()
-    if record is None:
+    latest = ckpts.latest()
+    if latest is None:
         return
+    record = latest[1]
     saved = record.get("world_size")
     if saved is not None and saved != num_workers:
         raise ValueError(
-            f"the latest checkpoint in {ckpts.root} was written by {saved} training workers but "
+            f"the latest checkpoint in {ckpts.path} was written by {saved} training workers but "
             f"cluster.num_workers={num_workers}: resume with cluster.num_workers={saved}, or "
             f"start this stage over (spacetime run --only train)")
     saved_sp = int(record.get("sequence_parallel", 1))  # older checkpoints: no SP
     if saved_sp != sequence_parallel:
         raise ValueError(
-            f"the latest checkpoint in {ckpts.root} was written at sequence parallel degree "
+            f"the latest checkpoint in {ckpts.path} was written at sequence parallel degree "
             f"{saved_sp} but cluster.sequence_parallel={sequence_parallel}: resume with "
             f"cluster.sequence_parallel={saved_sp}, or start this stage over (spacetime run --only train)")
+
+
+def run_config(storage: str | Path, train_cfg: TrainConfig, callbacks=()) -> RunConfig:
+    """Ray Train's run: its directory is the stage output's ``checkpoints/`` (local, or in the
+    bucket), keeping ``train.keep_checkpoints`` checkpoints, retrying ``train.max_failures``
+    times. Inside a Ray Tune trial, Tune's report callback passes every report on to the trial.
+    callbacks: more Ray Train callbacks."""
+    path, fs = ray_storage(storage)
+    if _in_tune_session():  # a Ray Tune trial (pipeline.tune): every report is the trial's too
+        callbacks = [*callbacks, TuneReportCallback()]
+    return RunConfig(storage_path=path, storage_filesystem=fs, name=RUN_DIR,
+                     checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.keep_checkpoints),
+                     failure_config=FailureConfig(max_failures=train_cfg.max_failures),
+                     callbacks=list(callbacks))
 
 
 def run_training(*, train_cfg: TrainConfig, model_cfg, ds_cfg, cluster, out_dir: Path,
                  train_shards: list[str], tracker_spec, stage: str, stage_hash: str,
                  inputs: dict[str, str], latent: dict | None = None,
-                 ckpt_mirror: str | None = None, init: dict | None = None) -> dict:
+                 stage_url: str | None = None, init: dict | None = None,
+                 callbacks=()) -> dict:
     """Driver side: start the workers, relay SIGTERM, wait, return rank 0's result.
 
     latent: for train.data.kind=latent, the latent shards' record (their ``latent_space.json``).
-    ckpt_mirror: a URL every checkpoint is uploaded to (a bucket run root), so workers on any
-    node, or a later run on another machine, resume from it.
+    stage_url: the stage output's URL when the run root is a bucket: Ray Train's storage path
+    (workers on any node upload their checkpoints there, and a rerun anywhere resumes from it),
+    and where rank 0 uploads the exports.
     init: start from another training output's weights (a recipe's later stage; see
-    ``training.warm_start``)."""
+    ``training.warm_start``).
+    callbacks: Ray Train callbacks (see ``run_config``)."""
     check_latent_data(train_cfg, model_cfg, latent)  # before any worker starts
     out_dir = Path(out_dir).resolve()
     res = worker_resources(cluster)
@@ -91,8 +117,8 @@ def run_training(*, train_cfg: TrainConfig, model_cfg, ds_cfg, cluster, out_dir:
     check_init(init, cluster.num_workers, sp)
     check_sequence_parallel(model_cfg.dit.num_heads, sp, cluster.num_workers)
     micro_batch_size(train_cfg, cluster.num_workers, ds_cfg.grad_accum, sp)  # raises naming the keys
-    check_resume_world_size(Checkpoints(out_dir / "checkpoints", train_cfg.keep_checkpoints,
-                                        mirror=ckpt_mirror), cluster.num_workers, sp)
+    storage = stage_url or out_dir
+    check_resume_world_size(RunCheckpoints(storage), cluster.num_workers, sp)
     model_cfg = follow_data(train_cfg, model_cfg, latent)  # what model_config.json records
     if res["use_gpu"] and train_cfg.precision == "fp32":
         print("training in fp32 on GPUs: set train.precision=bf16 for bf16 matmuls (the usual "
@@ -105,7 +131,7 @@ def run_training(*, train_cfg: TrainConfig, model_cfg, ds_cfg, cluster, out_dir:
         "out_dir": str(out_dir), "train_shards": train_shards, "tracker": asdict(tracker_spec),
         "stage": stage, "stage_hash": stage_hash, "inputs": inputs,
         "peak_flops_per_worker": (cluster.peak_tflops_per_worker or 0) * 1e12,
-        "latent": latent, "ckpt_mirror": ckpt_mirror, "sequence_parallel": sp, "init": init,
+        "latent": latent, "stage_url": stage_url, "sequence_parallel": sp, "init": init,
     }
     trainer = TorchTrainer(
         train_loop,
@@ -113,8 +139,7 @@ def run_training(*, train_cfg: TrainConfig, model_cfg, ds_cfg, cluster, out_dir:
         scaling_config=ScalingConfig(num_workers=res["num_workers"], use_gpu=res["use_gpu"],
                                      resources_per_worker=res["resources_per_worker"]),
         torch_config=TorchConfig(backend=res["backend"]),
-        run_config=RunConfig(storage_path=str(out_dir / "ray_train"), name="train",
-                             failure_config=FailureConfig(max_failures=train_cfg.max_failures)),
+        run_config=run_config(storage, train_cfg, callbacks),
     )
     previous = None
     if threading.current_thread() is threading.main_thread():
@@ -130,8 +155,8 @@ def run_training(*, train_cfg: TrainConfig, model_cfg, ds_cfg, cluster, out_dir:
         stop.unlink()
         raise FloatingPointError(msg)
     result = out_dir / "train_result.json"
-    if not result.exists() and ckpt_mirror:  # rank 0 ran on another node: fetch its exports
-        stage = Store(ckpt_mirror.rsplit("/checkpoints", 1)[0])
+    if not result.exists() and stage_url:  # rank 0 ran on another node: fetch its exports
+        stage = Store(stage_url)
         if stage.exists("train_result.json"):
             for name in EXPORTS:
                 stage.get_file(name, out_dir / name)

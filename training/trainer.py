@@ -3,9 +3,9 @@
 The driver (``training.launch.run_training``) starts the workers; each runs ``train_loop``,
 which reads as its steps: build (the configs, the model, identical on every rank), parallelize
 (``training.parallelize``: the DeepSpeed engine, the one place parallelism is applied), restore
-(the latest complete checkpoint, if any), then the step loop (``TrainStep``: caption dropout and
-``TextConditioning``, forward, backward, optimizer step; the ``NonFiniteGuard``; the EMA;
-checkpoints; ``StepLogger``'s metrics) and the export of the weights, configs and result. Rank 0
+(Ray Train's latest registered checkpoint, if any), then the step loop (``TrainStep``: caption
+dropout and ``TextConditioning``, forward, backward, optimizer step; the ``NonFiniteGuard``; the
+EMA; ``StepLogger``'s metrics; checkpoints, reported to Ray Train with those metrics) and the export of the weights, configs and result. Rank 0
 alone logs and exports.
 
 Preemption: SIGTERM to the driver (or to a worker, where the signal can be caught) writes
@@ -46,7 +46,7 @@ import torch.distributed as dist
 from data.checks import check_ranges, from_dict
 from data.storage import Store
 from data.tracking import TrackerSpec, log_lineage_paths, make_tracker
-from training.checkpoint import Checkpoints, rng_state, set_rng_state
+from training.checkpoint import load_tag, report_checkpoint, rng_state, set_rng_state, tag_of
 from training.ema import EMA
 from training.flops import matmul_flops_per_s
 from training.flow import FlowConfig
@@ -294,25 +294,29 @@ def peak_flops(config: dict[str, Any], dtype: torch.dtype, device: torch.device,
         matmul_flops_per_s(n=1024, seconds=0.5, dtype=dtype, device=device) if rank == 0 else 0.0)
 
 
-def restore(ckpts: Checkpoints, engine, gen: torch.Generator, tcfg: TrainConfig, zero_stage: int,
+def restore(engine, gen: torch.Generator, tcfg: TrainConfig, zero_stage: int,
             rank: int) -> tuple[int, dict | None, EMA | None]:
-    """Resume from the latest complete checkpoint, if there is one: the engine (weights,
-    optimizer, scheduler), this rank's generator and rank 0's EMA.
+    """Resume from Ray Train's latest registered checkpoint, if there is one (a restarted worker
+    group, or a rerun of the stage: Ray restores its snapshot from the storage path): the engine
+    (weights, optimizer, scheduler), this rank's generator and rank 0's EMA.
     Returns (the first step to run, this rank's loader position or None, rank 0's EMA).
 
     The EMA is made after the engine is loaded: under ZeRO-3, gathering the weights before
     ``load_checkpoint`` leaves DeepSpeed's parameter-fetch trace out of step with the next
     iterations ("tracing error ... expected the next parameters in the fetch queue")."""
-    tag = ckpts.restore()
+    import ray.train  # lazy: see train_loop
+
+    checkpoint = ray.train.get_checkpoint()
     start, rank_state, ema_state = 0, None, None
-    if tag is not None:
-        start, rank_state, ema_state = ckpts.load(engine, tag, rank)
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:  # a bucket's checkpoint: downloaded, then dropped
+            start, rank_state, ema_state = load_tag(engine, Path(d), rank)
         set_rng_state(rank_state["rng"], gen)
     ema = make_ema(engine, tcfg.ema_decay, zero_stage, rank)
     if ema is not None and ema_state is not None:
         ema.load_state_dict(ema_state)
-    if tag is not None and rank == 0:
-        print(f"resumed from {tag} at step {start}", flush=True)
+    if checkpoint is not None and rank == 0:
+        print(f"resumed from {tag_of(start)} at step {start}", flush=True)
     return start, None if rank_state is None else rank_state["loader"], ema
 
 
@@ -336,6 +340,7 @@ class StepLogger:
         self.peak, self.device = peak, device
         self.sep_pairs = caption_pairs()
         self.last_loss: float | None = None
+        self.last_metrics: dict[str, float] = {}  # reported to Ray Train with each checkpoint
 
     def __call__(self, step: int, r: StepResult, stats: torch.Tensor, step_time: float,
                  stopped: str | None) -> None:
@@ -350,6 +355,7 @@ class StepLogger:
         if m is not None:
             self.tracker.log(m, step=step)
             self.last_loss = m["train/loss"]
+            self.last_metrics = {**m, "train/step": step}
             if step % 10 == 0 or last or stopped:
                 print(f"step {step:5d} loss {m['train/loss']:.4f} "
                       f"{m['train/samples_per_s']:.1f} samples/s", flush=True)
@@ -412,7 +418,7 @@ def gather_final(engine, zero_stage: int, world: int) -> tuple[dict[str, torch.T
 
 def export(out: Path, weights: dict, ema: EMA, config: dict, summary: dict, tracker) -> None:
     """Rank 0: the weights, the EMA, the configs and the result (``EXPORTS``) into the stage
-    output, and to the checkpoint mirror's stage when there is one (rank 0 may run on a node
+    output, and to the stage's bucket location when it has one (rank 0 may run on a node
     that does not hold `out`)."""
     torch.save(weights, out / "model.pt")
     torch.save(ema.shadow, out / "model_ema.pt")
@@ -428,8 +434,8 @@ def export(out: Path, weights: dict, ema: EMA, config: dict, summary: dict, trac
     result = {**summary, "tracking": tracker.info()}
     tracker.finish()
     (out / "train_result.json").write_text(json.dumps(result, indent=2))
-    if config.get("ckpt_mirror"):
-        stage = Store(config["ckpt_mirror"].rsplit("/checkpoints", 1)[0])
+    if config.get("stage_url"):
+        stage = Store(config["stage_url"])
         for name in EXPORTS:
             stage.put_file(out / name, name)
 
@@ -466,10 +472,8 @@ def train_loop(config: dict[str, Any]) -> None:
     # Noise, timesteps and caption dropout draw from this generator on the training device.
     gen = torch.Generator(device=device).manual_seed(tcfg.seed * 1000 + dp_rank)
 
-    # restore: the latest complete checkpoint, if any (the EMA lives on rank 0)
-    ckpts = Checkpoints(out / "checkpoints", tcfg.keep_checkpoints,
-                        mirror=config.get("ckpt_mirror"), layout={"sequence_parallel": sp})
-    start, loader_state, ema = restore(ckpts, engine, gen, tcfg, dcfg.zero_stage, rank)
+    # restore: Ray Train's latest registered checkpoint, if any (the EMA lives on rank 0)
+    start, loader_state, ema = restore(engine, gen, tcfg, dcfg.zero_stage, rank)
     peak = peak_flops(config, dtype, device, rank)  # before the loader's threads start
     buckets = buckets_of(tcfg, micro, clip_tokens(tcfg, mcfg, latent))
     data = Loader(ClipStream(config["train_shards"], buckets=buckets, rank=dp_rank,
@@ -483,11 +487,12 @@ def train_loop(config: dict[str, Any]) -> None:
     log = StepLogger(tracker, tcfg, engine, data, guard, text, rank=rank, world=world, peak=peak,
                      device=device)
 
-    def save(step: int) -> None:
-        ckpts.save(engine, step, {"rng": rng_state(gen), "loader": data.state_dict()},
-                   ema.state_dict() if ema is not None else None)
+    def save(step: int) -> None:  # what a resume must match rides with the checkpoint's metrics
+        report_checkpoint(engine, out, step, {"rng": rng_state(gen), "loader": data.state_dict()},
+                          ema.state_dict() if ema is not None else None,
+                          {**log.last_metrics, "world_size": world, "sequence_parallel": sp})
 
-    # the step loop: text conditioning -> step -> non-finite guard -> EMA -> checkpoint -> metrics
+    # the step loop: text conditioning -> step -> non-finite guard -> EMA -> metrics -> checkpoint
     t_start, stopped, step = time.time(), None, start
     for step in range(start, tcfg.steps):
         if preempt_requested(out, device):
@@ -503,9 +508,9 @@ def train_loop(config: dict[str, Any]) -> None:
             update_ema(engine, ema, dcfg.zero_stage)
         step_time = time.time() - t0
         stats = reduce_counts(r, device, share=1 / sp)
-        if (step + 1) % tcfg.ckpt_every == 0 and step + 1 < tcfg.steps:
-            save(step + 1)
         log(step, r, stats, step_time, stopped)
+        if (step + 1) % tcfg.ckpt_every == 0 and step + 1 < tcfg.steps:
+            save(step + 1)  # with the metrics just logged
         if stopped:
             break
     data.close()

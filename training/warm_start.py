@@ -25,14 +25,13 @@ holds the engine and the EMA), so a restarted stage continues where it stopped.
 from __future__ import annotations
 
 import hashlib
-import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
 from data.storage import Store, has_scheme
-from training.checkpoint import Checkpoints, weights_only_loads
+from training.checkpoint import RunCheckpoints, tag_of, weights_only_loads
 
 WEIGHT_FILES = {"raw": ("model.pt",), "ema": ("model.pt", "model_ema.pt")}
 
@@ -50,7 +49,8 @@ def check_init(init: dict | None, num_workers: int, sequence_parallel: int = 1) 
                 f"cannot start from stage '{init.get('from')}': {store.url_of(name)} is missing "
                 f"(its training did not finish; rerun it: spacetime run --only {init.get('from')})")
     if init["optimizer"] == "carry":
-        record = _checkpoints(init["dir"], download=False).resume_record()
+        latest = RunCheckpoints(init["dir"]).latest()
+        record = None if latest is None else latest[1]
         if record is None:
             raise FileNotFoundError(f"optimizer: carry needs a checkpoint of stage "
                                     f"'{init.get('from')}' in {init['dir']}/checkpoints; none")
@@ -109,28 +109,17 @@ def carry_optimizer(engine, init: dict | None) -> str | None:
     and set the learning rates to the new schedule's first. Returns the tag, or None."""
     if init is None or init["optimizer"] != "carry":
         return None
-    ckpts = _checkpoints(init["dir"], download=True)
-    try:
-        tag = ckpts.restore()
-        with weights_only_loads(ckpts.root / tag):
-            engine.load_checkpoint(str(ckpts.root), tag=tag, load_optimizer_states=True,
+    latest = RunCheckpoints(init["dir"]).latest()  # checked by the driver (check_init)
+    checkpoint, record = latest
+    tag = tag_of(record["step"])
+    with checkpoint.as_directory() as d:  # a bucket's checkpoint: downloaded, then dropped
+        with weights_only_loads(Path(d) / tag):
+            engine.load_checkpoint(d, tag=tag, load_optimizer_states=True,
                                    load_lr_scheduler_states=False)
-    finally:
-        if has_scheme(init["dir"]):  # the downloaded copy
-            shutil.rmtree(ckpts.root.parent, ignore_errors=True)
     sched = engine.lr_scheduler
     for group, lr in zip(engine.optimizer.param_groups, sched.get_last_lr()):
         group["lr"] = lr
     return tag
-
-
-def _checkpoints(src: str, download: bool) -> Checkpoints:
-    """The previous stage's checkpoints: its directory, or (a URL) a local copy of its newest
-    complete tag (downloaded by ``restore`` when `download`)."""
-    if not has_scheme(src):
-        return Checkpoints(Path(src) / "checkpoints", keep=1)
-    local = Path(tempfile.mkdtemp(prefix="warm-start-")) if download else Path("/nonexistent")
-    return Checkpoints(local / "checkpoints", keep=1, mirror=f"{src}/checkpoints")
 
 
 def _local(src: str, name: str, tmp: Path) -> Path:

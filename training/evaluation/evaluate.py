@@ -7,10 +7,10 @@
     -> results.json, W&B (metrics per step, grid videos, a table of samples), stage summary
 
 Which weights: ``checkpoint: latest`` takes the training stage's final export (``model.pt``,
-``model_ema.pt``, the same weights as its last checkpoint tag); a step number takes the
-DeepSpeed tag ``checkpoints/stepNNNNNNNN`` (converted to fp32 by DeepSpeed's own
-``zero_to_fp32``, with the tag's ``ema.pt`` when ``use_ema``); a path takes a tag directory or
-a training output directory anywhere. ``steps: [...]`` evaluates a series of tags and logs every
+``model_ema.pt``, the same weights as its last checkpoint); a step number takes that step's
+checkpoint as Ray Train registered it, ``checkpoints/stepNNNNNNNN`` (a DeepSpeed save directory,
+converted to fp32 by DeepSpeed's own ``zero_to_fp32``, with the tag's ``ema.pt`` when
+``use_ema``); a path takes such a save directory or a training output directory anywhere. ``steps: [...]`` evaluates a series of tags and logs every
 metric with the checkpoint's step as the x axis (metric-vs-step curves); keep them with
 ``train.keep_checkpoints``.
 
@@ -51,7 +51,7 @@ import torch
 from data.checks import check_ranges, from_dict
 from data.prompts import synthetic_prompts
 from data.video_io import read_frames, write_mp4
-from training.checkpoint import COMPLETE, tag_of, weights_only_loads
+from training.checkpoint import RunCheckpoints, tag_of, weights_only_loads
 from training.evaluation.consistency import (
     WINDOW_COLUMNS,
     LongEvalConfig,
@@ -108,10 +108,11 @@ class EvalConfig:
 # ----- which weights --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CheckpointRef:
-    """One set of weights to evaluate: a training output's final export or a DeepSpeed tag."""
+    """One set of weights to evaluate: a training output's final export, or a DeepSpeed save
+    directory (one of Ray Train's checkpoints: ``latest`` and the tag's directory in it)."""
 
     step: int
-    path: Path  # the training output dir (kind "final") or the tag dir (kind "deepspeed")
+    path: Path  # the training output dir (kind "final") or the save dir (kind "deepspeed")
     kind: str  # final | deepspeed
 
     @property
@@ -119,13 +120,11 @@ class CheckpointRef:
         return self.path if self.kind == "final" else self.path.parent.parent
 
 
-def _step_of_tag(tag_dir: Path) -> int:
-    done = tag_dir / COMPLETE
-    if done.exists():
-        return int(json.loads(done.read_text())["step"])
-    digits = "".join(c for c in tag_dir.name if c.isdigit())
+def _step_of_save(save_dir: Path) -> int:
+    tag = (save_dir / "latest").read_text().strip()
+    digits = "".join(c for c in tag if c.isdigit())
     if not digits:
-        raise ValueError(f"cannot tell the step of checkpoint {tag_dir}")
+        raise ValueError(f"cannot tell the step of checkpoint {save_dir} (tag {tag!r})")
     return int(digits)
 
 
@@ -137,14 +136,8 @@ def _final_step(train_dir: Path) -> int:
 
 
 def _tag_ref(train_dir: Path, step: int) -> CheckpointRef:
-    root = train_dir / "checkpoints"
-    tag = root / tag_of(step)
-    if not (tag / COMPLETE).exists():
-        have = sorted(p.name for p in root.glob("step*") if (p / COMPLETE).exists())
-        raise FileNotFoundError(
-            f"no complete checkpoint for step {step} in {root}; complete tags: {have or 'none'} "
-            f"(train.ckpt_every sets when tags are saved, train.keep_checkpoints how many are kept)")
-    return CheckpointRef(step, tag, "deepspeed")
+    """A registered checkpoint of the training output (Ray Train's run directory in it)."""
+    return CheckpointRef(step, RunCheckpoints(train_dir).local_dir(step), "deepspeed")
 
 
 def resolve_checkpoints(cfg: EvalConfig, train_dir: Path) -> list[CheckpointRef]:
@@ -160,11 +153,11 @@ def resolve_checkpoints(cfg: EvalConfig, train_dir: Path) -> list[CheckpointRef]
     path = Path(ck).expanduser().resolve()
     if (path / "model.pt").exists():
         return [CheckpointRef(_final_step(path), path, "final")]
-    if (path / "mp_rank_00_model_states.pt").exists():
-        return [CheckpointRef(_step_of_tag(path), path, "deepspeed")]
+    if (path / "latest").exists():
+        return [CheckpointRef(_step_of_save(path), path, "deepspeed")]
     raise FileNotFoundError(
         f"eval.checkpoint={ck!r} is not 'latest', a step number, a training output directory "
-        f"(with model.pt) or a DeepSpeed checkpoint tag (with mp_rank_00_model_states.pt)")
+        f"(with model.pt) or a DeepSpeed save directory (with latest: one of checkpoints/*)")
 
 
 def train_configs(train_dir: Path) -> tuple:
@@ -184,11 +177,13 @@ def train_configs(train_dir: Path) -> tuple:
     return from_dict(ModelConfig, model), {**train, **typed}
 
 
-def _deepspeed_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """fp32 weights of a DeepSpeed tag: DeepSpeed's zero_to_fp32 for ZeRO 1-3 (it merges every
-    rank's partitions); ZeRO-0 tags hold the whole module in the model-states file. Every file
-    is unpickled as weights only (training.checkpoint.weights_only_loads): a tag holding
-    anything else raises UnsafeCheckpoint, and nothing of it runs."""
+def _deepspeed_state_dict(save_dir: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights of a DeepSpeed save directory's latest tag: DeepSpeed's zero_to_fp32 for
+    ZeRO 1-3 (it merges every rank's partitions); ZeRO-0 tags hold the whole module in the
+    model-states file. Every file is unpickled as weights only
+    (training.checkpoint.weights_only_loads): a tag holding anything else raises
+    UnsafeCheckpoint, and nothing of it runs."""
+    tag_dir = save_dir / (save_dir / "latest").read_text().strip()
     with weights_only_loads(tag_dir):
         if any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
             from deepspeed.utils.zero_to_fp32 import (
@@ -211,7 +206,7 @@ def load_checkpoint(ref: CheckpointRef, device, use_ema: bool = True):
         ema = torch.load(ema_path, map_location="cpu", weights_only=True) if ema_path.exists() else None
     else:
         sd = _deepspeed_state_dict(ref.path)
-        ema_path = ref.path / "ema.pt"
+        ema_path = ref.path / (ref.path / "latest").read_text().strip() / "ema.pt"
         ema = (torch.load(ema_path, map_location="cpu", weights_only=True)["shadow"]
                if ema_path.exists() else None)
     weights = "raw"
