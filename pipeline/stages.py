@@ -52,13 +52,19 @@ from training.text import text_frozen
 
 
 def ensure_ray(ctx: StageContext) -> None:
-    """Start (or join) Ray once per process, passing the run id to every worker."""
+    """Start (or join) Ray once per process, passing the run id to every worker, and print
+    where its dashboard is (`dashboard_line`).
+
+    Ray Train's workers get ``RAY_TRAIN_ENABLE_PRINT_PATCH=0`` (unless it is set): Ray Train
+    replaces ``print`` in its workers with one that writes each line both to the worker's
+    stdout and through its logger to stderr, and Ray forwards both, so every line showed twice."""
     import ray  # lazy: ray ~1.7 s (ray.train ~4.7 s) to import, needed only here
 
     if ray.is_initialized():
         return
     cluster = ctx.section("cluster")
-    env = {"SPACETIME_RUN_ID": ctx.run_id}
+    env = {"SPACETIME_RUN_ID": ctx.run_id,
+           "RAY_TRAIN_ENABLE_PRINT_PATCH": os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")}
     for k in ("WANDB_MODE", "HF_HUB_OFFLINE"):  # never the API key: workers inherit the env
         if k in os.environ:
             env[k] = os.environ[k]
@@ -67,10 +73,22 @@ def ensure_ray(ctx: StageContext) -> None:
     job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
     job_env = job.get("runtime_env", {}).get("env_vars", {})
     env = {k: v for k, v in env.items() if job_env.get(k) != v}
-    ray.init(address=cluster.address, dashboard_host=cluster.dashboard_host,
-             runtime_env={"env_vars": env} if env else None, log_to_driver=True,
-             configure_logging=False)
+    info = ray.init(address=cluster.address, dashboard_host=cluster.dashboard_host,
+                    runtime_env={"env_vars": env} if env else None, log_to_driver=True,
+                    configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = True
+    print(dashboard_line(cluster.address, info.dashboard_url), flush=True)
+
+
+def dashboard_line(address: str | None, url: str | None) -> str:
+    """What `ensure_ray` prints once Ray is up: the dashboard's URL (a local Ray's, started
+    here, or the joined cluster's), or why there is none and how to get one."""
+    where = "started a local Ray" if address is None else f"joined the Ray cluster at {address}"
+    if url:
+        return f"ray: {where}; dashboard at {url if '://' in url else 'http://' + url}"
+    how = ("install ray[default] (pip install 'ray[default]') for a local one" if address is None
+           else "start the head with `ray start --head --include-dashboard=true`")
+    return f"ray: {where}; no dashboard: {how}"
 
 
 # ----- source -------------------------------------------------------------------------------
@@ -441,13 +459,15 @@ STAGES = [
                    "shard.progress_every_s", "shard.media.startup_timeout_s"), resumable=True,
           description="cut, encode and pack clips into WebDataset tars"),
     Stage("train", train_stage, inputs=("shard",), config_keys=("model", "train", "deepspeed"),
-          exclude=("train.log_every", "train.max_failures", "train.data.prefetch", "train.text_sep_every",
+          exclude=("train.log_every", "train.progress_every_s", "train.max_failures",
+                   "train.data.prefetch", "train.text_sep_every",
                    "deepspeed.config_file"),  # its content is hashed: deepspeed.file_config
           unset=("deepspeed.file_config",),
           resumable=True,
           stream=("shards/*",),
           description="train the DiT with DeepSpeed ZeRO on Ray Train workers"),
     Stage("eval", eval_stage, inputs=("train", "shard"), config_keys=("eval",), version=2,
+          exclude=("eval.progress_every_s",),
           description="validation loss, sampled videos, probes, CLIP score and FVD"),
 ]
 

@@ -75,6 +75,32 @@ def test_every_stage_ran_and_explains_itself(run1):
         assert d.name == f"{name}-{info['hash'][:12]}"
 
 
+def test_the_console_shows_progress_with_totals_and_etas_each_line_once(run1):
+    """What a person watching `spacetime run` reads: the local Ray's dashboard URL, then for
+    shard, train and eval progress lines with the stage, done/total, rate and ETA; and every
+    training worker's line once (Ray Train's print patch sent each twice: to stdout and
+    through its logger to stderr)."""
+    r = run1["result"]
+    console = (r.stdout + r.stderr).splitlines()
+    assert any(ln.startswith("ray: started a local Ray; dashboard at http://127.0.0.1:")
+               for ln in r.stdout.splitlines())
+    steps = 6  # experiment=tiny
+    train = [ln[ln.index("train: step "):] for ln in console if "train: step " in ln]
+    done = [int(ln.split()[2].split("/")[0]) for ln in train]
+    assert done[0] == 1 and done[-1] == steps and done == sorted(set(done))  # each once
+    for ln in train:
+        assert f"/{steps} (" in ln and " | ETA " in ln and "loss " in ln
+        assert "step/s" in ln or "s/step" in ln
+    # the print patch's signature: a worker's line both on stdout and (through the logger) stderr
+    out, err = ({ln for ln in s.splitlines() if "RayTrainWorker pid=" in ln} for s in (r.stdout, r.stderr))
+    assert out and out & err == set()
+    for stage, unit in (("shard", "clip"), ("eval", "batch")):
+        lines = [ln for ln in console if ln.startswith(f"{stage}: {unit} ")]
+        n, total = lines[-1].split()[2].split("/")
+        assert n == total and " | ETA 0s" in lines[-1], lines  # the last line: all done
+        assert len(lines) == len(set(lines))
+
+
 def test_every_input_is_sharded_or_rejected_with_its_reason(run1):
     d = run1["dirs"]
     manifest = [json.loads(s) for s in (d["source"] / "manifest.jsonl").read_text().splitlines()]

@@ -5,13 +5,14 @@ back through the paths real weights take. Then `evaluate` on a checkpoint series
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
-from contextlib import closing
+from contextlib import closing, redirect_stdout
 from dataclasses import asdict
 from pathlib import Path
 
@@ -402,14 +403,15 @@ def series(train_dir, val_shards, clip_dir, videomae_dir, tmp_path_factory):
     cfg = EvalConfig(steps=[1, 2], prompts=[SYNTH, "a cat on a sofa"], sample_steps=2,
                      batch_size=2, val_timesteps=[0.3, 0.7],
                      clip=ClipScoreConfig(name=f"local-dir:{clip_dir[0]}", frames=2),
-                     fvd=FVDConfig(path=videomae_dir, num_real=3))
-    tracker = MemoryTracker()
-    res = evaluate(cfg, train_dir[0], val_shards, out, tracker)
-    return cfg, out, tracker, res
+                     fvd=FVDConfig(path=videomae_dir, num_real=3), progress_every_s=0)
+    tracker, console = MemoryTracker(), io.StringIO()
+    with redirect_stdout(console):
+        res = evaluate(cfg, train_dir[0], val_shards, out, tracker)
+    return cfg, out, tracker, res, console.getvalue()
 
 
 def test_series_results_metrics_and_files(series):
-    cfg, out, _, res = series
+    cfg, out, _, res, _ = series
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(res))
     assert [c["step"] for c in res["checkpoints"]] == [1, 2] and res["step"] == 2
     assert {c["weights"] for c in res["checkpoints"]} == {"ema"} and res["skipped"] == {}
@@ -432,7 +434,7 @@ def test_series_results_metrics_and_files(series):
 
 
 def test_series_is_logged_against_the_checkpoint_step(series):
-    _, out, tracker, res = series
+    _, out, tracker, res, _ = series
     assert [s for s, m in tracker.metrics] == [1, 2]
     assert [m["val/loss"] for _, m in tracker.metrics] == [c["metrics"]["val/loss"] for c in res["checkpoints"]]
     assert [(k, p) for k, p, _ in tracker.videos] == [
@@ -444,10 +446,24 @@ def test_series_is_logged_against_the_checkpoint_step(series):
     assert tracker.summaries["eval/step"] == 2 and tracker.summaries["val/loss"] == res["val/loss"]
 
 
+def test_progress_counts_every_batch_of_every_checkpoint(series):
+    """A line per batch here (eval.progress_every_s=0), out of a total that is the batches run:
+    per checkpoint 3 validation clips and 2 prompts in batches of 2, and 8 sensitivity prompts
+    with their 4 variants each (40 samples)."""
+    lines = [ln for ln in series[4].splitlines() if ln.startswith("eval: ")]
+    per = 2 + 1 + 20
+    assert [ln.split(" | ")[0] for ln in lines] == [
+        f"eval: batch {i}/{2 * per} ({100 * i / (2 * per):.0f}%)" for i in range(1, 2 * per + 1)]
+    assert all(" | ETA " in ln and ("batch/s" in ln or "s/batch" in ln) for ln in lines)
+    assert all(ln.endswith("checkpoint 1/2 (step 1)") for ln in lines[:per])
+    assert all(ln.endswith("checkpoint 2/2 (step 2)") for ln in lines[per:])
+    assert lines[-1].split(" | ")[3] == "ETA 0s"
+
+
 def test_numbers_compare_across_batch_sizes_and_export_paths(series, train_dir, val_shards, tmp_path):
     """The same weights give the same val loss and samples through the final export (latest) and
     through the DeepSpeed tag, at another batch size; the raw weights give other numbers."""
-    cfg, out, _, res = series
+    cfg, out, _, res, _ = series
     base = dict(prompts=cfg.prompts, sample_steps=2, val_timesteps=[0.3, 0.7])
     latest = evaluate(EvalConfig(batch_size=1, **base), train_dir[0], val_shards, tmp_path / "a",
                       MemoryTracker())

@@ -346,7 +346,8 @@ def test_the_report_plots_the_probes_over_time(broken, tmp_path):
     assert "long/fps" not in ev and "window_frames" not in ev  # the record is not a metric
 
 
-def test_long_clips_sample_on_sequence_parallel_workers(pixel_eval, val_shards, tmp_path, ray_local):
+def test_long_clips_sample_on_sequence_parallel_workers(pixel_eval, val_shards, tmp_path, ray_local,
+                                                        capsys):
     """sequence_parallel=2 (cluster.sequence_parallel, which the eval stage passes): the long clips
     are sampled by 2 Ray Train workers splitting each clip's tokens, every rank running the whole
     sampler (no hang); the clips, and so their window probes, are those of one process."""
@@ -358,3 +359,7 @@ def test_long_clips_sample_on_sequence_parallel_workers(pixel_eval, val_shards, 
         assert fa.shape == fb.shape == (24, SIZE, SIZE, 3) and np.abs(fa - fb).mean() < 0.5
     assert {k: v for k, v in sp.items() if k.startswith("long/")} == {k: v for k, v in res.items()
                                                                       if k.startswith("long/")}
+    # progress counts the workers' batches too: 2 prompts of 1 clip (eval.long.batch_size) at the
+    # one length, after a batch of validation clips and one of samples
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("eval: ")]
+    assert lines[-1].startswith("eval: batch 4/4 (100%) |")

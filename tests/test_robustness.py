@@ -330,8 +330,9 @@ def test_sharding_fetches_sources_missing_on_this_node_and_shows_progress(tmp_pa
     res = run_sharding(clips, cfg, tmp_path / "out", concurrency=2, log=lines.append)
     assert res["failed"] == [] and len(res["rows"]) == len(clips)
     assert len(os.listdir(c.cache_dir)) == len({x["source_id"] for x in clips})  # fetched again
-    progress = [ln for ln in lines if "clips/s" in ln and "/" in ln.split("shards")[0]]
-    assert progress and progress[0].startswith("shard: 1/")  # while it ran, not only at the end
+    progress = [ln for ln in lines if ln.startswith("shard: clip ")]
+    assert progress and "| shard 1/" in progress[0]  # while it ran, not only at the end
+    assert all(f"/{len(clips)} (" in ln and "ETA" in ln for ln in progress)
 
     urls = sorted(str(p) for p in (tmp_path / "out/shards").glob("*.tar"))
     for s in wds.WebDataset(urls, shardshuffle=False).decode():

@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from data.checks import check_ranges, from_dict
+from data.progress import Progress
 from data.storage import Store
 from data.tracking import TrackerSpec, log_lineage_paths, make_tracker
 from training.checkpoint import load_tag, report_checkpoint, rng_state, set_rng_state, tag_of
@@ -83,6 +84,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16
     seed: int = 0
     log_every: int = 1  # steps between metric logs (a log costs ~3 ms: W&B offline + jsonl)
+    progress_every_s: float = 10.0  # a progress line (step/total, rate, ETA) at most this often
     ckpt_every: int = 100  # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 2
     ema_decay: float = 0.999
@@ -96,7 +98,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_ranges(self, steps=">= 1", global_batch_size=">= 1", lr="> 0", weight_decay=">= 0",
                      warmup_steps=">= 0", min_lr_ratio="in [0, 1]", num_frames=">= 1",
-                     height=">= 1", width=">= 1", log_every=">= 1", ckpt_every=">= 1",
+                     height=">= 1", width=">= 1", log_every=">= 1", progress_every_s=">= 0",
+                     ckpt_every=">= 1",
                      keep_checkpoints=">= 1", ema_decay="in [0, 1]", ema_every=">= 1",
                      max_nonfinite=">= 1", max_failures=">= 0", text_sep_every=">= 1")
 
@@ -330,17 +333,23 @@ def update_ema(engine, ema: EMA | None, zero_stage: int) -> None:
 class StepLogger:
     """A step's metrics (train/*), logged by rank 0 every ``train.log_every`` steps and at the
     last, with the text features' separation (train/text_sep/*) every ``train.text_sep_every``
-    steps, which every rank measures. ``last_loss``: the latest logged train/loss."""
+    steps, which every rank measures. ``last_loss``: the latest logged train/loss.
+    Rank 0 also writes a progress line (``data.progress``: step/total, rate, ETA, the latest
+    loss) after the first step, at most every ``train.progress_every_s`` seconds, after the last
+    and when the run stops."""
 
     def __init__(self, tracker, tcfg: TrainConfig, engine, data: Loader, guard: NonFiniteGuard,
                  text: TextConditioning, *, rank: int, world: int, peak: float,
-                 device: torch.device):
+                 device: torch.device, stage: str = "train"):
         self.tracker, self.tcfg, self.engine, self.data = tracker, tcfg, engine, data
         self.guard, self.text, self.rank, self.world = guard, text, rank, world
         self.peak, self.device = peak, device
         self.sep_pairs = caption_pairs()
         self.last_loss: float | None = None
         self.last_metrics: dict[str, float] = {}  # reported to Ray Train with each checkpoint
+        self.last_rate = 0.0  # the latest logged train/samples_per_s
+        self.stage = stage
+        self.progress: Progress | None = None  # rank 0's progress lines
 
     def __call__(self, step: int, r: StepResult, stats: torch.Tensor, step_time: float,
                  stopped: str | None) -> None:
@@ -356,9 +365,15 @@ class StepLogger:
             self.tracker.log(m, step=step)
             self.last_loss = m["train/loss"]
             self.last_metrics = {**m, "train/step": step}
-            if step % 10 == 0 or last or stopped:
-                print(f"step {step:5d} loss {m['train/loss']:.4f} "
-                      f"{m['train/samples_per_s']:.1f} samples/s", flush=True)
+            self.last_rate = m["train/samples_per_s"]
+        if self.rank == 0:
+            if self.progress is None:  # counted from this run's first step (a resume starts later)
+                self.progress = Progress(self.stage, self.tcfg.steps, unit="step",
+                                         every_s=self.tcfg.progress_every_s, start=step,
+                                         started=time.monotonic() - step_time)
+            loss = "" if self.last_loss is None else (
+                f"loss {self.last_loss:.4f}, {self.last_rate:.1f} samples/s")
+            self.progress.update(step + 1, loss, force=bool(stopped))
 
     def metrics(self, r: StepResult, stats: torch.Tensor, step_time: float) -> dict[str, float]:
         world, data = self.world, self.data
@@ -485,7 +500,7 @@ def train_loop(config: dict[str, Any]) -> None:
                            latents=latent is not None)
     guard = NonFiniteGuard(tcfg.max_nonfinite)
     log = StepLogger(tracker, tcfg, engine, data, guard, text, rank=rank, world=world, peak=peak,
-                     device=device)
+                     device=device, stage=config["stage"])
 
     def save(step: int) -> None:  # what a resume must match rides with the checkpoint's metrics
         report_checkpoint(engine, out, step, {"rng": rng_state(gen), "loader": data.state_dict()},

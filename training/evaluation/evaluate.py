@@ -6,6 +6,10 @@
                           -> probes (synthetic prompts) / CLIP score / FVD (when configured)
     -> results.json, W&B (metrics per step, grid videos, a table of samples), stage summary
 
+Progress: a line (``data.progress``) after the first batch (of validation clips or samples), at
+most every ``eval.progress_every_s`` seconds and after the last, counting the batches of every
+checkpoint (``eval_batches``).
+
 Which weights: ``checkpoint: latest`` takes the training stage's final export (``model.pt``,
 ``model_ema.pt``, the same weights as its last checkpoint); a step number takes that step's
 checkpoint as Ray Train registered it, ``checkpoints/stepNNNNNNNN`` (a DeepSpeed save directory,
@@ -44,11 +48,13 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from data.checks import check_ranges, from_dict
+from data.progress import Progress
 from data.prompts import synthetic_prompts
 from data.video_io import read_frames, write_mp4
 from training.checkpoint import RunCheckpoints, tag_of, weights_only_loads
@@ -98,11 +104,12 @@ class EvalConfig:
     clip: ClipScoreConfig = field(default_factory=ClipScoreConfig)
     fvd: FVDConfig = field(default_factory=FVDConfig)
     long: LongEvalConfig = field(default_factory=LongEvalConfig)  # long clips, probed per window
+    progress_every_s: float = 10.0  # a progress line (batch/total, rate, ETA) at most this often
 
     def __post_init__(self) -> None:
         check_ranges(self, steps=">= 0", val_timesteps="in [0, 1]", val_max_clips=">= 1",
                      batch_size=">= 1", num_prompts=">= 1", sample_steps=">= 1", cfg_scale=">= 0",
-                     fps="> 0", sensitivity_prompts=">= 0")
+                     fps="> 0", sensitivity_prompts=">= 0", progress_every_s=">= 0")
 
 
 # ----- which weights --------------------------------------------------------------------------
@@ -232,15 +239,16 @@ def _seeded(*key: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def validation_loss(model, tokenizer, clips, cfg: EvalConfig, device, space=None, flow=None
-                    ) -> dict[str, float]:
+def validation_loss(model, tokenizer, clips, cfg: EvalConfig, device, space=None, flow=None,
+                    on_batch: Callable[[], None] | None = None) -> dict[str, float]:
     """Flow loss per fixed timestep over `clips` (from `training.loader.read_clips`), noise seeded per
     (clip index, timestep value) -> {"val/loss_t0.10": ..., "val/loss": mean, "val/clips": n}.
     Keyed by the timestep's value, not its position, so adding or removing a timestep leaves
     the others' numbers unchanged.
     With a latent `space` the clips are encoded (posterior mean) and the loss is in latents.
     `flow`: the training's FlowConfig (its ``prediction`` says what the network outputs); the
-    timesteps and noise are fixed here, so only that field matters."""
+    timesteps and noise are fixed here, so only that field matters. `on_batch`: called after
+    each batch of clips (progress)."""
     flow = flow or FlowConfig()
     per_t: dict[float, list[float]] = {t: [] for t in cfg.val_timesteps}
     for i in range(0, len(clips), cfg.batch_size):
@@ -258,6 +266,8 @@ def validation_loss(model, tokenizer, clips, cfg: EvalConfig, device, space=None
             _, per_sample, _ = flow_loss(lambda x, s: model(x, s, ids, mask), x0, flow,
                                          t=tt, noise=noise)
             per_t[t] += per_sample.tolist()
+        if on_batch is not None:
+            on_batch()
     out = {f"val/loss_t{t:.2f}": float(np.mean(v)) for t, v in per_t.items()}
     out["val/loss"] = float(np.mean([np.mean(v) for v in per_t.values()]))
     out["val/clips"] = len(clips)
@@ -267,12 +277,13 @@ def validation_loss(model, tokenizer, clips, cfg: EvalConfig, device, space=None
 # ----- sampling -------------------------------------------------------------------------------
 @torch.no_grad()
 def sample_videos(model, tokenizer, prompts: list[str], cfg: EvalConfig, shape: tuple[int, ...],
-                  shift: float, device, space=None, flow=None, seeds: list[int] | None = None
-                  ) -> torch.Tensor:
+                  shift: float, device, space=None, flow=None, seeds: list[int] | None = None,
+                  on_batch: Callable[[], None] | None = None) -> torch.Tensor:
     """shape: (C, T, H, W) of what the DiT generates (latents when `space` is given, decoded
     through it). Returns uint8 videos (N, T, H, W, 3); prompt i starts from the noise seeded by
     (cfg.seed, seeds[i]) (seeds default to 0..N-1), in batches of cfg.batch_size. `flow`: the
-    training's FlowConfig, whose ``prediction`` the sampler converts from."""
+    training's FlowConfig, whose ``prediction`` the sampler converts from. `on_batch`: called
+    after each batch (progress)."""
     flow = flow or FlowConfig()
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
     null_ids, null_mask = tokenizer([""])
@@ -289,9 +300,11 @@ def sample_videos(model, tokenizer, prompts: list[str], cfg: EvalConfig, shape: 
                          prediction=flow.prediction, x0_t_min=flow.x0_t_min)
         if space is not None:
             out.append(space.decode_video(x))  # (B, T, H, W, 3) uint8
-            continue
-        x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (B, C, T, H, W)
-        out.append(x.permute(0, 2, 3, 4, 1).cpu())  # (B, T, H, W, C)
+        else:
+            x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (B, C, T, H, W)
+            out.append(x.permute(0, 2, 3, 4, 1).cpu())  # (B, T, H, W, C)
+        if on_batch is not None:
+            on_batch()
     return torch.cat(out)  # (N, T, H, W, C)
 
 
@@ -340,19 +353,24 @@ def evaluate(cfg: EvalConfig, train_dir: Path, val_shards: list[str], out_dir: P
                                         (tcfg["height"], tcfg["width"]),
                                         tcfg["data"]["target_fps"], cfg.val_max_clips)
     checkpoints = []
+    val_clips = clips[: cfg.val_max_clips]
+    progress = Progress("eval", len(refs) * eval_batches(cfg, len(val_clips), len(prompts), lengths),
+                        unit="batch", every_s=cfg.progress_every_s)
     for n, ref in enumerate(refs):
+        tick = partial(progress.advance, 1, f"checkpoint {n + 1}/{len(refs)} (step {ref.step})")
         model, mcfg, tcfg, weights = load_checkpoint(ref, device, cfg.use_ema)
-        metrics = validation_loss(model, mcfg.text.build_tokenizer(), clips[: cfg.val_max_clips],
-                                  cfg, device, space, from_dict(FlowConfig, tcfg["flow"]))
+        metrics = validation_loss(model, mcfg.text.build_tokenizer(), val_clips,
+                                  cfg, device, space, from_dict(FlowConfig, tcfg["flow"]), tick)
         metrics.update(recon)
-        videos = _sample(model, mcfg, tcfg, prompts, cfg, device, space)  # (N, T, H, W, 3)
+        videos = _sample(model, mcfg, tcfg, prompts, cfg, device, space, on_batch=tick)  # (N, T, H, W, 3)
         if cfg.probes and cfg.sensitivity_prompts:
-            metrics.update(sensitivity(model, mcfg, tcfg, cfg, device, space))
+            metrics.update(sensitivity(model, mcfg, tcfg, cfg, device, space, tick))
         newest = n == len(refs) - 1  # the newest writes samples/, earlier ones samples/stepNNNNNNNN/
         sample_dir = out_dir / "samples" if newest else out_dir / "samples" / tag_of(ref.step)
         sp = None if sequence_parallel <= 1 else (sequence_parallel, ref, ray_address)
         long_metrics, long = ({}, None) if not lengths else evaluate_long(
-            model, mcfg, tcfg, prompts, cfg, lengths, fps, device, space, sample_dir, out_dir, sp)
+            model, mcfg, tcfg, prompts, cfg, lengths, fps, device, space, sample_dir, out_dir, sp,
+            tick)
         del model
         samples, shown, grid = write_samples(videos, prompts, sample_dir, out_dir, cfg.fps)
         metrics.update(score_samples(samples, shown, cfg, clip_scorer, extractor, real_stats, skipped))
@@ -386,14 +404,16 @@ def evaluate(cfg: EvalConfig, train_dir: Path, val_shards: list[str], out_dir: P
 SENSITIVITY_SEED = 100_000  # noise seeds of the sensitivity samples: apart from the prompts' 0..N-1
 
 
-def sensitivity(model, mcfg, tcfg: dict, cfg: EvalConfig, device, space=None) -> dict[str, float]:
+def sensitivity(model, mcfg, tcfg: dict, cfg: EvalConfig, device, space=None,
+                on_batch: Callable[[], None] | None = None) -> dict[str, float]:
     """Prompt sensitivity (``probes.prompt_sensitivity``) over cfg.sensitivity_prompts base
     prompts: base i and its one-attribute variants share the noise seed SENSITIVITY_SEED + i."""
     pairs = caption_pairs(cfg.sensitivity_prompts, cfg.seed)
     n = cfg.sensitivity_prompts
     prompts = [b for b, _ in pairs[ATTRIBUTES[0]]] + [v for a in ATTRIBUTES for _, v in pairs[a]]
     seeds = [SENSITIVITY_SEED + i for i in range(n)] * (1 + len(ATTRIBUTES))
-    videos = _sample(model, mcfg, tcfg, prompts, cfg, device, space, seeds)  # (5n, T, H, W, 3)
+    videos = _sample(model, mcfg, tcfg, prompts, cfg, device, space, seeds,
+                     on_batch=on_batch)  # (5n, T, H, W, 3)
     base = videos[:n]
     return prompt_sensitivity({a: list(zip(base, videos[n * (k + 1): n * (k + 2)]))
                                for k, a in enumerate(ATTRIBUTES)})
@@ -409,7 +429,8 @@ def model_fps(tcfg: dict, cfg: EvalConfig) -> float:
 
 def evaluate_long(model, mcfg, tcfg: dict, prompts: list[str], cfg: EvalConfig,
                   lengths: list[tuple[float, int]], fps: float, device, space, sample_dir: Path,
-                  out_dir: Path, sp: tuple | None = None) -> tuple[dict[str, float], dict]:
+                  out_dir: Path, sp: tuple | None = None, on_batch: Callable[[], None] | None = None
+                  ) -> tuple[dict[str, float], dict]:
     """The first cfg.long.num_prompts prompts sampled at each (seconds, frames) of `lengths`
     (prompt i from the noise seeded LONG_SEED + i), written at `fps` under
     sample_dir/long/<L>s/ and probed window by window -> (long/<L>s/* metrics, {"fps",
@@ -423,10 +444,14 @@ def evaluate_long(model, mcfg, tcfg: dict, prompts: list[str], cfg: EvalConfig,
                         "lengths": []}
     for seconds, T in lengths:
         if sp is None:
-            videos = _sample(model, mcfg, tcfg, prompts, batched, device, space, seeds, frames=T)  # (N, T, H, W, 3)
+            videos = _sample(model, mcfg, tcfg, prompts, batched, device, space, seeds, frames=T,
+                             on_batch=on_batch)  # (N, T, H, W, 3)
         else:  # (degree, checkpoint, Ray address): the same sampling on sequence-parallel workers
             work = partial(_long_work, sp[1], cfg.use_ema, tcfg.get("latent"), prompts, batched, seeds, T)
             videos = on_sequence_parallel_workers(work, sp[0], str(device), sp[2])[0]
+            if on_batch is not None:  # the workers' batches, counted once they are back
+                for _ in range(0, len(prompts), batched.batch_size):
+                    on_batch()
         samples, shown, grid = write_samples(videos, prompts, sample_dir / "long" / f"{seconds:g}s",
                                              out_dir, fps)
         for s, v in zip(samples, shown):
@@ -447,7 +472,8 @@ def _long_work(ref: CheckpointRef, use_ema: bool, latent: dict | None, prompts: 
 
 
 def _sample(model, mcfg, tcfg: dict, prompts: list[str], cfg: EvalConfig, device, space=None,
-            seeds: list[int] | None = None, frames: int | None = None) -> np.ndarray:
+            seeds: list[int] | None = None, frames: int | None = None,
+            on_batch: Callable[[], None] | None = None) -> np.ndarray:
     """Samples at the training shape (or `frames` frames long) with the timestep shift of their
     token count -> (N, T, H, W, 3); latent models sample latents of the encoded shape and decode
     them through `space`."""
@@ -457,7 +483,21 @@ def _sample(model, mcfg, tcfg: dict, prompts: list[str], cfg: EvalConfig, device
     flow = from_dict(FlowConfig, tcfg["flow"])
     shift = shift_for(flow, math.prod(token_grid(mcfg.dit, shape)))
     return sample_videos(model, mcfg.text.build_tokenizer(), prompts, cfg,
-                         (mcfg.dit.in_channels, *shape), shift, device, space, flow, seeds).numpy()
+                         (mcfg.dit.in_channels, *shape), shift, device, space, flow, seeds,
+                         on_batch).numpy()
+
+
+def eval_batches(cfg: EvalConfig, val_clips: int, prompts: int,
+                 lengths: list[tuple[float, int]]) -> int:
+    """The batches `evaluate` runs per checkpoint (its progress total): validation clips,
+    samples, the prompt-sensitivity samples and the long clips at each length."""
+    def batches(n: int, size: int) -> int:
+        return -(-n // size)
+
+    n = batches(val_clips, cfg.batch_size) + batches(prompts, cfg.batch_size)
+    if cfg.probes and cfg.sensitivity_prompts:
+        n += batches(cfg.sensitivity_prompts * (1 + len(ATTRIBUTES)), cfg.batch_size)
+    return n + len(lengths) * batches(min(cfg.long.num_prompts, prompts), cfg.long.batch_size)
 
 
 def write_samples(videos: np.ndarray, prompts: list[str], sample_dir: Path, out_dir: Path,
