@@ -593,17 +593,12 @@ class Graph:
 
     def _log_lineage(self, ctx: StageContext) -> None:
         """The stage's inputs and output as W&B artifacts, then its tracker closed. The output
-        is complete and stays so: a tracking error is reported, it does not fail the stage."""
+        is complete and stays so: a tracking error is printed, it does not fail the stage."""
         try:
             log_lineage(ctx._tracker, ctx)
-            ctx._tracker.finish()
         except Exception as e:  # noqa: BLE001 - W&B's own errors, whatever they are
-            print(f"[{ctx.stage.name}] W&B lineage not logged: "
-                  f"{scrub(f'{type(e).__name__}: {e}', self._secrets)}", flush=True)
-            try:
-                ctx._tracker.finish(exit_code=1)
-            except Exception:  # noqa: BLE001
-                pass
+            print(f"[{ctx.stage.name}] W&B lineage not logged: {scrub(repr(e), self._secrets)}")
+        ctx._tracker.finish()
 
     def _fetch(self, key: str, local: Path, stream: tuple[str, ...] = ()) -> None:
         """Make ``local`` a copy of the complete output at ``key`` (a URL root's upstream),
