@@ -7,8 +7,16 @@ alone (reports, tests) whatever the W&B mode.
 
 Mode ``auto`` is online when ``WANDB_API_KEY`` is set in the environment and offline otherwise.
 The key is read by wandb itself from the environment; it is never written to a file or a log.
-W&B refuses ``use_artifact`` in offline mode, so offline runs record their inputs in the run
-config (``_inputs``) and online runs declare them with ``use_artifact``.
+
+Lineage: each stage's output is a reference artifact ``<stage>-<hash12>`` (type: the stage),
+its files without the graph's bookkeeping (``BOOKKEEPING``: the markers and ``info.json``), so
+a stage's files are the same artifact whoever logs them. Online, a stage declares its inputs
+with ``use_artifact``. W&B refuses ``use_artifact`` offline (wandb 0.31 raises TypeError), so
+offline a stage logs each input as that same reference artifact flagged the way
+``use_artifact`` flags a draft (``user_created``, ``use_after_commit``): ``wandb sync`` finds the
+producer's version by its digest and records the use (wandb-core's artifact saver calls
+``useArtifact`` for it), so synced runs show stage-to-stage edges. The inputs stay in the run
+config too (``_inputs``).
 """
 
 from __future__ import annotations
@@ -21,7 +29,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from data.redact import redact
-from data.storage import has_scheme, local_root
+from data.storage import INFO, MARKERS, has_scheme, local_root
+
+# What the run graph writes into a stage directory about the stage, not as its output; left
+# out of the stage's artifact (a stage logged while running would otherwise hold _RUNNING.json)
+BOOKKEEPING = MARKERS | {INFO}
 
 
 @dataclass
@@ -123,7 +135,9 @@ class MemoryTracker(Tracker):
 
 
 class JsonlTracker(Tracker):
-    """Appends every call as one JSON line; the file is the offline record of a stage."""
+    """Appends every call as one JSON line; the file is the offline record of a stage. Not the
+    artifact calls: lineage is logged once the output is complete (``_SUCCESS.json``), which it
+    must not change; the stage's ``info.json`` holds its inputs and their hashes."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -151,11 +165,6 @@ class JsonlTracker(Tracker):
     def log_histograms(self, hists, step=None):
         self._write("histograms", step=step, histograms=hists)
 
-    def log_artifact(self, name, type, path):
-        self._write("artifact", name=name, type=type, path=str(path))
-
-    def use_artifact(self, name, type, path):
-        self._write("use_artifact", name=name, type=type, path=str(path))
 
 
 class WandbTracker(Tracker):
@@ -200,9 +209,17 @@ class WandbTracker(Tracker):
                       for k, h in hists.items()}, step=step)
 
     def _reference(self, name, type, path):
+        """A reference artifact of a stage directory's files, without ``BOOKKEEPING`` (one
+        reference per file, named by its relative path); a URL is referenced whole."""
         art = self._wandb.Artifact(name, type=type)
-        uri = str(path) if has_scheme(path) else Path(path).resolve().as_uri()
-        art.add_reference(uri, max_objects=100_000)
+        if has_scheme(path):
+            art.add_reference(str(path), max_objects=100_000)
+            return art
+        root = Path(path).resolve()
+        for f in sorted(p for p in root.rglob("*") if p.is_file()):
+            rel = f.relative_to(root).as_posix()
+            if rel not in BOOKKEEPING:
+                art.add_reference(f.as_uri(), name=rel)
         return art
 
     def log_artifact(self, name, type, path):
@@ -211,10 +228,14 @@ class WandbTracker(Tracker):
     def use_artifact(self, name, type, path):
         if self.mode == "online":
             self.run.use_artifact(f"{name}:latest")
-        else:  # W&B forbids use_artifact offline; keep the edge in the config instead
-            inputs = dict(self.run.config.get("_inputs", {}))
-            inputs[name] = str(path)
-            self.run.config.update({"_inputs": inputs}, allow_val_change=True)
+            return
+        # Offline: what use_artifact does with a draft artifact, which it refuses offline. The
+        # same files make the same digest as the producer's, so sync links its version.
+        self.run._log_artifact(self._reference(name, type, path), is_user_created=True,
+                               use_after_commit=True)
+        inputs = dict(self.run.config.get("_inputs", {}))
+        inputs[name] = str(path)
+        self.run.config.update({"_inputs": inputs}, allow_val_change=True)
 
     def info(self):
         return {"wandb_id": self.run.id, "wandb_dir": str(Path(self.run.dir).parent),

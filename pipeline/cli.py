@@ -2,6 +2,7 @@
 
     spacetime run [--only S | --from S | --until S] [overrides...]  run what is missing (or force)
     spacetime status [overrides...]                               the graph's state for a config
+    spacetime status --sweep [ID] [overrides...]                  a sweep's jobs side by side
     spacetime params [overrides...]                               parameter counts of the presets
     spacetime report [RUN_ID] [--embed-videos] [overrides...]     the run's static HTML page
     spacetime generate PROMPT... [--seconds S] [flags] [overrides...]  videos from a trained model
@@ -35,7 +36,7 @@ from data.redact import credential_overrides, redact, scrub, secret_values
 from data.tracking import make_tracker, resolve_mode, spec_for
 from pipeline.graph import GraphError, StageFailed
 from pipeline.plan import main as plan_main
-from pipeline.provenance import git_commit, new_run_id
+from pipeline.provenance import git_commit
 from pipeline.submit import main as submit_main
 
 CLUSTER_COMMANDS = ("submit", "jobs", "logs", "stop", "plan")  # parse their own flags
@@ -82,7 +83,8 @@ HELP = """usage: spacetime [COMMAND] [FLAGS] [OVERRIDES...]          (COMMAND de
 
 commands:
   run [--only S | --from S | --until S]  run what is missing of the graph (or force stages)
-  status                                 each stage's state, hash and output for a config
+  status [--sweep [ID]]                  each stage's state, hash and output for a config;
+                                         --sweep: a sweep's jobs side by side (default: latest)
   params                                 parameter counts of the model presets
   report [RUN_ID] [--embed-videos]       the run's static HTML page (default: the latest run)
   generate PROMPT... [flags]             videos from a trained model (spacetime generate --usage)
@@ -97,7 +99,8 @@ stage flags (run; S: a stage name, as `spacetime status` lists them):
   --until S    run what is missing up to S, forcing nothing (an unfinished stage resumes)
 
 overrides (Hydra): key=value | group=option | ~key | +key=value (new keys only in open
-  sections: deepspeed.extra, ingest.storage_options) | -m key=a,b (a sweep)
+  sections: deepspeed.extra, ingest.storage_options) | -m key=a,b (a sweep: one run per job,
+  ids <sweep>-<n>, Hydra's sweep dir <run.root>/sweeps/<sweep>)
 config groups (group=option):
 {groups}
 Hydra's own flags, after the command:
@@ -154,10 +157,34 @@ def parse_argv(argv: list[str]) -> tuple[str, dict, list[str]]:
             rest.append(a)
     if cmd != "run" and any(flags.values()):
         raise SystemExit("spacetime: --only/--from/--until belong to 'run'")
+    if cmd == "status":
+        flags["sweep"], rest = parse_sweep_flag(rest)
     return cmd, flags, rest
 
 
-COMPLETION_FLAGS = ("--only", "--from", "--until", "--help", "--cfg", "--info", "--hydra-help", "--multirun")
+def parse_sweep_flag(argv: list[str]) -> tuple[str | None, list[str]]:
+    """`--sweep [ID]` or `--sweep=ID` (`status`): the sweep id ("latest" without one), or None;
+    and the other arguments. An ID is a word that is no override and no flag."""
+    sweep, rest = None, []
+    it = iter(range(len(argv)))
+    for i in it:
+        a = argv[i]
+        if a == "--sweep":
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is not None and not nxt.startswith("-") and not _is_override(nxt):
+                sweep = nxt
+                next(it)
+            else:
+                sweep = "latest"
+        elif a.startswith("--sweep="):
+            sweep = a.split("=", 1)[1] or "latest"
+        else:
+            rest.append(a)
+    return sweep, rest
+
+
+COMPLETION_FLAGS = ("--only", "--from", "--until", "--sweep", "--help", "--cfg", "--info", "--hydra-help",
+                    "--multirun")
 
 
 def completion_line(line: str) -> tuple[str | None, list[str], str]:
@@ -348,6 +375,8 @@ def check_our_latents(cfg, shapes: list[tuple[int, int, int]]) -> None:
 
 
 def cmd_status(graph, cfg_dict) -> int:
+    from pipeline.graph import latest_run  # lazy: CLI start-up 0.1 s, 9 s with eager imports
+
     rows = graph.status(cfg_dict)
     w = max(8, *(len(r.name) for r in rows))  # a recipe's stage names may be longer
     print(f"{'stage':<{w}} {'state':<8} {'hash':<12} {'duration':>9}  output")
@@ -355,6 +384,21 @@ def cmd_status(graph, cfg_dict) -> int:
         dur = f"{r.duration_s:.1f}s" if r.duration_s is not None else "-"
         print(f"{r.name:<{w}} {r.state:<8} {r.hash[:12]:<12} {dur:>9}  {r.path}"
               + (f"  ({r.detail})" if r.detail else ""))
+    sweep = (latest_run(graph.store) or {}).get("sweep")
+    if sweep:  # "done" is the latest run's: one job of a sweep
+        print(f"(the latest run is job {sweep['job']} of sweep {sweep['id']}: "
+              f"spacetime status --sweep {sweep['id']})")
+    return 0
+
+
+def cmd_sweep_status(root: str, sweep: str) -> int:
+    from data.storage import Store  # lazy: fsspec ~0.2 s; CLI start-up 0.1 s, 9 s with eager imports
+    from pipeline.sweep import table  # lazy: CLI start-up 0.1 s, 9 s with eager imports
+
+    try:
+        print(table(Store(root), sweep))
+    except ValueError as e:
+        raise SystemExit(f"spacetime: {e}") from None
     return 0
 
 
@@ -392,8 +436,26 @@ def cmd_report(root: str, flags: dict) -> int:
     return 0
 
 
-def cmd_run(graph, cfg, cfg_dict, flags) -> int:
-    run_id = os.environ.get("SPACETIME_RUN_ID") or cfg.run.id or new_run_id()
+def cmd_run(graph, cfg, cfg_dict, flags, sweep: dict | None = None) -> int:
+    """One run (one job of a sweep: its own run id, ``<sweep id>-<n>``). The run id reaches
+    subprocesses through ``SPACETIME_RUN_ID``, restored afterwards for the sweep's next job."""
+    before = os.environ.get("SPACETIME_RUN_ID")
+    try:
+        return _run(graph, cfg, cfg_dict, flags, sweep)
+    finally:
+        if before is None:
+            os.environ.pop("SPACETIME_RUN_ID", None)
+        else:
+            os.environ["SPACETIME_RUN_ID"] = before
+
+
+def _run(graph, cfg, cfg_dict, flags, sweep: dict | None) -> int:
+    from pipeline.sweep import record_job, run_id_for  # lazy: CLI start-up 0.1 s, 9 s with eager imports
+
+    try:
+        run_id = run_id_for(sweep, cfg.run.id, os.environ.get("SPACETIME_RUN_ID"))
+    except ValueError as e:
+        raise SystemExit(f"spacetime: {e}") from None
     os.environ["SPACETIME_RUN_ID"] = run_id
     repo = Path(__file__).resolve().parent.parent
     stage_flags = [f for flag, k in (("--only", "only"), ("--from", "from_"), ("--until", "until"))
@@ -407,6 +469,11 @@ def cmd_run(graph, cfg, cfg_dict, flags) -> int:
         plan = graph.plan(cfg_dict, flags["only"], flags["from_"], flags["until"])
     except GraphError as e:
         raise SystemExit(f"spacetime: {e}") from None
+    if sweep is not None:  # in the lineage and info.json; W&B runs tagged with it
+        extra["sweep"] = sweep
+        cfg.tracking.tags = [*cfg.tracking.tags, f"sweep-{sweep['id']}"]
+        record_job(graph.store, sweep, run_id)
+        print(f"sweep {sweep['id']} job {sweep['job']}: {' '.join(sweep['overrides'])}")
     print(f"run {run_id}: " + ", ".join(f"{n}={a}" for n, a in plan.items()))
 
     def tracker_factory(ctx):
@@ -472,10 +539,12 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.config import (  # lazy: CLI start-up 0.1 s, 9 s with eager imports
         CONF_DIR,
         register,
+        reset_sweep,
         to_dict,
         to_object,
     )
     register()
+    reset_sweep()  # a sweep's id is made once per `spacetime` command
     sys.argv = [sys.argv[0], *rest]
     outcome = {"code": 0}
 
@@ -498,6 +567,9 @@ def main(argv: list[str] | None = None) -> None:
         if cmd == "params":
             outcome["code"] = cmd_params(cfg)
             return
+        if cmd == "status" and flags["sweep"]:
+            outcome["code"] = cmd_sweep_status(cfg.run.root, flags["sweep"])
+            return
         if cmd == "report":
             outcome["code"] = cmd_report(cfg.run.root, flags)
             return
@@ -516,7 +588,10 @@ def main(argv: list[str] | None = None) -> None:
             preflight(cfg)
         except ValueError as e:
             raise SystemExit(f"spacetime: {e}") from None
-        outcome["code"] = cmd_run(graph, cfg, cfg_dict, flags)
+        from pipeline.sweep import current_job  # lazy: CLI start-up 0.1 s, 9 s with eager imports
+
+        code = cmd_run(graph, cfg, cfg_dict, flags, current_job())
+        outcome["code"] = max(outcome["code"], code)  # a sweep fails if one of its jobs did
 
     entry()
     sys.exit(outcome["code"])

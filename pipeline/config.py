@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from data.checks import check_ranges
+from data.storage import local_root
 from data.probe import ProbeConfig
 from data.synthetic import SourceConfig
 from data.tracking import TrackingConfig
@@ -30,6 +32,7 @@ from pipeline.curation.ingest import IngestConfig
 from pipeline.curation.scores import ScoreConfig
 from pipeline.curation.shard import ShardConfig
 from pipeline.curation.shots import ShotConfig
+from pipeline.provenance import new_run_id
 from pipeline.recipe import RecipeConfig
 from training.evaluation.evaluate import EvalConfig
 from training.latent.space import LatentConfig
@@ -136,6 +139,29 @@ def _read_json(path: Optional[str]) -> dict:
     except ValueError as e:
         raise ValueError(f"deepspeed.{e}") from None
 
+
+_SWEEP: dict[str, str] = {}  # this process's sweep (`spacetime run -m`): its id, made once
+
+
+def sweep_id() -> str:
+    """The id of this process's Hydra sweep: ``SPACETIME_RUN_ID`` when set (a submitted job's,
+    then its jobs are ``<id>-<n>``), else a new run id; the same for every job of the sweep."""
+    if "id" not in _SWEEP:
+        _SWEEP["id"] = os.environ.get("SPACETIME_RUN_ID") or new_run_id()
+    return _SWEEP["id"]
+
+
+def reset_sweep() -> None:
+    _SWEEP.clear()
+
+
+def _sweep_dir(root: str, local_cache: Optional[str]) -> str:
+    """Hydra's sweep directory: ``<run.root>/sweeps/<sweep id>`` (for a URL root, its local
+    cache's; the sweep's records go to the bucket: pipeline.cli)."""
+    return str(local_root(root, local_cache) / "sweeps" / sweep_id())
+
+
+OmegaConf.register_new_resolver("spacetime.sweep_dir", _sweep_dir, replace=True)
 
 # deepspeed.config_file's content, read when the config resolves: the hash (pipeline.graph) and
 # the typed config both see it, the path itself is left out of the train stage's hash

@@ -558,9 +558,7 @@ class Graph:
         try:
             result = dict(ctx.stage.fn(ctx) or {})
             if ctx._tracker is not None:
-                log_lineage(ctx._tracker, ctx)
                 result.setdefault("tracking", ctx._tracker.info())
-                ctx._tracker.finish()
         except BaseException as e:  # noqa: BLE001 - we record and re-raise everything
             if ctx._tracker is not None:
                 try:
@@ -592,7 +590,18 @@ class Graph:
             whole = not st.missing(key, d, select=lambda f: f not in MARKERS)
             write_json_atomic(d / (SUCCESS if whole else FETCHING), ok)
         st.rm(f"{key}/{RUNNING}")
+        if ctx._tracker is not None:  # the output is complete: its artifact is what it holds
+            self._log_lineage(ctx)
         return {"duration_s": duration, "result": result}
+
+    def _log_lineage(self, ctx: StageContext) -> None:
+        """The stage's inputs and output as W&B artifacts, then its tracker closed. The output
+        is complete and stays so: a tracking error is printed, it does not fail the stage."""
+        try:
+            log_lineage(ctx._tracker, ctx)
+        except Exception as e:  # noqa: BLE001 - W&B's own errors, whatever they are
+            print(f"[{ctx.stage.name}] W&B lineage not logged: {scrub(repr(e), self._secrets)}")
+        ctx._tracker.finish()
 
     def _fetch(self, key: str, local: Path, stream: tuple[str, ...] = ()) -> None:
         """Make ``local`` a copy of the complete output at ``key`` (a URL root's upstream),

@@ -290,6 +290,21 @@ def test_wandb_offline_runs_one_per_stage_grouped_by_run_id(run1):
             read_parquet(d / "clips.parquet"))
         assert (d / "funnel.png").stat().st_size > 10_000
         assert got["funnel_chart"]["_type"] == "image-file"
+    # lineage as `wandb sync` uploads it: each stage's output artifact (its files, no marker
+    # nor info.json), and per input the producer's artifact, same digest, flagged for use
+    arts = {n: [r.artifact for r in records(rd) if r.WhichOneof("record_type") == "artifact"
+                and r.artifact.type != "run_table"] for n, rd in by_stage.items()}
+    outputs = {}
+    for n, found in arts.items():
+        (out,) = [a for a in found if not a.use_after_commit]
+        assert out.name == f"{n}-{lin['stages'][n]['hash'][:12]}" and out.type == n
+        assert not {e.path for e in out.manifest.contents} & {"_RUNNING.json", "_SUCCESS.json", "info.json"}
+        outputs[n] = out
+    for n, found in arts.items():
+        used = {a.name: a for a in found if a.use_after_commit}
+        assert set(used) == {outputs[i].name for i in lin["stages"][n]["upstream"]}, n
+        for i in lin["stages"][n]["upstream"]:
+            assert used[outputs[i].name].digest == outputs[i].digest, (n, i)  # sync finds its version
 
 
 def test_rerun_is_all_cached_and_an_override_makes_only_train_and_eval_stale(run1):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from data.tracking import (JsonlTracker, MemoryTracker, NullTracker, Tee, TrackerSpec,
+from data.tracking import (JsonlTracker, MemoryTracker, NullTracker, Tee, Tracker, TrackerSpec,
                                make_tracker, resolve_mode)
 
 
@@ -121,3 +121,69 @@ def test_wandb_table_of_videos_beside_their_prompts(tmp_path, monkeypatch):
     assert sorted(c["path"] for c in cells) == sorted(files)  # the two videos, nothing else
     for c, src in zip(cells, paths):
         assert files[c["path"]].read_bytes() == src.read_bytes()
+
+
+class MarkerProbe(Tracker):
+    """A tracker that notes, at each artifact call, which graph markers its directory holds."""
+
+    def __init__(self):
+        self.seen: list[tuple[str, str, set[str]]] = []
+
+    def log_artifact(self, name, type, path):
+        self.seen.append(("log", name, {p.name for p in Path(path).glob("_*.json")}))
+
+    def use_artifact(self, name, type, path):
+        self.seen.append(("use", name, {p.name for p in Path(path).glob("_*.json")}))
+
+
+def test_offline_lineage_is_recorded_for_sync_as_artifact_uses(tmp_path, monkeypatch):
+    """A graph a -> b -> c (c also reads a) with real offline W&B runs. Each downstream run's
+    transaction log holds, per input, the producer's artifact (same name, type and digest: the
+    same files) flagged as `use_artifact` flags a draft, which `wandb sync` uploads as a use of
+    the producer's version. Artifacts are logged once `_SUCCESS.json` is written and hold no
+    marker (`_RUNNING.json`) nor info.json."""
+    from conftest import Recorder
+    from wandb_offline import records
+
+    from pipeline.graph import Graph, Stage
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    rec = Recorder(blob=True)
+    graph = Graph([Stage("a", rec.stage("a")), Stage("b", rec.stage("b"), inputs=("a",)),
+                   Stage("c", rec.stage("c"), inputs=("b", "a"))], tmp_path / "out")
+    probes: dict[str, MarkerProbe] = {}
+
+    def factory(ctx):
+        probes[ctx.stage.name] = MarkerProbe()
+        s = TrackerSpec(mode="offline", project="spacetime-test", entity=None, dir=str(tmp_path),
+                        group="run-1", job_type=ctx.stage.name, name=f"{ctx.stage.name}-{ctx.stage_hash[:8]}",
+                        config={}, tags=[], jsonl=str(ctx.out_dir / "metrics.jsonl"))
+        return Tee(make_tracker(s), probes[ctx.stage.name])
+
+    lineage = graph.run({}, {}, "run-1", tracker_factory=factory, log=lambda s: None)
+    h = {n: r["hash"][:12] for n, r in lineage["stages"].items()}
+    for name, probe in probes.items():  # each call saw a complete output, not a running one
+        assert probe.seen and all(markers == {"_SUCCESS.json"} for _, _, markers in probe.seen), probe.seen
+    arts = {}
+    for name, rec_ in lineage["stages"].items():
+        run_dir = Path(rec_["result"]["tracking"]["wandb_dir"])
+        arts[name] = [r.artifact for r in records(run_dir) if r.WhichOneof("record_type") == "artifact"]
+    outputs = {}
+    for name, found in arts.items():
+        (out,) = [a for a in found if not a.use_after_commit]
+        assert (out.name, out.type, out.user_created) == (f"{name}-{h[name]}", name, False)
+        files = {e.path for e in out.manifest.contents}
+        assert {"out.txt", "partial.txt", "sub/out.bin", "metrics.jsonl"} == files, files
+        outputs[name] = out
+    for name, inputs in (("a", []), ("b", ["a"]), ("c", ["b", "a"])):
+        used = [a for a in arts[name] if a.use_after_commit]
+        assert sorted(a.name for a in used) == sorted(f"{i}-{h[i]}" for i in inputs)
+        for a in used:
+            src = outputs[a.type]
+            assert a.user_created and a.type == src.type and a.digest == src.digest
+            assert {(e.path, e.digest) for e in a.manifest.contents} == {
+                (e.path, e.digest) for e in src.manifest.contents}
+    for found in arts.values():
+        for a in found:
+            names = {e.path.rsplit("/", 1)[-1] for e in a.manifest.contents}
+            assert not names & {"_RUNNING.json", "_SUCCESS.json", "info.json"}

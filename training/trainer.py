@@ -445,10 +445,12 @@ def export(out: Path, weights: dict, ema: EMA, config: dict, summary: dict, trac
     train = {**config["train"], "latent": config.get("latent")}  # evaluation reads the latent space
     (out / "train_config.json").write_text(json.dumps(train, indent=2))
     tracker.summary(summary)
-    log_lineage_paths(tracker, config["stage"], config["stage_hash"], str(out), config["inputs"])
     result = {**summary, "tracking": tracker.info()}
-    tracker.finish()
     (out / "train_result.json").write_text(json.dumps(result, indent=2))
+    # the output artifact once every file of it is written (the graph's markers and info.json
+    # are not part of it: data.tracking.BOOKKEEPING), so it is what downstream stages use
+    log_lineage_paths(tracker, config["stage"], config["stage_hash"], str(out), config["inputs"])
+    tracker.finish()
     if config.get("stage_url"):
         stage = Store(config["stage_url"])
         for name in EXPORTS:
