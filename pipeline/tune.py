@@ -107,6 +107,9 @@ def trial(params: dict, *, overrides: list[str], sweep_id: str) -> None:
 def sweep(grid: dict[str, list[str]], overrides: list[str], *, metric: str = "train/loss",
           mode: str = "min", concurrent: int = 1, sweep_id: str | None = None):
     """Run the trials; returns Tune's ResultGrid. The stages before training run first, once."""
+    # trials keep the run's working directory (Tune's default moves them into the trial's),
+    # set before any stage starts a local Ray, whose processes inherit it
+    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
     cfg, cfg_dict = load(overrides)
     if "://" not in str(cfg.run.root):  # the trials' run root, whatever their working directory
         overrides = [*overrides, f"run.root={Path(str(cfg.run.root)).resolve()}"]
@@ -116,10 +119,10 @@ def sweep(grid: dict[str, list[str]], overrides: list[str], *, metric: str = "tr
     os.environ["SPACETIME_RUN_ID"] = f"{sweep_id}-prepare"
     for name in graph.stages[first].inputs:  # the curated (or latent) shards, shared by all trials
         run_graph(cfg, cfg_dict, f"{sweep_id}-prepare", name, {"tune": {"sweep_id": sweep_id}})
-    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"  # trials keep the run's working directory
-    if not ray.is_initialized():
+    if not ray.is_initialized():  # as stages.ensure_ray does, for a cluster's workers too
         env = {k: os.environ[k] for k in ("WANDB_MODE", "HF_HUB_OFFLINE", "RAY_CHDIR_TO_TRIAL_DIR")
                if k in os.environ}
+        env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
         ray.init(address=cfg.cluster.address, configure_logging=False,
                  runtime_env={"env_vars": env})
     storage, fs = ray_storage(str(Path(str(cfg.run.root)) / "tune") if "://" not in str(cfg.run.root)

@@ -13,6 +13,7 @@ from omegaconf.errors import ValidationError
 
 from pipeline.cli import SUBCOMMANDS, parse_argv, preflight
 from pipeline.config import CONF_DIR, GROUPS, RunConfig, register, to_object
+from pipeline.tune import parse_tune_argv
 
 register()
 
@@ -178,15 +179,25 @@ def test_preflight_names_the_train_shape_the_patch_cannot_cut():
 
 def test_cli_surface_is_frozen():
     # Changing the surface is deliberate: update this test with the README.
-    assert SUBCOMMANDS == ("run", "status", "params", "report", "generate", "submit", "jobs", "logs",
-                           "stop", "plan")
+    assert SUBCOMMANDS == ("run", "status", "params", "report", "generate", "tune", "submit", "jobs",
+                           "logs", "stop", "plan")
+    # tune: its own flags (pipeline/tune.py), then the run's overrides
+    assert parse_tune_argv(["--grid", "train.lr=1e-3,2e-3", "--grid", "train.seed=1,2", "--mode", "max",
+                            "experiment=tiny"]) == (
+        {"grid": {"train.lr": ["1e-3", "2e-3"], "train.seed": ["1", "2"]}, "metric": "train/loss",
+         "mode": "max", "concurrent": 1}, ["experiment=tiny"])
+    for bad, why in ((["experiment=tiny"], "at least one --grid"), (["--grid", "train.lr"], "not KEY=V1,V2"),
+                     (["--grid", "a=1", "--mode", "up"], "min or max"), (["--grid"], "needs a value")):
+        with pytest.raises(SystemExit, match=why):
+            parse_tune_argv(bad)
     assert parse_argv(["run", "--only", "train", "train.lr=1"]) == (
         "run", {"only": "train", "from_": None, "until": None}, ["train.lr=1"])
     assert parse_argv(["--from=eval"]) == ("run", {"only": None, "from_": "eval", "until": None},
                                            [])
     assert parse_argv(["run", "--until", "shard"])[1]["until"] == "shard"
     assert parse_argv(["status", "experiment=tiny"]) == (
-        "status", {"only": None, "from_": None, "until": None}, ["experiment=tiny"])
+        "status", {"only": None, "from_": None, "until": None, "sweep": None}, ["experiment=tiny"])
+    assert parse_argv(["status", "--sweep", "x"])[1]["sweep"] == "x"  # a sweep's jobs side by side
     with pytest.raises(SystemExit):
         parse_argv(["status", "--only", "train"])
     # report: a run id only as its first argument (so `--cfg job` keeps its value).
