@@ -204,7 +204,7 @@ def test_checkpoint_step_stage_and_path(pixel_root, tmp_path):
     assert src.ref.path == train and src.run_id is None
     src, _ = prepare(GenerateConfig(prompts=[PROMPT], stage="train-0123456789ab"), pixel_root)
     assert src.ref.train_dir == train and src.stage == "train"
-    with pytest.raises(GenerateError, match=r"no complete checkpoint for step 5 .*complete tags: \['step00000001'\]"):
+    with pytest.raises(GenerateError, match=r"no registered checkpoint for step 5 .*registered: \['step00000001'\]"):
         prepare(GenerateConfig(prompts=[PROMPT], checkpoint="5"), pixel_root)
     a = generate(GenerateConfig(prompts=[PROMPT], frames=2, steps=1, checkpoint="1", out=str(tmp_path / "s1")),
                  pixel_root, log=lambda s: None)

@@ -39,6 +39,7 @@ loader position a resume continues from.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 import random
@@ -130,10 +131,14 @@ class RunCheckpoints:
         """[(ray.train.Checkpoint, metrics)] oldest first; [] before the first save."""
         from ray.train import Result  # lazy: ray.train ~3.7 s to import; the config layer imports this module
 
+        quiet = logging.getLogger("ray.train.v2._internal.execution.checkpoint.checkpoint_manager")
+        level, quiet.level = quiet.level, logging.WARNING  # not "a run snapshot was found" per read
         try:
             result = Result.from_path(self.path, storage_filesystem=self.fs)
         except RuntimeError:  # no run directory, or no snapshot in it yet: nothing registered
             return []
+        finally:
+            quiet.setLevel(level)
         return sorted(result.best_checkpoints or [], key=lambda cm: cm[1]["step"])
 
     def tags(self) -> list[str]:
