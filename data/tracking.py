@@ -34,6 +34,10 @@ from data.storage import INFO, MARKERS, has_scheme, local_root
 # What the run graph writes into a stage directory about the stage, not as its output; left
 # out of the stage's artifact (a stage logged while running would otherwise hold _RUNNING.json)
 BOOKKEEPING = MARKERS | {INFO}
+# Folders of a stage directory that another system keeps, changing after the stage's own files
+# are final: Ray Train's run directory of a training stage (it registers the last checkpoint
+# and prunes older ones after rank 0's exports; Ray Train's Result reads them) and its staging.
+KEPT_BY_OTHERS = ("checkpoints/", ".staging/")
 
 
 @dataclass
@@ -209,8 +213,9 @@ class WandbTracker(Tracker):
                       for k, h in hists.items()}, step=step)
 
     def _reference(self, name, type, path):
-        """A reference artifact of a stage directory's files, without ``BOOKKEEPING`` (one
-        reference per file, named by its relative path); a URL is referenced whole."""
+        """A reference artifact of a stage directory's files, without ``BOOKKEEPING`` and
+        ``KEPT_BY_OTHERS`` (one reference per file, named by its relative path); a URL is
+        referenced whole."""
         art = self._wandb.Artifact(name, type=type)
         if has_scheme(path):
             art.add_reference(str(path), max_objects=100_000)
@@ -218,7 +223,7 @@ class WandbTracker(Tracker):
         root = Path(path).resolve()
         for f in sorted(p for p in root.rglob("*") if p.is_file()):
             rel = f.relative_to(root).as_posix()
-            if rel not in BOOKKEEPING:
+            if rel not in BOOKKEEPING and not rel.startswith(KEPT_BY_OTHERS):
                 art.add_reference(f.as_uri(), name=rel)
         return art
 
