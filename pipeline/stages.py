@@ -48,6 +48,7 @@ from training.evaluation.evaluate import evaluate
 from training.latent.precompute import precompute_latents
 from training.latent.vae_train import train_vae
 from training.launch import run_training
+from training.memory import worker_env
 from training.text import text_frozen
 
 
@@ -57,14 +58,18 @@ def ensure_ray(ctx: StageContext) -> None:
 
     Ray Train's workers get ``RAY_TRAIN_ENABLE_PRINT_PATCH=0`` (unless it is set): Ray Train
     replaces ``print`` in its workers with one that writes each line both to the worker's
-    stdout and through its logger to stderr, and Ray forwards both, so every line showed twice."""
+    stdout and through its logger to stderr, and Ray forwards both, so every line showed twice.
+    Every worker starts with the allocator setting of ``training.memory.worker_env``
+    (``MALLOC_MMAP_THRESHOLD_``: RSS follows live memory instead of glibc's retained heap; glibc
+    reads it at process start, so it can only come through the runtime env)."""
     import ray  # lazy: ray ~1.7 s (ray.train ~4.7 s) to import, needed only here
 
     if ray.is_initialized():
         return
     cluster = ctx.section("cluster")
     env = {"SPACETIME_RUN_ID": ctx.run_id,
-           "RAY_TRAIN_ENABLE_PRINT_PATCH": os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")}
+           "RAY_TRAIN_ENABLE_PRINT_PATCH": os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0"),
+           **worker_env()}
     for k in ("WANDB_MODE", "HF_HUB_OFFLINE"):  # never the API key: workers inherit the env
         if k in os.environ:
             env[k] = os.environ[k]

@@ -21,7 +21,8 @@ A submission is ``python -m pipeline.cli run [--only/--from STAGE] overrides...`
   ``<run.root>/runs/<run_id>/`` are known before the job starts), ``SPACETIME_SUBMIT`` (the
   submitter's git commit, dirty files and a digest of their changes, who, when, the job id;
   ``spacetime run`` copies it into lineage.json and every stage's info.json), the non-secret
-  W&B settings the submitter has set (the driver's own ``ray.init`` sends only variables that
+  W&B settings the submitter has set, and the workers' allocator setting
+  (``training.memory.worker_env``) (the driver's own ``ray.init`` sends only variables that
   differ from the job's, so Ray never sees a conflicting key);
 - never ``WANDB_API_KEY`` or any other secret. Ray writes every ``env_vars`` value in plain
   text to each node's ``runtime_env_agent.log`` and serves it to anyone who can read the job
@@ -61,6 +62,7 @@ from data.redact import REDACTED, credential_overrides
 from data.storage import Store, has_scheme, is_url
 from pipeline.graph import GraphError
 from pipeline.provenance import REPO, git_state, new_run_id
+from training.memory import worker_env
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 JOB_PREFIX = "spacetime-"
@@ -235,7 +237,7 @@ def build_submission(overrides: list[str], only: str | None, from_: str | None,
     if replay_of:
         submitted["replay_of"] = replay_of
     env = {k: os.environ[k] for k in PASS_THROUGH if os.environ.get(k)}
-    env.update({"SPACETIME_RUN_ID": run_id, "SPACETIME_SUBMIT": json.dumps(submitted)})
+    env.update({"SPACETIME_RUN_ID": run_id, "SPACETIME_SUBMIT": json.dumps(submitted), **worker_env()})
     metadata = {"spacetime_run_id": run_id, "spacetime_commit": git.get("commit") or "",
                 "spacetime_dirty": str(git.get("dirty")).lower(),
                 "spacetime_args": shlex.join([*stage_flags, *overrides]),

@@ -30,6 +30,7 @@ from pipeline.graph import Graph
 from pipeline.provenance import new_run_id
 from pipeline.stages import graph_for, train_stage
 from training.checkpoint import ray_storage
+from training.memory import worker_env
 
 USAGE = """usage: spacetime tune --grid KEY=V1,V2[,...] [--grid ...] [--metric NAME] [--mode min|max]
                       [--concurrent N] [overrides...]
@@ -120,6 +121,7 @@ def sweep(grid: dict[str, list[str]], overrides: list[str], *, metric: str = "tr
     if not ray.is_initialized():
         env = {k: os.environ[k] for k in ("WANDB_MODE", "HF_HUB_OFFLINE", "RAY_CHDIR_TO_TRIAL_DIR")
                if k in os.environ}
+        env.update(worker_env())  # the training workers' allocator setting (training/memory.py)
         ray.init(address=cfg.cluster.address, configure_logging=False,
                  runtime_env={"env_vars": env})
     storage, fs = ray_storage(str(Path(str(cfg.run.root)) / "tune") if "://" not in str(cfg.run.root)
