@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 4096])
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--checkpointing", choices=["both", "on", "off"], default="both")
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds per subprocess")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     setting = " ".join(f"{k}={v}" for k, v in ALLOCATOR_ENV.items())
@@ -56,7 +57,7 @@ def main() -> None:
             spec = {"preset": a.preset, "grid": [tokens // 256, 16, 16], "steps": a.steps,
                     "dit": {"grad_checkpointing": ckpt}}
             order = (True, False) if n % 2 == 0 else (False, True)  # alternate who runs first
-            res = {alloc: measure([spec], allocator=alloc)[0] for alloc in order}
+            res = {alloc: measure([spec], allocator=alloc, timeout=a.timeout)[0] for alloc in order}
             n += 1
             planned = activation_bytes(cfg, tokens, "fp32", ckpt)
             row = {"checkpointing": ckpt, "tokens": tokens, "glibc_bytes": res[False]["peak_bytes"],
