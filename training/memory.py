@@ -82,6 +82,7 @@ def step_peaks(specs: list[dict]) -> list[dict]:
     """
     import time
 
+    # lazy: the launchers (pipeline.stages, submit, tune) import worker_env without torch
     import torch
     import torch.nn.functional as F
 
