@@ -415,6 +415,10 @@ def cmd_params(cfg) -> int:
         c = base.with_preset(name)
         counts = [count_params(replace(c, adaln=a)) / 1e6 for a in ("block", "single")]
         print(f"{name:<7} {counts[0]:11.2f}M {counts[1]:12.2f}M")
+    n = count_params(base)  # what `spacetime run` with these overrides builds (= spacetime plan's)
+    print(f"as configured: {base.preset}, adaln={base.adaln}, {base.attention} attention, patch "
+          f"{tuple(int(p) for p in base.patch_size)}, {base.in_channels} channels, text_dim={base.text_dim}, "
+          f"qk_norm={base.qk_norm}, mlp_ratio={base.mlp_ratio:g}: {n / 1e6:.2f}M ({n:,}) DiT parameters")
     return 0
 
 

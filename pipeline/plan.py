@@ -9,6 +9,12 @@ prints every assumption with its value. It is a separate tree, not part of the r
 because it answers what-if questions the run config cannot express (a VAE, seconds and fps,
 GPU type and price, MFU, sequence parallelism) and must never change a stage hash.
 
+The DiT is the one ``spacetime run model=<model>`` builds: ``conf/model/<model>.yaml``'s
+``dit`` section (sizes, adaln, qk_norm, mlp_ratio, grad_checkpointing), with the plan's data and
+text (VAE channels, patch_size, attention, text_dim) and any option the plan sets (adaln,
+qk_norm, mlp_ratio, train.grad_checkpointing; null keeps the file's). Its parameter count is
+the "as configured" line of ``spacetime params`` with the same options (tests/test_plan.py).
+
 How the figures are made (per sample = one clip of ``video.seconds``):
 
     frames         = seconds x fps
@@ -38,7 +44,12 @@ Memory per GPU, with Psi = DiT parameters and ZeRO partitioning across all num_g
                      tensors: every block (no checkpointing), or each block's input plus one
                      block being recomputed (checkpointing). Per-token bytes of one block are
                      measured from autograd for this DiT (see ACT_BYTES_PER_TOKEN and
-                     tests/test_plan.py); attention is SDPA/flash, so no N x N scores.
+                     tests/test_plan.py); attention is SDPA/flash, so no N x N scores. On CPU
+                     this is the peak RSS a training step adds within 15% (measured, fp32,
+                     tiny and small, with and without checkpointing), once the allocator gives
+                     freed buffers back (training/memory.py; glibc's default adds 1.2-3x).
+                     Backward's transients (a block's activation gradients, one parameter's
+                     gradient before it is added to .grad) are not counted: a few percent.
     + frozen modules in bf16 (text encoder, VAE) and a fixed reserve (CUDA context, NCCL and
       ZeRO bucket buffers, allocator fragmentation).
 
@@ -53,9 +64,10 @@ import math
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 GIB = 2**30
+MODEL_CONF = Path(__file__).resolve().parent.parent / "conf" / "model"
 
 # Saved activations of one DiTBlock, bytes per token: a * D + b * M for hidden size D and MLP
 # width M, by self-attention kind and precision. Measured with autograd saved-tensor hooks on
@@ -106,7 +118,7 @@ class TrainSpec:
     global_batch_size: int = 256  # clips per optimizer step
     micro_batch_size: int = 1  # clips per data-parallel rank per forward
     precision: str = "bf16"  # bf16 | fp32
-    grad_checkpointing: bool = True
+    grad_checkpointing: Optional[bool] = None  # null: the preset's (model.dit.grad_checkpointing)
     mfu: float = 0.35  # model FLOPs utilisation you expect (communication included)
 
 
@@ -125,11 +137,19 @@ class MemorySpec:
 
 @dataclass
 class PlanConfig:
-    model: str = "xl"  # DiT size preset (training.dit.PRESETS)
+    """The model is the one `spacetime run model=<model>` builds (conf/model/<model>.yaml's
+    `dit`), on the data and text encoder named here: the VAE's channels, `patch_size`,
+    `attention` and `text_dim` are what-ifs for a latent run with a frozen T5 (as
+    `experiment=latent +model/text=t5`); a null option below keeps the preset file's value."""
+
+    model: str = "xl"  # preset: a file of conf/model/ (tiny, small, base, large, xl, 3b)
     patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])  # (pt, ph, pw) on the latent
     attention: str = "full"  # full (all N tokens) | factorised (within frames, then across)
-    text_dim: int = 4096  # width of the text tokens (T5-XXL: 4096)
+    text_dim: int = 4096  # width of the text tokens = model.text.dim (T5-XXL 4096, ViT-H-14 1024)
     text_len: int = 300  # text tokens per caption
+    adaln: Optional[str] = None  # block | single; null: the preset's (model.dit.adaln)
+    qk_norm: Optional[bool] = None  # null: the preset's (model.dit.qk_norm)
+    mlp_ratio: Optional[float] = None  # null: the preset's (model.dit.mlp_ratio)
     video: VideoSpec = field(default_factory=VideoSpec)
     vae: VAESpec = field(default_factory=VAESpec)
     gpu: GPUSpec = field(default_factory=GPUSpec)
@@ -159,13 +179,31 @@ def token_grid(latent: tuple[int, int, int], patch) -> tuple[int, int, int]:
     return tuple(math.ceil(s / int(p)) for s, p in zip(latent, patch))  # type: ignore[return-value]
 
 
+def preset_dit(model: str) -> dict:
+    """The `dit` section of conf/model/<model>.yaml: every option `spacetime run model=<model>`
+    builds the DiT with (sizes, adaln, qk_norm, mlp_ratio, checkpointing, ...)."""
+    from omegaconf import OmegaConf  # lazy: omegaconf ~0.15 s; CLI start-up 0.1 s, 9 s with eager imports
+
+    path = MODEL_CONF / f"{model}.yaml"
+    if not path.is_file():
+        valid = ", ".join(sorted(p.stem for p in MODEL_CONF.glob("*.yaml")))
+        raise PlanError(f"unknown model '{model}' (a file of conf/model/); valid: {valid}")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)["dit"]  # type: ignore[index]
+
+
 def dit_config(cfg: PlanConfig):
+    """The DiTConfig of the preset's file with this plan's data, text width and options."""
     from training.dit import DiTConfig  # lazy: CLI start-up 0.1 s, 9 s with eager imports
 
-    return DiTConfig.from_preset(cfg.model, patch_size=[int(p) for p in cfg.patch_size],
-                                 in_channels=cfg.vae.channels, text_dim=cfg.text_dim,
-                                 attention=cfg.attention,
-                                 grad_checkpointing=cfg.train.grad_checkpointing)
+    opts = preset_dit(cfg.model)
+    opts.update(patch_size=[int(p) for p in cfg.patch_size], in_channels=cfg.vae.channels,
+                text_dim=cfg.text_dim, attention=cfg.attention)
+    for key in ("adaln", "qk_norm", "mlp_ratio"):
+        if getattr(cfg, key) is not None:
+            opts[key] = getattr(cfg, key)
+    if cfg.train.grad_checkpointing is not None:
+        opts["grad_checkpointing"] = cfg.train.grad_checkpointing
+    return DiTConfig(**opts)
 
 
 def block_params(dit) -> int:
@@ -256,7 +294,7 @@ def make_plan(cfg: PlanConfig) -> dict[str, Any]:
     overhead = cfg.memory.overhead_gib * GIB
     static = sum(states.values()) + zero3 + frozen + overhead
     act = {ck: activation_bytes(dit, tokens_per_gpu, t.precision, ck) for ck in (False, True)}
-    chosen = act[t.grad_checkpointing]
+    chosen = act[dit.grad_checkpointing]
     total = static + chosen
     capacity = g.memory_gib * GIB
     per_sample_act = chosen / t.micro_batch_size
@@ -272,14 +310,16 @@ def make_plan(cfg: PlanConfig) -> dict[str, Any]:
     return {
         "inputs": asdict(cfg),
         "model": {"preset": cfg.model, "params": psi, "hidden_size": dit.hidden_size,
-                  "depth": dit.depth, "num_heads": dit.num_heads,
+                  "depth": dit.depth, "num_heads": dit.num_heads, "mlp_ratio": dit.mlp_ratio,
+                  "adaln": dit.adaln, "qk_norm": dit.qk_norm,
+                  "grad_checkpointing": dit.grad_checkpointing,
                   "block_params": block_params(dit)},
         "tokens": {"frames": frames, "latent_grid": list(latent), "token_grid": list(grid),
                    "per_sample": tokens, "text": cfg.text_len,
                    "padded": any(a % int(p) for a, p in zip(latent, cfg.patch_size))},
         "compute": {"forward_flops_per_sample": fwd,
                     "train_flops_per_sample": train_per_sample,
-                    "hardware_flops_per_sample": (4 if t.grad_checkpointing else 3) * fwd,
+                    "hardware_flops_per_sample": (4 if dit.grad_checkpointing else 3) * fwd,
                     "train_flops_per_step": step_flops,
                     "data_parallel": dp, "grad_accum": accum,
                     "step_time_s": step_time,
@@ -319,10 +359,11 @@ def format_plan(p: dict) -> str:
     i, m, tk, c, r, mem, gen = (p["inputs"], p["model"], p["tokens"], p["compute"], p["run"],
                                 p["memory_gib"], p["generation"])
     v, vae, g, t, s = i["video"], i["vae"], i["gpu"], i["train"], i["sample"]
-    ck = t["grad_checkpointing"]
+    ck = m["grad_checkpointing"]
     lines = [
         f"model     DiT-{m['preset']}: {m['params'] / 1e9:.3f}B params (D={m['hidden_size']}, "
-        f"depth={m['depth']}, heads={m['num_heads']}, {i['attention']} attention), "
+        f"depth={m['depth']}, heads={m['num_heads']}, {i['attention']} attention, "
+        f"adaln={m['adaln']}), "
         f"patch {tuple(i['patch_size'])}, "
         f"text {i['text_len']} x {i['text_dim']}",
         f"video     {v['seconds']:g} s x {v['fps']:g} fps = {tk['frames']} frames at "

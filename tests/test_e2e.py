@@ -20,6 +20,7 @@ import pytest
 from data.shards import read_parquet, read_shards
 from data.video_io import read_frames, read_frames_av
 from training.checkpoint import RunCheckpoints
+from training.memory import ALLOCATOR_ENV
 
 STAGES = ["source", "curate", "filter", "caption", "shard", "train", "eval"]
 CURATION = dict.fromkeys(["source", "curate", "filter", "caption", "shard"], "cached")
@@ -177,6 +178,7 @@ def test_training_ran_deepspeed_on_two_workers_and_logged(run1):
     res = json.loads((d / "train_result.json").read_text())
     assert res["world_size"] == 2 and res["zero_stage"] == 2
     assert res["run_ids_seen"] == [run1["lineage"]["run_id"]] * 2  # via the environment
+    assert res["allocator_seen"] == [ALLOCATOR_ENV] * 2  # in each rank's environment from its start
     checkpoint, last = RunCheckpoints(d).latest()  # Ray Train's
     ckpt = Path(checkpoint.path) / f"step{last['step']:08d}"
     assert last["world_size"] == 2 and {p.name for p in ckpt.iterdir()} >= {

@@ -33,6 +33,7 @@ from ray.tune.trainable.trainable_fn_utils import _in_tune_session
 
 from data.storage import Store
 from training.checkpoint import RUN_DIR, RunCheckpoints, ray_storage
+from training.memory import worker_env
 from training.trainer import (
     EXPORTS,
     NONFINITE,
@@ -82,18 +83,21 @@ def check_resume_world_size(ckpts: RunCheckpoints, num_workers: int,
             f"cluster.sequence_parallel={saved_sp}, or start this stage over (spacetime run --only train)")
 
 
-def run_config(storage: str | Path, train_cfg: TrainConfig, callbacks=()) -> RunConfig:
+def run_config(storage: str | Path, train_cfg: TrainConfig, callbacks=(), cpu: bool = True) -> RunConfig:
     """Ray Train's run: its directory is the stage output's ``checkpoints/`` (local, or in the
     bucket), keeping ``train.keep_checkpoints`` checkpoints, retrying ``train.max_failures``
     times. Inside a Ray Tune trial, Tune's report callback passes every report on to the trial.
-    callbacks: more Ray Train callbacks."""
+    callbacks: more Ray Train callbacks. cpu: the workers train on CPUs, so they start with the
+    allocator setting of ``training.memory`` (glibc reads it at process start: only a worker's
+    runtime env can set it; RSS then follows live memory instead of glibc's retained heap)."""
     path, fs = ray_storage(storage)
     if _in_tune_session():  # a Ray Tune trial (pipeline.tune): every report is the trial's too
         callbacks = [*callbacks, TuneReportCallback()]
     return RunConfig(storage_path=path, storage_filesystem=fs, name=RUN_DIR,
                      checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.keep_checkpoints),
                      failure_config=FailureConfig(max_failures=train_cfg.max_failures),
-                     callbacks=list(callbacks))
+                     callbacks=list(callbacks),
+                     worker_runtime_env={"env_vars": worker_env()} if cpu else None)
 
 
 def run_training(*, train_cfg: TrainConfig, model_cfg, ds_cfg, cluster, out_dir: Path,
@@ -139,7 +143,7 @@ def run_training(*, train_cfg: TrainConfig, model_cfg, ds_cfg, cluster, out_dir:
         scaling_config=ScalingConfig(num_workers=res["num_workers"], use_gpu=res["use_gpu"],
                                      resources_per_worker=res["resources_per_worker"]),
         torch_config=TorchConfig(backend=res["backend"]),
-        run_config=run_config(storage, train_cfg, callbacks),
+        run_config=run_config(storage, train_cfg, callbacks, cpu=not res["use_gpu"]),
     )
     previous = None
     if threading.current_thread() is threading.main_thread():

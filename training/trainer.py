@@ -52,6 +52,7 @@ from training.ema import EMA
 from training.flops import matmul_flops_per_s
 from training.flow import FlowConfig
 from training.loader import Bucket, ClipStream, Loader, LoaderConfig, resolve_batch_sizes
+from training.memory import started_with
 from training.model import ModelConfig, save_pretrained
 from training.parallelize import DeepSpeedConfig, full_params, parallelize
 from training.patches import check_patchable
@@ -420,15 +421,18 @@ def stop_early(tracker, rank: int, message: str, summary: dict) -> None:
     dist.barrier()
 
 
-def gather_final(engine, zero_stage: int, world: int) -> tuple[dict[str, torch.Tensor], list]:
-    """Collectively: the full float32 state dict on CPU (gathered under ZeRO-3) and every
-    rank's run id (``SPACETIME_RUN_ID``: one run, whatever restarted)."""
+def gather_final(engine, zero_stage: int, world: int) -> tuple[dict[str, torch.Tensor], list, list]:
+    """Collectively: the full float32 state dict on CPU (gathered under ZeRO-3), every
+    rank's run id (``SPACETIME_RUN_ID``: one run, whatever restarted) and the allocator
+    variables each rank's process started with (``training.memory.worker_env``)."""
     with full_params(engine, zero_stage):
         weights = {k: v.detach().float().cpu().clone()
                    for k, v in engine.module.state_dict().items()}
     run_ids: list = [None] * world
     dist.all_gather_object(run_ids, os.environ.get("SPACETIME_RUN_ID"))
-    return weights, run_ids
+    allocators: list = [None] * world
+    dist.all_gather_object(allocators, started_with())
+    return weights, run_ids, allocators
 
 
 def export(out: Path, weights: dict, ema: EMA, config: dict, summary: dict, tracker) -> None:
@@ -539,14 +543,14 @@ def train_loop(config: dict[str, Any]) -> None:
 
     # export: the last checkpoint, then the weights, EMA, configs and result (rank 0)
     save(tcfg.steps)
-    weights, run_ids = gather_final(engine, dcfg.zero_stage, world)
+    weights, run_ids, allocators = gather_final(engine, dcfg.zero_stage, world)
     if rank == 0:
         export(out, weights, ema, config, {
             "final_loss": log.last_loss, "steps": tcfg.steps, "resumed_from_step": start,
             "train_seconds": time.time() - t_start, "skipped_samples": data.skipped_total,
             "nonfinite_steps": guard.total, "world_size": world, "sequence_parallel": sp,
             "micro_batch": micro,
-            "zero_stage": dcfg.zero_stage, "run_ids_seen": run_ids,
+            "zero_stage": dcfg.zero_stage, "run_ids_seen": run_ids, "allocator_seen": allocators,
             "text_encoder_calls": text.calls, "text_from_shards": text.stored is not None,
             "init": init},
             tracker)
