@@ -37,12 +37,16 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 import time
 from functools import partial
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paired import ratio  # noqa: E402
 
 
 def make_inputs(root: Path, n: int, seconds: float) -> list[dict]:
@@ -171,9 +175,9 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     # Each ratio is the median over rounds of that round's own ratio: a round's runs are under
     # a minute apart, and the machine's speed drifts more than that between rounds.
-    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    speedup = median([o["seconds"] / t["seconds"] for o, t, _ in rounds])
-    ratio = median([f / o["seconds"] for o, _, f in rounds])
+    speedup_r = ratio([o["seconds"] for o, _, _ in rounds], [t["seconds"] for _, t, _ in rounds])
+    floor_r = ratio([f for *_, f in rounds], [o["seconds"] for o, _, _ in rounds])
+    speedup, ratio_ = speedup_r.median, floor_r.median
     one = min((r[0] for r in rounds), key=lambda r: r["seconds"])  # rates: the fastest runs
     two = min((r[1] for r in rounds), key=lambda r: r["seconds"])
     floor = min(f for *_, f in rounds)
@@ -196,13 +200,13 @@ def main() -> None:
                         "floor_s": round(f, 2), "speedup": round(o["seconds"] / t["seconds"], 3),
                         "vs_floor": round(f / o["seconds"], 3)} for o, t, f in rounds],
     }
-    res.update(curation_vs_decode_floor=round(ratio, 3), speedup_2_vs_1_workers=round(speedup, 3))
+    res.update(curation_vs_decode_floor=round(ratio_, 3), speedup_2_vs_1_workers=round(speedup, 3))
     print(json.dumps(res, indent=2))
     print(f"clips/s: curation 1 worker {res['curation_1_worker_clips_per_s']}, 2 workers "
           f"{res['curation_2_workers_clips_per_s']}, decode floor "
           f"{res['decode_floor_clips_per_s']} ({clips} clips from {n} videos)")
-    print(f"curation (1 worker) / decode floor: {ratio:.2f}x  (target >= 0.5x)")
-    print(f"2 workers / 1 worker:                {speedup:.2f}x  (target >= 1.7x)")
+    print(f"curation (1 worker) / decode floor: {floor_r}  (target >= 0.5x)")
+    print(f"2 workers / 1 worker:                {speedup_r}  (target >= 1.7x)")
 
 
 if __name__ == "__main__":

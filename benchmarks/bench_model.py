@@ -3,15 +3,15 @@
 For each preset (default: small, and base as the medium one), our DiT (with per-block adaLN,
 DiT-style, and with adaLN-single, Wan's own design) and Wan are built with the same width,
 depth, heads, MLP width, patch size, channels, text width and token count, and timed on
-forward + backward + AdamW step. Steps of the models alternate, so all see the same machine
-load; the fastest step of each is reported (on a shared machine, other work only ever adds
-time), with the median next to it in the JSON. Achieved FLOP/s is model FLOPs (3x the
-forward, counted by FlopCounterMode for both, and our analytic count for ours) over the
-fastest step time; the machine's dense fp32 matmul rate is measured in the same run (before
-and after; the higher is the peak), so
+forward + backward + AdamW step. The models and the machine's dense matmul rate are measured
+in rounds (`benchmarks/paired.py`): each round times one step of every model and a short
+matmul run (`--matmul-seconds`), in turn, so every figure of a round sees the same machine
+load, and each comparison is the median over rounds of that round's own value, with the
+range. Achieved FLOP/s is model FLOPs (3x the forward, counted by FlopCounterMode for both,
+and our analytic count for ours) over the step time, so
 
-    step ratio   = our step time / Wan's step time            (target <= 1.0)
-    utilisation  = our achieved FLOP/s / matmul FLOP/s        (target >= 0.70 for the medium preset)
+    step ratio   = our step time / Wan's step time, per round        (target <= 1.0)
+    utilisation  = our achieved FLOP/s / that round's matmul FLOP/s  (target >= 0.70 for the medium preset)
 
 Usage (diffusers is a benchmark-only extra: pip install -e '.[bench]'):
 
@@ -39,6 +39,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from paired import interleave, ratio, summarize  # noqa: E402
 from training.dit import DiT, DiTConfig, count_params  # noqa: E402
 from training.flops import forward_flops, matmul_flops_per_s, sdpa_flop_mapping  # noqa: E402
 
@@ -82,7 +85,7 @@ class Runner:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def step(self, record: bool = True) -> None:
+    def step(self, record: bool = True) -> None:  # records every step; bench_preset drops the warm-up
         self._sync()
         t0 = time.perf_counter()
         with autocast_context(self.precision, self.device):
@@ -135,26 +138,30 @@ def bench_preset(preset: str, args, device) -> dict:
     runners.append(Runner("wan", wan, lambda m, xx, tt, tx: m(xx, tt, tx, return_dict=False)[0], (x, t * 1000, text),
                           target, args.precision, device))
     flops = {r.name: r.counted_train_flops() for r in runners}
-    for _ in range(args.warmup):
-        for r in runners:
-            r.step(record=False)
-    for _ in range(args.steps):  # alternate, so both models see the same machine load
-        for r in runners:
-            r.step()
-    res = {"preset": preset, "grid": grid, "tokens": grid[0] * grid[1] * grid[2], "batch": B, "text_len": L,
-           "hidden": cfg.hidden_size, "depth": cfg.depth, "heads": cfg.num_heads, "models": {}}
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    rates: list[float] = []  # the matmul rate of each round
+    arms = {r.name: r.step for r in runners}
+    arms["matmul"] = lambda: rates.append(matmul_flops_per_s(args.matmul_n, args.matmul_seconds, dtype, device))
+    interleave(arms, args.steps, warmup=args.warmup)  # every model and the matmul, in turn
+    rates = rates[args.warmup:]
     for r in runners:
-        total, fwd, bwd, opt = r.pick("best")
+        r.times = r.times[args.warmup:]
+    res = {"preset": preset, "grid": grid, "tokens": grid[0] * grid[1] * grid[2], "batch": B, "text_len": L,
+           "hidden": cfg.hidden_size, "depth": cfg.depth, "heads": cfg.num_heads, "models": {},
+           "matmul_flops_per_s": summarize(rates).as_dict(0)}
+    totals = {r.name: [sum(t) for t in r.times] for r in runners}
+    for r in runners:
+        total, fwd, bwd, opt = r.pick("median")
+        util = summarize([flops[r.name] / t / rate for t, rate in zip(totals[r.name], rates)])
         res["models"][r.name] = {
             "params": sum(p.numel() for p in r.model.parameters()), "step_s": total, "forward_s": fwd,
             "backward_s": bwd, "optimizer_s": opt, "train_flops": flops[r.name], "flops_per_s": flops[r.name] / total,
-            "median_step_s": r.pick("median")[0], "all_steps_s": [round(sum(s), 3) for s in r.times]}
-    wan_s = res["models"]["wan"]["step_s"]
+            "utilisation": util.as_dict(), "all_steps_s": [round(x, 3) for x in totals[r.name]]}
     for adaln, c in cfgs.items():
         m = res["models"][f"spacetime-{adaln}"]
         assert m["params"] == count_params(c)
         m["analytic_train_flops"] = 3 * B * forward_flops(c, grid, L)
-        m["step_ratio"] = m["step_s"] / wan_s
+        m["step_ratio"] = ratio(totals[f"spacetime-{adaln}"], totals["wan"]).as_dict()
     del runners, wan
     gc.collect()
     return res
@@ -173,10 +180,11 @@ def main(argv=None) -> int:
     p.add_argument("--adaln", nargs="+", default=["block", "single"], choices=["block", "single"],
                    help="our adaLN variants to time (Wan's design is 'single')")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--steps", type=int, default=3, help="timed steps per model")
+    p.add_argument("--steps", type=int, default=5, help="paired rounds: timed steps per model")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
     p.add_argument("--matmul-n", type=int, default=2048)
+    p.add_argument("--matmul-seconds", type=float, default=1.0, help="matmul run per round")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
 
@@ -186,33 +194,34 @@ def main(argv=None) -> int:
     header = (f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{os.cpu_count()} CPUs'}), "
               f"torch {torch.__version__}, threads {torch.get_num_threads()}, precision {args.precision}")
     print(header, flush=True)
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    rates = [matmul_flops_per_s(args.matmul_n, 3.0, dtype, device)]
-    print(f"matmul {args.matmul_n}^3 {args.precision}: {rates[0] / 1e9:.1f} GFLOP/s", flush=True)
     results = []
     for preset in args.presets:
         t0 = time.time()
         results.append(bench_preset(preset, args, device))
         print(f"  {preset}: benchmarked in {time.time() - t0:.0f}s", flush=True)
-    rates.append(matmul_flops_per_s(args.matmul_n, 3.0, dtype, device))
-    peak = max(rates)
 
-    print(f"\nmatmul rate: {' / '.join(f'{r / 1e9:.1f}' for r in rates)} GFLOP/s (before / after); peak {peak / 1e9:.1f}")
-    print(f"{'preset':<7} {'tokens':>6} {'model':<18} {'params':>8} {'step s':>7} {'vs wan':>7} {'GFLOP/s':>8} "
-          f"{'of matmul':>9}  fwd/bwd/opt s")
+    fmt = lambda d, digits=2, unit="x": (f"{d['median']:.{digits}f}{unit} ({d['lo']:.{digits}f}-"  # noqa: E731
+                                         f"{d['hi']:.{digits}f})")
+    pct = lambda d: f"{d['median']:.0%} ({d['lo']:.0%}-{d['hi']:.0%})"  # noqa: E731
+    print(f"\nmedians over {args.steps} paired rounds (range over rounds in brackets)")
+    print(f"{'preset':<7} {'tokens':>6} {'model':<18} {'params':>8} {'step s':>7} {'vs wan':>17} "
+          f"{'of matmul':>15}  fwd/bwd/opt s")
     for r in results:
+        mm = r["matmul_flops_per_s"]
+        print(f"{r['preset']:<7} matmul {args.matmul_n}^3 {args.precision}: "
+              f"{fmt({k: v / 1e9 for k, v in mm.items() if k != 'per_round'}, 1, '')} GFLOP/s")
         for name, m in r["models"].items():
-            ratio = f"{m['step_ratio']:.2f}" if "step_ratio" in m else "1"
-            print(f"{r['preset']:<7} {r['tokens']:>6} {name:<18} {m['params'] / 1e6:>7.1f}M {m['step_s']:>7.2f} {ratio:>7} "
-                  f"{m['flops_per_s'] / 1e9:>8.1f} {m['flops_per_s'] / peak:>9.0%}"
-                  f"  {m['forward_s']:.2f}/{m['backward_s']:.2f}/{m['optimizer_s']:.2f}")
+            vs = fmt(m["step_ratio"]) if "step_ratio" in m else "1"
+            print(f"{r['preset']:<7} {r['tokens']:>6} {name:<18} {m['params'] / 1e6:>7.1f}M {m['step_s']:>7.2f} {vs:>17} "
+                  f"{pct(m['utilisation']):>15}  {m['forward_s']:.2f}/{m['backward_s']:.2f}/{m['optimizer_s']:.2f}")
     medium = results[-1]
-    ratios = ", ".join(f"{r['preset']} {name[10:]} {m['step_ratio']:.2f}" for r in results
+    ratios = ", ".join(f"{r['preset']} {name[10:]} {m['step_ratio']['median']:.2f}" for r in results
                        for name, m in r["models"].items() if "step_ratio" in m)
-    util = ", ".join(f"{name[10:]} {m['flops_per_s'] / peak:.0%}" for name, m in medium["models"].items() if "step_ratio" in m)
+    util = ", ".join(f"{name[10:]} {m['utilisation']['median']:.0%}" for name, m in medium["models"].items()
+                     if "step_ratio" in m)
     print(f"\ntargets: our step / Wan's <= 1.00 -> {ratios}; {medium['preset']} utilisation >= 70% -> {util}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"header": header, "matmul_flops_per_s": rates, "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"header": header, "results": results}, indent=2))
     return 0
 
 

@@ -10,7 +10,9 @@ Per rank, for the same sample (batch 1, one clip of T x H x W pixels, patch (1, 
 (b) the largest clip one rank can train under a fixed cap on those bytes (the cap: SP=1's bytes
     at --frames), searched over frame counts up to 2.25x --frames: tokens at SP=2 / tokens at SP=1. Target >= 1.8x.
 (c) all-to-all overhead: the share of an SP=2 forward + backward step spent inside
-    ``all_to_all_single`` (timed around each call), and the SP=2 step time against SP=1's.
+    ``all_to_all_single`` (timed around each call), and the SP=2 step time against SP=1's,
+    paired (`benchmarks/paired.py`): `--reps` rounds of one SP=1 step (on rank 0, the other
+    rank waiting) and one SP=2 step in turn; the median of the rounds' ratios and their range.
 (d) the planner: ``pipeline.plan.activation_bytes`` for micro-batch x ceil(tokens / sp)
     tokens against (a)'s SP=2 measurement. Target: within 15%.
 
@@ -23,6 +25,7 @@ import argparse
 import json
 import math
 import os
+from statistics import median
 import socket
 import sys
 import tempfile
@@ -36,6 +39,9 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from paired import interleave, ratio  # noqa: E402
 from pipeline.plan import activation_bytes  # noqa: E402
 from training.dit import DiTConfig  # noqa: E402
 from training.ulysses import apply_sequence_parallel, sequence_groups  # noqa: E402
@@ -92,35 +98,12 @@ class A2ATimer:
         dist.all_to_all_single = self._orig
 
 
-def step_time(model, args, reps: int) -> float:
-    """Fastest forward + backward of `reps` (other work on the machine only adds time)."""
-    best = math.inf
-    for _ in range(reps):
-        if dist.is_initialized():
-            dist.barrier()
-        t0 = time.perf_counter()
-        model(*args).square().mean().backward()
-        best = min(best, time.perf_counter() - t0)
-        model.zero_grad(set_to_none=True)
-    return best
-
-
-def measure(cfg: DiTConfig, frames: int, size: int, group=None, reps: int = 0) -> dict:
+def measure(cfg: DiTConfig, frames: int, size: int, group=None) -> dict:
     torch.manual_seed(0)
     model = cfg.build().train()
     if group is not None:
         apply_sequence_parallel(model, group)
-    args = inputs(cfg, frames, size)
-    out = {"saved_bytes": saved_bytes(model, args)}
-    if reps:
-        if group is not None:
-            with A2ATimer() as timer:
-                out["step_s"] = step_time(model, args, reps)
-            out["a2a_s_per_step"] = timer.seconds / reps
-            out["a2a_calls_per_step"] = timer.calls / reps
-        else:
-            out["step_s"] = step_time(model, args, reps)
-    return out
+    return {"saved_bytes": saved_bytes(model, inputs(cfg, frames, size))}
 
 
 def ladder(base: int) -> list[int]:
@@ -130,12 +113,34 @@ def ladder(base: int) -> list[int]:
     return list(range(base, int(2.25 * base) + 1, step))
 
 
+def paired_steps(cfg: DiTConfig, a, group, rank: int) -> dict:
+    """(c), paired (``benchmarks.paired``): per round, one SP=1 step (rank 0 alone, the other
+    rank waiting) and one SP=2 step (both ranks), in turn. Rank 0's seconds per round, and the
+    all-to-all seconds and calls per SP=2 step."""
+    torch.manual_seed(0)
+    one, two = cfg.build().train(), cfg.build().train()
+    apply_sequence_parallel(two, group)
+    args = inputs(cfg, a.frames, a.size)
+
+    def step(model):
+        model(*args).square().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    with A2ATimer() as timer:
+        times = interleave({"sp1": lambda: step(one) if rank == 0 else None, "sp2": lambda: step(two)},
+                           a.reps, warmup=1, before=dist.barrier)
+    calls = timer.calls / (a.reps + 1)  # the warm-up round's SP=2 step counts too
+    return {"sp1_s": times["sp1"], "sp2_s": times["sp2"], "a2a_s_per_step": timer.seconds / (a.reps + 1),
+            "a2a_calls_per_step": calls}
+
+
 def sp_worker(rank: int, port: int, a, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     group, _, _ = sequence_groups(2)
     cfg = dit_cfg(a)
-    res = {"main": measure(cfg, a.frames, a.size, group, a.reps),
+    res = {"main": measure(cfg, a.frames, a.size, group),
+           "steps": paired_steps(cfg, a, group, rank),
            "ladder": {f: measure(cfg, f, a.size, group)["saved_bytes"] for f in ladder(a.frames)}}
     if rank == 0:
         Path(out).write_text(json.dumps(res))
@@ -151,12 +156,12 @@ def main() -> None:
     ap.add_argument("--attention", default="full")
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--size", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5, help="(c): paired rounds")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(1)  # each SP rank gets one of the 2 cores; SP=1 the same one
     cfg = dit_cfg(a)
-    one = measure(cfg, a.frames, a.size, None, a.reps)
+    one = measure(cfg, a.frames, a.size, None)
     cap = one["saved_bytes"]
     one_ladder = {f: measure(cfg, f, a.size)["saved_bytes"] for f in ladder(a.frames)}
     with closing(socket.socket()) as s:
@@ -169,7 +174,7 @@ def main() -> None:
     tokens = lambda f: f * (a.size // 2) ** 2  # noqa: E731  patch (1, 2, 2)
     fit1 = max(f for f, b in one_ladder.items() if b <= cap)
     fit2 = max((int(f) for f, b in two["ladder"].items() if b <= cap), default=0)
-    sp2 = two["main"]
+    sp2, st = two["main"], two["steps"]
     planned = activation_bytes(cfg, math.ceil(tokens(a.frames) / 2), "fp32", False)
     res = {
         "model": {"hidden": a.hidden, "depth": a.depth, "heads": a.heads, "attention": a.attention},
@@ -180,10 +185,10 @@ def main() -> None:
                                        "ratio": tokens(fit2) / tokens(fit1), "target": ">= 1.8",
                                        "searched_frames": [min(one_ladder), max(one_ladder)],
                                        "ladder_capped": fit2 == max(one_ladder)},
-        "c_all_to_all": {"sp1_step_s": one["step_s"], "sp2_step_s": sp2["step_s"],
-                         "sp2_over_sp1": sp2["step_s"] / one["step_s"],
-                         "a2a_s_per_step": sp2["a2a_s_per_step"], "a2a_calls_per_step": sp2["a2a_calls_per_step"],
-                         "a2a_share_of_sp2_step": sp2["a2a_s_per_step"] / sp2["step_s"]},
+        "c_all_to_all": {"sp1_step_s": median(st["sp1_s"]), "sp2_step_s": median(st["sp2_s"]),
+                         "sp2_over_sp1": ratio(st["sp2_s"], st["sp1_s"]).as_dict(3),
+                         "a2a_s_per_step": st["a2a_s_per_step"], "a2a_calls_per_step": st["a2a_calls_per_step"],
+                         "a2a_share_of_sp2_step": st["a2a_s_per_step"] / median(st["sp2_s"])},
         "d_planner": {"planned_bytes": planned, "measured_bytes": sp2["saved_bytes"],
                       "planned_over_measured": planned / sp2["saved_bytes"], "target": "within 15%"},
     }

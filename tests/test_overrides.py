@@ -75,7 +75,8 @@ def test_config_file_is_the_base_our_keys_set_and_its_content_is_hashed(tmp_path
     ds = build_ds_config(cfg.deepspeed, 4, "bf16")
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
     assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1234, "contiguous_gradients": True,
-                                       "allgather_bucket_size": cfg.deepspeed.bucket_elements}
+                                       "allgather_bucket_size": cfg.deepspeed.bucket_elements,
+                                       "reduce_scatter": False}
     assert ds["flops_profiler"] == {"enabled": True, "profile_step": 3} and ds["bf16"] == {"enabled": True}
     assert "auto" not in json.dumps(ds)
     # The content, not the path, is in the train stage's hash; the default's hash is untouched.
