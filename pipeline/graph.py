@@ -80,7 +80,6 @@ class StageFailed(Exception):
     def __reduce__(self):  # copied and pickled whole (Ray Tune copies a trial's error)
         return (type(self), (self.stage, self.cause))
 
-
 @dataclass(frozen=True)
 class Stage:
     """One node of the graph.

@@ -87,7 +87,7 @@ def step_peaks(specs: list[dict]) -> list[dict]:
     import torch
     import torch.nn.functional as F
 
-    from training.dit import DiTConfig
+    from training.dit import DiTConfig  # lazy: with torch, above
 
     out = []
     for spec in specs:
