@@ -75,7 +75,7 @@ def sp2_killed(ray_local, shards, sp1, tmp_path_factory) -> tuple[Path, dict, in
 def test_sp2_gives_the_sp1_loss_curve_through_a_killed_worker(sp1, sp2_killed):
     out, res, killed = sp2_killed
     assert killed is not None, "training finished before a worker could be killed"
-    assert res["resumed_from_step"] in (4, 8) and res["sequence_parallel"] == 2
+    assert res["resumed_from_step"] in (4, 8, 12) and res["sequence_parallel"] == 2
     assert res["zero_stage"] == 3 and res["world_size"] == 2 and res["micro_batch"] == 4
     a, b = losses(sp1), losses(out)
     assert sorted(a) == sorted(b) == list(range(STEPS))
