@@ -571,8 +571,14 @@ def run_killing_a_worker(run, out: Path, after_step: int) -> tuple[dict, int | N
     while th.is_alive() and killed is None and time.time() < deadline:
         if ((out / "metrics.jsonl").exists() and max(losses(out), default=-1) >= after_step
                 and RunCheckpoints(out).records()):
-            workers = [p for p in psutil.process_iter(["cmdline"])
-                       if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+            # this test's Ray only (its raylet is our child): never another session's worker
+            workers = []
+            for p in psutil.Process().children(recursive=True):
+                try:
+                    if "RayTrainWorker" in " ".join(p.cmdline()):
+                        workers.append(p)
+                except psutil.Error:  # exited while listed
+                    pass
             if workers:
                 killed = workers[-1].pid
                 os.kill(killed, signal.SIGKILL)
