@@ -1,10 +1,12 @@
 """Duration buckets, bucket probabilities, the token budget and windows of whole-clip latents
-(training/loader.py), and the checks that keep latent training shapes to windows the shards
-hold (training/trainer.py)."""
+(training/loader.py), the checks that keep latent training shapes to windows the shards hold
+(training/trainer.py), the size limit of a bucket, and ranks kept on one bucket per step with
+its exact resume (training/lockstep.py)."""
 
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ import torch
 from data.shards import write_shard
 from training.latent_format import LATENT, npy_bytes
 from training.loader import Bucket, ClipStream, Loader, LoaderConfig, latent_frames, resolve_batch_sizes
+from training.lockstep import agree
 from training.model import ModelConfig
 from training.trainer import TrainConfig, buckets_of, check_latent_buckets, clip_tokens
 
@@ -170,3 +173,166 @@ def test_latent_training_shapes_must_be_windows_the_shards_hold():
     check_latent_buckets([Bucket(8, 32, 32, 1)], [9, 32, 32], "whole", None, [1, 2, 2])  # tc unknown yet
     with pytest.raises(ValueError, match="patch_size"):
         check_latent_buckets([Bucket(17, 32, 32, 1)], [9, 32, 32], "whole", 4, [2, 2, 2], [4, 8, 8])
+
+
+# ----- many shapes on several ranks --------------------------------------------------------
+def synthetic_clip(rng, key: str, h: int, w: int, n: int = 12) -> dict:
+    from data.synthetic import caption, render, sample_spec
+    from data.video_io import encode_mp4
+
+    spec = sample_spec(rng)
+    return {"__key__": key, "mp4": encode_mp4(render(spec, n, h, w), fps=8), "txt": caption(spec),
+            "json": {"start": 0, "end": n, "fps": 8.0, "width": w, "height": h}}
+
+
+@pytest.fixture(scope="module")
+def three_shape_shards(tmp_path_factory) -> list[str]:
+    """Square (32x32), wide (32x64) and tall (64x32) clips in two shards; only the first holds
+    tall clips (and an 8x8 one, too small for every bucket). Two readers take one shard each per
+    epoch, so each epoch one rank has no clip of the tall bucket."""
+    root = tmp_path_factory.mktemp("shapes")
+    rng = np.random.default_rng(0)
+    x = ([synthetic_clip(rng, f"sq{i}", 32, 32) for i in range(4)]
+         + [synthetic_clip(rng, f"wd{i}", 32, 64) for i in range(2)]
+         + [synthetic_clip(rng, f"tl{i}", 64, 32) for i in range(4)] + [synthetic_clip(rng, "tiny", 8, 8)])
+    y = [synthetic_clip(rng, f"sq{i}", 32, 32) for i in range(4, 8)] + [
+        synthetic_clip(rng, f"wd{i}", 32, 64) for i in range(2, 6)]
+    write_shard(str(root / "x.tar"), x)
+    write_shard(str(root / "y.tar"), y)
+    return [str(root / "x.tar"), str(root / "y.tar")]
+
+
+SHAPES = [Bucket(8, 32, 32, 2), Bucket(4, 16, 32, 2), Bucket(4, 32, 16, 3)]  # square, wide, tall
+
+
+class ThreadGroup:
+    """The ranks of one test as threads, with torch.distributed's blocking semantics: a call
+    returns once every rank has made it (a rank that never comes breaks the barrier after 60 s
+    instead of hanging the test)."""
+
+    def __init__(self, n: int):
+        self.n, self.barrier, self.slots, self.box = n, threading.Barrier(n, timeout=60), [None] * n, None
+
+
+class ThreadPeers:
+    """training.lockstep's peers over a ThreadGroup: all-gather and broadcast."""
+
+    def __init__(self, group: ThreadGroup, rank: int):
+        self.group, self.rank, self.world = group, rank, group.n
+
+    def gather(self, row):
+        self.group.slots[self.rank] = list(row)
+        self.group.barrier.wait()
+        out = list(self.group.slots)
+        self.group.barrier.wait()
+        return out
+
+    def share(self, obj, src):
+        if self.rank == src:
+            self.group.box = obj
+        self.group.barrier.wait()
+        got = self.group.box
+        self.group.barrier.wait()
+        return got
+
+
+def shape_loaders(urls, state=(None, None), nw: int = 0, max_waiting: int = 8, lockstep: bool = True):
+    group = ThreadGroup(2)
+    return [Loader(ClipStream(urls, buckets=SHAPES, rank=r, world=2, seed=0, state=state[r],
+                              cfg=LoaderConfig(shuffle_buffer=3, max_waiting=max_waiting, num_workers=nw)),
+                   peers=ThreadPeers(group, r) if lockstep else None) for r in range(2)]
+
+
+def in_step(loaders, steps: int) -> list[list[tuple]]:
+    """`steps` batches from each rank's loader, the ranks in threads (as on a cluster): per
+    rank [(shape (T, H, W), keys, video, epoch of the batch)]."""
+    out: list[list[tuple]] = [[] for _ in loaders]
+    errors = []
+
+    def rank(i):
+        try:
+            for _ in range(steps):
+                v, _, k = next(loaders[i])
+                out[i].append((tuple(v.shape[2:]), k, v, loaders[i].last["epoch"]))
+        except BaseException as e:  # noqa: BLE001 - re-raised below, in the test's thread
+            errors.append(e)
+            if (group := getattr(loaders[i].lockstep.peers, "group", None)) is not None:
+                group.barrier.abort()  # the other rank stops waiting
+
+    threads = [threading.Thread(target=rank, args=(i,)) for i in range(len(loaders))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return out
+
+
+def test_agreement_takes_a_common_bucket_pulls_or_hands_spares_over():
+    # rows: per bucket the waiting batches, then the pull number of the oldest (-1: none)
+    take = agree([[1, 2, 0, 2, 3, -1], [1, 1, 0, 4, 6, -1]], max_waiting=8)
+    assert (take.kind, take.bucket) == ("take", 0)  # both common: bucket 0's batch #2 waited longest
+    assert agree([[1, 2, 0, 5, 3, -1], [1, 1, 0, 4, 6, -1]], 8).bucket == 1  # now bucket 1's #3
+    assert agree([[0, 2, 0, -1, 3, -1], [1, 0, 0, 4, -1, -1]], 8).kind == "pull"  # nothing common
+    share = agree([[0, 3, 0, -1, 3, -1], [1, 0, 0, 4, -1, -1]], max_waiting=3)  # rank 0 is full
+    assert (share.kind, share.bucket, share.moves) == ("share", 1, [(0, 1)])
+    # three ranks: buckets 0 and 1 are held by two each (3 batches): the first; rank 2 has a spare
+    share = agree([[0, 2, 0, -1, 1, -1], [1, 1, 0, 2, 3, -1], [2, 0, 1, 0, -1, 5]], max_waiting=3)
+    assert (share.bucket, share.moves) == (0, [(2, 0)])
+    # a full room, but no bucket has a batch for every rank: pull on
+    assert agree([[2, 0, 0, 1, -1, -1], [0, 0, 1, -1, -1, 2], [0, 0, 1, -1, -1, 3]], 2).kind == "pull"
+    assert agree([[0, 0, 1, -1, -1, 7]], 8) == agree([[0, 0, 1, -1, -1, 7]], 1)  # one rank: its own
+
+
+def test_two_ranks_step_on_the_same_bucket_every_step_each_sample_once(three_shape_shards):
+    alone = in_step(shape_loaders(three_shape_shards, lockstep=False), 8)  # what each rank's stream does
+    assert any(a[0] != b[0] for a, b in zip(*alone))  # left alone, the ranks disagree
+    loaders = shape_loaders(three_shape_shards, max_waiting=2)
+    ranks = in_step(loaders, 24)
+    assert [a[0] for a in ranks[0]] == [b[0] for b in ranks[1]]  # one shape per step, both ranks
+    assert {a[0] for a in ranks[0]} == {(8, 32, 32), (4, 16, 32), (4, 32, 16)}
+    assert all(loader.lockstep.shared > 0 for loader in loaders)  # talls handed to the rank without
+    # every good clip once in epoch 0 (as the batch's reader counts it), on one rank or the other
+    first = [k for r in ranks for shape, keys, _, epoch in r if epoch == 0 for k in keys]
+    assert sorted(first) == sorted([f"sq{i}" for i in range(8)] + [f"wd{i}" for i in range(6)]
+                                   + [f"tl{i}" for i in range(4)])
+    assert sum(loader.skip_reasons.get("too_small", 0) for loader in loaders) >= 1  # the 8x8 clip
+    for loader in loaders:
+        loader.close()
+
+
+@pytest.mark.parametrize("nw,after", [(0, 5), (2, 7)])
+def test_two_ranks_in_lock_step_resume_exactly_with_batches_waiting(three_shape_shards, nw, after):
+    a = shape_loaders(three_shape_shards, nw=nw)
+    in_step(a, after)
+    saved = [json.loads(json.dumps(loader.state_dict())) for loader in a]
+    assert any(s["waiting"] for s in saved)  # batches were waiting for the other rank
+    b = shape_loaders(three_shape_shards, tuple(Loader.restore_state(s, nw) for s in saved), nw=nw)
+    went_on, resumed = in_step(a, 10), in_step(b, 10)
+    for r in range(2):  # across the epoch boundaries: the same batches, rank by rank
+        for (sa, ka, va, _), (sb, kb, vb, _) in zip(went_on[r], resumed[r]):
+            assert sa == sb and ka == kb and torch.equal(va, vb)
+    for loader in a + b:
+        loader.close()
+
+
+def test_a_clip_goes_to_the_largest_bucket_it_fits_never_upscaled_beyond_the_limit(tmp_path):
+    rng = np.random.default_rng(2)
+    write_shard(str(tmp_path / "s.tar"), [synthetic_clip(rng, "big", 32, 32), synthetic_clip(rng, "mid", 20, 20),
+                                          synthetic_clip(rng, "small", 8, 8)])
+
+    def shapes(max_upscale: float) -> tuple[dict, dict]:
+        loader = Loader(ClipStream([str(tmp_path / "s.tar")], rank=0, world=1, seed=0,
+                                   buckets=[Bucket(4, 16, 16, 1), Bucket(4, 32, 32, 1)],
+                                   cfg=LoaderConfig(max_upscale=max_upscale, prefetch=0)))
+        got = {}
+        while len(got) < 3 - (max_upscale < 2):
+            video, _, keys = next(loader)
+            got[keys[0]] = tuple(video.shape[3:])
+        return got, loader.skip_reasons
+
+    assert shapes(1.0) == ({"big": (32, 32), "mid": (16, 16)}, {"too_small": 1})  # 8x8: skipped
+    assert shapes(2.0) == ({"big": (32, 32), "mid": (32, 32), "small": (16, 16)}, {})
+    with pytest.raises(ValueError, match="max_upscale must be >= 1"):
+        LoaderConfig(max_upscale=0.5)

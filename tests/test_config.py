@@ -98,6 +98,8 @@ OUT_OF_RANGE = {
         "train.data.buckets[0].prob must be in [0, 1], got 1.5",
     "train.data.buckets=[{num_frames:8,height:8,width:8,batch_size:0}]":  # 0: from the token budget
         "train.data.buckets[0].batch_size is 0 (from the token budget) but train.data.token_budget is 0",
+    "train.data.max_upscale=0.5": "train.data.max_upscale must be >= 1, got 0.5",
+    "train.data.max_waiting=0": "train.data.max_waiting must be >= 1, got 0",
     "source.bad_fraction=-0.1": "source.bad_fraction must be in [0, 1], got -0.1",
     "source.fps=0": "source.fps must be > 0, got 0.0",
     "probe.min_side=5000": "probe.min_side must be <= max_side, got 5000 > 4096",

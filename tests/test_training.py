@@ -461,13 +461,27 @@ def test_zero2_trains_with_falling_loss(baseline):
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
+# Three shapes, all filled by the 64x64 clips: a clip takes the largest with prob 0.5, else the next.
+SHAPES = [Bucket(8, 32, 32, 2, prob=0.5), Bucket(4, 32, 32, 2, prob=0.5), Bucket(4, 16, 16, 4)]
+SHAPE_TOKENS = {256, 128, 32}  # per clip, patches (2, 4, 4): 4*8*8, 2*8*8, 2*4*4
+
+
 @pytest.mark.parametrize("zero,offload", [(1, False), (3, False), (2, True)])
 def test_zero_stage_trains_with_falling_loss(ray_with_state_api, shards, tmp_path, zero, offload):
-    res = train(shards, tmp_path, zero=zero, offload=offload)
+    """The ZeRO-2 run (optimizer offloaded) trains on the 3 buckets of SHAPES: the 2 ranks are
+    on the same one at every step (training.lockstep), handing batches over when one waits."""
+    shapes = zero == 2
+    data = LoaderConfig(shuffle_buffer=4, **(dict(buckets=SHAPES, max_waiting=2) if shapes else {}))
+    res = train(shards, tmp_path, zero=zero, offload=offload, data=data)
     assert res["zero_stage"] == zero
-    assert falling(losses(tmp_path))
+    assert falling(losses(tmp_path)) and all(math.isfinite(v) for v in losses(tmp_path).values())
     if zero == 3:
         check_zero_to_fp32(tmp_path)
+    if shapes:  # tokens / samples of a step over both ranks is one bucket's per clip only if both ran it
+        per_clip = [m["train/tokens_per_s"] / m["train/samples_per_s"] for m in metrics(tmp_path)]
+        assert all(min(abs(p - t) for t in SHAPE_TOKENS) < 1e-6 for p in per_clip), per_clip
+        assert {round(p) for p in per_clip} == SHAPE_TOKENS  # every shape trained
+        assert res["shared_batches"] > 0  # batches went from rank to rank (a broadcast over gloo)
 
 
 def test_zero3_param_offload_bf16_accumulation_clipping_and_checkpointing(ray_with_state_api, shards,

@@ -17,25 +17,27 @@ Order: raw (undecoded) samples go through a shuffle buffer driven by an RNG seed
 ``(seed, epoch, g)``; a sample's clip window is drawn from an RNG seeded by ``(seed, epoch,
 key)``, so it does not depend on order. Decoding happens only when a batch is assembled.
 
-Buckets: every batch has one (frames, height, width) shape. Buckets of several frame counts
-are duration buckets: a clip goes to the longest bucket it can fill, of the aspect ratio
-closest to its own, or with that bucket's ``prob`` falls through to the next shorter one
-(Open-Sora's ``bucket_config`` probabilities), so a minute-long clip gives sometimes a minute,
-sometimes a few seconds. Each bucket has its own batch size, or takes it from
-``token_budget`` (the DiT's spacetime tokens per rank per micro-batch: many short clips or one
-long one per step, as Open-Sora-Plan and Open-Sora batch). Latent samples go to the buckets of
-their encoded height and width and any frame count ``1 + k * tc`` their stored latent holds:
-a ``latent.span=whole`` shard stores the whole clip, and a window of it (its first latent frame
-drawn per epoch and key) is cut here without decoding video; a latent that fits no bucket is
-skipped and counted.
+Buckets: every batch has one (frames, height, width) shape. A raw clip goes to the largest
+bucket (pixels, then frames) of the aspect ratio closest to its own that it reaches scaled up
+at most ``max_upscale`` times (else it is skipped: ``too_small``) and can fill, or with that
+bucket's ``prob`` falls through to the next smaller one (Open-Sora's ``bucket_config``
+probabilities), so a minute-long clip gives sometimes a minute, sometimes a few seconds. Each
+bucket has its own batch size, or takes it from ``token_budget`` (the DiT's spacetime tokens
+per rank per micro-batch: many short clips or one long one per step, as Open-Sora-Plan and
+Open-Sora batch). Latent samples go to the buckets of their encoded height and width and any
+frame count ``1 + k * tc`` their stored latent holds: a ``latent.span=whole`` shard stores the
+whole clip, and a window of it (its first latent frame drawn per epoch and key) is cut here
+without decoding video; a latent that fits no bucket is skipped (``no_bucket``). ``Loader``
+keeps the data-parallel ranks on one bucket per micro-step (``training.lockstep``).
 
 State (saved with checkpoints): per reader, the epoch, how many raw samples it has taken out
-of its shuffle buffer in that epoch, the keys waiting in partly filled buckets and its count of
-skipped samples; and which loader worker's batch comes next. Restoring replays the buffer
-without decoding (except the waiting samples) up to that point, so the batches after a restore
-are exactly the batches an uninterrupted run would have produced (granularity: one batch). The
-DataLoader takes batches from its workers round-robin starting at worker 0, so a restore
-rotates the worker -> reader mapping to make worker 0 the reader whose batch was next.
+of its shuffle buffer in that epoch, the keys waiting in partly filled buckets and its counts of
+skipped samples; which loader worker's batch comes next; the batches waiting for the other
+ranks (``training.lockstep``). Restoring replays the buffer without decoding (except the waiting
+samples and batches) up to that point, so the batches after a restore are exactly the batches
+an uninterrupted run would have produced (granularity: one batch). The DataLoader takes batches
+from its workers round-robin starting at worker 0, so a restore rotates the worker -> reader
+mapping to make worker 0 the reader whose batch was next.
 
 Corrupt samples are skipped and counted, never fatal; the batch is filled from the next
 samples. That covers an mp4 that does not decode, a ``.json`` member that is not JSON, a
@@ -59,6 +61,7 @@ import math
 import queue
 import random
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -70,6 +73,7 @@ from data.checks import check_ranges
 from data.shards import read_shards, sidecar_count
 from data.video_io import probe, read_frames
 from training.latent_format import decode_latent_sample, latent_text
+from training.lockstep import Lockstep, waiting_rounds
 
 
 @dataclass
@@ -105,12 +109,18 @@ class LoaderConfig:
     # batch_size is 0: each takes max(1, token_budget // its tokens per clip) clips, so a step
     # holds many short clips or one long one (0: off, every bucket names its batch size).
     token_budget: int = 0
+    # How far a raw clip may be scaled up to reach a bucket (1.0: never; 2.0: up to twice its
+    # height or width). A clip too small for every bucket is skipped, counted as too_small.
+    max_upscale: float = 1.0
+    # Batches a rank may hold waiting for the other ranks to fill the same bucket before ranks
+    # with spares hand them over (training.lockstep; several buckets on several ranks).
+    max_waiting: int = 8
 
     def __post_init__(self) -> None:
         if self.kind not in LOADER_KINDS:
             raise ValueError(f"unknown train.data.kind {self.kind!r}; valid: {', '.join(LOADER_KINDS)}")
         check_ranges(self, target_fps="> 0", shuffle_buffer=">= 1", num_workers=">= 0", prefetch=">= 0",
-                     token_budget=">= 0")
+                     token_budget=">= 0", max_upscale=">= 1", max_waiting=">= 1")
         unsized = [i for i, b in enumerate(self.buckets) if b.batch_size == 0]
         if unsized and self.token_budget == 0:
             raise ValueError(f"train.data.buckets[{unsized[0]}].batch_size is 0 (from the token budget) "
@@ -238,6 +248,14 @@ def collate(items: list) -> torch.Tensor:
     return torch.from_numpy(np.stack([x.numpy() for x in items]))  # (B, C, t, h, w)
 
 
+def as_batch(items: list[tuple], info: dict) -> tuple:
+    """Decoded samples (data, caption, key[, stored text]) -> (collated data, captions, info with
+    their keys and stored text)."""
+    text = [x[3] for x in items] if len(items[0]) > 3 and items[0][3] is not None else None
+    return collate([x[0] for x in items]), [x[1] for x in items], {
+        **info, "keys": [x[2] for x in items], "text": text}
+
+
 def parse_sample(s: dict) -> dict:
     """A raw shard sample with its .json parsed and its .txt decoded (raises if either is bad)."""
     out = dict(s)
@@ -293,6 +311,9 @@ class ClipStream(IterableDataset):
         # reader g -> {"epoch", "consumed", "pending", "skipped"}
         self.state = {int(k): v for k, v in (state.get("positions") or {}).items()}
         self.next_worker = int(state.get("next_worker", 0))  # the loader worker whose batch is next
+        # batches handed to the Loader and not trained on yet (training.lockstep), made again first
+        self.waiting: list[dict] = list(state.get("waiting") or [])
+        self.pulls = int(state.get("pulls", 0))
         self._counts: dict[str, int | None] = {}  # url -> samples its sidecar lists (None: none)
 
     def _reader(self) -> tuple[int, int]:
@@ -359,12 +380,13 @@ class ClipStream(IterableDataset):
     def assign(self, sample: dict, epoch: int = 0) -> int | None:
         """The bucket of a sample, from its metadata alone (no decoding); None: no bucket fits.
 
-        Raw clips: the buckets whose frame count the clip can fill at the target fps, of the
-        aspect ratio closest to the clip's (too short for all: the one needing fewest frames).
-        Latents: the buckets of the encoded height and width whose frame count is a whole
-        number of latent frames (``1 + k * tc``) no longer than the stored latent. Among
-        those, longest first, each bucket takes the clip with its ``prob`` (an RNG of the
-        seed, epoch and key, so the choice does not depend on order); the shortest always."""
+        Raw clips: of the buckets the clip covers scaled up at most ``max_upscale`` times, those
+        whose frame count it can fill at the target fps (too short for all: the one needing
+        fewest frames), of the aspect ratio closest to the clip's. Latents: the buckets of the
+        encoded height and width whose frame count is a whole number of latent frames (``1 + k
+        * tc``) no longer than the stored latent. Among those, largest first (pixels, then
+        frames), each bucket takes the clip with its ``prob`` (an RNG of the seed, epoch and
+        key, so the choice does not depend on order); the smallest always."""
         meta = sample.get("json") or {}
         key = sample.get("__key__", "?")
         if self.cfg.kind == "latent":
@@ -376,18 +398,25 @@ class ClipStream(IterableDataset):
             return 0  # no metadata: the first bucket; decode_sample probes the file
         # num_frames: what the mp4 holds (a variable-rate source's span is resampled)
         n, fps = meta.get("num_frames") or meta["end"] - meta["start"], float(meta["fps"])
+        h, w = int(meta["height"]), int(meta["width"])
         stride = max(1, round(fps / self.cfg.target_fps)) if self.cfg.target_fps else 1
-        aspect = math.log(meta["width"] / meta["height"])
-        fits = [i for i, b in enumerate(self.buckets) if (b.num_frames - 1) * stride + 1 <= n]
+        aspect = math.log(w / h)
+        sized = [i for i, b in enumerate(self.buckets)
+                 if max(b.height / h, b.width / w) <= self.cfg.max_upscale + 1e-9]
+        if not sized:
+            return None  # too small for every bucket
+        fits = [i for i in sized if (self.buckets[i].num_frames - 1) * stride + 1 <= n]
         if not fits:  # too short for every bucket: the one needing fewest frames
-            return min(range(len(self.buckets)), key=lambda i: self.buckets[i].num_frames)
+            return min(sized, key=lambda i: self.buckets[i].num_frames)
         gap = {i: abs(math.log(self.buckets[i].width / self.buckets[i].height) - aspect) for i in fits}
         best = min(gap.values())
         return self._pick([i for i in fits if gap[i] <= best + 1e-9], epoch, key)
 
     def _pick(self, fits: list[int], epoch: int, key: str) -> int:
-        """Longest bucket first, each taking the clip with its `prob`; the last one always."""
-        order = sorted(fits, key=lambda i: -self.buckets[i].num_frames)  # stable: config order on ties
+        """Largest bucket first (pixels, then frames), each taking the clip with its `prob`;
+        the last one always."""
+        order = sorted(fits, key=lambda i: (-self.buckets[i].height * self.buckets[i].width,
+                                            -self.buckets[i].num_frames))  # stable: config order on ties
         rng = random.Random(_seed(self.seed, epoch, key, "bucket"))
         for i in order[:-1]:
             p = self.buckets[i].prob
@@ -395,9 +424,7 @@ class ClipStream(IterableDataset):
                 return i
         return order[-1]
 
-    def _decode(self, s: dict, b: int | None, epoch: int):
-        if b is None:
-            raise ValueError(f"sample {s.get('__key__')!r} fits no bucket")
+    def _decode(self, s: dict, b: int, epoch: int):
         bk = self.buckets[b]
         key = s.get("__key__", "?")
         rng = random.Random(_seed(self.seed, epoch, key))
@@ -413,28 +440,54 @@ class ClipStream(IterableDataset):
         v, cap = decode_frames(s, bk.num_frames, (bk.height, bk.width), self.cfg.target_fps, rng)
         return v, cap, key  # (T, H, W, 3)
 
+    def _replay(self, g: int) -> Iterator[tuple]:
+        """A restore: first reader `g`'s batches that waited (``waiting``), decoded again from
+        a pass over their epochs that stops at their last key; then placeholders up to the most
+        any reader of this rank has, so that the DataLoader's round-robin over its workers comes
+        back to the reader whose batch was next."""
+        mine = [e for e in self.waiting if int(e["reader"]) == g]
+        found: dict[tuple[int, str], tuple] = {}
+        for epoch in sorted({int(e["epoch"]) for e in mine}):
+            need = {k: int(e["bucket"]) for e in mine if int(e["epoch"]) == epoch for k in e["keys"]}
+            for s in self._shuffled(g, self._reader()[1], epoch, [0]):
+                if s.get("__key__") in need:
+                    found[(epoch, s["__key__"])] = self._decode(parse_sample(s), need.pop(s["__key__"]), epoch)
+                if not need:
+                    break
+            if need:
+                raise RuntimeError(f"reader {g}: restoring the loader position, samples "
+                                   f"{sorted(need)} of epoch {epoch} are gone from the shards")
+        for e in mine:
+            yield as_batch([found[(int(e["epoch"]), k)] for k in e["keys"]],
+                           {"reader": g, "epoch": int(e["epoch"]), "bucket": int(e["bucket"]),
+                            "replay": int(e["seq"])})
+        for _ in range(waiting_rounds(self.waiting) - len(mine)):
+            yield None, None, {"reader": g, "placeholder": True}
+
     def __iter__(self):
         g, G = self._reader()
+        yield from self._replay(g)
         st = self.state.get(g) or {"epoch": 0, "consumed": 0, "pending": {}}
         epoch, skip = st["epoch"], st["consumed"]
         restore = {k: int(b) for b, keys in st.get("pending", {}).items() for k in keys}
         # Skipped samples: corrupt ones (`skipped`) + unreadable shard tails (`errors`, counted
         # while reading ahead). A restore replays the same reads up to the saved position and
-        # sets the count there to the saved one.
+        # sets the count there to the saved one. `reasons`: the skipped samples that fit no
+        # bucket (too_small, no_bucket: see `assign`), counted as they come: restored as saved.
         saved_skipped: int | None = int(st.get("skipped", 0))
+        reasons = dict(st.get("reasons") or {})
+        unfit = "no_bucket" if self.cfg.kind == "latent" else "too_small"
         skipped, errors = 0, [0]
         while True:
             consumed = emitted = 0
             held: dict[int, list] = {i: [] for i in range(len(self.buckets))}
 
-            def emit(b: int):
+            def emit(b: int):  # ((B, 3, T, H, W) uint8 | (B, C, t, h, w), captions, info)
                 items, held[b] = held[b], []
-                return (collate([x[0] for x in items]),  # (B, 3, T, H, W)
-                        [x[1] for x in items],
-                        {"reader": g, "epoch": epoch, "consumed": consumed,
-                         "skipped": skipped + errors[0], "keys": [x[2] for x in items],
-                         "text": [x[3] for x in items] if len(items[0]) > 3 and items[0][3] is not None else None,
-                         "pending": {str(i): [x[2] for x in v] for i, v in held.items() if v}})
+                return as_batch(items, {
+                    "reader": g, "epoch": epoch, "consumed": consumed, "bucket": b,
+                    "skipped": skipped + errors[0], "reasons": dict(reasons),
+                    "pending": {str(i): [x[2] for x in v] for i, v in held.items() if v}})
 
             if saved_skipped is not None and skip == 0:
                 skipped, saved_skipped = saved_skipped, None
@@ -451,6 +504,9 @@ class ClipStream(IterableDataset):
                 try:
                     s = parse_sample(s)
                     b = self.assign(s, epoch)
+                    if b is None:
+                        reasons[unfit] = reasons.get(unfit, 0) + 1
+                        raise ValueError(f"sample {key!r} fits no bucket ({unfit})")
                     held[b].append(self._decode(s, b, epoch))
                 except Exception:  # noqa: BLE001 - a corrupt (or bucketless) sample is skipped and counted
                     skipped += 1
@@ -467,8 +523,10 @@ class ClipStream(IterableDataset):
             if emitted == 0 and skip == 0:  # a whole epoch and not one usable sample: never loop on
                 raise RuntimeError(
                     f"reader {g}: none of its {consumed} samples decoded or fit a bucket "
-                    f"({errors[0]} unreadable shard reads; buckets (frames, height, width): "
-                    f"{[(b.num_frames, b.height, b.width) for b in self.buckets]}; kind={self.cfg.kind})")
+                    f"({errors[0]} unreadable shard reads; unfit: {reasons or 'none'}; buckets "
+                    f"(frames, height, width): "
+                    f"{[(b.num_frames, b.height, b.width) for b in self.buckets]}; kind={self.cfg.kind}; "
+                    f"train.data.max_upscale={self.cfg.max_upscale})")
             epoch, skip, restore = epoch + 1, 0, {}
 
 
@@ -494,9 +552,11 @@ def _produce(it, q: queue.Queue, stop: threading.Event) -> None:
 
 class Loader:
     """Wraps ClipStream in a DataLoader, decodes ahead in a background thread (``prefetch``
-    batches) and tracks the position of every reader from the batches taken."""
+    batches), keeps the ranks on one bucket per micro-step (``training.lockstep``: `peers`, the
+    data-parallel ranks; None: this rank alone) and tracks the position of every reader from
+    the batches it has pulled."""
 
-    def __init__(self, stream: ClipStream):
+    def __init__(self, stream: ClipStream, peers=None):
         self.stream = stream
         nw = stream.cfg.num_workers
         self.dl = DataLoader(stream, batch_size=None, num_workers=nw,
@@ -505,6 +565,8 @@ class Loader:
         self.next_worker = stream.next_worker
         self.epochs = 0
         self.last: dict = {}  # the latest batch's reader state and info (keys, stored text)
+        self.lockstep = Lockstep(len(stream.buckets), peers, stream.cfg.max_waiting, stream.pulls,
+                                 replays=waiting_rounds(stream.waiting) * max(nw, 1))  # a restore
         self._it = iter(self.dl)
         self._queue: queue.Queue | None = None
         self._error: BaseException | None = None
@@ -517,23 +579,30 @@ class Loader:
                                             args=(self._it, self._queue, self._stop))
             self._thread.start()
 
-    def __next__(self) -> tuple[torch.Tensor, list[str], list[str]]:
+    def _get(self) -> tuple:  # the stream's next item
         if self._error is not None:
             raise self._error
         if self._queue is None:
-            video, captions, st = next(self._it)
-        else:
-            item = self._queue.get()
-            if isinstance(item, BaseException):
-                self._error = item
-                raise item
-            video, captions, st = item
-        self.last = st
-        self.positions[st["reader"]] = {k: st[k] for k in ("epoch", "consumed", "pending",
-                                                           "skipped")}
+            return next(self._it)
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self._error = item
+            raise item
+        return item
+
+    def _pull(self) -> tuple[int, tuple, dict]:
+        """The stream's next batch, its reader's position taken: (bucket, batch, meta)."""
+        st = (batch := self._get())[2]
+        self.positions[st["reader"]] = {k: st[k] for k in ("epoch", "consumed", "pending", "skipped", "reasons")}
         nw = self.stream.cfg.num_workers
         self.next_worker = (st["reader"] % nw + 1) % nw if nw else 0
         self.epochs = max(p["epoch"] for p in self.positions.values())
+        return st["bucket"], batch, {k: st[k] for k in ("reader", "epoch", "keys")}
+
+    def __next__(self) -> tuple[torch.Tensor, list[str], list[str]]:
+        self.lockstep.restore(self._get)
+        video, captions, st = self.lockstep.next(self._pull)
+        self.last = st
         return video, captions, st["keys"]
 
     def close(self) -> None:
@@ -555,9 +624,16 @@ class Loader:
     def skipped_total(self) -> int:
         return sum(p.get("skipped", 0) for p in self.positions.values())
 
+    @property
+    def skip_reasons(self) -> dict[str, int]:
+        """Skipped samples that fit no bucket, by reason (too_small, no_bucket), all readers."""
+        return dict(sum((Counter(p.get("reasons") or {}) for p in self.positions.values()), Counter()))
+
     def state_dict(self) -> dict:
+        self.lockstep.restore(self._get)  # a restored loader saved before its first batch
         return {"positions": {str(k): v for k, v in self.positions.items()},
-                "num_workers": self.stream.cfg.num_workers, "next_worker": self.next_worker}
+                "num_workers": self.stream.cfg.num_workers, "next_worker": self.next_worker,
+                **self.lockstep.state_dict()}
 
     @staticmethod
     def restore_state(d: dict | None, num_workers: int) -> dict:
@@ -569,4 +645,5 @@ class Loader:
                              f"{d.get('num_workers')} workers per rank (train.data.num_workers), "
                              f"not {num_workers}")
         return {"positions": {int(k): v for k, v in d["positions"].items()},
-                "next_worker": int(d.get("next_worker", 0))}
+                "next_worker": int(d.get("next_worker", 0)),
+                "waiting": list(d.get("waiting") or []), "pulls": int(d.get("pulls", 0))}

@@ -52,6 +52,7 @@ from training.ema import EMA
 from training.flops import matmul_flops_per_s
 from training.flow import FlowConfig
 from training.loader import Bucket, ClipStream, Loader, LoaderConfig, resolve_batch_sizes
+from training.lockstep import TorchPeers
 from training.memory import started_with
 from training.model import ModelConfig, save_pretrained
 from training.parallelize import DeepSpeedConfig, full_params, parallelize
@@ -391,6 +392,8 @@ class StepLogger:
             "train/tflops_per_worker": float(stats[4]) / step_time / world / 1e12,
             "train/mfu": float(stats[4]) / step_time / world / self.peak,
             "train/skipped_samples": data.skipped_total,
+            **{f"train/skipped/{k}": v for k, v in data.skip_reasons.items()},
+            "train/shared_batches": data.lockstep.shared,
             "train/nonfinite_steps": self.guard.total,
             "train/epoch": data.epochs,
             "train/peak_memory_bytes": peak_memory_bytes(self.device),
@@ -497,9 +500,12 @@ def train_loop(config: dict[str, Any]) -> None:
     start, loader_state, ema = restore(engine, gen, tcfg, dcfg.zero_stage, rank)
     peak = peak_flops(config, dtype, device, rank)  # before the loader's threads start
     buckets = buckets_of(tcfg, micro, clip_tokens(tcfg, mcfg, latent))
+    # several shapes on several ranks: every rank steps on the same bucket (training.lockstep)
+    peers = TorchPeers(dp_rank, dp_world, device) if len(buckets) > 1 and dp_world > 1 else None
     data = Loader(ClipStream(config["train_shards"], buckets=buckets, rank=dp_rank,
                              world=dp_world, seed=tcfg.seed, cfg=tcfg.data,
-                             state=Loader.restore_state(loader_state, tcfg.data.num_workers)))
+                             state=Loader.restore_state(loader_state, tcfg.data.num_workers)),
+                  peers=peers)
     tracker = make_tracker(TrackerSpec(**config["tracker"]), rank)
     text = TextConditioning(engine, mcfg, latent, dcfg.zero_stage, tcfg.flow, gen, device)
     train_step = TrainStep(engine, data, text, tcfg.flow, mcfg, dcfg.grad_accum, gen, device, dtype,
@@ -548,6 +554,7 @@ def train_loop(config: dict[str, Any]) -> None:
         export(out, weights, ema, config, {
             "final_loss": log.last_loss, "steps": tcfg.steps, "resumed_from_step": start,
             "train_seconds": time.time() - t_start, "skipped_samples": data.skipped_total,
+            "skip_reasons": data.skip_reasons, "shared_batches": data.lockstep.shared,
             "nonfinite_steps": guard.total, "world_size": world, "sequence_parallel": sp,
             "micro_batch": micro,
             "zero_stage": dcfg.zero_stage, "run_ids_seen": run_ids, "allocator_seen": allocators,
