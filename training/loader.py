@@ -29,9 +29,13 @@ a ``latent.span=whole`` shard stores the whole clip, and a window of it (its fir
 drawn per epoch and key) is cut here without decoding video; a latent that fits no bucket is
 skipped and counted.
 
+Packing (``pack``): clips still go to a bucket (their shape), then into packs of at most
+``token_budget`` tokens of any of the buckets' shapes (``training.packing.Packer``, first fit);
+a batch is one pack, a list of clips, trained as one sequence with block-diagonal attention.
+
 State (saved with checkpoints): per reader, the epoch, how many raw samples it has taken out
-of its shuffle buffer in that epoch, the keys waiting in partly filled buckets and its count of
-skipped samples; and which loader worker's batch comes next. Restoring replays the buffer
+of its shuffle buffer in that epoch, the keys waiting in partly filled buckets (or open packs)
+and its count of skipped samples; and which loader worker's batch comes next. Restoring replays the buffer
 without decoding (except the waiting samples) up to that point, so the batches after a restore
 are exactly the batches an uninterrupted run would have produced (granularity: one batch). The
 DataLoader takes batches from its workers round-robin starting at worker 0, so a restore
@@ -60,7 +64,7 @@ import queue
 import random
 import threading
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -70,6 +74,7 @@ from data.checks import check_ranges
 from data.shards import read_shards, sidecar_count
 from data.video_io import probe, read_frames
 from training.latent_format import decode_latent_sample, latent_text
+from training.packing import Packer
 
 
 @dataclass
@@ -105,12 +110,19 @@ class LoaderConfig:
     # batch_size is 0: each takes max(1, token_budget // its tokens per clip) clips, so a step
     # holds many short clips or one long one (0: off, every bucket names its batch size).
     token_budget: int = 0
+    # Packing: each micro-batch is one pack of clips of any of the buckets' shapes, at most
+    # token_budget tokens in all (first fit, `Packer`), trained as one sequence with
+    # block-diagonal attention (DiT.forward_packed); the buckets' batch sizes are not used.
+    pack: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in LOADER_KINDS:
             raise ValueError(f"unknown train.data.kind {self.kind!r}; valid: {', '.join(LOADER_KINDS)}")
         check_ranges(self, target_fps="> 0", shuffle_buffer=">= 1", num_workers=">= 0", prefetch=">= 0",
                      token_budget=">= 0")
+        if self.pack and self.token_budget == 0:
+            raise ValueError("train.data.pack=true packs clips into train.data.token_budget tokens, "
+                             "but train.data.token_budget is 0: set a token budget")
         unsized = [i for i, b in enumerate(self.buckets) if b.batch_size == 0]
         if unsized and self.token_budget == 0:
             raise ValueError(f"train.data.buckets[{unsized[0]}].batch_size is 0 (from the token budget) "
@@ -275,10 +287,16 @@ class ClipStream(IterableDataset):
     frame count its clip can fill (at the target fps); a batch is emitted when its bucket holds
     the bucket's batch size, so every batch has one shape. At the end of an epoch the partly
     filled buckets are emitted as smaller batches, so no sample waits across epochs.
+
+    Packing (``cfg.pack``): clips still go to a bucket (their shape), then into packs of at
+    most ``cfg.token_budget`` tokens (`Packer`; `tokens` counts a bucket's clip); a batch is one
+    pack, ``(list of clips (3, T_i, H_i, W_i) uint8 or latents (C, t_i, h_i, w_i), captions,
+    reader_state)``, its position holding the open packs' keys and buckets.
     """
 
     def __init__(self, urls: list[str], *, buckets: list[Bucket], rank: int, world: int,
-                 seed: int, cfg: LoaderConfig | None = None, state: dict | None = None):
+                 seed: int, cfg: LoaderConfig | None = None, state: dict | None = None,
+                 tokens: Callable[[Bucket], int] | None = None):
         if not urls:
             raise ValueError("no training shards")
         if not buckets:
@@ -289,6 +307,9 @@ class ClipStream(IterableDataset):
         self.urls, self.buckets = list(urls), list(buckets)
         self.rank, self.world, self.seed = rank, world, seed
         self.cfg = cfg or LoaderConfig()
+        if self.cfg.pack and tokens is None:
+            raise ValueError("train.data.pack needs the tokens of each bucket's clip (tokens=)")
+        self.tokens = [tokens(b) for b in self.buckets] if self.cfg.pack else None
         state = state or {}
         # reader g -> {"epoch", "consumed", "pending", "skipped"}
         self.state = {int(k): v for k, v in (state.get("positions") or {}).items()}
@@ -395,6 +416,17 @@ class ClipStream(IterableDataset):
                 return i
         return order[-1]
 
+    def _restore_map(self, pending: dict) -> dict[str, tuple[int, int]]:
+        """A saved position's waiting samples -> {key: (bucket, pack slot)}: buckets (``{bucket:
+        [key, ...]}``) or, packing, the open packs (``{slot: [[key, bucket], ...]}``)."""
+        packed = any(isinstance(x, list) for v in pending.values() for x in v)
+        if pending and packed != self.cfg.pack:
+            raise ValueError(f"the loader position was saved with train.data.pack={packed}, not "
+                             f"{self.cfg.pack}: resume with the same setting")
+        if packed:
+            return {k: (int(b), int(slot)) for slot, items in pending.items() for k, b in items}
+        return {k: (int(b), 0) for b, keys in pending.items() for k in keys}
+
     def _decode(self, s: dict, b: int | None, epoch: int):
         if b is None:
             raise ValueError(f"sample {s.get('__key__')!r} fits no bucket")
@@ -417,7 +449,7 @@ class ClipStream(IterableDataset):
         g, G = self._reader()
         st = self.state.get(g) or {"epoch": 0, "consumed": 0, "pending": {}}
         epoch, skip = st["epoch"], st["consumed"]
-        restore = {k: int(b) for b, keys in st.get("pending", {}).items() for k in keys}
+        restore = self._restore_map(st.get("pending", {}))
         # Skipped samples: corrupt ones (`skipped`) + unreadable shard tails (`errors`, counted
         # while reading ahead). A restore replays the same reads up to the saved position and
         # sets the count there to the saved one.
@@ -426,15 +458,23 @@ class ClipStream(IterableDataset):
         while True:
             consumed = emitted = 0
             held: dict[int, list] = {i: [] for i in range(len(self.buckets))}
+            packer = Packer(self.cfg.token_budget, min(self.tokens)) if self.tokens else None
 
-            def emit(b: int):
-                items, held[b] = held[b], []
-                return (collate([x[0] for x in items]),  # (B, 3, T, H, W)
+            def emit(b: int | None, pack: list | None = None):
+                if pack is not None:  # a pack: clips of any shapes, listed
+                    items = [x for x, _, _ in pack]
+                    batch = [to_tensor(x[0]) if isinstance(x[0], np.ndarray) else x[0] for x in items]
+                    pending = packer.pending()
+                else:
+                    items, held[b] = held[b], []
+                    batch = collate([x[0] for x in items])  # (B, 3, T, H, W)
+                    pending = {str(i): [x[2] for x in v] for i, v in held.items() if v}
+                return (batch,
                         [x[1] for x in items],
                         {"reader": g, "epoch": epoch, "consumed": consumed,
                          "skipped": skipped + errors[0], "keys": [x[2] for x in items],
                          "text": [x[3] for x in items] if len(items[0]) > 3 and items[0][3] is not None else None,
-                         "pending": {str(i): [x[2] for x in v] for i, v in held.items() if v}})
+                         "pending": pending})
 
             if saved_skipped is not None and skip == 0:
                 skipped, saved_skipped = saved_skipped, None
@@ -443,18 +483,29 @@ class ClipStream(IterableDataset):
                 key = s.get("__key__", "?")
                 if consumed <= skip:  # fast-forward without decoding, refilling the buckets
                     if key in restore:
-                        held[restore[key]].append(self._decode(parse_sample(s), restore[key],
-                                                               epoch))
+                        b, slot = restore[key]
+                        item = self._decode(parse_sample(s), b, epoch)
+                        if packer is not None:
+                            packer.put(slot, item, b, self.tokens[b])
+                        else:
+                            held[b].append(item)
                     if consumed == skip:
                         skipped, saved_skipped = saved_skipped - errors[0], None
                     continue
                 try:
                     s = parse_sample(s)
                     b = self.assign(s, epoch)
-                    held[b].append(self._decode(s, b, epoch))
+                    item = self._decode(s, b, epoch)
                 except Exception:  # noqa: BLE001 - a corrupt (or bucketless) sample is skipped and counted
                     skipped += 1
                     continue
+                if packer is not None:
+                    pack = packer.add(item, b, self.tokens[b])
+                    if pack is not None:
+                        emitted += 1
+                        yield emit(None, pack)
+                    continue
+                held[b].append(item)
                 if len(held[b]) == self.buckets[b].batch_size:
                     emitted += 1
                     yield emit(b)
@@ -464,6 +515,9 @@ class ClipStream(IterableDataset):
                 if held[b]:
                     emitted += 1
                     yield emit(b)
+            while packer is not None and packer.packs:  # and the open packs, oldest first
+                emitted += 1
+                yield emit(None, packer.pop(0))
             if emitted == 0 and skip == 0:  # a whole epoch and not one usable sample: never loop on
                 raise RuntimeError(
                     f"reader {g}: none of its {consumed} samples decoded or fit a bucket "
