@@ -1,5 +1,5 @@
 """Packing (train.data.pack): clips of several shapes in one sequence with varlen
-(block-diagonal) attention, from the loader (training/loader.py `Packer`) through the training
+(block-diagonal) attention, from the loader (training/packing.py `Packer`) through the training
 step (training/step.py, `flow_loss_packed`) and the validation loss (training/evaluation)."""
 
 from __future__ import annotations
