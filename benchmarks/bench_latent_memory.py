@@ -46,10 +46,10 @@ def rss_peak() -> int:
 def child(a) -> None:
     import torch
 
+    from training.clips import decode_sample, normalize
     from training.latent.precompute import whole_clip
     from training.latent.space import LatentConfig
     from training.latent.vae import VAEConfig
-    from training.loader import decode_sample, normalize
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

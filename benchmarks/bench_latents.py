@@ -124,8 +124,8 @@ def interleaved(arms: dict, step, steps: int, text_record: dict | None = None) -
     samples/s and input-path share over the rounds, and "ratio": pre / fly samples/s, the
     median of the rounds' own ratios (``paired.Paired``).
     text_record: the latent shards' text entry; the precomputed arm then takes stored text."""
+    from training.clips import normalize
     from training.latent_format import stored_text
-    from training.loader import normalize
 
     def one(loader, encode):
         td = time.time()

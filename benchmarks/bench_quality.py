@@ -55,8 +55,8 @@ def ceiling(shard_dir: Path, train_cfg: dict) -> dict[str, float]:
     import numpy as np
 
     from data.shards import read_shards
+    from training.clips import decode_sample
     from training.evaluation.probes import probe_scores, probe_video
-    from training.loader import decode_sample
 
     index = json.loads((shard_dir / "index.json").read_text())
     urls = [str(shard_dir / p) for split in ("train", "val") for p in index[split]]

@@ -255,7 +255,8 @@ def bench_loader(n_clips: int = 48, rounds: int = 7) -> dict:
     import decord
 
     from data.shards import read_shards
-    from training.loader import Bucket, ClipStream, Loader, LoaderConfig, _seed, clip_window
+    from training.clips import _seed, clip_window
+    from training.loader import Bucket, ClipStream, Loader, LoaderConfig
 
     with tempfile.TemporaryDirectory() as d:
         urls = _clip_shards(Path(d), n_clips, seconds=4.0, width=128, height=128)

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from data.shards import write_shard
+from training.clips import latent_frames
 from training.latent_format import LATENT, npy_bytes
-from training.loader import Bucket, ClipStream, Loader, LoaderConfig, latent_frames, resolve_batch_sizes
+from training.loader import Bucket, ClipStream, Loader, LoaderConfig, resolve_batch_sizes
 from training.lockstep import agree
 from training.model import ModelConfig
 from training.trainer import TrainConfig, buckets_of, check_latent_buckets, clip_tokens

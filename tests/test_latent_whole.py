@@ -15,11 +15,12 @@ from test_vae import SIZE, save_vae, video
 from data.shards import read_shards, write_shard
 from data.synthetic import caption, render, sample_spec
 from data.video_io import encode_mp4
+from training.clips import decode_sample, normalize
 from training.latent.precompute import precompute_latents
 from training.latent.space import LatentConfig, load_latent_space
 from training.latent.vae import VAEConfig
 from training.latent_format import decode_latent_sample
-from training.loader import Bucket, ClipStream, Loader, LoaderConfig, decode_sample, normalize
+from training.loader import Bucket, ClipStream, Loader, LoaderConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LENGTHS = (37, 21, 6, 30)  # frames per clip at 8 fps: trimmed to 37, 21, padded to 9, trimmed to 29

@@ -30,7 +30,7 @@ from pipeline.curation.ingest import IngestConfig
 from pipeline.curation.scores import ScoreConfig
 from pipeline.curation.shard import ShardConfig, encode_clip, whole_source, write_one_shard
 from pipeline.curation.shots import ShotConfig
-from training.loader import decode_frames
+from training.clips import decode_frames
 
 GPS = "+48.8584+002.2945/"
 

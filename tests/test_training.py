@@ -27,9 +27,10 @@ from data.shards import write_shard
 from data.synthetic import SourceConfig, generate
 from data.tracking import TrackerSpec
 from training.checkpoint import RunCheckpoints
+from training.clips import normalize
 from training.ema import EMA
 from training.launch import run_training, worker_resources
-from training.loader import Bucket, ClipStream, Loader, LoaderConfig, normalize
+from training.loader import Bucket, ClipStream, Loader, LoaderConfig
 from training.model import ModelConfig, from_pretrained
 from training.parallelize import DeepSpeedConfig, build_ds_config, checks_overflow, full_params, parallelize
 from training.trainer import NonFiniteGuard, TrainConfig, lr_lambda, param_groups

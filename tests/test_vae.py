@@ -19,13 +19,14 @@ from data.shards import read_shards, write_shard
 from data.synthetic import caption, render, sample_spec
 from data.video_io import encode_mp4
 from data.tracking import MemoryTracker
-from training.latent.space import LatentConfig, load_latent_space
+from training.clips import decode_sample, normalize
 from training.latent.precompute import precompute_latents
-from training.latent_format import decode_latent_sample
-from training.loader import Bucket, ClipStream, Loader, LoaderConfig, decode_sample, normalize
 from training.latent.recon_metrics import evaluate_reconstruction, psnr, ssim
+from training.latent.space import LatentConfig, load_latent_space
 from training.latent.vae import VAEConfig, from_pretrained
 from training.latent.vae_train import PerceptualLoss, VAETrainConfig, train_vae
+from training.latent_format import decode_latent_sample
+from training.loader import Bucket, ClipStream, Loader, LoaderConfig
 
 T, SIZE = 9, (32, 32)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -252,7 +253,7 @@ def test_diffusers_wan_vae_precomputes_shards_that_train_and_evaluate(shards, tm
     from diffusers import AutoencoderKLWan
 
     from training.evaluation.evaluate import EvalConfig, sample_videos, validation_loss
-    from training.loader import read_clips
+    from training.clips import read_clips
     from training.flow import FlowConfig, flow_loss
     from training.model import ModelConfig
     from training.trainer import TrainConfig, check_latent_data, follow_data

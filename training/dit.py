@@ -25,10 +25,15 @@ Self-attention is one of (``DiTConfig.attention``):
 
 Packing (``training.patches.pack_clips`` + ``DiT.forward_packed``): several clips of different
 (T, H, W) laid end to end in one sequence (or a few rows of at most ``max_tokens``), with
-block-diagonal masks so that each clip's tokens attend only to their own clip and caption, and
-per-clip timestep and text conditioning. Each clip's output equals its unpacked forward (up to float rounding).
-The masks are dense (R, 1, N, N) booleans handed to SDPA, so packing saves padding, not
-attention compute; a varlen/flex kernel is the next step for long packed rows.
+block-diagonal attention so that each clip's tokens attend only to their own clip and caption,
+and per-clip timestep and text conditioning. Each clip's output equals its unpacked forward (up
+to float rounding). Attention is varlen (``training.patches.Segments``): the tokens of equal-length segments (whole
+clips; frames and (h, w) positions when factorised) are gathered into one batch per length and
+attended with SDPA and no mask, so a packed row costs sum_i n_i^2, not N^2, and holds index
+tensors (8 bytes per token), not an (N, N) mask. The same code runs on CUDA (where mask-free
+SDPA takes the flash / memory-efficient kernels). torch's ``flex_attention`` with a
+block-diagonal ``create_block_mask`` would be the other way, but on torch 2.14 it has no
+backward on the CPU ("FlexAttention does not support backward on CPU").
 
 The tensor plumbing lives beside it: patchify, unpatchify and packing in training/patches.py,
 the 3D RoPE in training/rope.py. The module is pure: no distributed calls, logging or I/O.
@@ -53,7 +58,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from data.checks import check_ranges
-from training.patches import PackedClips, packed_text, patch_grid, patchify, unpack, unpatchify
+from training.patches import PackedClips, Segments, packed_segments, patch_grid, patchify, unpack, unpatchify
 from training.rope import grid_positions, rope_freqs, rotate
 
 # Size presets. Only the transformer trunk changes; everything else comes from the config.
@@ -164,8 +169,9 @@ class Layout(NamedTuple):
     """Where every token sits and whom it may attend to; made once per forward, shared by all blocks.
 
     Unpacked (one clip per batch row): `grid` is set, masks are None, conditioning is per row.
-    Packed: `grid` is None, boolean masks (R, 1, N, N) keep attention inside a clip (and a
-    frame / a spatial position when factorised), `token_clip` maps tokens to their clip's
+    Packed: `grid` is None, the "masks" are `Segments` (varlen attention) that keep attention
+    inside a clip (and a frame / a spatial position when factorised), `clips` the whole-clip
+    segments that cross-attend to their own caption, `token_clip` maps tokens to their clip's
     conditioning.
     """
 
@@ -173,10 +179,11 @@ class Layout(NamedTuple):
     grid: Optional[tuple[int, int, int]] = None  # (T', H', W') when unpacked
     rope_spatial: Optional[torch.Tensor] = None  # (H'W', 1, hd/2): factorised, unpacked
     rope_temporal: Optional[torch.Tensor] = None  # (T', 1, hd/2): factorised, unpacked
-    mask: Optional[torch.Tensor] = None  # (R, 1, N, N) same clip (packed); (1, 1, 1, N) real keys (split)
-    mask_spatial: Optional[torch.Tensor] = None  # (R, 1, N, N) same clip and frame (packed, factorised)
-    mask_temporal: Optional[torch.Tensor] = None  # (R, 1, N, N) same clip and (h, w) (packed, factorised);
-    # (1, 1, 1, T') real frames (split, factorised)
+    mask: Optional[torch.Tensor | Segments] = None  # clips (packed); (1, 1, 1, N) real keys (split)
+    mask_spatial: Optional[Segments] = None  # frames of clips (packed, factorised)
+    mask_temporal: Optional[torch.Tensor | Segments] = None  # (h, w) positions of clips (packed,
+    # factorised); (1, 1, 1, T') real frames (split, factorised)
+    clips: Optional[Segments] = None  # whole clips, for cross-attention to their captions (packed)
     token_clip: Optional[torch.Tensor] = None  # (R, N) long: clip of each token (packed; padding -> 0)
 
 
@@ -226,12 +233,36 @@ def norm_fp32(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.float()
 
 
+def scatter_segments(outs: list[torch.Tensor], segments: Segments, total: int) -> torch.Tensor:
+    """Per-group outputs (G*n, ...) back to their tokens -> (total, ...); tokens in no segment
+    (padding) get 0."""
+    index = torch.cat([i.reshape(-1) for i in segments.index])  # (M,)
+    src = torch.cat(outs)  # (M, ...)
+    return src.new_zeros(total, *src.shape[1:]).index_copy(0, index, src)  # (total, ...)
+
+
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments) -> torch.Tensor:
+    """Varlen attention: q, k, v (R, N, H, hd) -> (R, N, H, hd), each token attending only to
+    the tokens of its segment; one mask-free SDPA per group of equal-length segments."""
+    R, N, H, hd = q.shape
+    flat = [x.reshape(R * N, H, hd) for x in (q, k, v)]  # each (R*N, H, hd)
+    outs = []
+    for idx in segments.index:  # (G, n)
+        qg, kg, vg = (x[idx].transpose(1, 2) for x in flat)  # each (G, H, n, hd)
+        out = F.scaled_dot_product_attention(qg, kg, vg)  # (G, H, n, hd)
+        outs.append(out.transpose(1, 2).reshape(-1, H, hd))  # (G*n, H, hd)
+    return scatter_segments(outs, segments, R * N).reshape(R, N, H, hd)  # (R, N, H, hd)
+
+
 class Attend(nn.Module):
-    """The attention core: q, k, v (B, N, H, hd), mask broadcastable to (B, H, N, N) bool or None
-    -> (B, N, H, hd). Flash / memory-efficient SDPA kernels on GPU when the mask allows."""
+    """The attention core: q, k, v (B, N, H, hd), and a mask broadcastable to (B, H, N, N) bool,
+    None, or the `Segments` of packed rows (varlen) -> (B, N, H, hd). Flash / memory-efficient
+    SDPA kernels on GPU when the mask allows (always for segments: they need none)."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                mask: Optional[torch.Tensor | Segments] = None) -> torch.Tensor:
+        if isinstance(mask, Segments):
+            return segment_attention(q, k, v, mask)  # (B, N, H, hd)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=mask)  # (B, H, N, hd)
         return out.transpose(1, 2)  # (B, N, H, hd)
@@ -265,8 +296,9 @@ class SelfAttention(nn.Module):
         self.attend = Attend()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        # x (B, N, D); rope complex, broadcastable to (B, N, H, hd/2); mask (B, 1, N, N) bool or None
+    def forward(self, x: torch.Tensor, rope: torch.Tensor,
+                mask: Optional[torch.Tensor | Segments] = None) -> torch.Tensor:
+        # x (B, N, D); rope complex, broadcastable to (B, N, H, hd/2); mask: see Attend
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)  # (B, N, 3, H, hd)
         q, k, v = qkv.unbind(2)  # each (B, N, H, hd)
@@ -276,12 +308,23 @@ class SelfAttention(nn.Module):
         return self.proj(out.reshape(B, N, D))  # (B, N, D)
 
 
+def text_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    """q (B, n, H, hd) attends to k, v (B, L, H, hd) where text_mask (B, L) -> (B, n, H, hd); a
+    row with no text token gets 0 (instead of NaN)."""
+    has_text = text_mask.any(dim=-1)[:, None, None, None]  # (B, 1, 1, 1)
+    safe_mask = (text_mask | ~text_mask.any(dim=-1, keepdim=True))[:, None, None, :]  # (B, 1, 1, L) never all False
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=safe_mask)  # (B, H, n, hd)
+    return (out * has_text.to(out.dtype)).transpose(1, 2)  # (B, n, H, hd)
+
+
 class CrossAttention(nn.Module):
     """Video tokens attend to text tokens; padded text tokens are masked out.
 
-    text_mask is (B, L) (every token of a row sees the same caption) or (B, N, L) (packed
-    clips: each token sees only its own clip's caption). A token that sees no text token gets
-    a zero cross-attention output (instead of NaN).
+    Unpacked: text (B, L, Dt), text_mask (B, L), every token of a row sees its caption. Packed
+    (`clips`, the whole-clip segments): text (K, L, Dt), text_mask (K, L) per clip, each clip's
+    tokens see only its own caption (one attention per group of equal-size clips). A token that
+    sees no text token gets a zero cross-attention output (instead of NaN).
     """
 
     def __init__(self, dim: int, text_dim: int, num_heads: int, qk_norm: bool):
@@ -294,21 +337,23 @@ class CrossAttention(nn.Module):
         self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+                clips: Optional[Segments] = None) -> torch.Tensor:
         B, N, D = x.shape
-        L = text.shape[1]
-        hd = D // self.num_heads
-        q = self.q(x).reshape(B, N, self.num_heads, hd)  # (B, N, H, hd)
-        k, v = self.kv(text).reshape(B, L, 2, self.num_heads, hd).unbind(2)  # each (B, L, H, hd)
-        q = norm_fp32(self.q_norm, q).to(v.dtype).transpose(1, 2)  # (B, H, N, hd)
-        k = norm_fp32(self.k_norm, k).to(v.dtype).transpose(1, 2)  # (B, H, L, hd)
-        v = v.transpose(1, 2)  # (B, H, L, hd)
-        mask = text_mask if text_mask.ndim == 3 else text_mask[:, None, :]  # (B, N or 1, L)
-        has_text = mask.any(dim=-1, keepdim=True)  # (B, N or 1, 1)
-        safe_mask = mask | ~has_text  # (B, N or 1, L) never an all-False row
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe_mask[:, None])  # (B, H, N, hd)
-        out = out * has_text[:, None].to(out.dtype)  # (B, H, N, hd)
-        return self.proj(out.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
+        Bt, L, _ = text.shape  # Bt = B, or K clips when packed
+        H, hd = self.num_heads, D // self.num_heads
+        q = self.q(x).reshape(B, N, H, hd)  # (B, N, H, hd)
+        k, v = self.kv(text).reshape(Bt, L, 2, H, hd).unbind(2)  # each (Bt, L, H, hd)
+        q = norm_fp32(self.q_norm, q).to(v.dtype)  # (B, N, H, hd)
+        k = norm_fp32(self.k_norm, k).to(v.dtype)  # (Bt, L, H, hd)
+        if clips is None:
+            out = text_attention(q, k, v, text_mask)  # (B, N, H, hd)
+        else:
+            qf = q.reshape(B * N, H, hd)  # (R*N, H, hd)
+            outs = [text_attention(qf[idx], k[c], v[c], text_mask[c]).reshape(-1, H, hd)  # (G*n, H, hd)
+                    for idx, c in zip(clips.index, clips.clip)]
+            out = scatter_segments(outs, clips, B * N).reshape(B, N, H, hd)  # (R, N, H, hd)
+        return self.proj(out.reshape(B, N, D))  # (B, N, D)
 
 
 class DiTBlock(nn.Module):
@@ -364,8 +409,8 @@ class DiTBlock(nn.Module):
         return out.reshape(B, gh * gw, gt, D).transpose(1, 2).reshape(B, N, D)  # (B, N, D)
 
     def forward(self, x, c, text, text_mask, layout: Layout):
-        # x (B, N, D), c (B, D) or per clip (K, D) [(.., m*D) with adaln=single], text (B, L, Dt),
-        # text_mask (B, L) or (B, N, L)
+        # x (B, N, D), c (B, D) or per clip (K, D) [(.., m*D) with adaln=single], text (B, L, Dt)
+        # and text_mask (B, L), or per clip (K, L, Dt), (K, L) when packed
         mod = per_token(self.modulation(c), layout).chunk(self.num_modulations, dim=-1)  # each (B, 1 or N, D)
         if self.temporal_attn is None:
             shift_sa, scale_sa, gate_sa, shift_mlp, scale_mlp, gate_mlp = mod
@@ -374,7 +419,7 @@ class DiTBlock(nn.Module):
             shift_s, scale_s, gate_s, shift_t, scale_t, gate_t, shift_mlp, scale_mlp, gate_mlp = mod
             x = x + gate_s * self.spatial(modulate(self.norm1(x), shift_s, scale_s), layout)  # (B, N, D)
             x = x + gate_t * self.temporal(modulate(self.norm_temporal(x), shift_t, scale_t), layout)  # (B, N, D)
-        x = x + self.cross_attn(self.norm_cross(x), text, text_mask)  # (B, N, D)
+        x = x + self.cross_attn(self.norm_cross(x), text, text_mask, layout.clips)  # (B, N, D)
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, N, D)
         return x
 
@@ -454,15 +499,13 @@ class DiT(nn.Module):
     def packed_layout(self, packed: PackedClips) -> Layout:
         """Block-diagonal layout of packed clips: attention never crosses a clip boundary."""
         rope = rope_freqs(packed.positions, self.cfg.head_dim, self.cfg.rope_theta)  # (R, N, 1, hd/2)
-        clip, pos = packed.clip, packed.positions  # (R, N), (R, N, 3)
-        same = clip[:, :, None] == clip[:, None, :]  # (R, N, N); padding only sees padding
-        layout = dict(rope=rope, token_clip=clip.clamp(min=0))
+        clips = packed_segments(packed, "clip")
+        layout = dict(rope=rope, token_clip=packed.clip.clamp(min=0), clips=clips)  # (R, N)
         if self.cfg.attention == "full":
-            layout["mask"] = same[:, None]  # (R, 1, N, N)
+            layout["mask"] = clips
         else:
-            eq = pos[:, :, None, :] == pos[:, None, :, :]  # (R, N, N, 3)
-            layout["mask_spatial"] = (same & eq[..., 0])[:, None]  # (R, 1, N, N) same frame
-            layout["mask_temporal"] = (same & eq[..., 1] & eq[..., 2])[:, None]  # (R, 1, N, N) same (h, w)
+            layout["mask_spatial"] = packed_segments(packed, "frame")
+            layout["mask_temporal"] = packed_segments(packed, "position")
         return Layout(**layout)
 
     def trunk(self, tokens, c, text, text_mask, layout: Layout) -> torch.Tensor:
@@ -503,8 +546,7 @@ class DiT(nn.Module):
         text_mask = text_mask.bool()
         patches, layout = self.split(packed.tokens, self.packed_layout(packed))  # (R, N_local, P*C)
         c = self.condition(t, text, text_mask)  # (K, D)
-        row_text, row_mask = packed_text(packed, text, text_mask)  # (R, Kmax*L, Dt), (R, N, Kmax*L)
-        out = self.trunk(self.x_embed(patches), c, row_text, row_mask, layout)  # (R, N_local, P*C)
+        out = self.trunk(self.x_embed(patches), c, text, text_mask, layout)  # (R, N_local, P*C)
         out = self.merge(out, packed.tokens.shape[1])  # (R, N, P*C)
         return unpack(out, packed)
 

@@ -34,7 +34,7 @@ All functions are pure (no logging or I/O); randomness only through an explicit 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -199,12 +199,47 @@ def flow_loss(
     t_b = t.view(B, *([1] * (x0.ndim - 1))).to(x0.dtype)  # (B, 1, 1, 1, 1)
     x_t = (1 - t_b) * x0 + t_b * noise  # (B, C, T, H, W)
     out = model_fn(x_t, t)  # (B, C, T, H, W)
+    per_sample = _per_sample(out, x_t, t, x0, noise, cfg)  # (B,)
+    return per_sample.mean(), per_sample, t
+
+
+def _per_sample(out, x_t, t, x0, noise, cfg: FlowConfig) -> torch.Tensor:
+    """The MSE of each sample: out, x_t, x0, noise (B, ...), t (B,) -> (B,) float32."""
     if cfg.loss == "x0":
         pred, target = to_x0(out, x_t, t, cfg.prediction), x0  # (B, C, T, H, W)
     else:
         pred, target = to_velocity(out, x_t, t, cfg.prediction, cfg.x0_t_min), noise - x0  # (B, C, T, H, W)
-    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)  # (B,)
-    return per_sample.mean(), per_sample, t
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)  # (B,)
+
+
+def flow_loss_packed(
+    model_fn: Callable[[list[torch.Tensor], torch.Tensor], list[torch.Tensor]],
+    x0: Sequence[torch.Tensor],
+    cfg: FlowConfig,
+    generator: torch.Generator | None = None,
+    t: torch.Tensor | None = None,
+    noise: Sequence[torch.Tensor] | None = None,
+    num_tokens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`flow_loss` over K clips of different shapes x0[k] (C, T_k, H_k, W_k) in one forward:
+    model_fn(K noisy clips, t (K,)) -> K outputs (the DiT's ``forward_packed`` on
+    ``pack_clips`` of them). Clip k's loss is `flow_loss`'s per-sample loss of that clip alone
+    (its own MSE mean, whatever its size) and the loss is their mean, as over a batch's samples.
+
+    t (K,) and noise (K tensors) may be given; otherwise t, then each clip's noise in turn, are
+    drawn from `generator`. num_tokens (K,): each clip's T'H'W' (its shift when
+    cfg.shift_mode == "tokens"). Returns (loss scalar, per-clip loss (K,), t (K,))."""
+    K, device = len(x0), x0[0].device
+    if t is None:
+        t = sample_timesteps(cfg, K, generator, device=device, num_tokens=num_tokens)  # (K,)
+    if noise is None:
+        noise = [_draw(torch.randn, x.shape, generator, device, dtype=x.dtype) for x in x0]  # K (C, T, H, W)
+    t = t.to(device)
+    x_t = [(1 - t[k].to(x.dtype)) * x + t[k].to(x.dtype) * n for k, (x, n) in enumerate(zip(x0, noise))]
+    outs = model_fn(x_t, t)  # K (C, T_k, H_k, W_k)
+    per_clip = torch.cat([_per_sample(o[None], xt[None], t[k : k + 1], x[None], n[None], cfg)
+                          for k, (o, xt, x, n) in enumerate(zip(outs, x_t, x0, noise))])  # (K,)
+    return per_clip.mean(), per_clip, t
 
 
 def drop_captions(captions: list[str], cfg: FlowConfig, generator: torch.Generator | None = None) -> list[str]:

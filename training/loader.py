@@ -30,14 +30,18 @@ whole clip, and a window of it (its first latent frame drawn per epoch and key) 
 without decoding video; a latent that fits no bucket is skipped (``no_bucket``). ``Loader``
 keeps the data-parallel ranks on one bucket per micro-step (``training.lockstep``).
 
+Packing (``pack``): clips still go to a bucket (their shape), then into packs of at most
+``token_budget`` tokens of any of the buckets' shapes (``training.packing.Packer``, first fit);
+a batch is one pack, a list of clips, trained as one sequence with block-diagonal attention.
+
 State (saved with checkpoints): per reader, the epoch, how many raw samples it has taken out
-of its shuffle buffer in that epoch, the keys waiting in partly filled buckets and its counts of
-skipped samples; which loader worker's batch comes next; the batches waiting for the other
-ranks (``training.lockstep``). Restoring replays the buffer without decoding (except the waiting
-samples and batches) up to that point, so the batches after a restore are exactly the batches
-an uninterrupted run would have produced (granularity: one batch). The DataLoader takes batches
-from its workers round-robin starting at worker 0, so a restore rotates the worker -> reader
-mapping to make worker 0 the reader whose batch was next.
+of its shuffle buffer in that epoch, the keys waiting in partly filled buckets (or open packs)
+and its counts of skipped samples; which loader worker's batch comes next; the batches waiting
+for the other ranks (``training.lockstep``). Restoring replays the buffer without decoding
+(except the waiting samples and batches) up to that point, so the batches after a restore are
+exactly the batches an uninterrupted run would have produced (granularity: one batch). The
+DataLoader takes batches from its workers round-robin starting at worker 0, so a restore
+rotates the worker -> reader mapping to make worker 0 the reader whose batch was next.
 
 Corrupt samples are skipped and counted, never fatal; the batch is filled from the next
 samples. That covers an mp4 that does not decode, a ``.json`` member that is not JSON, a
@@ -55,15 +59,13 @@ that of the batches the trainer has taken, never of those decoded ahead.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import queue
 import random
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -71,9 +73,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.checks import check_ranges
 from data.shards import read_shards, sidecar_count
-from data.video_io import probe, read_frames
+from training.clips import _seed, as_batch, decode_frames, latent_frames, parse_sample, to_tensor
 from training.latent_format import decode_latent_sample, latent_text
 from training.lockstep import Lockstep, waiting_rounds
+from training.packing import Packer
 
 
 @dataclass
@@ -115,12 +118,19 @@ class LoaderConfig:
     # Batches a rank may hold waiting for the other ranks to fill the same bucket before ranks
     # with spares hand them over (training.lockstep; several buckets on several ranks).
     max_waiting: int = 8
+    # Packing: each micro-batch is one pack of clips of any of the buckets' shapes, at most
+    # token_budget tokens in all (first fit, `Packer`), trained as one sequence with
+    # block-diagonal attention (DiT.forward_packed); the buckets' batch sizes are not used.
+    pack: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in LOADER_KINDS:
             raise ValueError(f"unknown train.data.kind {self.kind!r}; valid: {', '.join(LOADER_KINDS)}")
         check_ranges(self, target_fps="> 0", shuffle_buffer=">= 1", num_workers=">= 0", prefetch=">= 0",
                      token_budget=">= 0", max_upscale=">= 1", max_waiting=">= 1")
+        if self.pack and self.token_budget == 0:
+            raise ValueError("train.data.pack=true packs clips into train.data.token_budget tokens, "
+                             "but train.data.token_budget is 0: set a token budget")
         unsized = [i for i, b in enumerate(self.buckets) if b.batch_size == 0]
         if unsized and self.token_budget == 0:
             raise ValueError(f"train.data.buckets[{unsized[0]}].batch_size is 0 (from the token budget) "
@@ -139,152 +149,6 @@ def resolve_batch_sizes(buckets: list[Bucket], token_budget: int, tokens_per_cli
     return out
 
 
-def _seed(*parts) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
-
-
-def to_tensor(frames: np.ndarray) -> torch.Tensor:
-    """(T, H, W, 3) uint8 -> (3, T, H, W) uint8. Batches stay uint8 (4x smaller to move);
-    `normalize` turns them into model inputs on the device."""
-    # numpy, single-threaded: torch's parallel copy stalls when loader and trainer share cores
-    return torch.from_numpy(np.ascontiguousarray(frames.transpose(3, 0, 1, 2)))  # (3, T, H, W)
-
-
-def normalize(video: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 video (..., 3, T, H, W) -> dtype in [-1, 1]."""
-    return video.to(dtype).div_(127.5).sub_(1.0)
-
-
-def clip_window(n: int, num_frames: int, stride: int, rng: random.Random | None) -> list[int]:
-    """Indices of num_frames frames `stride` apart (random start if rng, else the first).
-    Short clips lower the stride, then repeat their last frame."""
-    while stride > 1 and (num_frames - 1) * stride + 1 > n:
-        stride -= 1
-    span = (num_frames - 1) * stride + 1
-    if n >= span:
-        start = rng.randrange(n - span + 1) if rng is not None else 0
-        return list(range(start, start + span, stride))
-    return [min(i, n - 1) for i in range(num_frames)]
-
-
-def resize_crop_size(h: int, w: int, size: tuple[int, int]) -> tuple[int, int]:
-    """The (h', w') to resize to so that a centre crop of `size` keeps the aspect ratio."""
-    th, tw = size
-    scale = max(th / h, tw / w)
-    return max(th, math.ceil(h * scale)), max(tw, math.ceil(w * scale))
-
-
-def decode_frames(sample: dict, num_frames: int, size: tuple[int, int],
-                  target_fps: float | None, rng: random.Random | None
-                  ) -> tuple[np.ndarray, str]:
-    """One WebDataset sample -> ((T, H, W, 3) uint8, possibly a strided view; caption)."""
-    n, fps, h, w = clip_geometry(sample)
-    stride = max(1, round(fps / target_fps)) if target_fps else 1
-    return read_resized(sample, clip_window(n, num_frames, stride, rng), (h, w), size), sample.get("txt") or ""
-
-
-def clip_geometry(sample: dict) -> tuple[int, float, int, int]:
-    """(frames the mp4 holds, fps, height, width) of a clip sample: from its ``.json`` (a
-    variable-rate source's span is resampled: ``num_frames``), else probed."""
-    meta = sample.get("json") or {}
-    if "end" in meta and "fps" in meta:
-        n, fps = meta.get("num_frames") or meta["end"] - meta["start"], float(meta["fps"])
-        h, w = meta.get("height"), meta.get("width")
-    else:
-        p = probe(sample["mp4"])
-        n, fps, h, w = p.num_frames, p.fps, p.height, p.width
-    if not h or not w:
-        p = probe(sample["mp4"])
-        h, w = p.height, p.width
-    return int(n), fps, int(h), int(w)
-
-
-def read_resized(sample: dict, indices: list[int], hw: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
-    """Frames `indices` of a clip of (h, w) = `hw`, resized keeping the aspect ratio and
-    centre-cropped to `size` -> (T, H, W, 3) uint8, possibly a strided view."""
-    rh, rw = resize_crop_size(*hw, size)
-    frames = read_frames(sample["mp4"], indices=indices, size=(rh, rw))  # (T, rh, rw, 3)
-    top, left = (rh - size[0]) // 2, (rw - size[1]) // 2
-    return frames[:, top : top + size[0], left : left + size[1]]
-
-
-def decode_sample(sample: dict, num_frames: int, size: tuple[int, int],
-                  target_fps: float | None, rng: random.Random | None
-                  ) -> tuple[torch.Tensor, str]:
-    """One WebDataset sample -> ((3, T, H, W) uint8, caption)."""
-    frames, caption = decode_frames(sample, num_frames, size, target_fps, rng)  # (T, H, W, 3)
-    return to_tensor(frames), caption
-
-
-def read_clips(shards: list[str], max_clips: int, num_frames: int, size: tuple[int, int],
-               target_fps: float | None, purpose: str = "validation") -> list[tuple[torch.Tensor, str]]:
-    """The first `max_clips` decodable clips of `shards` (held-out ones, for evaluation, the
-    VAE's validation and reconstruction metrics), each its first window of `num_frames` frames
-    (no RNG): [((3, T, H, W) uint8, caption)]. Corrupt clips are skipped; none at all raises,
-    naming the `purpose`."""
-    clips = []
-    for s in read_shards(shards):
-        try:
-            clips.append(decode_sample(s, num_frames, size, target_fps, rng=None))
-        except Exception:  # noqa: BLE001 - corrupt held-out clips are skipped
-            continue
-        if len(clips) >= max_clips:
-            break
-    if not clips:
-        raise RuntimeError(f"no decodable clips for {purpose}")
-    return clips
-
-
-def collate(items: list) -> torch.Tensor:
-    """Clips (T, H, W, 3) uint8 arrays -> (B, 3, T, H, W) uint8; latents (C, t, h, w) -> (B, C,
-    t, h, w). One numpy copy into a preallocated batch: torch.stack's multi-threaded copy
-    competes with decord's threads (and the trainer's) for the same cores."""
-    if isinstance(items[0], np.ndarray):
-        T, H, W, C = items[0].shape
-        out = np.empty((len(items), C, T, H, W), np.uint8)  # (B, 3, T, H, W)
-        for i, frames in enumerate(items):
-            np.copyto(out[i], frames.transpose(3, 0, 1, 2))  # (3, T, H, W)
-        return torch.from_numpy(out)
-    return torch.from_numpy(np.stack([x.numpy() for x in items]))  # (B, C, t, h, w)
-
-
-def as_batch(items: list[tuple], info: dict) -> tuple:
-    """Decoded samples (data, caption, key[, stored text]) -> (collated data, captions, info with
-    their keys and stored text)."""
-    text = [x[3] for x in items] if len(items[0]) > 3 and items[0][3] is not None else None
-    return collate([x[0] for x in items]), [x[1] for x in items], {
-        **info, "keys": [x[2] for x in items], "text": text}
-
-
-def parse_sample(s: dict) -> dict:
-    """A raw shard sample with its .json parsed and its .txt decoded (raises if either is bad)."""
-    out = dict(s)
-    if isinstance(out.get("json"), (bytes, bytearray)):
-        out["json"] = json.loads(out["json"])
-        if not isinstance(out["json"], dict):
-            raise ValueError(f"sample {s.get('__key__')!r}: .json is not an object")
-    if isinstance(out.get("txt"), (bytes, bytearray)):
-        out["txt"] = out["txt"].decode("utf-8")
-    return out
-
-
-def latent_frames(meta: dict, num_frames: int) -> int | None:
-    """The latent frames of a window of `num_frames` pixel frames of a stored latent (its
-    ``.json`` ``video_shape`` (T, H, W) and ``latent_shape`` (C, t, h, w): the whole clip for
-    ``latent.span=whole``, the encoded window otherwise), or None when the latent holds no such
-    window: another height or width, longer than the clip, or not ``1 + k * tc`` frames."""
-    shape, lat = meta.get("video_shape"), meta.get("latent_shape")
-    if not shape or not lat:
-        return None
-    T, t = int(shape[0]), int(lat[1])
-    if num_frames > T:
-        return None
-    if t == 1 or T == 1:  # one latent frame: only one-frame windows
-        return 1 if num_frames == 1 else None
-    tc = (T - 1) // (t - 1)
-    return 1 + (num_frames - 1) // tc if (num_frames - 1) % tc == 0 else None
-
-
 class ClipStream(IterableDataset):
     """Endless batches ``(video (B, 3, T, H, W) uint8, captions, reader_state)`` for one rank
     (kind=latent: ``(latents (B, C, t, h, w) float32, captions, reader_state)``).
@@ -293,10 +157,16 @@ class ClipStream(IterableDataset):
     frame count its clip can fill (at the target fps); a batch is emitted when its bucket holds
     the bucket's batch size, so every batch has one shape. At the end of an epoch the partly
     filled buckets are emitted as smaller batches, so no sample waits across epochs.
+
+    Packing (``cfg.pack``): clips still go to a bucket (their shape), then into packs of at
+    most ``cfg.token_budget`` tokens (`Packer`; `tokens` counts a bucket's clip); a batch is one
+    pack, ``(list of clips (3, T_i, H_i, W_i) uint8 or latents (C, t_i, h_i, w_i), captions,
+    reader_state)``, its position holding the open packs' keys and buckets.
     """
 
     def __init__(self, urls: list[str], *, buckets: list[Bucket], rank: int, world: int,
-                 seed: int, cfg: LoaderConfig | None = None, state: dict | None = None):
+                 seed: int, cfg: LoaderConfig | None = None, state: dict | None = None,
+                 tokens: Callable[[Bucket], int] | None = None):
         if not urls:
             raise ValueError("no training shards")
         if not buckets:
@@ -307,6 +177,9 @@ class ClipStream(IterableDataset):
         self.urls, self.buckets = list(urls), list(buckets)
         self.rank, self.world, self.seed = rank, world, seed
         self.cfg = cfg or LoaderConfig()
+        if self.cfg.pack and tokens is None:
+            raise ValueError("train.data.pack needs the tokens of each bucket's clip (tokens=)")
+        self.tokens = [tokens(b) for b in self.buckets] if self.cfg.pack else None
         state = state or {}
         # reader g -> {"epoch", "consumed", "pending", "skipped"}
         self.state = {int(k): v for k, v in (state.get("positions") or {}).items()}
@@ -424,7 +297,20 @@ class ClipStream(IterableDataset):
                 return i
         return order[-1]
 
-    def _decode(self, s: dict, b: int, epoch: int):
+    def _restore_map(self, pending: dict) -> dict[str, tuple[int, int]]:
+        """A saved position's waiting samples -> {key: (bucket, pack slot)}: buckets (``{bucket:
+        [key, ...]}``) or, packing, the open packs (``{slot: [[key, bucket], ...]}``)."""
+        packed = any(isinstance(x, list) for v in pending.values() for x in v)
+        if pending and packed != self.cfg.pack:
+            raise ValueError(f"the loader position was saved with train.data.pack={packed}, not "
+                             f"{self.cfg.pack}: resume with the same setting")
+        if packed:
+            return {k: (int(b), int(slot)) for slot, items in pending.items() for k, b in items}
+        return {k: (int(b), 0) for b, keys in pending.items() for k in keys}
+
+    def _decode(self, s: dict, b: int | None, epoch: int):
+        if b is None:
+            raise ValueError(f"sample {s.get('__key__')!r} fits no bucket")
         bk = self.buckets[b]
         key = s.get("__key__", "?")
         rng = random.Random(_seed(self.seed, epoch, key))
@@ -469,7 +355,7 @@ class ClipStream(IterableDataset):
         yield from self._replay(g)
         st = self.state.get(g) or {"epoch": 0, "consumed": 0, "pending": {}}
         epoch, skip = st["epoch"], st["consumed"]
-        restore = {k: int(b) for b, keys in st.get("pending", {}).items() for k in keys}
+        restore = self._restore_map(st.get("pending", {}))
         # Skipped samples: corrupt ones (`skipped`) + unreadable shard tails (`errors`, counted
         # while reading ahead). A restore replays the same reads up to the saved position and
         # sets the count there to the saved one. `reasons`: the skipped samples that fit no
@@ -481,13 +367,20 @@ class ClipStream(IterableDataset):
         while True:
             consumed = emitted = 0
             held: dict[int, list] = {i: [] for i in range(len(self.buckets))}
+            packer = Packer(self.cfg.token_budget, min(self.tokens)) if self.tokens else None
 
-            def emit(b: int):  # ((B, 3, T, H, W) uint8 | (B, C, t, h, w), captions, info)
-                items, held[b] = held[b], []
+            def emit(b: int | None, pack: list | None = None):
+                # ((B, 3, T, H, W) uint8 | (B, C, t, h, w), or a pack's list of clips, captions, info)
+                if pack is not None:  # a pack: clips of any shapes, listed
+                    items = [x for x, _, _ in pack]
+                    batch = [to_tensor(x[0]) if isinstance(x[0], np.ndarray) else x[0] for x in items]
+                    pending = packer.pending()
+                else:
+                    items, held[b], batch = held[b], [], None
+                    pending = {str(i): [x[2] for x in v] for i, v in held.items() if v}
                 return as_batch(items, {
                     "reader": g, "epoch": epoch, "consumed": consumed, "bucket": b,
-                    "skipped": skipped + errors[0], "reasons": dict(reasons),
-                    "pending": {str(i): [x[2] for x in v] for i, v in held.items() if v}})
+                    "skipped": skipped + errors[0], "reasons": dict(reasons), "pending": pending}, batch)
 
             if saved_skipped is not None and skip == 0:
                 skipped, saved_skipped = saved_skipped, None
@@ -496,8 +389,12 @@ class ClipStream(IterableDataset):
                 key = s.get("__key__", "?")
                 if consumed <= skip:  # fast-forward without decoding, refilling the buckets
                     if key in restore:
-                        held[restore[key]].append(self._decode(parse_sample(s), restore[key],
-                                                               epoch))
+                        b, slot = restore[key]
+                        item = self._decode(parse_sample(s), b, epoch)
+                        if packer is not None:
+                            packer.put(slot, item, b, self.tokens[b])
+                        else:
+                            held[b].append(item)
                     if consumed == skip:
                         skipped, saved_skipped = saved_skipped - errors[0], None
                     continue
@@ -507,10 +404,17 @@ class ClipStream(IterableDataset):
                     if b is None:
                         reasons[unfit] = reasons.get(unfit, 0) + 1
                         raise ValueError(f"sample {key!r} fits no bucket ({unfit})")
-                    held[b].append(self._decode(s, b, epoch))
+                    item = self._decode(s, b, epoch)
                 except Exception:  # noqa: BLE001 - a corrupt (or bucketless) sample is skipped and counted
                     skipped += 1
                     continue
+                if packer is not None:
+                    pack = packer.add(item, b, self.tokens[b])
+                    if pack is not None:
+                        emitted += 1
+                        yield emit(None, pack)
+                    continue
+                held[b].append(item)
                 if len(held[b]) == self.buckets[b].batch_size:
                     emitted += 1
                     yield emit(b)
@@ -520,6 +424,9 @@ class ClipStream(IterableDataset):
                 if held[b]:
                     emitted += 1
                     yield emit(b)
+            while packer is not None and packer.packs:  # and the open packs, oldest first
+                emitted += 1
+                yield emit(None, packer.pop(0))
             if emitted == 0 and skip == 0:  # a whole epoch and not one usable sample: never loop on
                 raise RuntimeError(
                     f"reader {g}: none of its {consumed} samples decoded or fit a bucket "

@@ -88,11 +88,15 @@ class TextToVideo(nn.Module):
         """captions -> text (B, L, Dt), text_mask (B, L); a cache (frozen encoders) skips repeats."""
         return encode_captions(self.text_encoder, self.tokenizer, captions, cache)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, ids: Optional[torch.Tensor] = None,
+    def forward(self, x_t: torch.Tensor | PackedClips, t: torch.Tensor, ids: Optional[torch.Tensor] = None,
                 mask: Optional[torch.Tensor] = None, *, text: Optional[torch.Tensor] = None,
                 text_mask: Optional[torch.Tensor] = None):
         """x_t (B, C, T, H, W), t (B,), and either ids/mask (B, L) or encoded text (B, L, Dt) /
-        text_mask (B, L) -> velocity (B, C, T, H, W)."""
+        text_mask (B, L) -> velocity (B, C, T, H, W). x_t may be K packed clips (`PackedClips`,
+        t (K,), one caption per clip) -> K velocities: `forward_packed`, so that a DeepSpeed
+        engine (which calls the module) runs packed batches too."""
+        if isinstance(x_t, PackedClips):
+            return self.forward_packed(x_t, t, ids, mask, text=text, text_mask=text_mask)
         text, text_mask = self._text(ids, mask, text, text_mask)  # (B, L, Dt), (B, L)
         return self.dit(x_t, t, text, text_mask)  # (B, C, T, H, W)
 

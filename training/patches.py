@@ -3,6 +3,7 @@
     x (B, C, T, H, W) --patchify--> tokens (B, N, pt*ph*pw*C), N = T'H'W' in (t, h, w) raster order
     tokens (B, N, pt*ph*pw*C) --unpatchify--> x (B, C, T, H, W)   (exact inverse)
     K clips (C, T_i, H_i, W_i) --pack_clips--> PackedClips: R rows of N tokens --unpack--> K clips
+    PackedClips --packed_segments--> Segments: which tokens attend to which (varlen attention)
 
 `check_patchable` is the one check that a (T, H, W) shape cuts into (pt, ph, pw) patches: the
 DiT, the CLI's preflight and the trainer all raise its error, naming the config key to change.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
@@ -131,16 +132,36 @@ def unpack(tokens: torch.Tensor, packed: PackedClips) -> list[torch.Tensor]:
     return out
 
 
-def packed_text(packed: PackedClips, text: torch.Tensor, text_mask: torch.Tensor):
-    """Captions of each row's clips side by side, and which token may see which caption token.
+class Segments(NamedTuple):
+    """Varlen attention over packed rows: segments of tokens that attend only among themselves
+    (a whole clip, one frame of a clip, or one (h, w) position of a clip across its frames),
+    grouped by length so that each group is one batched attention of (G, n) tokens.
 
-    text (K, L, Dt), text_mask (K, L) -> row_text (R, Kmax*L, Dt), row_mask (R, N, Kmax*L) bool.
+    Made by `packed_segments`; consumed by the DiT's attention (training/dit.py). Holds
+    indices only (8 bytes per token and grouping), never an (N, N) mask.
     """
-    K, L, Dt = text.shape
-    R, kmax = packed.row_clips.shape
-    idx = packed.row_clips.clamp(min=0)  # (R, Kmax)
-    row_text = text[idx].reshape(R, kmax * L, Dt)  # (R, Kmax*L, Dt)
-    slot_clip = packed.row_clips[:, :, None].expand(R, kmax, L).reshape(R, kmax * L)  # (R, Kmax*L)
-    slot_ok = text_mask[idx].reshape(R, kmax * L) & (slot_clip >= 0)  # (R, Kmax*L)
-    row_mask = (packed.clip[:, :, None] == slot_clip[:, None, :]) & slot_ok[:, None, :]  # (R, N, Kmax*L)
-    return row_text, row_mask
+
+    index: tuple[torch.Tensor, ...]  # per group (G, n) long: tokens in the flattened (R*N) rows
+    clip: tuple[torch.Tensor, ...]  # per group (G,) long: the clip of each segment
+
+
+SEGMENT_UNITS = ("clip", "frame", "position")
+
+
+def packed_segments(packed: PackedClips, unit: str = "clip") -> Segments:
+    """The attention segments of packed clips: each `unit` of each clip (clip: all its T'H'W'
+    tokens; frame: the H'W' tokens of one of its frames; position: the T' tokens at one of its
+    (h, w)), grouped by length. Padding tokens belong to no segment."""
+    if unit not in SEGMENT_UNITS:
+        raise ValueError(f"unknown segment unit {unit!r}; valid: {', '.join(SEGMENT_UNITS)}")
+    N, device = packed.tokens.shape[1], packed.tokens.device
+    groups: dict[int, list[tuple[torch.Tensor, int]]] = {}
+    for k, ((gt, gh, gw), r, o) in enumerate(zip(packed.grids, packed.rows, packed.offsets)):
+        idx = r * N + o + torch.arange(gt * gh * gw, device=device)  # (n,) raster (t, h, w)
+        seg = {"clip": idx[None], "frame": idx.view(gt, gh * gw),
+               "position": idx.view(gt, gh * gw).T}[unit]  # (S, n_seg)
+        groups.setdefault(seg.shape[1], []).append((seg, k))
+    index = tuple(torch.cat([s for s, _ in g]) for g in groups.values())  # each (G, n)
+    clip = tuple(torch.cat([torch.full((s.shape[0],), k, dtype=torch.long, device=device)
+                            for s, k in g]) for g in groups.values())  # each (G,)
+    return Segments(index, clip)

@@ -4,6 +4,9 @@
 ``training.parallelize``): a batch from the loader, caption dropout and the text
 (``TextConditioning``), the loss, backward, the engine's step, and the skip of a whole step when
 a loss is non-finite on any rank. ``training.trainer.train_loop`` calls it once per step.
+A packed batch (``train.data.pack``: a list of clips of any shapes) is one ``pack_clips``
+sequence through ``forward_packed``, with a timestep and noise per clip and the loss averaged
+per clip as over a batch's samples (``flow_loss_packed``).
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from training.clips import normalize
 from training.flops import token_grid, train_flops
-from training.flow import FlowConfig, drop_captions, flow_loss
+from training.flow import FlowConfig, drop_captions, flow_loss, flow_loss_packed
 from training.latent_format import stored_text
-from training.loader import Loader, normalize
+from training.loader import Loader
 from training.model import ModelConfig
 from training.parallelize import checks_overflow
+from training.patches import pack_clips
 from training.text_separation import text_separation
 
 
@@ -116,24 +121,27 @@ class TrainStep:
         self.nan = torch.tensor(float("nan"), device=device)
 
     def __call__(self) -> StepResult:
-        engine, device = self.engine, self.device
+        engine = self.engine
         r = StepResult(lr=float(engine.get_lr()[0]))
         for _ in range(self.grad_accum):
             tw = time.time()
-            video, captions, _keys = next(self.data)  # (B, 3, T, H, W)
+            video, captions, _keys = next(self.data)  # (B, 3, T, H, W), or a pack: K clips
             r.wait += time.time() - tw
-            B, _, T, H, W = video.shape
-            grid = token_grid(self.mcfg.dit, (T, H, W))
-            r.samples, r.tokens = r.samples + B, r.tokens + B * math.prod(grid)
-            r.flops += B * train_flops(self.mcfg.dit, grid, self.mcfg.text.max_length)
-            if self.latents:
-                video = video.to(device, self.dtype, non_blocking=True)  # (B, C, t, h, w)
-            else:
-                video = normalize(video.to(device, non_blocking=True),
-                                  self.dtype)  # (B, 3, T, H, W)
+            packed = isinstance(video, list)
+            shapes = [c.shape[1:] for c in video] if packed else [video.shape[2:]] * len(video)
+            grids = [token_grid(self.mcfg.dit, tuple(sh)) for sh in shapes]  # (T', H', W') per sample
+            r.samples, r.tokens = r.samples + len(grids), r.tokens + sum(math.prod(g) for g in grids)
+            r.flops += sum(train_flops(self.mcfg.dit, g, self.mcfg.text.max_length) for g in grids)
             fwd = self.text(captions, self.data.last)
-            loss, per_sample, t = flow_loss(fwd, video, self.flow, generator=self.gen,
-                                            num_tokens=math.prod(grid))
+            if packed:  # train.data.pack: one sequence, each clip its own t and noise
+                x0 = [self.inputs(c) for c in video]  # K (C, T_k, H_k, W_k)
+                patch = self.mcfg.dit.patch_size
+                loss, per_sample, t = flow_loss_packed(
+                    lambda xs, t: fwd(pack_clips(xs, patch), t), x0, self.flow, generator=self.gen,
+                    num_tokens=torch.tensor([math.prod(g) for g in grids]))
+            else:
+                loss, per_sample, t = flow_loss(fwd, self.inputs(video), self.flow, generator=self.gen,
+                                                num_tokens=math.prod(grids[0]))
             finite = torch.isfinite(loss.detach()).float()
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
             r.applied = r.applied and bool(finite.item())
@@ -153,6 +161,13 @@ class TrainStep:
             self.skipped()
             r.losses, r.per_t = [], []  # the step is skipped on every rank
         return r
+
+    def inputs(self, video: torch.Tensor) -> torch.Tensor:
+        """A batch (B, 3, T, H, W) uint8 or a clip (3, T, H, W) -> the model's input on the device
+        in [-1, 1]; latents (B or none, C, t, h, w) are inputs already."""
+        if self.latents:
+            return video.to(self.device, self.dtype, non_blocking=True)  # (B, C, t, h, w)
+        return normalize(video.to(self.device, non_blocking=True), self.dtype)  # (B, 3, T, H, W)
 
     def skipped(self) -> None:
         """After a skipped step: nothing may have been applied; the lr stays on its schedule."""

@@ -137,6 +137,10 @@ def param_groups(model, lr: float, text_lr_scale: float) -> list[dict]:
 def micro_batch_size(cfg: TrainConfig, world: int, grad_accum: int, sequence_parallel: int = 1) -> int:
     """Samples per data-parallel rank per micro-step: the ranks of one sequence-parallel group
     share their samples, so the data-parallel world is workers / sequence_parallel."""
+    if cfg.data.pack and sequence_parallel > 1:  # here: the CLI's preflight and run_training ask
+        raise ValueError(f"train.data.pack=true is not supported with cluster.sequence_parallel="
+                         f"{sequence_parallel}: packed rows are not split across ranks; set "
+                         f"train.data.pack=false or cluster.sequence_parallel=1")
     dp = world // sequence_parallel
     per = cfg.global_batch_size // (dp * grad_accum)
     if per < 1 or per * dp * grad_accum != cfg.global_batch_size:
@@ -499,12 +503,16 @@ def train_loop(config: dict[str, Any]) -> None:
     # restore: Ray Train's latest registered checkpoint, if any (the EMA lives on rank 0)
     start, loader_state, ema = restore(engine, gen, tcfg, dcfg.zero_stage, rank)
     peak = peak_flops(config, dtype, device, rank)  # before the loader's threads start
-    buckets = buckets_of(tcfg, micro, clip_tokens(tcfg, mcfg, latent))
-    # several shapes on several ranks: every rank steps on the same bucket (training.lockstep)
-    peers = TorchPeers(dp_rank, dp_world, device) if len(buckets) > 1 and dp_world > 1 else None
+    tokens = clip_tokens(tcfg, mcfg, latent)
+    buckets = buckets_of(tcfg, micro, tokens)
+    # several shapes on several ranks: every rank steps on the same bucket (training.lockstep);
+    # packs hold clips of any shape, so packing needs no agreement
+    lockstep = len(buckets) > 1 and dp_world > 1 and not tcfg.data.pack
+    peers = TorchPeers(dp_rank, dp_world, device) if lockstep else None
     data = Loader(ClipStream(config["train_shards"], buckets=buckets, rank=dp_rank,
                              world=dp_world, seed=tcfg.seed, cfg=tcfg.data,
-                             state=Loader.restore_state(loader_state, tcfg.data.num_workers)),
+                             state=Loader.restore_state(loader_state, tcfg.data.num_workers),
+                             tokens=tokens),
                   peers=peers)
     tracker = make_tracker(TrackerSpec(**config["tracker"]), rank)
     text = TextConditioning(engine, mcfg, latent, dcfg.zero_stage, tcfg.flow, gen, device)

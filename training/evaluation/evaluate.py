@@ -1,7 +1,7 @@
 """Evaluation of one checkpoint or a series: validation loss, samples, probes, CLIP score, FVD.
 
     eval.checkpoint / eval.steps --resolve_checkpoints--> [CheckpointRef]
-    each: load_checkpoint -> validation_loss (held-out shards)
+    each: load_checkpoint -> validation_loss (held-out shards; packed as training packed them)
                           -> sample_videos (fixed prompts, fixed noise) -> mp4s + grid.mp4
                           -> probes (synthetic prompts) / CLIP score / FVD (when configured)
     -> results.json, W&B (metrics per step, grid videos, a table of samples), stage summary
@@ -68,16 +68,17 @@ from training.evaluation.consistency import (
     window_probes,
     window_rows,
 )
+from training.clips import normalize, read_clips
 from training.evaluation.parallel import on_sequence_parallel_workers
 from training.evaluation.probes import probe_scores, probe_video, prompt_sensitivity
 from training.evaluation.samples import grid_video, sample_table
 from training.evaluation.video_metrics import ClipScoreConfig, FVDConfig, feature_stats, fvd
 from training.flops import token_grid
-from training.flow import FlowConfig, euler_sample, flow_loss, shift_for, text_model_fn
+from training.flow import FlowConfig, euler_sample, flow_loss, flow_loss_packed, shift_for, text_model_fn
 from training.latent.recon_metrics import evaluate_reconstruction
 from training.latent.space import load_latent_space
-from training.loader import normalize, read_clips
 from training.model import ModelConfig
+from training.patches import PackedClips, pack_clips, patch_grid
 from training.text_separation import ATTRIBUTES, caption_pairs
 from training.trainer import TrainConfig
 from training.ulysses import apply_sequence_parallel
@@ -240,16 +241,24 @@ def _seeded(*key: int) -> torch.Generator:
 
 @torch.no_grad()
 def validation_loss(model, tokenizer, clips, cfg: EvalConfig, device, space=None, flow=None,
-                    on_batch: Callable[[], None] | None = None) -> dict[str, float]:
-    """Flow loss per fixed timestep over `clips` (from `training.loader.read_clips`), noise seeded per
+                    on_batch: Callable[[], None] | None = None, pack_tokens: int = 0) -> dict[str, float]:
+    """Flow loss per fixed timestep over `clips` (from `training.clips.read_clips`), noise seeded per
     (clip index, timestep value) -> {"val/loss_t0.10": ..., "val/loss": mean, "val/clips": n}.
     Keyed by the timestep's value, not its position, so adding or removing a timestep leaves
     the others' numbers unchanged.
     With a latent `space` the clips are encoded (posterior mean) and the loss is in latents.
     `flow`: the training's FlowConfig (its ``prediction`` says what the network outputs); the
     timesteps and noise are fixed here, so only that field matters. `on_batch`: called after
-    each batch of clips (progress)."""
+    each batch of clips (progress). `pack_tokens` > 0 (a ``train.data.pack`` run): each batch
+    goes through the model as the training saw it, packed (``pack_clips``, rows of at most that
+    many tokens) through ``forward_packed``; the loss per clip is the same."""
     flow = flow or FlowConfig()
+    patch = model.cfg.dit.patch_size
+
+    def pack_rows(xs: list[torch.Tensor]) -> PackedClips:  # a clip over the budget: a row alone
+        longest = max(math.prod(patch_grid(tuple(x.shape[1:]), patch)) for x in xs)
+        return pack_clips(xs, patch, max_tokens=max(pack_tokens, longest))
+
     per_t: dict[float, list[float]] = {t: [] for t in cfg.val_timesteps}
     for i in range(0, len(clips), cfg.batch_size):
         chunk = clips[i : i + cfg.batch_size]
@@ -263,8 +272,12 @@ def validation_loss(model, tokenizer, clips, cfg: EvalConfig, device, space=None
             noise = torch.stack([torch.randn(x0.shape[1:], generator=_seeded(cfg.seed, i + j, key))
                                  for j in range(len(chunk))]).to(device)  # (B, 3, T, H, W)
             tt = torch.full((len(chunk),), float(t), device=device)  # (B,)
-            _, per_sample, _ = flow_loss(lambda x, s: model(x, s, ids, mask), x0, flow,
-                                         t=tt, noise=noise)
+            if pack_tokens:
+                _, per_sample, _ = flow_loss_packed(lambda xs, s: model(pack_rows(xs), s, ids, mask),
+                                                    list(x0), flow, t=tt, noise=list(noise))
+            else:
+                _, per_sample, _ = flow_loss(lambda x, s: model(x, s, ids, mask), x0, flow,
+                                             t=tt, noise=noise)
             per_t[t] += per_sample.tolist()
         if on_batch is not None:
             on_batch()
@@ -272,6 +285,12 @@ def validation_loss(model, tokenizer, clips, cfg: EvalConfig, device, space=None
     out["val/loss"] = float(np.mean([np.mean(v) for v in per_t.values()]))
     out["val/clips"] = len(clips)
     return out
+
+
+def packed_tokens(tcfg: dict) -> int:
+    """The token budget of a training run's packs (``train.data.pack``), 0 if it did not pack."""
+    data = tcfg.get("data") or {}
+    return int(data.get("token_budget") or 0) if data.get("pack") else 0
 
 
 # ----- sampling -------------------------------------------------------------------------------
@@ -360,7 +379,8 @@ def evaluate(cfg: EvalConfig, train_dir: Path, val_shards: list[str], out_dir: P
         tick = partial(progress.advance, 1, f"checkpoint {n + 1}/{len(refs)} (step {ref.step})")
         model, mcfg, tcfg, weights = load_checkpoint(ref, device, cfg.use_ema)
         metrics = validation_loss(model, mcfg.text.build_tokenizer(), val_clips,
-                                  cfg, device, space, from_dict(FlowConfig, tcfg["flow"]), tick)
+                                  cfg, device, space, from_dict(FlowConfig, tcfg["flow"]), tick,
+                                  pack_tokens=packed_tokens(tcfg))
         metrics.update(recon)
         videos = _sample(model, mcfg, tcfg, prompts, cfg, device, space, on_batch=tick)  # (N, T, H, W, 3)
         if cfg.probes and cfg.sensitivity_prompts:

@@ -18,7 +18,7 @@ aspect ratio and centre-cropped to ``size``: one fixed window per clip, where ra
 draws a random window each epoch. ``whole`` stores every frame of the clip at ``target_fps``
 (trimmed to ``1 + k * tc``, at most ``max_frames``, short clips padded to ``num_frames``), each
 sample's ``.json`` then giving its own ``video_shape`` and ``latent_shape``, and the loader
-cuts windows of any bucket's length from it (`training.loader.latent_frames`). A whole clip is
+cuts windows of any bucket's length from it (`training.clips.latent_frames`). A whole clip is
 streamed (`whole_clip`): frame 0, then ``chunk_frames * tc`` frames at a time are read from
 the mp4 and go through our VAE's causal cache (``LatentSpace.encode_stream``), so memory is
 that of a chunk whatever the clip's length (``benchmarks/bench_latent_memory.py``); a
@@ -50,9 +50,9 @@ import numpy as np
 import torch
 
 from data.shards import SIDECAR, read_shards, write_shard, write_sidecar
+from training.clips import clip_geometry, decode_sample, normalize, read_resized, to_tensor
 from training.latent.space import STREAM_CHUNK
 from training.latent_format import LATENT, STORE, TEXT, npy_bytes
-from training.loader import clip_geometry, decode_sample, normalize, read_resized, to_tensor
 from training.text import encode_captions
 
 

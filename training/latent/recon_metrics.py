@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from training.loader import normalize, read_clips
+from training.clips import normalize, read_clips
 
 
 def _check(a: torch.Tensor, b: torch.Tensor) -> None:

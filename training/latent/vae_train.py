@@ -39,9 +39,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data.checks import check_ranges
+from training.clips import normalize, read_clips
 from training.latent.recon_metrics import psnr, ssim
 from training.latent.vae import VAEConfig, save_pretrained
-from training.loader import Bucket, ClipStream, Loader, LoaderConfig, normalize, read_clips
+from training.loader import Bucket, ClipStream, Loader, LoaderConfig
 
 RECON_LOSSES = ("l1", "mse")
 PERCEPTUAL_NETS = ("vgg16", "alexnet", "squeezenet1_1")
