@@ -472,7 +472,8 @@ class Loader:
         self.next_worker = stream.next_worker
         self.epochs = 0
         self.last: dict = {}  # the latest batch's reader state and info (keys, stored text)
-        self.lockstep = Lockstep(len(stream.buckets), peers, stream.cfg.max_waiting, stream.pulls,
+        # packs hold clips of any shape: one "bucket" (the trainer gives packing no peers)
+        self.lockstep = Lockstep(1 if stream.cfg.pack else len(stream.buckets), peers, stream.cfg.max_waiting, stream.pulls,
                                  replays=waiting_rounds(stream.waiting) * max(nw, 1))  # a restore
         self._it = iter(self.dl)
         self._queue: queue.Queue | None = None
@@ -504,7 +505,7 @@ class Loader:
         nw = self.stream.cfg.num_workers
         self.next_worker = (st["reader"] % nw + 1) % nw if nw else 0
         self.epochs = max(p["epoch"] for p in self.positions.values())
-        return st["bucket"], batch, {k: st[k] for k in ("reader", "epoch", "keys")}
+        return st["bucket"] or 0, batch, {k: st[k] for k in ("reader", "epoch", "keys")}
 
     def __next__(self) -> tuple[torch.Tensor, list[str], list[str]]:
         self.lockstep.restore(self._get)
