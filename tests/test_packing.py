@@ -222,6 +222,25 @@ def test_packed_batches_hold_every_clip_once_per_epoch_within_the_budget(mixed_l
     assert mixed  # packs mix shapes (first fit), they are not buckets
 
 
+@pytest.mark.timeout(120)
+def test_loader_workers_start_clean_after_the_trainer_has_decoded(mixed_length_shards):
+    # The parent decodes with PyAV first, in its main thread (prefetch=0), so its thread-local
+    # swscale context has started slice threads; DataLoader workers forked from that thread
+    # inherited the context without its threads and hung on their first resize.
+    def clips(num_workers: int) -> dict[str, torch.Tensor]:  # key -> its clip, epoch 0
+        loader, out = packed_loader(mixed_length_shards, num_workers=num_workers), {}
+        for _ in range(4):
+            clips, _, keys = next(loader)
+            out.update(zip(keys, clips) if loader.last["epoch"] == 0 else {})
+        loader.close()
+        return out
+
+    alone = clips(0)
+    workers = clips(2)
+    assert workers and all(torch.equal(v, alone[k]) for k, v in workers.items() if k in alone)
+    assert set(workers) & set(alone)  # the same clips, decoded the same in the workers
+
+
 def test_packer_first_fit_emits_full_packs_and_lone_oversized_clips():
     def keys(pack):
         return None if pack is None else [x[2] for x, _, _ in pack]
@@ -397,14 +416,15 @@ def test_training_steps_on_packed_batches_learn(mixed_length_shards):
 
 def test_a_ray_train_run_trains_on_packs(ray_with_state_api, mixed_length_shards, tmp_path):
     """train_loop in packing mode on 2 Ray Train workers (ZeRO-2), a few steps: each rank's
-    packs of its clips, the step's samples counted per clip."""
+    packs of its clips, read by a DataLoader worker (from the loader's forkserver, inside the
+    Ray worker), the step's samples counted per clip."""
     from test_training import metrics, train
 
     from training.dit import DiTConfig
 
     mcfg = ModelConfig(dit=DiTConfig(patch_size=list(PATCH)))
     res = train(mixed_length_shards, tmp_path, zero=2, steps=4, mcfg=mcfg, height=16, width=16,
-                num_frames=9, data=pack_config().data)
+                num_frames=9, data=pack_config(num_workers=1).data)
     ms = metrics(tmp_path)
     assert [m["step"] for m in ms] == list(range(4)) and res["steps"] == 4
     samples = [round(m["train/samples_per_s"] * m["train/step_time_s"]) for m in ms]  # both ranks

@@ -55,11 +55,19 @@ the shard list is wrong.
 Prefetch: ``Loader`` decodes ``prefetch`` batches ahead in a background thread (decord and
 torch release the GIL), so decoding overlaps the training step. The saved position is always
 that of the batches the trainer has taken, never of those decoded ahead.
+
+Workers: DataLoader workers start from a forkserver (``WORKER_CONTEXT``), not by forking the
+trainer. A forked child inherits native state whose threads it does not get: PyAV keeps a
+thread-local swscale context with a slice-thread pool (FFmpeg 8), so after the parent has
+decoded once a forked worker's first resize waits forever on threads that are not there (seen
+as a hang or a segfault in the worker). The forkserver has ``training.loader`` imported already,
+so a worker starts in about the time a fork takes.
 """
 
 from __future__ import annotations
 
 import math
+import multiprocessing
 import queue
 import random
 import threading
@@ -96,6 +104,10 @@ class Bucket:
 
 
 LOADER_KINDS = ("raw", "latent")
+
+# DataLoader workers are forked from a clean single-threaded server (see the module docstring)
+WORKER_CONTEXT = multiprocessing.get_context("forkserver")
+WORKER_CONTEXT.set_forkserver_preload(["training.loader"])
 
 
 @dataclass
@@ -466,8 +478,8 @@ class Loader:
     def __init__(self, stream: ClipStream, peers=None):
         self.stream = stream
         nw = stream.cfg.num_workers
-        self.dl = DataLoader(stream, batch_size=None, num_workers=nw,
-                             persistent_workers=nw > 0, prefetch_factor=2 if nw else None)
+        self.dl = DataLoader(stream, batch_size=None, num_workers=nw, persistent_workers=nw > 0,
+                             prefetch_factor=2 if nw else None, multiprocessing_context=WORKER_CONTEXT if nw else None)
         self.positions: dict[int, dict] = dict(stream.state)
         self.next_worker = stream.next_worker
         self.epochs = 0
