@@ -5,20 +5,39 @@ A raw sample (mp4 + .json + .txt) is decoded to (T, H, W, 3) uint8 frames at a b
 (3, T, H, W) uint8 (`to_tensor`) and batched (`collate`, `as_batch`); `normalize` makes model
 inputs on the device. `read_clips` reads a fixed validation set; `latent_frames` says which
 windows a stored latent holds.
+
+Images: a sample with no ``mp4`` and a ``jpg``/``jpeg``/``png``/``webp`` member (`image_member`;
+its ``.json`` says ``"kind": "image"``, or is missing in LAION-style shards) is a 1-frame clip.
+It is decoded with `data.images.read_image` (EXIF orientation applied, alpha flattened), resized
+to cover the shape and centre-cropped by the rule video frames follow (`resize_crop_size`), and
+no video decoder is involved. Its geometry comes from its ``.json``, else from the image header
+(`image_size`: no pixels decoded). An image has only 1-frame windows: asking `decode_frames`
+for more raises (the loader gives images only 1-frame buckets; `read_clips` skips them).
+The content decides the format, not the member name (a PNG stored as ``.jpg`` decodes), and
+the training decoder applies no ``min_side`` (the bucket and ``max_upscale`` decide that);
+the probe's size caps (a decompression bomb) still hold. A corrupt image raises
+`data.images.ImageReject`, which the callers count as a skip like a corrupt mp4.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import random
 
 import numpy as np
 import torch
+from PIL import Image
 
+from data.images import ImageProbeConfig, ImageReject, read_image
 from data.shards import read_shards
 from data.video_io import probe, read_frames
+
+IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")  # WebDataset member names of a still image
+# The training decoder's limits: the probe's caps on size, no minimum side (buckets decide)
+TRAIN_IMAGES = ImageProbeConfig(min_side=1)
 
 
 def _seed(*parts) -> int:
@@ -56,10 +75,33 @@ def resize_crop_size(h: int, w: int, size: tuple[int, int]) -> tuple[int, int]:
     return max(th, math.ceil(h * scale)), max(tw, math.ceil(w * scale))
 
 
+def image_member(sample: dict) -> str | None:
+    """The member holding a still image sample's bytes (``jpg``, ``png``, ...), or None for a
+    video sample (one with an ``mp4``) and for a sample with no image."""
+    if "mp4" in sample:
+        return None
+    return next((m for m in IMAGE_MEMBERS if m in sample), None)
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(height, width) of an image as shown (EXIF orientation applied), from its header alone.
+    Raises ImageReject("undecodable") for bytes Pillow cannot identify."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # the header only
+            w, h = im.size
+            turned = int(im.getexif().get(0x0112, 1) or 1) in (5, 6, 7, 8)
+    except Exception as e:  # noqa: BLE001 - any header Pillow chokes on
+        raise ImageReject("undecodable", f"header: {str(e)[:200]}") from None
+    return (w, h) if turned else (h, w)
+
+
 def decode_frames(sample: dict, num_frames: int, size: tuple[int, int],
                   target_fps: float | None, rng: random.Random | None
                   ) -> tuple[np.ndarray, str]:
-    """One WebDataset sample -> ((T, H, W, 3) uint8, possibly a strided view; caption)."""
+    """One WebDataset sample -> ((T, H, W, 3) uint8, possibly a strided view; caption). An
+    image sample is one frame: (1, H, W, 3); asking it for more frames raises."""
+    if image_member(sample) is not None and num_frames != 1:
+        raise ValueError(f"sample {sample.get('__key__')!r} is an image: it has 1 frame, not {num_frames}")
     n, fps, h, w = clip_geometry(sample)
     stride = max(1, round(fps / target_fps)) if target_fps else 1
     return read_resized(sample, clip_window(n, num_frames, stride, rng), (h, w), size), sample.get("txt") or ""
@@ -67,8 +109,15 @@ def decode_frames(sample: dict, num_frames: int, size: tuple[int, int],
 
 def clip_geometry(sample: dict) -> tuple[int, float, int, int]:
     """(frames the mp4 holds, fps, height, width) of a clip sample: from its ``.json`` (a
-    variable-rate source's span is resampled: ``num_frames``), else probed."""
+    variable-rate source's span is resampled: ``num_frames``), else probed. An image: (1, its
+    fps or 1.0, height, width), from the ``.json``, else its header."""
     meta = sample.get("json") or {}
+    member = image_member(sample)
+    if member is not None:
+        h, w = meta.get("height"), meta.get("width")
+        if not h or not w:
+            h, w = image_size(sample[member])
+        return 1, float(meta.get("fps") or 1.0), int(h), int(w)
     if "end" in meta and "fps" in meta:
         n, fps = meta.get("num_frames") or meta["end"] - meta["start"], float(meta["fps"])
         h, w = meta.get("height"), meta.get("width")
@@ -84,6 +133,12 @@ def clip_geometry(sample: dict) -> tuple[int, float, int, int]:
 def read_resized(sample: dict, indices: list[int], hw: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
     """Frames `indices` of a clip of (h, w) = `hw`, resized keeping the aspect ratio and
     centre-cropped to `size` -> (T, H, W, 3) uint8, possibly a strided view."""
+    member = image_member(sample)
+    if member is not None:  # a still: decoded once, its one frame taken as often as asked
+        if any(i != 0 for i in indices):
+            raise ValueError(f"sample {sample.get('__key__')!r} is an image: frame indices {indices}")
+        frame = read_image(sample[member], size=size, cfg=TRAIN_IMAGES)  # (H, W, 3)
+        return frame[None] if len(indices) == 1 else np.repeat(frame[None], len(indices), 0)  # (T, H, W, 3)
     rh, rw = resize_crop_size(*hw, size)
     frames = read_frames(sample["mp4"], indices=indices, size=(rh, rw))  # (T, rh, rw, 3)
     top, left = (rh - size[0]) // 2, (rw - size[1]) // 2
@@ -102,8 +157,9 @@ def read_clips(shards: list[str], max_clips: int, num_frames: int, size: tuple[i
                target_fps: float | None, purpose: str = "validation") -> list[tuple[torch.Tensor, str]]:
     """The first `max_clips` decodable clips of `shards` (held-out ones, for evaluation, the
     VAE's validation and reconstruction metrics), each its first window of `num_frames` frames
-    (no RNG): [((3, T, H, W) uint8, caption)]. Corrupt clips are skipped; none at all raises,
-    naming the `purpose`."""
+    (no RNG): [((3, T, H, W) uint8, caption)]. Corrupt clips are skipped, and so are images
+    unless `num_frames` is 1 (an image is a 1-frame clip); none at all raises, naming the
+    `purpose`."""
     clips = []
     for s in read_shards(shards):
         try:

@@ -30,6 +30,15 @@ whole clip, and a window of it (its first latent frame drawn per epoch and key) 
 without decoding video; a latent that fits no bucket is skipped (``no_bucket``). ``Loader``
 keeps the data-parallel ranks on one bucket per micro-step (``training.lockstep``).
 
+Images: a raw shard may hold still images (``jpg``/``png``/``webp`` + ``txt``, with a ``json``
+of ``"kind": "image"`` or, LAION-style, none). Each is a 1-frame clip: it goes only to the
+1-frame buckets (``train.data.buckets`` entries with ``num_frames: 1``), the one of the closest
+aspect ratio it covers (``max_upscale``), and is skipped as ``no_bucket`` when none is
+configured (``too_small`` when it covers none); decoded with Pillow (`training.clips`), never a
+video decoder, to (3, 1, H, W) uint8 like a 1-frame window of a video. Buckets, the lockstep,
+packing and the saved position treat it as any other sample; a corrupt image is a counted
+skip, like a corrupt mp4.
+
 Packing (``pack``): clips still go to a bucket (their shape), then into packs of at most
 ``token_budget`` tokens of any of the buckets' shapes (``training.packing.Packer``, first fit);
 a batch is one pack, a list of clips, trained as one sequence with block-diagonal attention.
@@ -81,7 +90,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.checks import check_ranges
 from data.shards import read_shards, sidecar_count
-from training.clips import _seed, as_batch, decode_frames, latent_frames, parse_sample, to_tensor
+from training.clips import (_seed, as_batch, clip_geometry, decode_frames, image_member, latent_frames,
+                            parse_sample, to_tensor)
 from training.latent_format import decode_latent_sample, latent_text
 from training.lockstep import Lockstep, waiting_rounds
 from training.packing import Packer
@@ -263,36 +273,59 @@ class ClipStream(IterableDataset):
             yield buf.pop(rng.randrange(len(buf)))
 
     def assign(self, sample: dict, epoch: int = 0) -> int | None:
-        """The bucket of a sample, from its metadata alone (no decoding); None: no bucket fits.
+        """The bucket of a sample, from its metadata alone (no decoding); None: no bucket fits
+        (`place` says why)."""
+        return self.place(sample, epoch)[0]
+
+    def place(self, sample: dict, epoch: int = 0) -> tuple[int | None, str | None]:
+        """(the bucket of a sample, from its metadata alone (no decoding), None) or (None, the
+        reason no bucket fits: ``too_small``, ``no_bucket``).
 
         Raw clips: of the buckets the clip covers scaled up at most ``max_upscale`` times, those
         whose frame count it can fill at the target fps (too short for all: the one needing
-        fewest frames), of the aspect ratio closest to the clip's. Latents: the buckets of the
-        encoded height and width whose frame count is a whole number of latent frames (``1 + k
-        * tc``) no longer than the stored latent. Among those, largest first (pixels, then
-        frames), each bucket takes the clip with its ``prob`` (an RNG of the seed, epoch and
-        key, so the choice does not depend on order); the smallest always."""
+        fewest frames), of the aspect ratio closest to the clip's. Images (1-frame clips): the
+        same among the 1-frame buckets only (none configured: ``no_bucket``), so a still never
+        becomes a frozen video. Latents: the buckets of the encoded height and width whose frame
+        count is a whole number of latent frames (``1 + k * tc``) no longer than the stored
+        latent. Among those, largest first (pixels, then frames), each bucket takes the clip
+        with its ``prob`` (an RNG of the seed, epoch and key, so the choice does not depend on
+        order); the smallest always."""
         meta = sample.get("json") or {}
         key = sample.get("__key__", "?")
         if self.cfg.kind == "latent":
             hw = list((meta.get("video_shape") or [0, 0, 0])[1:])
             fits = [i for i, b in enumerate(self.buckets)
                     if [b.height, b.width] == hw and latent_frames(meta, b.num_frames) is not None]
-            return self._pick(fits, epoch, key) if fits else None
+            return (self._pick(fits, epoch, key), None) if fits else (None, "no_bucket")
+        if image_member(sample) is not None:
+            ones = [i for i, b in enumerate(self.buckets) if b.num_frames == 1]
+            if not ones:
+                return None, "no_bucket"
+            _, _, h, w = clip_geometry(sample)  # the .json, else the image header
+            sized = self._sized(ones, h, w)
+            return (self._closest(sized, h, w, epoch, key), None) if sized else (None, "too_small")
         if not {"start", "end", "fps", "width", "height"} <= meta.keys():
-            return 0  # no metadata: the first bucket; decode_sample probes the file
+            return 0, None  # no metadata: the first bucket; decode_sample probes the file
         # num_frames: what the mp4 holds (a variable-rate source's span is resampled)
         n, fps = meta.get("num_frames") or meta["end"] - meta["start"], float(meta["fps"])
         h, w = int(meta["height"]), int(meta["width"])
         stride = max(1, round(fps / self.cfg.target_fps)) if self.cfg.target_fps else 1
-        aspect = math.log(w / h)
-        sized = [i for i, b in enumerate(self.buckets)
-                 if max(b.height / h, b.width / w) <= self.cfg.max_upscale + 1e-9]
+        sized = self._sized(range(len(self.buckets)), h, w)
         if not sized:
-            return None  # too small for every bucket
+            return None, "too_small"  # too small for every bucket
         fits = [i for i in sized if (self.buckets[i].num_frames - 1) * stride + 1 <= n]
         if not fits:  # too short for every bucket: the one needing fewest frames
-            return min(sized, key=lambda i: self.buckets[i].num_frames)
+            return min(sized, key=lambda i: self.buckets[i].num_frames), None
+        return self._closest(fits, h, w, epoch, key), None
+
+    def _sized(self, candidates, h: int, w: int) -> list[int]:
+        """The buckets of `candidates` a clip of (h, w) covers scaled up at most max_upscale."""
+        return [i for i in candidates
+                if max(self.buckets[i].height / h, self.buckets[i].width / w) <= self.cfg.max_upscale + 1e-9]
+
+    def _closest(self, fits: list[int], h: int, w: int, epoch: int, key: str) -> int:
+        """Of `fits`, the buckets of the aspect ratio closest to (h, w)'s, picked (`_pick`)."""
+        aspect = math.log(w / h)
         gap = {i: abs(math.log(self.buckets[i].width / self.buckets[i].height) - aspect) for i in fits}
         best = min(gap.values())
         return self._pick([i for i in fits if gap[i] <= best + 1e-9], epoch, key)
@@ -374,7 +407,6 @@ class ClipStream(IterableDataset):
         # bucket (too_small, no_bucket: see `assign`), counted as they come: restored as saved.
         saved_skipped: int | None = int(st.get("skipped", 0))
         reasons = dict(st.get("reasons") or {})
-        unfit = "no_bucket" if self.cfg.kind == "latent" else "too_small"
         skipped, errors = 0, [0]
         while True:
             consumed = emitted = 0
@@ -412,7 +444,7 @@ class ClipStream(IterableDataset):
                     continue
                 try:
                     s = parse_sample(s)
-                    b = self.assign(s, epoch)
+                    b, unfit = self.place(s, epoch)
                     if b is None:
                         reasons[unfit] = reasons.get(unfit, 0) + 1
                         raise ValueError(f"sample {key!r} fits no bucket ({unfit})")
