@@ -25,16 +25,24 @@ Design choices:
   large jump in mean frame difference, far above motion between frames.
 - A fixed fraction of videos are deliberately bad inputs, each labelled with
   the rejection curation is expected to produce, so curation can be scored.
+- `stills` (a fraction of the items, off by default) are written as single-frame PNG
+  images (``images/img-NNNNNN.png``, manifest ``"kind": "image"``, ``num_frames`` 1): one
+  object set of the same vocabulary with speed 0, so the caption has no motion words ("two
+  red circles on a black background", which `data.prompts.parse_prompt` reads with no
+  direction). They are dealt from the good single-shot items after the bad and multi-shot
+  ones, so the videos' plan and bytes do not change with stills=0.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 import numpy as np
+from PIL import Image
 
 from data.checks import check_ranges
 from data.video_io import encode_mp4
@@ -108,10 +116,14 @@ class SourceConfig:
     bad_fraction: float = 0.15  # videos that are bad inputs, see BAD_KINDS
     bad_kinds: list[str] = field(default_factory=lambda: list(BAD_KINDS))
     motion: str = "wrap"  # wrap (around the frame edges) | bounce (off the walls, as one group)
+    # Items written as single-frame PNG stills (same vocabulary, no motion words), taken from
+    # the good single-shot ones; 0: videos only (the output is then as it always was).
+    stills: float = 0.0
 
     def __post_init__(self) -> None:
         check_ranges(self, num_videos=">= 1", width=">= 1", height=">= 1", fps="> 0",
-                     seconds="> 0", multishot_fraction="in [0, 1]", bad_fraction="in [0, 1]")
+                     seconds="> 0", multishot_fraction="in [0, 1]", bad_fraction="in [0, 1]",
+                     stills="in [0, 1]")
         if self.motion not in MOTIONS:
             raise ValueError(f"motion: unknown {self.motion!r}; valid: {', '.join(MOTIONS)}")
         unknown = sorted(set(self.bad_kinds) - set(BAD_KINDS))
@@ -292,8 +304,9 @@ def _shot_lengths(rng: np.random.Generator, num_frames: int, num_shots: int) -> 
 
 
 def _plan(cfg: SourceConfig) -> list[str | None]:
-    """Per video: None (single shot), "multishot", or a bad kind. Bad kinds are
-    dealt round-robin, so each appears once bad_fraction * num_videos >= len(bad_kinds)."""
+    """Per item: None (single shot), "multishot", a bad kind, or "still" (an image). Bad
+    kinds are dealt round-robin, so each appears once bad_fraction * num_videos >=
+    len(bad_kinds); stills come from what is left after the bad and multi-shot ones."""
     n = cfg.num_videos
     kinds = list(cfg.bad_kinds)
     unknown = set(kinds) - set(BAD_KINDS)
@@ -307,6 +320,9 @@ def _plan(cfg: SourceConfig) -> list[str | None]:
         plan[i] = kinds[j % len(kinds)]
     for i in order[n_bad : n_bad + n_multi]:
         plan[i] = "multishot"
+    n_still = min(n - n_bad - n_multi, int(cfg.stills * n + 0.5))
+    for i in order[n_bad + n_multi : n_bad + n_multi + n_still]:
+        plan[i] = "still"
     return plan
 
 
@@ -354,6 +370,30 @@ def _make_video(cfg: SourceConfig, index: int, kind: str | None) -> tuple[bytes,
     return data, row
 
 
+def _make_still(cfg: SourceConfig, index: int) -> tuple[bytes, dict]:
+    """One still's PNG bytes and manifest row (without id/path): a motionless spec, one frame."""
+    rng = np.random.default_rng([cfg.seed, index])
+    spec = replace(sample_spec(rng, motion=cfg.motion), speed=0)
+    frame = render(spec, 1, cfg.height, cfg.width)[0]  # (H, W, 3)
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, "PNG")
+    shot = {"start": 0, "end": 1, "caption": caption(spec), "attributes": spec.to_dict()}
+    row = {
+        "kind": "image",
+        "caption": shot["caption"],
+        "attributes": shot["attributes"],
+        "num_frames": 1,
+        "fps": float(cfg.fps),
+        "width": cfg.width,
+        "height": cfg.height,
+        "shots": [shot],
+        "cuts": [],
+        "bad_kind": None,
+        "expected": "keep",
+    }
+    return buf.getvalue(), row
+
+
 def _write_atomic(path: str, data: bytes) -> None:
     with open(path + ".tmp", "wb") as f:
         f.write(data)
@@ -361,8 +401,9 @@ def _write_atomic(path: str, data: bytes) -> None:
 
 
 def generate(cfg: SourceConfig, out_dir: str | os.PathLike) -> list[dict]:
-    """Write out_dir/videos/vid-NNNNNN.{mp4,json} and out_dir/manifest.jsonl
-    (written last, so its presence means the set is complete); return the rows.
+    """Write out_dir/videos/vid-NNNNNN.{mp4,json} (stills: out_dir/images/img-NNNNNN.{png,json})
+    and out_dir/manifest.jsonl (written last, so its presence means the set is complete);
+    return the rows.
 
     For unreadable bad kinds the row still describes the video that was
     rendered before it was broken; `bad_kind` and `expected` say what happened.
@@ -371,11 +412,16 @@ def generate(cfg: SourceConfig, out_dir: str | os.PathLike) -> list[dict]:
     os.makedirs(os.path.join(out_dir, "videos"), exist_ok=True)
     rows = []
     for index, kind in enumerate(_plan(cfg)):
-        data, row = _make_video(cfg, index, kind)
-        vid = f"vid-{index:06d}"
-        row = {"id": vid, "path": f"videos/{vid}.mp4", **row}
+        if kind == "still":
+            data, row = _make_still(cfg, index)
+            sub, vid, ext = "images", f"img-{index:06d}", "png"
+            os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+        else:
+            data, row = _make_video(cfg, index, kind)
+            sub, vid, ext = "videos", f"vid-{index:06d}", "mp4"
+        row = {"id": vid, "path": f"{sub}/{vid}.{ext}", **row}
         _write_atomic(os.path.join(out_dir, row["path"]), data)
-        _write_atomic(os.path.join(out_dir, "videos", f"{vid}.json"), json.dumps(row).encode())
+        _write_atomic(os.path.join(out_dir, sub, f"{vid}.json"), json.dumps(row).encode())
         rows.append(row)
     lines = "".join(json.dumps(row) + "\n" for row in rows)
     _write_atomic(os.path.join(out_dir, "manifest.jsonl"), lines.encode())

@@ -186,3 +186,25 @@ def test_validation_reads_images_as_one_frame_clips_only(mixed):
     assert all(v.shape == (3, 1, 32, 32) for v, _ in one)
     eight = read_clips(mixed["urls"], 100, 8, (32, 32), None)
     assert len(eight) == 6 and all(v.shape == (3, 8, 32, 32) for v, _ in eight)  # the videos only
+
+
+def test_the_synthetic_source_writes_stills_as_pngs_with_motionless_captions(tmp_path):
+    from data.prompts import parse_prompt
+    from data.synthetic import ClipSpec, SourceConfig, generate, render
+
+    kw = dict(num_videos=8, width=32, height=32, seconds=1.0, bad_fraction=0.25, multishot_fraction=0.0)
+    rows = generate(SourceConfig(stills=0.5, **kw), tmp_path / "s")
+    videos = generate(SourceConfig(**kw), tmp_path / "v")
+    stills = [r for r in rows if r.get("kind") == "image"]
+    assert len(stills) == 4 and not any(r.get("kind") for r in videos)
+    for r in stills:
+        assert r["path"].endswith(".png") and r["num_frames"] == 1 and r["bad_kind"] is None
+        spec = ClipSpec.from_dict(r["attributes"])
+        assert spec.speed == 0 and " moving " not in r["caption"] and " bouncing " not in r["caption"]
+        want = parse_prompt(r["caption"])
+        assert want is not None and want.direction is None and want.color == spec.color
+        got = read_image(str(tmp_path / "s" / r["path"]))  # (32, 32, 3)
+        assert np.array_equal(got, render(spec, 1, 32, 32)[0])
+    for r, v in zip(rows, videos):  # the items left videos are the same videos
+        if r.get("kind") != "image":
+            assert r == v and (tmp_path / "s" / r["path"]).read_bytes() == (tmp_path / "v" / v["path"]).read_bytes()
