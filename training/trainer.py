@@ -153,11 +153,15 @@ def micro_batch_size(cfg: TrainConfig, world: int, grad_accum: int, sequence_par
 
 
 def check_latent_data(tcfg: TrainConfig, mcfg, latent: dict | None) -> None:
-    """Latent training: the data, the DiT and the VAE must agree (errors name the keys)."""
+    """Latent training: the data, the DiT and the VAE must agree (errors name the keys). Raw
+    clips: every configured bucket must cut into the DiT's patches."""
     if tcfg.data.kind != "latent":
         if latent is not None:
             raise ValueError("a latent space was given but train.data.kind is "
                              f"{tcfg.data.kind!r}; set train.data.kind=latent to train on latent shards")
+        for i, b in enumerate(tcfg.data.buckets):  # e.g. a 1-frame (image) bucket under pt = 2
+            check_patchable((b.num_frames, b.height, b.width), mcfg.dit.patch_size,
+                            what=f"train.data.buckets[{i}] (frames, height, width)", key="model.dit.patch_size")
         return
     if latent is None:
         raise ValueError("train.data.kind=latent needs the latent shards' record (latent_space.json of "
