@@ -128,7 +128,7 @@ class LoaderConfig:
     num_workers: int = 0  # DataLoader worker processes per rank
     prefetch: int = 2  # batches decoded ahead in a background thread; 0: decode in the loop
     # Shapes to batch by; empty: one bucket of train.num_frames x height x width at the
-    # micro batch size.
+    # micro batch size. Image samples go only to buckets of num_frames 1 (none: skipped, no_bucket).
     buckets: list[Bucket] = field(default_factory=list)
     # Spacetime tokens (the DiT's patches) per rank per micro-batch for the buckets whose
     # batch_size is 0: each takes max(1, token_budget // its tokens per clip) clips, so a step
