@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import random
 
 import numpy as np
@@ -219,21 +218,3 @@ def test_a_one_frame_bucket_must_cut_into_the_dits_patches():
     check_latent_data(tcfg, ModelConfig(dit=DiTConfig(patch_size=[1, 4, 4])), None)
     with pytest.raises(ValueError, match=r"train.data.buckets\[1\].*model.dit.patch_size"):
         check_latent_data(tcfg, ModelConfig(dit=DiTConfig(patch_size=[2, 4, 4])), None)
-
-
-def test_a_ray_train_run_trains_on_images_and_videos(ray_with_state_api, mixed, tmp_path):
-    """train_loop on 2 Ray Train workers (ZeRO-2) over the mixed shards, the ranks in lock step
-    over a video bucket and two image buckets: every step finite, stills among the samples."""
-    from test_training import metrics, train
-
-    from training.dit import DiTConfig
-
-    res = train(mixed["urls"], tmp_path, zero=2, steps=6, mcfg=ModelConfig(dit=DiTConfig(patch_size=[1, 4, 4])),
-                height=32, width=32, num_frames=8, global_batch_size=4,
-                data=LoaderConfig(buckets=BUCKETS, shuffle_buffer=3))
-    ms = metrics(tmp_path)
-    assert [m["step"] for m in ms] == list(range(6)) and res["steps"] == 6
-    assert all(math.isfinite(m["train/loss"]) for m in ms) and res["skip_reasons"] == {}
-    # tokens a step, both ranks on one bucket: 8-frame clips 2 x 2 x 512, stills 2 x 2 x 64 or 128
-    tokens = {round(m["train/tokens_per_s"] * m["train/step_time_s"]) for m in ms}
-    assert tokens & {256, 512} and 2048 in tokens

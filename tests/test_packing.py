@@ -415,19 +415,35 @@ def test_training_steps_on_packed_batches_learn(mixed_length_shards):
 
 
 def test_a_ray_train_run_trains_on_packs(ray_with_state_api, mixed_length_shards, tmp_path):
-    """train_loop in packing mode on 2 Ray Train workers (ZeRO-2), a few steps: each rank's
-    packs of its clips, read by a DataLoader worker (from the loader's forkserver, inside the
-    Ray worker), the step's samples counted per clip."""
+    """train_loop in packing mode on 2 Ray Train workers (ZeRO-2), a few steps, on the clips and
+    a shard of PNG/JPEG stills (1-frame clips): each rank's packs of its clips, read by a
+    DataLoader worker (from the loader's forkserver, inside the Ray worker), are exactly the
+    packs its loader gives offline, stills among them, and the step's samples are counted per clip."""
+    from test_image_training import image_sample
     from test_training import metrics, train
 
-    from training.dit import DiTConfig
-
+    rng = np.random.default_rng(5)
+    stills = str(tmp_path / "stills.tar")
+    write_shard(stills, [image_sample(rng, f"still{i}", 16, 16 * (1 + i % 2), "PNG" if i % 3 else "JPEG")
+                         for i in range(8)])
+    urls = [*mixed_length_shards, stills]
     mcfg = ModelConfig(dit=DiTConfig(patch_size=list(PATCH)))
-    res = train(mixed_length_shards, tmp_path, zero=2, steps=4, mcfg=mcfg, height=16, width=16,
-                num_frames=9, data=pack_config(num_workers=1).data)
-    ms = metrics(tmp_path)
+    tcfg = pack_config(num_workers=1)
+    res = train(urls, tmp_path / "run", zero=2, steps=4, mcfg=mcfg, height=16, width=16,
+                num_frames=9, data=tcfg.data)
+    ms = metrics(tmp_path / "run")
     assert [m["step"] for m in ms] == list(range(4)) and res["steps"] == 4
+    assert res["skip_reasons"] == {}
     samples = [round(m["train/samples_per_s"] * m["train/step_time_s"]) for m in ms]  # both ranks
     tokens = [m["train/tokens_per_s"] * m["train/step_time_s"] for m in ms]
     assert all(2 <= s and t <= 2 * BUDGET + 1e-6 for s, t in zip(samples, tokens))
     assert len(set(samples)) > 1 and all(math.isfinite(m["train/loss"]) for m in ms)
+    # what each rank's loader packs (the trainer's seed and buckets): the steps' sample counts
+    offline = []
+    for rank in (0, 1):
+        loader = Loader(ClipStream(urls, buckets=buckets_of(tcfg, 1, clip_tokens(tcfg, mcfg, None)), rank=rank,
+                                   world=2, seed=1, cfg=tcfg.data, tokens=clip_tokens(tcfg, mcfg, None)))
+        offline.append([next(loader)[2] for _ in range(4)])
+        loader.close()
+    assert samples == [len(a) + len(b) for a, b in zip(*offline)]
+    assert any(k.startswith("still") for packs in offline for keys in packs for k in keys)
