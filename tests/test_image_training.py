@@ -14,9 +14,9 @@ from PIL import Image
 
 import training.clips
 from data.images import read_image
-from data.shards import write_shard
+from data.shards import read_shards, write_shard
 from test_buckets import ThreadGroup, ThreadPeers, in_step, synthetic_clip
-from training.clips import _seed, decode_sample, image_size, read_clips
+from training.clips import _seed, decode_sample, image_size, normalize, read_clips
 from training.loader import Bucket, ClipStream, Loader, LoaderConfig
 from training.model import ModelConfig
 from training.trainer import TrainConfig, buckets_of, clip_tokens
@@ -218,3 +218,53 @@ def test_a_one_frame_bucket_must_cut_into_the_dits_patches():
     check_latent_data(tcfg, ModelConfig(dit=DiTConfig(patch_size=[1, 4, 4])), None)
     with pytest.raises(ValueError, match=r"train.data.buckets\[1\].*model.dit.patch_size"):
         check_latent_data(tcfg, ModelConfig(dit=DiTConfig(patch_size=[2, 4, 4])), None)
+
+
+@pytest.mark.parametrize("span", ["window", "whole"])
+def test_precompute_encodes_images_as_one_frame_and_the_latent_loader_trains_them(tmp_path, span):
+    """Latent space: precompute stores each still as a 1-frame latent (the causal VAE's
+    single-frame path, equal to encoding the decoded image alone) whatever the span, videos as
+    before, a corrupt image as a failure with its reason; the latent loader puts the stills in
+    the 1-frame bucket and the clips in the 9-frame one."""
+    from test_vae import save_vae
+
+    from training.latent.precompute import precompute_latents
+    from training.latent.space import LatentConfig
+    from training.latent_format import decode_latent_sample
+
+    rng = np.random.default_rng(4)
+    samples = ([synthetic_clip(rng, f"vid{i}", 32, 32) for i in range(3)]
+               + [image_sample(rng, f"sq{i}", 32, 32) for i in range(2)] + [image_sample(rng, "wd", 40, 80, "JPEG")])
+    bad = image_sample(rng, "broken", 32, 32)
+    samples.append({**bad, "png": bad["png"][:40]})
+    write_shard(str(tmp_path / "train-000000.tar"), samples)
+    written = {s["__key__"]: s for s in samples}
+    vae_dir = save_vae(tmp_path / "vae")
+    cfg = LatentConfig(kind="ours", span=span, clips_per_shard=8, batch_size=2)
+    stats = precompute_latents(cfg, {"train": [str(tmp_path / "train-000000.tar")]}, tmp_path / "out", 9, (32, 32),
+                               None, vae_dir=str(vae_dir), log=lambda s: None)
+    assert (stats["clips_in"], stats["clips_encoded"], stats["clips_failed"]) == (7, 6, 1)
+    assert stats["failed"][0]["key"] == "broken" and stats["failed"][0]["reason"] == "decode_failed"
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    stored = {s["__key__"]: s for s in read_shards([str(tmp_path / "out" / p) for p in index["train"]])}
+    space = cfg.build(vae_dir=str(vae_dir))
+    for k in ("sq0", "sq1", "wd"):
+        z, _, _ = decode_latent_sample(stored[k])
+        assert stored[k]["json"]["video_shape"] == [1, 32, 32] and tuple(z.shape) == (4, 1, 4, 4)
+        alone = decode_sample(written[k], 1, (32, 32), None, rng=None)[0]  # (3, 1, 32, 32)
+        with torch.no_grad():
+            want = space.encode(normalize(alone[None]))[0]  # (4, 1, 4, 4)
+        torch.testing.assert_close(z.float(), want.float(), rtol=1e-3, atol=1e-3)
+    assert all(stored[f"vid{i}"]["json"]["latent_shape"][1] == 3 for i in range(3))  # 9 frames: 3 latents
+    latent = LoaderConfig(kind="latent", buckets=[Bucket(9, 32, 32, 2), Bucket(1, 32, 32, 2)], prefetch=0)
+    loader = Loader(ClipStream([str(tmp_path / "out" / p) for p in index["train"]], buckets=latent.buckets,
+                               rank=0, world=1, seed=0, cfg=latent))
+    shapes = {}
+    for _ in range(6):
+        z, _, keys = next(loader)
+        shapes.update({k: tuple(z.shape[1:]) for k in keys})
+    loader.close()
+    assert {shapes[k] for k in ("sq0", "sq1", "wd") if k in shapes} == {(4, 1, 4, 4)}
+    assert {shapes[k] for k in shapes if k.startswith("vid")} <= {(4, 3, 4, 4), (4, 1, 4, 4)}
+    assert {"sq0", "sq1", "wd"} <= set(shapes)
+

@@ -12,6 +12,10 @@ tars do), so a reader tells a damaged shard from a whole one (`data.shards.read_
 damaged input shard stops the precompute with an error naming it (`ShardIncomplete`), rather
 than encoding what was left of it.
 
+Images (a sample with a ``jpg``/``png``/``webp`` member, `training.clips.image_member`) are
+encoded as one frame, whatever the span: ``video_shape`` (1, H, W), ``latent_shape`` (C, 1, h,
+w), the causal VAE's single-frame path; they train in the 1-frame buckets.
+
 What is stored per clip (``latent.span``): ``window`` (the default) encodes its first window of
 ``num_frames`` frames at ``target_fps`` (``decode_sample`` with no RNG), resized keeping the
 aspect ratio and centre-cropped to ``size``: one fixed window per clip, where raw training
@@ -50,7 +54,7 @@ import numpy as np
 import torch
 
 from data.shards import SIDECAR, read_shards, write_shard, write_sidecar
-from training.clips import clip_geometry, decode_sample, normalize, read_resized, to_tensor
+from training.clips import clip_geometry, decode_sample, image_member, normalize, read_resized, to_tensor
 from training.latent.space import STREAM_CHUNK
 from training.latent_format import LATENT, STORE, TEXT, npy_bytes
 from training.text import encode_captions
@@ -165,7 +169,9 @@ def precompute_latents(latent_cfg, shard_urls_by_split: dict[str, list[str]], ou
             video = normalize(torch.stack([b[1] for b in batch]).to(device))  # (B, 3, T, H, W)
             keys = [b[0]["__key__"] for b in batch]
             gen = torch.Generator().manual_seed(_seed(latent_cfg.seed, keys)) if latent_cfg.sample else None
-            store(batch, space.encode(video, generator=gen).cpu(), video_shape, lat_shape)  # (B, C, t, h, w)
+            vshape = tuple(video.shape[2:])  # the clips' (T, H, W); images: (1, H, W)
+            z = space.encode(video, generator=gen).cpu()  # (B, C, t, h, w)
+            store(batch, z, vshape, tuple(z.shape[1:]))
 
         def encode_whole(s: dict) -> None:
             """One clip whole, streamed chunk by chunk through the encoder (span=whole)."""
@@ -200,25 +206,28 @@ def precompute_latents(latent_cfg, shard_urls_by_split: dict[str, list[str]], ou
                 n_ok += 1
             flush()
 
-        batch: list[tuple] = []
+        batches: dict[bool, list[tuple]] = {False: [], True: []}  # clips, images: one shape each
         for s in read_shards(urls):
             n_in += 1
+            still = image_member(s) is not None
             try:
-                if whole:
+                if whole and not still:
                     encode_whole(s)
                     continue
-                video, cap = decode_sample(s, num_frames, size, target_fps, rng=None)  # (3, T, H, W)
-            except (ClipUnreadable if whole else Exception) as e:  # noqa: BLE001 - one bad clip is recorded, never fatal
+                # an image is one frame, through the VAE's single-frame (causal first-frame) path
+                video, cap = decode_sample(s, 1 if still else num_frames, size, target_fps, rng=None)  # (3, T, H, W)
+            except (ClipUnreadable if whole and not still else Exception) as e:  # noqa: BLE001 - one bad clip is recorded, never fatal
                 failed.append({"key": s.get("__key__", "?"), "split": split,
                                "shard": Path(s.get("__url__", "?")).name, "reason": "decode_failed",
                                "detail": f"{type(e).__name__}: {e}"})
                 continue
-            batch.append((s, video, cap))
-            if len(batch) == latent_cfg.batch_size:
+            batches[still].append((s, video, cap))
+            if len(batches[still]) == latent_cfg.batch_size:
+                encode(batches[still])
+                batches[still] = []
+        for batch in batches.values():
+            if batch:
                 encode(batch)
-                batch = []
-        if batch:
-            encode(batch)
         flush(final=True)
         index[split] = names
         n_failed = sum(f["split"] == split for f in failed)
