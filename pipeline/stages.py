@@ -326,7 +326,7 @@ def shard_stage(ctx: StageContext) -> dict:
     stats["inputs"] = stats_up["inputs"]
     if stats["kept_sources"] + stats["rejected_sources"] != stats["inputs"]:
         raise RuntimeError(f"sharding lost sources: {stats}")
-    secs = sum((c["end"] - c["start"]) / c["fps"] for c in kept)
+    secs = sum(map(clip_seconds, kept))
     stats.update({
         "funnel": stats_up["funnel"] + [step("sharded", len(kept), secs, "clips")],
         "clips_sharded": len(res["rows"]),
@@ -336,6 +336,7 @@ def shard_stage(ctx: StageContext) -> dict:
         "clips_per_split": {s: sum(r["split"] == s for r in res["rows"])
                             for s in ("train", "val")},
         "bytes": int(sum(r["bytes"] for r in res["rows"])),
+        "clips_per_kind": {k: sum(r["kind"] == k for r in res["rows"]) for k in ("video", "image")},
         "captioners": stats_up.get("captioners", []),
     })
     write_parquet(res["rows"], ctx.out_dir / "clips.parquet")

@@ -3,8 +3,9 @@ bring remote files to local disk for probing and decoding.
 
 Inputs (`IngestConfig.inputs`), each one of:
 - a local directory or an fsspec URL of one (`s3://bucket/raw/`, `gs://...`, `memory://...`):
-  every file whose extension is in `extensions`, recursively unless `recursive=False`; a
-  same-named `.txt` beside a video is its caption;
+  every file whose extension is in `extensions` (videos) or `image_extensions` (stills: jpg,
+  jpeg, png, webp), recursively unless `recursive=False`; a same-named `.txt` beside a video
+  or an image is its caption;
 - a glob (`/data/*/clips/*.mp4`, `s3://bucket/2024-*/*.mkv`), or one file (path or URL);
 - a manifest (`.csv`, `.parquet`, `.jsonl`, optionally `.gz` for the text ones), local or
   remote, one row per video: `path_column` (required), `caption_column`, `license_column`,
@@ -25,7 +26,9 @@ unreadable sidecar caption makes its video a reject (`sidecar_unreadable`), a di
 named like a video one too (`not_a_file`), and an unreadable subdirectory or a symlinked
 one is a warning of `list_inputs` (the source stage lists them in its result).
 
-An item is `{"id", "url", "caption", "license", "source_url", "meta"}`, plus `"reject":
+An item is `{"id", "url", "caption", "license", "source_url", "meta"}`, plus `"kind":
+"image"` when its extension is one of `image_extensions` (decided by the name, for listings
+and manifests alike; videos carry no kind), plus `"reject":
 [reason, detail]` when listing already refused it (the curate stage records it, stage
 `ingest`, without touching the URL). `url` is the resolved location: the real path of a
 local file, a full URL otherwise. `id` is a readable stem
@@ -77,6 +80,7 @@ from pipeline.curation.fetch import (
 )
 
 VIDEO_EXTENSIONS = [".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"]
+IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".webp"]  # still images (`data.images`)
 MANIFEST_SUFFIXES = (".csv", ".csv.gz", ".jsonl", ".jsonl.gz", ".parquet")
 REASONS = ("opted_out", "license_not_allowed", "blocked_hash", "fetch_failed", "too_large",
            "fetch_timeout", "not_allowed_scheme", "not_allowed_host", "sidecar_unreadable",
@@ -99,6 +103,9 @@ class RemoteManifestConfig:
 class IngestConfig:
     inputs: list[str] = field(default_factory=list)  # dirs, globs, files, URLs, manifests
     extensions: list[str] = field(default_factory=lambda: list(VIDEO_EXTENSIONS))
+    # Still images, listed beside the videos; an item with one of these carries "kind": "image"
+    # ([] lists videos only, as before images were curated).
+    image_extensions: list[str] = field(default_factory=lambda: list(IMAGE_EXTENSIONS))
     recursive: bool = True
     sidecar_captions: bool = True  # directory inputs: <name>.txt beside <name>.mp4
     path_column: str = "path"
@@ -118,6 +125,30 @@ class IngestConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self, fetch_retries=">= 0", fetch_backoff_s=">= 0")
+        both = set(_exts(self.extensions)) & set(_exts(self.image_extensions))
+        if both:
+            raise ValueError(f"ingest.image_extensions: {sorted(both)} also in ingest.extensions "
+                             f"(a file is a video or an image, not both)")
+
+
+def _exts(names: list[str]) -> tuple[str, ...]:
+    return tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in names)
+
+
+# Image kinds curation refuses (`data.images`: unsupported_format, or animated), named here so
+# that one given explicitly (a manifest row, a single file) is refused by the image probe
+# with that reason, not by the video probe; directory listings do not list them.
+REFUSED_IMAGE_EXTENSIONS = (".gif", ".bmp", ".tif", ".tiff")
+
+
+def item_kind(url: str, cfg: IngestConfig) -> str | None:
+    """"image" for a URL or path named with one of `cfg.image_extensions` (or, when images are
+    on, of REFUSED_IMAGE_EXTENSIONS), else None (a video; the extension decides, the probe then
+    checks the content)."""
+    if not cfg.image_extensions:
+        return None
+    path = (urlsplit(url).path if has_scheme(url) else url).lower()
+    return "image" if path.endswith(_exts(cfg.image_extensions) + REFUSED_IMAGE_EXTENSIONS) else None
 
 
 # ----- listing ------------------------------------------------------------------------------
@@ -321,7 +352,7 @@ def _local_tree(root: str, recursive: bool, warnings: list[str]) -> dict[str, st
 
 def _listing_items(spec: str, cfg: IngestConfig, warnings: list[str]) -> list[dict]:
     fs, path = _url_to_fs(spec, _listing_options(spec, cfg))
-    exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in cfg.extensions)
+    exts = _exts(cfg.extensions) + _exts(cfg.image_extensions)
     is_http = spec.startswith(("http://", "https://"))
     if not is_http and any(c in path for c in "*?["):
         found = {n: i.get("type", "file") for n, i in fs.glob(path, detail=True).items()}
@@ -406,11 +437,12 @@ def list_inputs(cfg: IngestConfig, warnings: list[str] | None = None) -> list[di
                  else _listing_items(spec, cfg, warnings))
         if not found:
             raise ValueError(f"ingest input {spec} holds no files with extensions "
-                             f"{list(cfg.extensions)}")
+                             f"{list(cfg.extensions) + list(cfg.image_extensions)}")
         for it in found:
             if it["url"] not in seen:
                 seen.add(it["url"])
-                items.append({"id": make_id(it["url"]), **it})
+                kind = item_kind(it["url"], cfg)
+                items.append({"id": make_id(it["url"]), **it, **({"kind": kind} if kind else {})})
     return items
 
 
