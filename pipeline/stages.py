@@ -28,6 +28,7 @@ from pipeline.curation.curate import (
     CurateConfigs,
     account,
     clip_seconds,
+    dedup_priority,
     read_clips,
     read_rejects,
     reject,
@@ -253,8 +254,7 @@ def filter_stage(ctx: StageContext) -> dict:
         clips = kept
         funnel.append(step("model filters", len(clips), sum(map(clip_seconds, clips)), "clips"))
     ids = [c["clip_id"] for c in clips]
-    prio = np.asarray([c["scores"].get("aesthetic", c["end"] - c["start"]) for c in clips],
-                      np.float64)
+    prio = np.asarray([dedup_priority(c) for c in clips], np.float64)
     matrix = np.stack([emb[i] for i in ids]) if ids else np.zeros((0, 1), np.float32)
     dedup = ctx.section("dedup")
     if not cur.model_scores:  # thumbnail signatures: their own, measured threshold

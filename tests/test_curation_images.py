@@ -163,3 +163,138 @@ def test_listing_marks_images_by_extension_and_reads_their_captions(tmp_path):
     assert {Path(i["url"]).suffix for i in videos_only} == {".mp4"}
     with pytest.raises(ValueError, match="image_extensions"):
         IngestConfig(extensions=[".mp4", ".png"])
+
+
+# ----- one run of the real graph over the mixed inputs ----------------------------------------
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("inputs")
+    inp = make_inputs(root)
+    cwd = tmp_path_factory.mktemp("run")
+    env = {**os.environ, "SPACETIME_RUN_ID": ""}
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--only", "shard",
+                        "source=ingest", "tracking=disabled", "curate.group_size=6",
+                        f"ingest.inputs=[{inp['dir']},{inp['manifest']}]"],
+                       cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    latest = json.loads((cwd / "outputs/runs/latest.json").read_text())
+    lineage = json.loads((cwd / f"outputs/runs/{latest['run_id']}/lineage.json").read_text())
+    dirs = {n: Path(s["path"]) for n, s in lineage["stages"].items()}
+    items = [json.loads(s) for s in (dirs["source"] / "inputs.jsonl").read_text().splitlines()]
+    name = {i["id"]: Path(i["url"]).name for i in items}
+    d = dirs["shard"]
+    index = json.loads((d / "index.json").read_text())
+    samples: dict[str, dict] = {}
+    for split in ("train", "val"):
+        for p in index[split]:
+            with tarfile.open(d / p) as tf:
+                for m in tf.getmembers():
+                    key, ext = m.name.split(".", 1)
+                    samples.setdefault(key, {"__split__": split})[ext] = tf.extractfile(m).read()
+    return {"inputs": inp, "dirs": dirs, "items": items, "name": name, "samples": samples,
+            "rows": read_parquet(d / "clips.parquet"),
+            "rejects": read_parquet(d / "rejects.parquet"),
+            "stats": json.loads((d / "stats.json").read_text())}
+
+
+def test_every_input_is_sharded_or_rejected_with_its_reason(run):
+    name, rows = run["name"], run["rows"]
+    sharded = {name[r["source_id"]] for r in rows}
+    rejected = {name[r["source_id"]]: r for r in run["rejects"]}
+    assert set(name.values()) == set(EXPECT) | set(MANIFEST)
+    for n, want in {**EXPECT, **MANIFEST}.items():
+        if want == "keep":
+            assert n in sharded and n not in rejected, (n, rejected.get(n))
+        else:
+            r = rejected[n]
+            assert n not in sharded and r["reason"] == want, (n, r)
+            assert r["stage"] == STAGE.get(want, "probe"), r
+    # the image near-copies name what they duplicate: the photo, and the video's clip
+    by = {n: rejected[n] for n in ("copy_of_photo.jpg", "frame_of_pan_a.jpg")}
+    pan_a = next(r["key"] for r in rows if name[r["source_id"]] == "pan_a.mp4")
+    photo = next(r["key"] for r in rows if name[r["source_id"]] == "photo.jpg")
+    assert pan_a in by["frame_of_pan_a.jpg"]["detail"] and photo in by["copy_of_photo.jpg"]["detail"]
+    assert by["frame_of_pan_a.jpg"]["start"] == 0 and by["frame_of_pan_a.jpg"]["end"] == 1
+    s = run["stats"]
+    assert s["inputs"] == len(name) == s["kept_sources"] + s["rejected_sources"]
+    kept = sum(v == "keep" for v in {**EXPECT, **MANIFEST}.values())
+    assert s["clips_sharded"] == len(rows) == kept == len(run["samples"])
+    assert s["clips_per_kind"] == {"video": 2, "image": kept - 2}
+    assert s["kept_seconds"] == pytest.approx(2 * 48 / FPS)  # images add no seconds
+    assert [f["step"] for f in s["funnel"]] == ["inputs", "probed", "shots", "cpu filters",
+                                                 "dedup", "captioned", "sharded"]
+
+
+# shown (width, height) of the kept images: EXIF orientation applied, not resized
+SIZES = {"photo.jpg": (200, 150), "rotated.jpg": (80, 120), "alpha.png": (140, 100),
+         "photo.webp": (120, 90), "photo_m.jpg": (100, 100)}
+
+
+def test_images_are_written_as_images_and_videos_as_before(run):
+    name = run["name"]
+    rows = {r["key"]: r for r in run["rows"]}
+    for key, s in run["samples"].items():
+        meta = json.loads(s["json"])
+        n = name[meta["source_id"]]
+        assert s["txt"].decode() == meta["caption"] == rows[key]["caption"]
+        assert meta["clip_id"] == key and meta["path"].endswith(n)
+        assert {"brightness", "sharpness", "short_side", "aspect"} <= set(meta["scores"])
+        if n.endswith(".mp4"):  # unchanged: an mp4 of the clip's frames, no "kind"
+            assert set(s) == {"__split__", "mp4", "json", "txt"} and "kind" not in meta
+            assert read_frames(s["mp4"]).shape == (48, 96, 128, 3)
+            assert (meta["start"], meta["end"], meta["fps"], meta["num_frames"]) == (0, 48, FPS, 48)
+            assert "motion" in meta["scores"]
+            assert rows[key]["kind"] == "video" and rows[key]["member"] == "mp4"
+            continue
+        assert set(s) == {"__split__", "jpg", "json", "txt"}, n  # not a 1-frame mp4
+        im = Image.open(io.BytesIO(s["jpg"]))
+        assert im.format == "JPEG" and im.mode == "RGB" and im.size == SIZES[n]
+        assert not im.getexif()  # re-encoded: no EXIF (orientation, GPS) survives
+        assert {k: meta[k] for k in ("kind", "start", "end", "fps", "num_frames", "has_audio",
+                                     "image_format")} == {
+            "kind": "image", "start": 0, "end": 1, "fps": IMAGE_FPS, "num_frames": 1,
+            "has_audio": False, "image_format": "jpg"}
+        assert (meta["width"], meta["height"]) == SIZES[n]
+        assert not {"motion", "jitter", "noise", "seconds"} & set(meta["scores"])
+        assert meta["source"]["license"] == ("cc-by-4.0" if n == "photo_m.jpg" else None)
+        assert rows[key]["kind"] == "image" and rows[key]["member"] == "jpg"
+        assert rows[key]["num_frames"] == 1 and rows[key]["bytes"] == len(s["jpg"])
+        px = np.asarray(im)  # (H, W, 3)
+        if n == "alpha.png":  # the transparent strip flattened onto white
+            assert px[:, :16].min() > 240 and px[:, 30:].mean() < 230
+        if n == "rotated.jpg":  # shown upright: the stored top row is now the right column
+            stored = picture(4, 80, 120)
+            assert np.abs(px[:, -1].astype(int) - stored[0, :, :].astype(int)).mean() < 12
+    caps = {name[json.loads(s["json"])["source_id"]]: s["txt"].decode()
+            for s in run["samples"].values()}
+    assert caps["photo.jpg"] == "discs on a coloured field" and caps["alpha.png"] == ""
+    assert caps["photo_m.jpg"] == "row photo_m.jpg"
+    assert caps["pan_a.mp4"] == "a pan over a field of colours"
+
+
+def test_manifest_counts_match_the_tars(run):
+    d = run["dirs"]["shard"]
+    for split in ("train", "val"):
+        desc = json.loads((d / f"{split}.wids.json").read_text())
+        for e in desc["shardlist"]:
+            side = json.loads((d / f"{e['url']}.rows.json").read_text())
+            keys = {k for k, s in run["samples"].items() if s["__split__"] == split}
+            assert e["nsamples"] == len(side["rows"]) and {r["key"] for r in side["rows"]} <= keys
+    assert sum(r["split"] == "val" for r in run["rows"]) == run["stats"]["clips_per_split"]["val"]
+
+
+def test_model_scores_and_captions_read_an_image_clip_as_its_image(run):
+    """Where a stage reads a clip's frames (the filter's model scores, the VLM captioner), an
+    image clip gives its image, repeated, decoded in the media child: no video decoding."""
+    clips = read_clips(run["dirs"]["caption"])
+    (clip,) = [c for c in clips if run["name"][c["source_id"]] == "photo.jpg"]
+    assert clip["kind"] == "image" and clip_seconds(clip) == 0.0
+    frames = clip_keyframes(clip, 4, 160)  # (4, h, w, 3)
+    assert frames.shape == (4, 120, 160, 3) and (frames == frames[:1]).all()
+    want = cv2.resize(np.asarray(Image.open(clip["abs_path"]).convert("RGB")), (160, 120),
+                      interpolation=cv2.INTER_AREA)
+    assert np.abs(frames[0].astype(int) - want.astype(int)).mean() < 1
+    row = decode_clip({"i": 0, "clip": json.dumps(clip)}, num_frames=8, frame_size=112)
+    assert not row["error"] and row["shape"] == [8, 112, 150, 3]
+    (video,) = [c for c in clips if run["name"][c["source_id"]] == "pan_b.mp4"]
+    assert video["kind"] == "video" and clip_keyframes(video, 4, 128).shape == (4, 96, 128, 3)

@@ -435,6 +435,17 @@ def run_model_scores(clips: list[dict], embed_cfg, long_side: int, out: Path, co
     return {r["clip_id"]: r for r in read_parts(out / "parts")}
 
 
+def dedup_priority(c: dict) -> float:
+    """Which of two near-duplicates is kept (the higher): the aesthetic score when model
+    scores ran, else a video clip's frame count; an image scores just under 1, larger images
+    higher, so a video beats a still of it and a full-size photo beats its thumbnail."""
+    if "aesthetic" in c["scores"]:
+        return float(c["scores"]["aesthetic"])
+    if c.get("kind") == "image":
+        return 1.0 - 1.0 / (1.0 + c["width"] * c["height"])
+    return float(c["end"] - c["start"])
+
+
 # ----- accounting ----------------------------------------------------------------------------
 def account(source_ids: set[str], clips: list[dict], rejects: list[dict]) -> dict[str, Any]:
     """Conservation check: every input is kept or rejected; raises if one went missing."""
