@@ -39,7 +39,7 @@ from pipeline.curation.curate import (
 )
 from pipeline.curation.dedup import find_near_duplicates
 from pipeline.curation.funnel import histograms, render_png, step
-from pipeline.curation.ingest import is_manifest, list_inputs
+from pipeline.curation.ingest import is_image_shard, is_manifest, list_inputs
 from pipeline.curation.parts import actor_pool
 from pipeline.curation.scores import apply_filters
 from pipeline.curation.shard import run_sharding, wids_index
@@ -132,7 +132,8 @@ def ingest_items(ing, warnings: list[str] | None = None) -> list[dict]:
         return list_inputs(ing)  # raises, naming the key
     items, seen = [], set()
     for spec in ing.inputs:
-        origin = "manifest" if is_manifest(spec) else "sidecar"
+        origin = ("manifest" if is_manifest(spec) else "shard" if is_image_shard(spec)
+                  else "sidecar")
         for it in list_inputs(dataclasses.replace(ing, inputs=[spec]), warnings):
             if it["url"] in seen:
                 continue

@@ -91,8 +91,22 @@ EXPECT = {
     "banner.jpg": "bad_aspect_ratio", "subtitled.jpg": "text_overlay", "folder.jpg": "not_a_file",
 }
 MANIFEST = {"anim.gif": "animated", "still.gif": "unsupported_format", "photo_m.jpg": "keep"}
+# samples of an image WebDataset shard (LAION-style: key.jpg + key.txt or key.json)
+TAR = {"images.tar#s1.jpg": "keep", "images.tar#s2.png": "keep", "images.tar#s3.jpg": "no_caption",
+       "images.tar#s4.txt": "no_image", "images.tar#s5.jpg": "truncated"}
+ALL = {**EXPECT, **MANIFEST, **TAR}
 STAGE = {"near_duplicate": "dedup", "too_bright": "filter", "bad_aspect_ratio": "filter",
-         "text_overlay": "filter", "not_a_file": "ingest"}
+         "text_overlay": "filter", "not_a_file": "ingest", "no_caption": "ingest",
+         "no_image": "ingest"}
+
+
+def write_tar(path: Path, members: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
 
 
 def make_inputs(root: Path) -> dict:
@@ -141,7 +155,17 @@ def make_inputs(root: Path) -> dict:
     manifest = root / "manifest.jsonl"
     manifest.write_text("".join(json.dumps({"path": f"gifs/{n}", "caption": f"row {n}",
                                             "license": "cc-by-4.0"}) + "\n" for n in MANIFEST))
-    return {"dir": d, "manifest": manifest, "gifs": m}
+    png = io.BytesIO()
+    Image.fromarray(picture(31, 100, 100)).save(png, format="PNG")
+    cut = jpeg(picture(32, 90, 120))
+    write_tar(root / "images.tar", {
+        "s1.jpg": jpeg(picture(30, 90, 160)), "s1.txt": b"a shard sample",
+        "s2.png": png.getvalue(), "s2.json": json.dumps({
+            "caption": "from the json", "url": "https://example.org/s2.png",
+            "similarity": 0.31}).encode(),
+        "s3.jpg": jpeg(picture(33, 90, 120)), "s4.txt": b"a caption without its image",
+        "s5.jpg": cut[: len(cut) // 2], "s5.txt": b"cut short"})
+    return {"dir": d, "manifest": manifest, "gifs": m, "tar": root / "images.tar"}
 
 
 def test_listing_marks_images_by_extension_and_reads_their_captions(tmp_path):
@@ -149,8 +173,19 @@ def test_listing_marks_images_by_extension_and_reads_their_captions(tmp_path):
     by the extension; a same-named .txt is an image's caption as it is a video's."""
     inp = make_inputs(tmp_path)
     items = {Path(i["url"]).name: i for i in list_inputs(
-        IngestConfig(inputs=[str(inp["dir"]), str(inp["manifest"])]))}
-    assert set(items) == set(EXPECT) | set(MANIFEST)
+        IngestConfig(inputs=[str(inp["dir"]), str(inp["manifest"]), str(inp["tar"])]))}
+    assert set(items) == set(ALL)
+    tar = {n: items.pop(n) for n in TAR}
+    assert tar["images.tar#s1.jpg"]["caption"] == "a shard sample"
+    s2 = tar["images.tar#s2.png"]
+    assert (s2["caption"], s2["source_url"], s2["meta"]["shard"]) == (
+        "from the json", "https://example.org/s2.png", {"key": "s2", "similarity": 0.31})
+    assert s2["kind"] == "image" and s2["tar"]["size"] == len(Path(inp["tar"]).read_bytes()[
+        s2["tar"]["offset"]: s2["tar"]["offset"] + s2["tar"]["size"]])
+    assert {n: (t.get("reject") or ["keep"])[0] for n, t in tar.items()} == {
+        **TAR, "images.tar#s5.jpg": "keep"}  # truncation shows at the probe
+    loose = list_inputs(IngestConfig(inputs=[str(inp["tar"])], tar_require_caption=False))
+    assert sum("reject" in i for i in loose) == 1  # only the sample without an image
     for name, it in items.items():
         video = name.endswith(".mp4")
         assert it.get("kind") == (None if video else "image"), name
@@ -174,7 +209,7 @@ def run(tmp_path_factory) -> dict:
     env = {**os.environ, "SPACETIME_RUN_ID": ""}
     r = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--only", "shard",
                         "source=ingest", "tracking=disabled", "curate.group_size=6",
-                        f"ingest.inputs=[{inp['dir']},{inp['manifest']}]"],
+                        f"ingest.inputs=[{inp['dir']},{inp['manifest']},{inp['tar']}]"],
                        cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     latest = json.loads((cwd / "outputs/runs/latest.json").read_text())
@@ -201,8 +236,8 @@ def test_every_input_is_sharded_or_rejected_with_its_reason(run):
     name, rows = run["name"], run["rows"]
     sharded = {name[r["source_id"]] for r in rows}
     rejected = {name[r["source_id"]]: r for r in run["rejects"]}
-    assert set(name.values()) == set(EXPECT) | set(MANIFEST)
-    for n, want in {**EXPECT, **MANIFEST}.items():
+    assert set(name.values()) == set(ALL)
+    for n, want in ALL.items():
         if want == "keep":
             assert n in sharded and n not in rejected, (n, rejected.get(n))
         else:
@@ -217,7 +252,7 @@ def test_every_input_is_sharded_or_rejected_with_its_reason(run):
     assert by["frame_of_pan_a.jpg"]["start"] == 0 and by["frame_of_pan_a.jpg"]["end"] == 1
     s = run["stats"]
     assert s["inputs"] == len(name) == s["kept_sources"] + s["rejected_sources"]
-    kept = sum(v == "keep" for v in {**EXPECT, **MANIFEST}.values())
+    kept = sum(v == "keep" for v in ALL.values())
     assert s["clips_sharded"] == len(rows) == kept == len(run["samples"])
     assert s["clips_per_kind"] == {"video": 2, "image": kept - 2}
     assert s["kept_seconds"] == pytest.approx(2 * 48 / FPS)  # images add no seconds
@@ -227,7 +262,8 @@ def test_every_input_is_sharded_or_rejected_with_its_reason(run):
 
 # shown (width, height) of the kept images: EXIF orientation applied, not resized
 SIZES = {"photo.jpg": (200, 150), "rotated.jpg": (80, 120), "alpha.png": (140, 100),
-         "photo.webp": (120, 90), "photo_m.jpg": (100, 100)}
+         "photo.webp": (120, 90), "photo_m.jpg": (100, 100), "images.tar#s1.jpg": (160, 90),
+         "images.tar#s2.png": (100, 100)}
 
 
 def test_images_are_written_as_images_and_videos_as_before(run):
@@ -257,6 +293,10 @@ def test_images_are_written_as_images_and_videos_as_before(run):
         assert (meta["width"], meta["height"]) == SIZES[n]
         assert not {"motion", "jitter", "noise", "seconds"} & set(meta["scores"])
         assert meta["source"]["license"] == ("cc-by-4.0" if n == "photo_m.jpg" else None)
+        if n == "images.tar#s2.png":  # a shard sample's .json rides along
+            assert meta["source"]["source_url"] == "https://example.org/s2.png"
+            assert meta["source"]["shard"] == {"key": "s2", "similarity": 0.31}
+            assert meta["caption_source"] == "source:shard"
         assert rows[key]["kind"] == "image" and rows[key]["member"] == "jpg"
         assert rows[key]["num_frames"] == 1 and rows[key]["bytes"] == len(s["jpg"])
         px = np.asarray(im)  # (H, W, 3)
@@ -270,6 +310,8 @@ def test_images_are_written_as_images_and_videos_as_before(run):
     assert caps["photo.jpg"] == "discs on a coloured field" and caps["alpha.png"] == ""
     assert caps["photo_m.jpg"] == "row photo_m.jpg"
     assert caps["pan_a.mp4"] == "a pan over a field of colours"
+    assert caps["images.tar#s1.jpg"] == "a shard sample"
+    assert caps["images.tar#s2.png"] == "from the json"
 
 
 def test_manifest_counts_match_the_tars(run):
