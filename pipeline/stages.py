@@ -28,6 +28,7 @@ from pipeline.curation.curate import (
     CurateConfigs,
     account,
     clip_seconds,
+    dedup_priority,
     read_clips,
     read_rejects,
     reject,
@@ -38,7 +39,7 @@ from pipeline.curation.curate import (
 )
 from pipeline.curation.dedup import find_near_duplicates
 from pipeline.curation.funnel import histograms, render_png, step
-from pipeline.curation.ingest import is_manifest, list_inputs
+from pipeline.curation.ingest import is_image_shard, is_manifest, list_inputs
 from pipeline.curation.parts import actor_pool
 from pipeline.curation.scores import apply_filters
 from pipeline.curation.shard import run_sharding, wids_index
@@ -131,7 +132,8 @@ def ingest_items(ing, warnings: list[str] | None = None) -> list[dict]:
         return list_inputs(ing)  # raises, naming the key
     items, seen = [], set()
     for spec in ing.inputs:
-        origin = "manifest" if is_manifest(spec) else "sidecar"
+        origin = ("manifest" if is_manifest(spec) else "shard" if is_image_shard(spec)
+                  else "sidecar")
         for it in list_inputs(dataclasses.replace(ing, inputs=[spec]), warnings):
             if it["url"] in seen:
                 continue
@@ -253,8 +255,7 @@ def filter_stage(ctx: StageContext) -> dict:
         clips = kept
         funnel.append(step("model filters", len(clips), sum(map(clip_seconds, clips)), "clips"))
     ids = [c["clip_id"] for c in clips]
-    prio = np.asarray([c["scores"].get("aesthetic", c["end"] - c["start"]) for c in clips],
-                      np.float64)
+    prio = np.asarray([dedup_priority(c) for c in clips], np.float64)
     matrix = np.stack([emb[i] for i in ids]) if ids else np.zeros((0, 1), np.float32)
     dedup = ctx.section("dedup")
     if not cur.model_scores:  # thumbnail signatures: their own, measured threshold
@@ -326,7 +327,7 @@ def shard_stage(ctx: StageContext) -> dict:
     stats["inputs"] = stats_up["inputs"]
     if stats["kept_sources"] + stats["rejected_sources"] != stats["inputs"]:
         raise RuntimeError(f"sharding lost sources: {stats}")
-    secs = sum((c["end"] - c["start"]) / c["fps"] for c in kept)
+    secs = sum(map(clip_seconds, kept))
     stats.update({
         "funnel": stats_up["funnel"] + [step("sharded", len(kept), secs, "clips")],
         "clips_sharded": len(res["rows"]),
@@ -336,6 +337,7 @@ def shard_stage(ctx: StageContext) -> dict:
         "clips_per_split": {s: sum(r["split"] == s for r in res["rows"])
                             for s in ("train", "val")},
         "bytes": int(sum(r["bytes"] for r in res["rows"])),
+        "clips_per_kind": {k: sum(r["kind"] == k for r in res["rows"]) for k in ("video", "image")},
         "captioners": stats_up.get("captioners", []),
     })
     write_parquet(res["rows"], ctx.out_dir / "clips.parquet")

@@ -368,7 +368,8 @@ def caption_clips(clips: list[dict], cfg: CaptionConfig, log=print, origin: str 
     return kept, rejects
 
 
-VLM_KEYS = ("clip_id", "abs_path", "start", "end", "fps", "width", "height")  # what it reads
+VLM_KEYS = ("clip_id", "kind", "path", "abs_path", "start", "end", "fps", "width", "height",
+            "source_bytes")  # what it reads (an image clip: its image, repeated)
 
 
 def _run_vlm(clips: list[dict], cfg: CaptionConfig, log, out_dir: Path) -> dict[str, dict]:
@@ -379,7 +380,7 @@ def _run_vlm(clips: list[dict], cfg: CaptionConfig, log, out_dir: Path) -> dict[
                                   "caption")
     log(f"captioning {len(clips)} clips with {cfg.model}: {actors} actor(s), "
         f"{num_gpus:g} GPU(s) each, batches of {cfg.batch_size}, parts of {cfg.group_size}")
-    run_parts([{k: c[k] for k in VLM_KEYS} for c in clips], None, out_dir / "parts",
+    run_parts([{k: c.get(k) for k in VLM_KEYS} for c in clips], None, out_dir / "parts",
               group_size=cfg.group_size, concurrency=actors, num_gpus=num_gpus,
               actor_factory=partial(CaptionGroup, vlm_kwargs(cfg), cfg.batch_size),
               prepare=partial(decode_group, num_frames=cfg.num_frames,

@@ -34,6 +34,7 @@ import cv2
 import numpy as np
 
 from data.checks import check_ranges
+from data.images import ImageProbeConfig, probe_image, read_image
 from data.probe import safe_probe
 from data.shards import read_parquet, write_parquet
 from data.video_io import VideoError, decode_size
@@ -42,7 +43,7 @@ from pipeline.curation.fetch import FetchError
 from pipeline.curation.ingest import fetch_item
 from pipeline.curation.media import MediaError, MediaLimits, iter_display, read_clip_frames, read_display, run_isolated
 from pipeline.curation.parts import read_parts, run_parts
-from pipeline.curation.scores import TEXT_MIN_SIZE, apply_filters, frame_scores, keyframe_scores
+from pipeline.curation.scores import TEXT_MIN_SIZE, Bounds, apply_filters, frame_scores, keyframe_scores
 from pipeline.curation.shots import ShotSplitter, buffer_frames, shot_fields
 
 
@@ -60,6 +61,8 @@ class CurateConfig:
     keyframe_long_side: int = 640
     # Decoding and scoring run in a child process under these limits (`pipeline.curation.media`).
     media: MediaLimits = field(default_factory=MediaLimits)
+    # Still images (items of kind "image"): probed and decoded by `data.images` under these.
+    images: ImageProbeConfig = field(default_factory=ImageProbeConfig)
 
     def __post_init__(self) -> None:
         check_ranges(self, frame_long_side=">= 1", group_size=">= 1", score_fps="> 0",
@@ -114,10 +117,13 @@ def curate_video(item: dict, c: CurateConfigs, blocklist) -> list[dict]:
     """Fetch, probe, split and score one input -> records {"kind": clip|reject|video, ...}.
     Never raises for a bad input. The probe and everything after it that decodes run in
     child processes with timeouts and memory caps (`data.probe`, `pipeline.curation.media`)."""
-    got, why = fetch_item(item, c.ingest, blocklist, c.cache_dir, max_bytes=c.probe.max_bytes)
+    max_bytes = c.curate.images.max_bytes if item.get("kind") == "image" else c.probe.max_bytes
+    got, why = fetch_item(item, c.ingest, blocklist, c.cache_dir, max_bytes=max_bytes)
     if why:
         return [{"kind": "reject", **reject(item, "ingest", *why)}]
     path = got["local_path"]
+    if item.get("kind") == "image":
+        return curate_image(item, path, c)
     info, why = safe_probe(path, c.probe)
     if why:
         return [{"kind": "reject", **reject(item, "probe", *why)}]
@@ -250,6 +256,91 @@ def _split_and_score(item: dict, path: str, info: dict, c: CurateConfigs, t0: fl
     return out
 
 
+# ----- still images -------------------------------------------------------------------------
+# An image is one clip of one frame: start 0, end 1, at IMAGE_FPS. `clip_seconds` counts it as 0
+# seconds (an image adds no footage to the funnel's hours); fps 1 keeps every (end - start) /
+# fps finite and says "one frame, one second" to readers that need a rate.
+IMAGE_FPS = 1.0
+# Scores that need motion or a duration: not computed on (nor applied to) stills.
+MOTION_SCORES = ("seconds", "motion", "jitter", "flow_residual", "noise")
+
+
+def still_scores_config(cfg):
+    """The ScoreConfig for stills: `cfg` without the motion and duration scores."""
+    return dataclasses.replace(cfg, **{k: Bounds(enabled=False) for k in MOTION_SCORES})
+
+
+def curate_image(item: dict, path: str, c: CurateConfigs) -> list[dict]:
+    """Probe, decode and score one still image (`analyse_image`) in the media child -> its
+    records: a per-source record and one clip, or one reject. Never raises for a bad file."""
+    lim, cfg = c.curate.media, c.curate.images
+    work = dataclasses.replace(c, ingest=None, probe=None)
+    try:  # the probe decodes the pixels (truncation shows only there): isolated too
+        res = run_isolated("pipeline.curation.curate:analyse_image",
+                           {"item": item, "path": path, "c": work}, lim,
+                           lim.timeout_for(1, min(cfg.max_pixels, cfg.max_side**2), 1))
+    except MediaError as e:
+        return [{"kind": "reject", **reject(item, "decode", e.reason, e.detail)}]
+    return res["records"]
+
+
+def analyse_image(item: dict, path: str, c: CurateConfigs) -> dict:
+    """In the media child: `data.images.probe_image` (a bad file -> a reject of stage
+    ``probe`` with its `data.images.IMAGE_REASONS` reason), then the still's scores as a
+    video's are computed (shape, brightness and black frames at ``curate.frame_long_side``,
+    sharpness and text on one keyframe of `keyframe_size`; no motion) and filtered, and its
+    dedup signature (`thumbnail_embeddings` of the image as 4 identical keyframes, so a copy in
+    a video's keyframes meets it) -> {"records": [...]}."""
+    cv2.setNumThreads(1)
+    t0 = time.perf_counter()
+    try:
+        return {"records": _score_image(item, path, c, t0)}
+    except Exception:
+        return {"records": [{"kind": "reject", **reject(item, "curate", "error",
+                                                        traceback.format_exc(limit=3))}]}
+
+
+def _score_image(item: dict, path: str, c: CurateConfigs, t0: float) -> list[dict]:
+    icfg = c.curate.images
+    name = item["url"]  # its extension: a PNG named .jpg is mislabelled
+    info, why = probe_image(path, name, icfg)
+    if why:
+        return [{"kind": "reject", **reject(item, "probe", *why)}]
+    rgb = read_image(path, name, cfg=icfg)  # (H, W, 3) as displayed (EXIF orientation applied)
+    height, width = rgb.shape[:2]
+    decode_s = time.perf_counter() - t0
+    h, w = decode_size(width, height, c.curate.frame_long_side)
+    small = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA)[None]  # (1, h, w, 3)
+    kh, kw = keyframe_size(width, height, c.curate.keyframe_long_side)
+    interp = cv2.INTER_AREA if kh * kw < height * width else cv2.INTER_CUBIC
+    key = cv2.resize(rgb, (kw, kh), interpolation=interp)[None]  # (1, kh, kw, 3)
+    still = still_scores_config(c.scores)
+    scores = frame_scores(small, IMAGE_FPS, {"width": width, "height": height}, still)
+    scores.update(keyframe_scores(key, still))
+    scores.update(num_frames=1, windowed=False)
+    out: list[dict] = [{"kind": "video", "source_id": item["id"], "seconds": 0.0,
+                        "decode_s": decode_s, "cuts": [], "image": True}]
+    failed = apply_filters(scores, still)
+    if failed:
+        return out + [{"kind": "reject", **reject(item, "filter", failed[0], failed[1], 0, 1,
+                                                  scores=scores)}]
+    thumb = thumbnail_embeddings([np.repeat(small, 4, axis=0)])[0]  # as a still video's
+    return out + [{
+        "kind": "image",  # a clip (run_curate files it with the clips, kind kept)
+        "clip_id": f"{item['id']}-000000-000001", "source_id": item["id"],
+        "path": item["url"], "abs_path": path, "start": 0, "end": 1, "fps": IMAGE_FPS,
+        "width": width, "height": height, "rotation": 0, "sar": "1:1",
+        "pix_fmt": info["mode"], "source_fps": IMAGE_FPS, "source_vfr": False,
+        "caption": item.get("caption") or "", "scores": scores,
+        **shot_fields(item["id"], (0, 1), 0, 1),
+        "source": {"license": item.get("license"), "source_url": item.get("source_url"),
+                   **(item.get("meta") or {})},
+        "source_frames": 1, "source_bytes": info["size_bytes"],
+        "codec": info["format"].lower(), "container": "image",
+        "thumb": thumb.round(5).tolist(),
+    }]
+
+
 def _sample(n: int, k: int) -> np.ndarray:
     """Up to k evenly spaced offsets in range(n)."""
     return np.unique(np.linspace(0, n - 1, min(k, n)).round().astype(int))
@@ -281,7 +372,10 @@ def run_curate(items: list[dict], c: CurateConfigs, out: Path, concurrency: int,
               concurrency=concurrency, log=log, name="curate", on_lost=lost_input)
     clips, rejects, videos = [], [], []
     for r in read_parts(out / "parts"):
-        {"clip": clips, "reject": rejects, "video": videos}[r.pop("kind")].append(r)
+        kind = r.pop("kind")
+        if kind in ("clip", "image"):  # every clip says what it is: "video" or "image"
+            r["kind"] = "image" if kind == "image" else "video"
+        {"clip": clips, "image": clips, "reject": rejects, "video": videos}[kind].append(r)
     clips.sort(key=lambda r: r["clip_id"])
     rejects.sort(key=lambda r: (r["source_id"], r["start"] or -1))
     return clips, rejects, videos
@@ -327,8 +421,8 @@ class ModelScorer:
 
 
 # What a model-score worker needs of a clip: its span, size and where its source is.
-READ_KEYS = ("clip_id", "path", "abs_path", "start", "end", "width", "height", "rotation",
-             "source_bytes", "caption")
+READ_KEYS = ("clip_id", "kind", "path", "abs_path", "start", "end", "width", "height",
+             "rotation", "source_bytes", "caption")
 
 
 def run_model_scores(clips: list[dict], embed_cfg, long_side: int, out: Path, concurrency: int,
@@ -339,6 +433,17 @@ def run_model_scores(clips: list[dict], embed_cfg, long_side: int, out: Path, co
               actor_factory=partial(ModelScorer, embed_cfg, long_side, limits), log=log,
               name="model scores")
     return {r["clip_id"]: r for r in read_parts(out / "parts")}
+
+
+def dedup_priority(c: dict) -> float:
+    """Which of two near-duplicates is kept (the higher): the aesthetic score when model
+    scores ran, else a video clip's frame count; an image scores just under 1, larger images
+    higher, so a video beats a still of it and a full-size photo beats its thumbnail."""
+    if "aesthetic" in c["scores"]:
+        return float(c["scores"]["aesthetic"])
+    if c.get("kind") == "image":
+        return 1.0 - 1.0 / (1.0 + c["width"] * c["height"])
+    return float(c["end"] - c["start"])
 
 
 # ----- accounting ----------------------------------------------------------------------------
@@ -367,7 +472,8 @@ def account(source_ids: set[str], clips: list[dict], rejects: list[dict]) -> dic
 
 
 def clip_seconds(c: dict) -> float:
-    return (c["end"] - c["start"]) / c["fps"]
+    """A clip's duration; 0 for an image (it adds a frame, not footage)."""
+    return 0.0 if c.get("kind") == "image" else (c["end"] - c["start"]) / c["fps"]
 
 
 def write_outputs(out: Path, clips: list[dict], rejects: list[dict], stats: dict) -> None:

@@ -3,9 +3,17 @@ bring remote files to local disk for probing and decoding.
 
 Inputs (`IngestConfig.inputs`), each one of:
 - a local directory or an fsspec URL of one (`s3://bucket/raw/`, `gs://...`, `memory://...`):
-  every file whose extension is in `extensions`, recursively unless `recursive=False`; a
-  same-named `.txt` beside a video is its caption;
+  every file whose extension is in `extensions` (videos) or `image_extensions` (stills: jpg,
+  jpeg, png, webp), recursively unless `recursive=False`; a same-named `.txt` beside a video
+  or an image is its caption;
 - a glob (`/data/*/clips/*.mp4`, `s3://bucket/2024-*/*.mkv`), or one file (path or URL);
+- an image WebDataset shard (`.tar`, local or fsspec, or a glob of them), as LAION-style
+  datasets ship: one item of kind "image" per sample (`key.jpg`/`.png`/`.webp` with `key.txt`
+  or a `key.json` holding "caption" or "text"; its other fields ride along as metadata, its
+  "url" as source_url), located by its member's byte range so the worker reads only that; a
+  sample without an image is a reject `no_image`, one without a caption `no_caption` (unless
+  `tar_require_caption=False`: kept with an empty caption). Its url is `<tar>#<member>`;
+  unlike other remote inputs, a stage on another node cannot fetch such a member again;
 - a manifest (`.csv`, `.parquet`, `.jsonl`, optionally `.gz` for the text ones), local or
   remote, one row per video: `path_column` (required), `caption_column`, `license_column`,
   `source_url_column` (optional), and every other column carried as metadata to the shards.
@@ -25,7 +33,9 @@ unreadable sidecar caption makes its video a reject (`sidecar_unreadable`), a di
 named like a video one too (`not_a_file`), and an unreadable subdirectory or a symlinked
 one is a warning of `list_inputs` (the source stage lists them in its result).
 
-An item is `{"id", "url", "caption", "license", "source_url", "meta"}`, plus `"reject":
+An item is `{"id", "url", "caption", "license", "source_url", "meta"}`, plus `"kind":
+"image"` when its extension is one of `image_extensions` (decided by the name, for listings
+and manifests alike; videos carry no kind), plus `"reject":
 [reason, detail]` when listing already refused it (the curate stage records it, stage
 `ingest`, without touching the URL). `url` is the resolved location: the real path of a
 local file, a full URL otherwise. `id` is a readable stem
@@ -56,6 +66,7 @@ import os
 import posixpath
 import re
 import stat
+import tarfile
 from dataclasses import dataclass, field
 from typing import Any, Optional
 from urllib.parse import urljoin, urlsplit
@@ -77,10 +88,15 @@ from pipeline.curation.fetch import (
 )
 
 VIDEO_EXTENSIONS = [".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"]
+IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".webp"]  # still images (`data.images`)
 MANIFEST_SUFFIXES = (".csv", ".csv.gz", ".jsonl", ".jsonl.gz", ".parquet")
 REASONS = ("opted_out", "license_not_allowed", "blocked_hash", "fetch_failed", "too_large",
            "fetch_timeout", "not_allowed_scheme", "not_allowed_host", "sidecar_unreadable",
-           "not_a_file")
+           "not_a_file", "no_caption", "no_image")
+IMAGE_SHARD_SUFFIXES = (".tar",)  # image WebDataset shards (LAION-style key.jpg + key.txt/json)
+CAPTION_KEYS = ("caption", "text")  # where a sample's .json holds its caption, first found
+USED_KEYS = (*CAPTION_KEYS, "url", "license")  # a sample's .json keys that become item fields
+TAR_TEXT_MAX = 1 << 20  # a sample's .txt or .json is read at listing up to this many bytes
 
 
 @dataclass
@@ -99,6 +115,9 @@ class RemoteManifestConfig:
 class IngestConfig:
     inputs: list[str] = field(default_factory=list)  # dirs, globs, files, URLs, manifests
     extensions: list[str] = field(default_factory=lambda: list(VIDEO_EXTENSIONS))
+    # Still images, listed beside the videos; an item with one of these carries "kind": "image"
+    # ([] lists videos only, as before images were curated).
+    image_extensions: list[str] = field(default_factory=lambda: list(IMAGE_EXTENSIONS))
     recursive: bool = True
     sidecar_captions: bool = True  # directory inputs: <name>.txt beside <name>.mp4
     path_column: str = "path"
@@ -115,9 +134,36 @@ class IngestConfig:
     fetch_read_timeout_s: float = DEFAULT_READ_TIMEOUT_S  # connect, or wait for the next bytes
     fetch_max_bytes: int = 2 * 2**30  # a remote file's cap (local files: probe.max_bytes)
     remote_manifests: RemoteManifestConfig = field(default_factory=RemoteManifestConfig)
+    # Image WebDataset shards (`.tar` inputs): a sample with no caption (.txt, or "caption" /
+    # "text" in its .json) is a reject `no_caption`; False keeps it with an empty caption.
+    tar_require_caption: bool = True
 
     def __post_init__(self) -> None:
         check_ranges(self, fetch_retries=">= 0", fetch_backoff_s=">= 0")
+        both = set(_exts(self.extensions)) & set(_exts(self.image_extensions))
+        if both:
+            raise ValueError(f"ingest.image_extensions: {sorted(both)} also in ingest.extensions "
+                             f"(a file is a video or an image, not both)")
+
+
+def _exts(names: list[str]) -> tuple[str, ...]:
+    return tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in names)
+
+
+# Image kinds curation refuses (`data.images`: unsupported_format, or animated), named here so
+# that one given explicitly (a manifest row, a single file) is refused by the image probe
+# with that reason, not by the video probe; directory listings do not list them.
+REFUSED_IMAGE_EXTENSIONS = (".gif", ".bmp", ".tif", ".tiff")
+
+
+def item_kind(url: str, cfg: IngestConfig) -> str | None:
+    """"image" for a URL or path named with one of `cfg.image_extensions` (or, when images are
+    on, of REFUSED_IMAGE_EXTENSIONS), else None (a video; the extension decides, the probe then
+    checks the content)."""
+    if not cfg.image_extensions:
+        return None
+    path = (urlsplit(url).path if has_scheme(url) else url).lower()
+    return "image" if path.endswith(_exts(cfg.image_extensions) + REFUSED_IMAGE_EXTENSIONS) else None
 
 
 # ----- listing ------------------------------------------------------------------------------
@@ -140,10 +186,115 @@ def _url_to_fs(url: str, storage_options: dict):
 
 
 def make_id(url: str) -> str:
-    """Readable and stable: '<stem>-<12 hex of sha1(url)>'."""
-    stem = os.path.splitext(posixpath.basename(urlsplit(url).path if has_scheme(url) else url))[0]
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)[:40].strip("._") or "video"
+    """Readable and stable: '<stem>-<12 hex of sha1(url)>'. The stem is the member's for a
+    shard sample (`<tar>#<member>`), and has no '.' (a WebDataset key cannot hold one: a file
+    named `a.b.mp4` would have broken the shard stage)."""
+    named = url.rsplit("#", 1)[1] if "#" in url else (
+        urlsplit(url).path if has_scheme(url) else url)
+    stem = os.path.splitext(posixpath.basename(named))[0]
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", stem)[:40].strip("_") or "video"
     return f"{slug}-{hashlib.sha1(url.encode()).hexdigest()[:12]}"
+
+
+def is_image_shard(url: str) -> bool:
+    """An input that is a WebDataset tar of images (or a glob of them)."""
+    path = urlsplit(url).path if has_scheme(url) else url
+    return path.lower().endswith(IMAGE_SHARD_SUFFIXES)
+
+
+def _tar_samples(fs, path: str) -> dict[str, dict[str, tuple]]:
+    """The samples of one tar, WebDataset's way (the key is the member's name up to the first
+    dot of its basename) -> {key: {ext: (member name, data offset, size, text or None)}}; the
+    .txt and .json members are read (up to TAR_TEXT_MAX), the others only located."""
+    samples: dict[str, dict[str, tuple]] = {}
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
+        for m in tf:
+            if not m.isfile():
+                continue
+            folder, base = posixpath.split(m.name)
+            stem, _, ext = base.partition(".")
+            ext = ext.lower()
+            text = None
+            if ext in ("txt", "json") and m.size <= TAR_TEXT_MAX:
+                text = tf.extractfile(m).read().decode("utf-8", errors="replace")
+            samples.setdefault(posixpath.join(folder, stem), {})[ext] = (
+                m.name, m.offset_data, m.size, text)
+    return samples
+
+
+def _tar_items(spec: str, cfg: IngestConfig) -> list[dict]:
+    """Items of image WebDataset shards (a tar, or a glob of tars): one per sample, kind
+    "image", located by its member's byte range (`tar` in the item: the worker reads only
+    those bytes, `fetch_item`). Caption: the sample's .txt, else its .json's "caption" or
+    "text"; the .json's other fields ride along as metadata (its "url" as source_url). A
+    sample without an image member is a reject `no_image`; one without a caption `no_caption`
+    (unless ingest.tar_require_caption=false)."""
+    fs, path = _url_to_fs(spec, _listing_options(spec, cfg))
+    paths = sorted(fs.glob(path)) if any(c in path for c in "*?[") else [path]
+    if not paths or not all(fs.exists(p) for p in paths):
+        raise FileNotFoundError(f"ingest input not found: {spec}")
+    exts = [e.lstrip(".") for e in _exts(cfg.image_extensions) + REFUSED_IMAGE_EXTENSIONS]
+    items = []
+    for p in paths:
+        tar_url = _canonical(fs, p)
+        for key, members in sorted(_tar_samples(fs, p).items()):
+            meta: dict = {}
+            if "json" in members and members["json"][3] is not None:
+                try:
+                    got = json.loads(members["json"][3])
+                    meta = got if isinstance(got, dict) else {"json": got}
+                except json.JSONDecodeError:
+                    meta = {}
+            txt = members.get("txt", (None, 0, 0, None))[3]
+            caption = (txt or "").strip() or next(
+                (str(meta[k]).strip() for k in CAPTION_KEYS if meta.get(k)), "")
+            image = next((e for e in exts if e in members), None)
+            name = members[image][0] if image else next(iter(members.values()))[0]
+            item = {"url": f"{tar_url}#{name}", "caption": caption,
+                    "license": (str(meta["license"]) if meta.get("license")
+                                else cfg.default_license),
+                    "source_url": str(meta["url"]) if meta.get("url") else None,
+                    "meta": {"shard": {"key": key, **{k: _jsonable(v) for k, v in meta.items()
+                                                      if k not in USED_KEYS}}}}
+            if image is None:
+                item["reject"] = ["no_image", f"sample {key} has {sorted(members)}, no image"]
+            else:
+                _, offset, size, _ = members[image]
+                item["kind"] = "image"
+                item["tar"] = {"url": tar_url, "member": name, "offset": offset, "size": size}
+                if not caption and cfg.tar_require_caption:
+                    item["reject"] = ["no_caption", f"sample {key}: no .txt and no "
+                                                    f"{list(CAPTION_KEYS)} in its .json "
+                                                    f"(ingest.tar_require_caption)"]
+            items.append(item)
+    return items
+
+
+def fetch_tar_member(tar: dict, cache_dir: str | os.PathLike, storage_options: dict,
+                     max_bytes: int | None) -> str:
+    """A local file holding one tar member's bytes (its byte range, read once into the cache
+    under a name with the member's extension). Raises FetchError."""
+    if max_bytes is not None and tar["size"] > max_bytes:
+        raise FetchError("too_large", f"{tar['size']} bytes > {max_bytes}")
+    ext = posixpath.splitext(tar["member"])[1][:8]
+    dest = os.path.join(os.fspath(cache_dir), hashlib.sha1(
+        f"{tar['url']}#{tar['member']}".encode()).hexdigest() + ext)
+    if os.path.exists(dest):
+        return dest
+    os.makedirs(cache_dir, exist_ok=True)
+    try:
+        fs, path = _url_to_fs(tar["url"], storage_options)
+        data = fs.cat_file(path, start=tar["offset"], end=tar["offset"] + tar["size"])
+    except Exception as e:  # noqa: BLE001 - any transport error is this sample's problem
+        raise FetchError("fetch_failed", f"{tar['member']}: {type(e).__name__}: {e}"[:300]) from e
+    if len(data) != tar["size"]:
+        raise FetchError("fetch_failed", f"{tar['member']}: read {len(data)} of {tar['size']} "
+                                         f"bytes (the tar changed since it was listed)")
+    tmp = f"{dest}.{os.getpid()}.part"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, dest)
+    return dest
 
 
 def is_manifest(url: str) -> bool:
@@ -321,7 +472,7 @@ def _local_tree(root: str, recursive: bool, warnings: list[str]) -> dict[str, st
 
 def _listing_items(spec: str, cfg: IngestConfig, warnings: list[str]) -> list[dict]:
     fs, path = _url_to_fs(spec, _listing_options(spec, cfg))
-    exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in cfg.extensions)
+    exts = _exts(cfg.extensions) + _exts(cfg.image_extensions)
     is_http = spec.startswith(("http://", "https://"))
     if not is_http and any(c in path for c in "*?["):
         found = {n: i.get("type", "file") for n, i in fs.glob(path, detail=True).items()}
@@ -403,14 +554,16 @@ def list_inputs(cfg: IngestConfig, warnings: list[str] | None = None) -> list[di
         raise ValueError("ingest.inputs is empty")
     for spec in cfg.inputs:
         found = (_manifest_items(spec, cfg) if is_manifest(spec)
+                 else _tar_items(spec, cfg) if is_image_shard(spec)
                  else _listing_items(spec, cfg, warnings))
         if not found:
             raise ValueError(f"ingest input {spec} holds no files with extensions "
-                             f"{list(cfg.extensions)}")
+                             f"{list(cfg.extensions) + list(cfg.image_extensions)}")
         for it in found:
             if it["url"] not in seen:
                 seen.add(it["url"])
-                items.append({"id": make_id(it["url"]), **it})
+                kind = it.pop("kind", None) or item_kind(it["url"], cfg)
+                items.append({"id": make_id(it["url"]), **it, **({"kind": kind} if kind else {})})
     return items
 
 
@@ -429,15 +582,19 @@ def fetch_item(item: dict, cfg: IngestConfig, blocklist: Blocklist, cache_dir: s
     hit = check_blocklist(item, blocklist)
     if hit:
         return None, hit
-    remote = is_remote(item["url"])
+    tar = item.get("tar")
+    remote = is_remote(tar["url"] if tar else item["url"])
     cap = max_bytes
     if remote and cfg.fetch_max_bytes and (cap is None or cfg.fetch_max_bytes < cap):
         cap = cfg.fetch_max_bytes
     try:
-        local = fetch(item["url"], cache_dir, max_bytes=cap,
-                      storage_options=cfg.storage_options, retries=cfg.fetch_retries,
-                      backoff_s=cfg.fetch_backoff_s, timeout_s=cfg.fetch_timeout_s,
-                      read_timeout_s=cfg.fetch_read_timeout_s)
+        if tar:  # a sample of an image shard: its member's bytes only
+            local = fetch_tar_member(tar, cache_dir, cfg.storage_options, cap)
+        else:
+            local = fetch(item["url"], cache_dir, max_bytes=cap,
+                          storage_options=cfg.storage_options, retries=cfg.fetch_retries,
+                          backoff_s=cfg.fetch_backoff_s, timeout_s=cfg.fetch_timeout_s,
+                          read_timeout_s=cfg.fetch_read_timeout_s)
     except FetchError as e:
         if e.reason == "too_large" and cap != max_bytes:
             return None, (e.reason, f"{e.detail} (ingest.fetch_max_bytes)")

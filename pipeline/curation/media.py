@@ -39,12 +39,13 @@ import decord
 import numpy as np
 
 from data.checks import check_ranges
+from data.images import ImageProbeConfig, read_image
 from data.isolate import IsolatedError, shared_isolated
 from data.video_io import VideoError, read_frames, read_frames_av
 from pipeline.curation.fetch import FetchError, fetch, is_remote
 
 # Imported by the media child before it answers: every call then pays only its own work.
-PRELOAD = ("numpy", "cv2", "av", "decord", "data.video_io", "pipeline.curation.media",
+PRELOAD = ("numpy", "cv2", "av", "decord", "data.video_io", "data.images", "pipeline.curation.media",
            "pipeline.curation.scores", "pipeline.curation.shots", "pipeline.curation.curate", "pipeline.curation.shard")
 
 
@@ -209,13 +210,46 @@ def decode_frames(path: str, indices: list[int], size: tuple[int, int] | None,
     return {"payload": read_display(path, indices, size, rotation)}  # (T, h, w, 3) uint8
 
 
+def reread_config(clip: dict) -> ImageProbeConfig:
+    """Limits for decoding an image clip again (its probe passed at curation): its own size,
+    any number of bytes, frame 0 of an animation that curation let through."""
+    side = max(int(clip.get("width") or 1), int(clip.get("height") or 1))
+    return ImageProbeConfig(min_side=1, max_side=max(side, 1), max_pixels=max(side * side, 1),
+                            max_bytes=max(int(clip.get("source_bytes") or 1), 1),
+                            animated="first_frame")
+
+
+def decode_image(path: str, name: str, size: tuple[int, int] | None, cfg: ImageProbeConfig
+                 ) -> dict:
+    """In the media child: the still at `path` as displayed (EXIF orientation applied), area-
+    resized to display size `size` (h, w) (None: as it is) -> {"payload": (1, h, w, 3) uint8}.
+    Raises data.images.ImageReject."""
+    import cv2  # preloaded by the media child
+
+    rgb = read_image(path, name, cfg=cfg)  # (H, W, 3)
+    if size is not None and tuple(size) != rgb.shape[:2]:
+        shrink = size[0] * size[1] < rgb.shape[0] * rgb.shape[1]
+        rgb = cv2.resize(rgb, (size[1], size[0]),
+                         interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+    return {"payload": rgb[None]}
+
+
 def read_clip_frames(clip: dict, indices: list[int], size: tuple[int, int] | None,
                      limits: MediaLimits | None = None) -> np.ndarray:
     """Frames `indices` of the clip's source, at display size `size` (h, w) (None: full),
     decoded in the media child -> (T, h, w, 3) uint8 RGB. Fetches the source on a miss.
-    Raises MediaError or pipeline.curation.fetch.FetchError."""
+    An image clip (``kind`` "image") gives its one image, repeated len(indices) times, with no
+    video decoding. Raises MediaError or pipeline.curation.fetch.FetchError."""
     limits = limits or MediaLimits()
     path = source_path(clip)
+    if clip.get("kind") == "image":
+        res = run_isolated("pipeline.curation.media:decode_image",
+                           {"path": path, "name": clip.get("path") or path,
+                            "size": None if size is None else tuple(size),
+                            "cfg": reread_config(clip)},
+                           limits, limits.timeout_for(1, clip.get("width", 0),
+                                                      clip.get("height", 0)))
+        return np.repeat(res["payload"], len(indices), axis=0)  # (T, h, w, 3)
     span = max(1, clip.get("end", 1) - clip.get("start", 0))
     timeout = limits.timeout_for(span, clip.get("width", 0), clip.get("height", 0))
     res = run_isolated("pipeline.curation.media:decode_frames",

@@ -4,6 +4,18 @@ Per clip a tar holds ``<key>.mp4`` (H.264, the clip's span only), ``<key>.json``
 scores, source metadata and which captioner made the caption) and ``<key>.txt`` (the caption).
 Keys are the clip ids, so they are deterministic.
 
+Image clips (``kind`` "image", from still-image inputs) are written as images, not 1-frame
+mp4s: ``<key>.jpg`` (or ``.png``: ``image_format``), ``<key>.json``, ``<key>.txt``, in the
+same shards as the videos. The image is the source as displayed (EXIF orientation applied,
+alpha flattened onto white, as curation scored it) at its display size (a video clip keeps
+its display size too: nothing is resized here), re-encoded, so no EXIF or GPS metadata
+survives. Its ``.json`` holds what a video's does (``clip_id``, ``source_id``, ``path``,
+``caption``, ``caption_source``, ``scores``, ``source``, the shot keys, ``source_fps``,
+``source_vfr``, ``source_rotation``, ``source_sar``) with ``kind`` "image", ``start`` 0,
+``end`` 1, ``fps`` 1.0, ``num_frames`` 1, ``width``, ``height`` (the written image's),
+``has_audio`` false, ``image_format`` ("jpg" | "png") and ``source_format`` ("jpeg", "png",
+"webp"). A video's ``.json`` has no ``kind``.
+
 Plan: clips go to ``train`` or ``val`` by a hash of their key (stable when clips are added or
 removed), then, in key order, into shards of about ``target_shard_bytes`` (estimated from each
 source's bitrate and the clip's share of it; ``max_clips_per_shard`` caps the count too). The
@@ -50,13 +62,23 @@ import av
 import numpy as np
 
 from data.checks import check_ranges
+from data.images import read_image
 from data.probe import display_size
 from data.progress import Progress
 from data.shards import write_shard, write_sidecar
 from data.storage import Store
 from data.video_io import MP4_AUDIO, _rate, remux_mp4
 from pipeline.curation.fetch import FetchError
-from pipeline.curation.media import MediaError, MediaLimits, run_isolated, source_path, stored_size, to_display, turned
+from pipeline.curation.media import (
+    MediaError,
+    MediaLimits,
+    reread_config,
+    run_isolated,
+    source_path,
+    stored_size,
+    to_display,
+    turned,
+)
 from pipeline.curation.retry import TransientError, is_transient, retry
 from pipeline.curation.shots import SHOT_KEYS
 
@@ -71,6 +93,10 @@ class ShardConfig:
     preset: str = "veryfast"  # x264 speed preset of re-encoded clips
     passthrough: bool = True  # remux whole-source H.264/mp4 clips without re-encoding
     keep_audio: bool = False  # copy the source's first audio stream into the clip's mp4
+    # Image clips are written as images: "jpg" (every image, JPEG at `image_quality`), "png"
+    # (every image, lossless) or "source" (png for png sources, jpg for the others).
+    image_format: str = "jpg"
+    image_quality: int = 95  # JPEG quality of image clips (4:4:4 chroma above 90)
     max_retries: int = 2  # Ray task retries of a shard (worker lost, upload still failing)
     upload_retries: int = 3  # retries of a transient upload failure, within the task
     upload_backoff_s: float = 1.0
@@ -82,7 +108,16 @@ class ShardConfig:
     def __post_init__(self) -> None:
         check_ranges(self, target_shard_bytes=">= 1", max_clips_per_shard=">= 0",
                      val_fraction="in [0, 1]", min_val_clips=">= 0", crf=">= 0", max_retries=">= 0",
-                     upload_retries=">= 0", upload_backoff_s=">= 0", progress_every_s=">= 0")
+                     upload_retries=">= 0", upload_backoff_s=">= 0", progress_every_s=">= 0",
+                     image_quality=">= 1")
+        if self.image_quality > 100:
+            raise ValueError(f"shard.image_quality must be <= 100, got {self.image_quality}")
+        if self.image_format not in IMAGE_FORMATS:
+            raise ValueError(f"shard.image_format must be one of {list(IMAGE_FORMATS)}, got "
+                             f"{self.image_format!r}")
+
+
+IMAGE_FORMATS = ("jpg", "png", "source")
 
 
 def split_of(key: str, val_fraction: float) -> str:
@@ -168,6 +203,46 @@ def encode_clip(clip: dict, cfg: ShardConfig) -> tuple[bytes, dict]:
         lim, lim.timeout_for(clip["end"] - clip["start"] + preroll, clip["width"],
                              clip["height"]), stage="encode")
     return res.pop("payload"), res
+
+
+def image_member(clip: dict, cfg: ShardConfig) -> str:
+    """The WebDataset member an image clip is written as: "jpg" or "png"."""
+    if cfg.image_format == "source":
+        return "png" if clip.get("codec") == "png" else "jpg"
+    return cfg.image_format
+
+
+def encode_image_clip(clip: dict, cfg: ShardConfig) -> tuple[bytes, str, dict]:
+    """An image clip's bytes, its member name ("jpg" | "png") and what it holds ({"num_frames":
+    1, "fps", "width", "height", "has_audio": False}): decoded in the media child as displayed
+    (EXIF orientation applied, alpha flattened, as curation scored it) at its display size, the
+    size a video clip keeps, and written without the source's metadata (EXIF, GPS, ...).
+    Raises MediaError (``encode_*``) or FetchError."""
+    path = source_path(clip)
+    member = image_member(clip, cfg)
+    res = run_isolated("pipeline.curation.shard:encode_image",
+                       {"path": path, "name": clip.get("path") or path,
+                        "cfg": reread_config(clip), "member": member,
+                        "quality": cfg.image_quality},
+                       cfg.media, cfg.media.timeout_for(1, clip["width"], clip["height"]),
+                       stage="encode")
+    data = res.pop("payload")
+    return data, member, {"num_frames": 1, "fps": clip["fps"], **res, "has_audio": False}
+
+
+def encode_image(path: str, name: str, cfg, member: str, quality: int) -> dict:
+    """In the media child: the image at `path` (`data.images.read_image`) as `member` bytes ->
+    {"payload", "width", "height"}."""
+    from PIL import Image  # preloaded with data.images
+
+    rgb = read_image(path, name, cfg=cfg)  # (H, W, 3)
+    buf = io.BytesIO()
+    if member == "png":
+        Image.fromarray(rgb).save(buf, format="PNG", optimize=False)
+    else:
+        Image.fromarray(rgb).save(buf, format="JPEG", quality=quality,
+                                  subsampling=0 if quality > 90 else 2)
+    return {"payload": buf.getvalue(), "width": int(rgb.shape[1]), "height": int(rgb.shape[0])}
 
 
 def remux_source(path: str, keep_audio: bool) -> dict:
@@ -326,7 +401,7 @@ def copy_audio(src, sound, dest, out, t0: float, t1: float) -> int:
     return copied
 
 
-META_KEYS = ("clip_id", "source_id", "path", "start", "end", "fps", "width", "height",
+META_KEYS = ("clip_id", "kind", "source_id", "path", "start", "end", "fps", "width", "height",
              "caption", "caption_source", "scores", "source", "source_fps", "source_vfr",
              *SHOT_KEYS)
 
@@ -345,8 +420,12 @@ def write_one_shard(path: str, clips: list[dict], cfg: ShardConfig,
         path = str(Path(tempfile.mkdtemp(prefix="shard-")) / Path(final).name)
     samples, rows, failed = [], [], []
     for c in clips:
+        image = c.get("kind") == "image"
         try:
-            mp4, got = encode_clip(c, cfg)
+            if image:
+                data, member, got = encode_image_clip(c, cfg)
+            else:
+                (data, got), member = encode_clip(c, cfg), "mp4"
         except (MediaError, FetchError) as e:
             failed.append(_failed(c, e.reason, e.detail))
             continue
@@ -357,9 +436,15 @@ def write_one_shard(path: str, clips: list[dict], cfg: ShardConfig,
         # orientation and pixel aspect are kept beside it.
         meta = {**{k: c.get(k) for k in META_KEYS}, **got,
                 "source_rotation": c.get("rotation") or 0, "source_sar": c.get("sar") or "1:1"}
-        samples.append({"__key__": c["clip_id"], "mp4": mp4, "json": meta, "txt": c["caption"]})
-        rows.append({"key": c["clip_id"], "shard": Path(path).name, "bytes": len(mp4),
-                     "num_frames": got["num_frames"]})
+        if image:  # kind "image", start 0, end 1, fps 1 (curate.IMAGE_FPS), num_frames 1
+            meta.update(kind="image", image_format=member, source_format=c.get("codec"))
+        else:
+            meta.pop("kind", None)  # a video sample's json is as before images came
+        samples.append({"__key__": c["clip_id"], member: data, "json": meta,
+                        "txt": c["caption"]})
+        rows.append({"key": c["clip_id"], "shard": Path(path).name, "bytes": len(data),
+                     "num_frames": got["num_frames"], "kind": "image" if image else "video",
+                     "member": member})
     nbytes = write_shard(path, samples) if samples else 0
     side = {"shard": Path(path).name, "rows": rows, "failed": failed, "bytes": nbytes}
     if upload_url:
@@ -446,7 +531,8 @@ def run_sharding(clips: list[dict], cfg: ShardConfig, out: Path, concurrency: in
             nsamples[name] = len(side["rows"])
         for row in side["rows"]:
             c = by_key[row["key"]]
-            rows.append({**row, "split": split, "source_id": c["source_id"], "path": c["path"],
+            rows.append({**row, "kind": row.get("kind") or c.get("kind") or "video",
+                         "member": row.get("member") or "mp4", "split": split, "source_id": c["source_id"], "path": c["path"],
                          "start": c["start"], "end": c["end"], "caption": c["caption"],
                          "caption_source": c.get("caption_source") or "",
                          **{k: c.get(k) for k in SHOT_KEYS},
