@@ -98,13 +98,7 @@ def source_stage(ctx: StageContext) -> dict:
     cfg = ctx.section("source")
     warnings: list[str] = []
     if cfg.kind == "synthetic":
-        rows = generate(cfg, ctx.out_dir)
-        items = [{"id": r["id"], "url": str((ctx.out_dir / r["path"]).resolve()),
-                  "caption": r["caption"], "license": "synthetic", "source_url": None,
-                  "shots": r["shots"],
-                  "meta": {"synthetic": {k: r[k] for k in ("bad_kind", "expected", "cuts")},
-                           "caption_origin": "synthetic"}}
-                 for r in rows]
+        items = synthetic_items(generate(cfg, ctx.out_dir), ctx.out_dir)
     elif cfg.kind in ("ingest", "directory"):  # directory: source.path, the older spelling
         ing = ctx.section("ingest")
         if cfg.kind == "directory":
@@ -121,6 +115,18 @@ def source_stage(ctx: StageContext) -> dict:
                          "source/warnings": len(warnings)})
     # Refused items stay inputs: the curate stage records each as a reject with its reason.
     return {"videos": len(items), "refused": refused, "warnings": warnings}
+
+
+def synthetic_items(rows: list[dict], out_dir: Path) -> list[dict]:
+    """The curation items of the synthetic source's manifest rows (`data.synthetic.generate`):
+    its stills (``source.stills``) are items of kind image, as ingest makes of image files."""
+    return [{"id": r["id"], "url": str((out_dir / r["path"]).resolve()),
+             "caption": r["caption"], "license": "synthetic", "source_url": None,
+             "shots": r["shots"],
+             "meta": {"synthetic": {k: r[k] for k in ("bad_kind", "expected", "cuts")},
+                      "caption_origin": "synthetic"},
+             **({"kind": "image"} if r.get("kind") == "image" else {})}
+            for r in rows]
 
 
 def ingest_items(ing, warnings: list[str] | None = None) -> list[dict]:

@@ -208,6 +208,24 @@ def test_the_synthetic_source_writes_stills_as_pngs_with_motionless_captions(tmp
     for r, v in zip(rows, videos):  # the items left videos are the same videos
         if r.get("kind") != "image":
             assert r == v and (tmp_path / "s" / r["path"]).read_bytes() == (tmp_path / "v" / v["path"]).read_bytes()
+    # the source stage's items: the stills are curated as images (not probed as videos)
+    from pipeline.stages import synthetic_items
+
+    items = synthetic_items(rows, tmp_path / "s")
+    assert [i.get("kind") for i in items] == ["image" if r.get("kind") == "image" else None for r in rows]
+
+
+def test_held_out_stills_and_videos_are_read_apart(mixed):
+    """Evaluation's held-out sets: the videos at the training length (stills skipped), the stills
+    as 1-frame clips of their own (videos skipped); a split without any is [] when not required."""
+    videos = read_clips(mixed["urls"], 20, 8, (32, 32), None, required=False)
+    stills = read_clips(mixed["urls"], 20, 1, (32, 32), None, images=True)
+    assert len(videos) == 6 and all(v.shape == (3, 8, 32, 32) for v, _ in videos)
+    assert len(stills) == 12 and all(v.shape == (3, 1, 32, 32) for v, _ in stills)  # the broken one skipped
+    assert len(read_clips(mixed["urls"], 20, 1, (32, 32), None, images=False)) == 6
+    assert read_clips(mixed["urls"][:0], 5, 8, (32, 32), None, required=False) == []
+    with pytest.raises(RuntimeError, match="no decodable clips for validation"):
+        read_clips(mixed["urls"][:0], 5, 8, (32, 32), None)
 
 
 def test_a_one_frame_bucket_must_cut_into_the_dits_patches():

@@ -154,21 +154,25 @@ def decode_sample(sample: dict, num_frames: int, size: tuple[int, int],
 
 
 def read_clips(shards: list[str], max_clips: int, num_frames: int, size: tuple[int, int],
-               target_fps: float | None, purpose: str = "validation") -> list[tuple[torch.Tensor, str]]:
+               target_fps: float | None, purpose: str = "validation", images: bool | None = None,
+               required: bool = True) -> list[tuple[torch.Tensor, str]]:
     """The first `max_clips` decodable clips of `shards` (held-out ones, for evaluation, the
     VAE's validation and reconstruction metrics), each its first window of `num_frames` frames
     (no RNG): [((3, T, H, W) uint8, caption)]. Corrupt clips are skipped, and so are images
     unless `num_frames` is 1 (an image is a 1-frame clip); none at all raises, naming the
-    `purpose`."""
+    `purpose` (unless not `required`: then []). `images` True: only the image samples (1-frame
+    clips); False: only the videos."""
     clips = []
     for s in read_shards(shards):
+        if images is not None and (image_member(s) is not None) != images:
+            continue
         try:
             clips.append(decode_sample(s, num_frames, size, target_fps, rng=None))
         except Exception:  # noqa: BLE001 - corrupt held-out clips are skipped
             continue
         if len(clips) >= max_clips:
             break
-    if not clips:
+    if not clips and required:
         raise RuntimeError(f"no decodable clips for {purpose}")
     return clips
 

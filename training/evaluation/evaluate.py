@@ -353,9 +353,14 @@ def evaluate(cfg: EvalConfig, train_dir: Path, val_shards: list[str], out_dir: P
     clip_scorer = cfg.clip.build(device) if cfg.clip.name else None
     extractor = cfg.fvd.build(device) if cfg.fvd.path else None
 
+    size = (tcfg["height"], tcfg["width"])
     clips = read_clips(val_shards, max(cfg.val_max_clips, cfg.fvd.num_real if extractor else 0),
-                           tcfg["num_frames"], (tcfg["height"], tcfg["width"]),
-                           tcfg["data"]["target_fps"])
+                       tcfg["num_frames"], size, tcfg["data"]["target_fps"], required=False)
+    # held-out stills: 1-frame clips, their own loss (val_image/*), when the DiT takes one frame
+    stills = read_clips(val_shards, cfg.val_max_clips, 1, size, None, images=True, required=False) \
+        if int(tcfg["num_frames"]) != 1 and int(mcfg.dit.patch_size[0]) == 1 else []
+    if not clips and not stills:
+        raise RuntimeError("no decodable clips for validation")
     real_stats, n_real = None, 0
     if extractor is not None:
         real = clips[: cfg.fvd.num_real]
@@ -373,14 +378,19 @@ def evaluate(cfg: EvalConfig, train_dir: Path, val_shards: list[str], out_dir: P
                                         tcfg["data"]["target_fps"], cfg.val_max_clips)
     checkpoints = []
     val_clips = clips[: cfg.val_max_clips]
-    progress = Progress("eval", len(refs) * eval_batches(cfg, len(val_clips), len(prompts), lengths),
+    progress = Progress("eval", len(refs) * (eval_batches(cfg, len(val_clips), len(prompts), lengths)
+                                             + -(-len(stills) // cfg.batch_size)),
                         unit="batch", every_s=cfg.progress_every_s)
     for n, ref in enumerate(refs):
         tick = partial(progress.advance, 1, f"checkpoint {n + 1}/{len(refs)} (step {ref.step})")
         model, mcfg, tcfg, weights = load_checkpoint(ref, device, cfg.use_ema)
-        metrics = validation_loss(model, mcfg.text.build_tokenizer(), val_clips,
-                                  cfg, device, space, from_dict(FlowConfig, tcfg["flow"]), tick,
-                                  pack_tokens=packed_tokens(tcfg))
+        flow = from_dict(FlowConfig, tcfg["flow"])
+        metrics = validation_loss(model, mcfg.text.build_tokenizer(), val_clips, cfg, device, space, flow, tick,
+                                  pack_tokens=packed_tokens(tcfg)) if val_clips else {}
+        if stills:
+            metrics.update({k.replace("val/", "val_image/", 1): v for k, v in validation_loss(
+                model, mcfg.text.build_tokenizer(), stills, cfg, device, space, flow, tick,
+                pack_tokens=packed_tokens(tcfg)).items()})
         metrics.update(recon)
         videos = _sample(model, mcfg, tcfg, prompts, cfg, device, space, on_batch=tick)  # (N, T, H, W, 3)
         if cfg.probes and cfg.sensitivity_prompts:
