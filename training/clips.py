@@ -83,6 +83,26 @@ def image_member(sample: dict) -> str | None:
     return next((m for m in IMAGE_MEMBERS if m in sample), None)
 
 
+def sample_kind(sample: dict) -> str:
+    """``image`` or ``video``, from a raw or parsed sample's members and metadata (no decoding):
+    a still image member, or a latent whose ``.json`` says ``"kind": "image"`` or whose encoded
+    clip is one frame (``video_shape`` (1, H, W)); else ``video``. A ``.json`` that is not JSON
+    says nothing (the sample is a video, skipped as corrupt when it is decoded)."""
+    if "mp4" in sample:
+        return "video"
+    if image_member(sample) is not None:
+        return "image"
+    meta = sample.get("json")
+    if isinstance(meta, (bytes, bytearray)):
+        try:
+            meta = json.loads(meta)
+        except ValueError:
+            meta = None
+    if isinstance(meta, dict) and (meta.get("kind") == "image" or (meta.get("video_shape") or [0])[0] == 1):
+        return "image"
+    return "video"
+
+
 def image_size(data: bytes) -> tuple[int, int]:
     """(height, width) of an image as shown (EXIF orientation applied), from its header alone.
     Raises ImageReject("undecodable") for bytes Pillow cannot identify."""

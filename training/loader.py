@@ -80,6 +80,7 @@ import multiprocessing
 import queue
 import random
 import threading
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
@@ -91,7 +92,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data.checks import check_ranges
 from data.shards import read_shards, sidecar_count
 from training.clips import (_seed, as_batch, clip_geometry, decode_frames, image_member, latent_frames,
-                            parse_sample, to_tensor)
+                            parse_sample, sample_kind, to_tensor)
 from training.latent_format import decode_latent_sample, latent_text
 from training.lockstep import Lockstep, waiting_rounds
 from training.packing import Packer
@@ -114,6 +115,8 @@ class Bucket:
 
 
 LOADER_KINDS = ("raw", "latent")
+MIX_KINDS = ("image", "video")  # train.data.mix's keys (`training.clips.sample_kind`)
+POSITION = ("epoch", "consumed", "pending", "skipped", "reasons")  # a reader's (or kind pass's) position
 
 # DataLoader workers are forked from a clean single-threaded server (see the module docstring)
 WORKER_CONTEXT = multiprocessing.get_context("forkserver")
@@ -144,10 +147,23 @@ class LoaderConfig:
     # token_budget tokens in all (first fit, `Packer`), trained as one sequence with
     # block-diagonal attention (DiT.forward_packed); the buckets' batch sizes are not used.
     pack: bool = False
+    # Mixing weights per kind of sample ({image: 0.25, video: 0.75}): the share of micro-batches
+    # of each kind (each batch is one kind), drawn per reader; empty: the data's own mix.
+    mix: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kind not in LOADER_KINDS:
             raise ValueError(f"unknown train.data.kind {self.kind!r}; valid: {', '.join(LOADER_KINDS)}")
+        self.mix = dict(self.mix or {})
+        unknown = sorted(set(self.mix) - set(MIX_KINDS))
+        if unknown:
+            raise ValueError(f"unknown kind {unknown[0]!r} in train.data.mix; valid: {', '.join(MIX_KINDS)}")
+        bad = [k for k, w in self.mix.items() if not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0]
+        if bad:
+            raise ValueError(f"train.data.mix.{bad[0]} is {self.mix[bad[0]]!r}: weights are numbers >= 0")
+        if self.mix and sum(self.mix.values()) <= 0:
+            raise ValueError("train.data.mix: every weight is 0; give one kind a positive weight "
+                             "(or leave train.data.mix empty: the data's own mix)")
         check_ranges(self, target_fps="> 0", shuffle_buffer=">= 1", num_workers=">= 0", prefetch=">= 0",
                      token_budget=">= 0", max_upscale=">= 1", max_waiting=">= 1")
         if self.pack and self.token_budget == 0:
@@ -202,6 +218,9 @@ class ClipStream(IterableDataset):
         if self.cfg.pack and tokens is None:
             raise ValueError("train.data.pack needs the tokens of each bucket's clip (tokens=)")
         self.tokens = [tokens(b) for b in self.buckets] if self.cfg.pack else None
+        if self.cfg.mix.get("image", 0) > 0 and not any(b.num_frames == 1 for b in self.buckets):
+            raise ValueError(f"train.data.mix.image is {self.cfg.mix['image']} but no bucket has num_frames 1 "
+                             "(train.data.buckets): images train only in 1-frame buckets")
         state = state or {}
         # reader g -> {"epoch", "consumed", "pending", "skipped"}
         self.state = {int(k): v for k, v in (state.get("positions") or {}).items()}
@@ -399,6 +418,57 @@ class ClipStream(IterableDataset):
         g, G = self._reader()
         yield from self._replay(g)
         st = self.state.get(g) or {"epoch": 0, "consumed": 0, "pending": {}}
+        yield from (self._mixed(g, G, st) if self.cfg.mix else self._epochs(g, G, st))
+
+    def _mixed(self, g: int, G: int, st: dict) -> Iterator[tuple]:
+        """Mixing (``cfg.mix``): one pass over this reader's shards per kind of positive weight
+        (`_epochs` keeping that kind only, each with its own position), the kind of each batch
+        drawn by an RNG of (seed, reader, its batch number). A kind a whole epoch of this
+        reader's shards holds no usable batch of is dropped for this reader, with a warning
+        (the rest renormalised); none left is an error. Its position: every pass's (``mix``),
+        the batches drawn (``drawn``), the kinds dropped; ``epoch``, ``consumed`` and
+        ``pending`` are the batch's pass's, ``skipped`` and ``reasons`` the sums."""
+        weights = self.cfg.mix
+        kinds = [k for k in MIX_KINDS if weights.get(k, 0) > 0]
+        saved = st.get("mix") or {}
+        last = {k: saved.get(k) or {"epoch": 0, "consumed": 0, "pending": {}} for k in kinds}
+        # lost shard tails are seen by every pass: the first kind's counts them
+        passes = {k: self._epochs(g, G, last[k], k, own_errors=k == kinds[0]) for k in kinds}
+        drawn, dropped = int(st.get("drawn", 0)), list(st.get("dropped") or [])
+        while True:
+            live = [k for k in kinds if k not in dropped]
+            if not live:
+                raise RuntimeError(f"reader {g}: its shards hold no usable sample of any kind "
+                                   f"train.data.mix weighs ({weights})")
+            x = random.Random(_seed(self.seed, "mix", g, drawn)).random() * sum(weights[k] for k in live)
+            kind = live[-1]
+            for k in live[:-1]:
+                if x < weights[k]:
+                    kind = k
+                    break
+                x -= weights[k]
+            try:
+                video, captions, info = next(passes[kind])
+            except StopIteration:
+                warnings.warn(f"reader {g}: a whole epoch of its shards held no usable {kind} sample; "
+                              f"train.data.mix.{kind}={weights[kind]} goes to the other kinds on this reader",
+                              stacklevel=2)
+                dropped.append(kind)
+                continue
+            drawn += 1
+            last[kind] = {k: info[k] for k in POSITION}
+            reasons = sum((Counter(p.get("reasons") or {}) for p in last.values()), Counter())
+            yield video, captions, {
+                **info, "skipped": sum(int(p.get("skipped", 0)) for p in last.values()),
+                "reasons": dict(reasons), "mix": {k: dict(p) for k, p in last.items()},
+                "drawn": drawn, "dropped": list(dropped)}
+
+    def _epochs(self, g: int, G: int, st: dict, kind: str | None = None,
+                own_errors: bool = True) -> Iterator[tuple]:
+        """Reader `g`'s batches from position `st`, epoch after epoch. `kind`: only samples of
+        that kind (`sample_kind`; the others are read and passed over), and an epoch without a
+        batch ends the pass; `own_errors`: whether unreadable shard tails count in ``skipped``
+        here."""
         epoch, skip = st["epoch"], st["consumed"]
         restore = self._restore_map(st.get("pending", {}))
         # Skipped samples: corrupt ones (`skipped`) + unreadable shard tails (`errors`, counted
@@ -424,7 +494,7 @@ class ClipStream(IterableDataset):
                     pending = {str(i): [x[2] for x in v] for i, v in held.items() if v}
                 return as_batch(items, {
                     "reader": g, "epoch": epoch, "consumed": consumed, "bucket": b,
-                    "skipped": skipped + errors[0], "reasons": dict(reasons), "pending": pending}, batch)
+                    "skipped": skipped + errors[0] * own_errors, "reasons": dict(reasons), "pending": pending}, batch)
 
             if saved_skipped is not None and skip == 0:
                 skipped, saved_skipped = saved_skipped, None
@@ -440,7 +510,9 @@ class ClipStream(IterableDataset):
                         else:
                             held[b].append(item)
                     if consumed == skip:
-                        skipped, saved_skipped = saved_skipped - errors[0], None
+                        skipped, saved_skipped = saved_skipped - errors[0] * own_errors, None
+                    continue
+                if kind is not None and sample_kind(s) != kind:
                     continue
                 try:
                     s = parse_sample(s)
@@ -471,6 +543,8 @@ class ClipStream(IterableDataset):
             while packer is not None and packer.packs:  # and the open packs, oldest first
                 emitted += 1
                 yield emit(None, packer.pop(0))
+            if emitted == 0 and skip == 0 and kind is not None:  # none of this kind: `_mixed` drops it
+                return
             if emitted == 0 and skip == 0:  # a whole epoch and not one usable sample: never loop on
                 raise RuntimeError(
                     f"reader {g}: none of its {consumed} samples decoded or fit a bucket "
@@ -545,7 +619,7 @@ class Loader:
     def _pull(self) -> tuple[int, tuple, dict]:
         """The stream's next batch, its reader's position taken: (bucket, batch, meta)."""
         st = (batch := self._get())[2]
-        self.positions[st["reader"]] = {k: st[k] for k in ("epoch", "consumed", "pending", "skipped", "reasons")}
+        self.positions[st["reader"]] = {k: st[k] for k in (*POSITION, "mix", "drawn", "dropped") if k in st}
         nw = self.stream.cfg.num_workers
         self.next_worker = (st["reader"] % nw + 1) % nw if nw else 0
         self.epochs = max(p["epoch"] for p in self.positions.values())
