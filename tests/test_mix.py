@@ -80,15 +80,21 @@ def test_an_empty_mix_is_the_data_as_it_is(shards):
         ld.close()
 
 
-def test_resume_mid_epoch_gives_the_same_batches(shards):
-    a = make(shards["urls"], {"image": 0.3, "video": 0.7}, buckets=TWO)
-    for _ in range(5):
+@pytest.mark.parametrize("nw", [0, 2])
+def test_resume_mid_epoch_gives_the_same_batches(shards, nw):
+    a = make(shards["urls"], {"image": 0.3, "video": 0.7}, buckets=TWO, num_workers=nw)
+    for steps in range(1, 13):  # on to a position where a partly filled bucket waits
         next(a)
+        pos = a.state_dict()["positions"]
+        if steps >= 3 and any(q["pending"] for p in pos.values() for q in p["mix"].values()):
+            break
+    assert steps < 12
     saved = json.loads(json.dumps(a.state_dict()))
-    pos = saved["positions"]["0"]
-    assert pos["drawn"] == 5 and set(pos["mix"]) == {"image", "video"}
-    assert any(p["pending"] for p in pos["mix"].values())  # a partly filled bucket waits
-    b = make(shards["urls"], {"image": 0.3, "video": 0.7}, buckets=TWO, state=Loader.restore_state(saved, 0))
+    pos = saved["positions"]
+    assert sum(p["drawn"] for p in pos.values()) == steps and all(set(p["mix"]) == {"image", "video"}
+                                                                  for p in pos.values())
+    b = make(shards["urls"], {"image": 0.3, "video": 0.7}, buckets=TWO, num_workers=nw,
+             state=Loader.restore_state(saved, nw))
     for _ in range(12):  # across both kinds' epoch boundaries
         va, _, ka = next(a)
         vb, _, kb = next(b)

@@ -39,6 +39,14 @@ video decoder, to (3, 1, H, W) uint8 like a 1-frame window of a video. Buckets, 
 packing and the saved position treat it as any other sample; a corrupt image is a counted
 skip, like a corrupt mp4.
 
+Mixing (``mix``, e.g. ``{image: 0.25, video: 0.75}``): the share of batches of each kind
+(`training.clips.sample_kind`), each batch one kind. Each reader runs one pass over its shards
+per kind of positive weight, each keeping only that kind, with its own epoch, shuffle position
+and buckets; the kind of the reader's next batch is drawn by an RNG of (seed, reader, its batch
+number), so it does not depend on timing and a restore draws the same kinds. The lockstep is
+unchanged. A kind a whole epoch of a reader's shards holds no usable sample of is dropped on
+that reader, with a warning (`ClipStream._mixed`).
+
 Packing (``pack``): clips still go to a bucket (their shape), then into packs of at most
 ``token_budget`` tokens of any of the buckets' shapes (``training.packing.Packer``, first fit);
 a batch is one pack, a list of clips, trained as one sequence with block-diagonal attention.
