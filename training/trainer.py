@@ -51,7 +51,8 @@ from training.checkpoint import load_tag, report_checkpoint, rng_state, set_rng_
 from training.ema import EMA
 from training.flops import matmul_flops_per_s
 from training.flow import FlowConfig
-from training.loader import Bucket, ClipStream, Loader, LoaderConfig, resolve_batch_sizes
+from training.loader import ClipStream, Loader
+from training.loader_config import Bucket, LoaderConfig, resolve_batch_sizes
 from training.lockstep import TorchPeers
 from training.memory import started_with
 from training.model import ModelConfig, save_pretrained

@@ -42,7 +42,8 @@ from data.checks import check_ranges
 from training.clips import normalize, read_clips
 from training.latent.recon_metrics import psnr, ssim
 from training.latent.vae import VAEConfig, save_pretrained
-from training.loader import Bucket, ClipStream, Loader, LoaderConfig
+from training.loader import ClipStream, Loader
+from training.loader_config import Bucket, LoaderConfig
 
 RECON_LOSSES = ("l1", "mse")
 PERCEPTUAL_NETS = ("vgg16", "alexnet", "squeezenet1_1")
