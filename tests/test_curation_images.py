@@ -20,6 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from data import bad_inputs
@@ -340,3 +341,31 @@ def test_model_scores_and_captions_read_an_image_clip_as_its_image(run):
     assert not row["error"] and row["shape"] == [8, 112, 150, 3]
     (video,) = [c for c in clips if run["name"][c["source_id"]] == "pan_b.mp4"]
     assert video["kind"] == "video" and clip_keyframes(video, 4, 128).shape == (4, 96, 128, 3)
+
+
+def test_the_training_loader_reads_the_curated_shards_images_as_one_frame_clips(run):
+    """The shards the curation wrote, as training reads them: every image a (3, 1, H, W) clip
+    of the 1-frame bucket equal to its shard image resized and cropped, every video a clip of
+    the video bucket; nothing skipped."""
+    from data.images import read_image
+    from training.loader import Bucket, ClipStream, Loader, LoaderConfig
+
+    d = run["dirs"]["shard"]
+    index = json.loads((d / "index.json").read_text())
+    urls = [str(d / p) for split in ("train", "val") for p in index[split]]
+    buckets = [Bucket(8, 48, 64, 2), Bucket(1, 48, 64, 2)]
+    loader = Loader(ClipStream(urls, buckets=buckets, rank=0, world=1, seed=0,
+                               cfg=LoaderConfig(buckets=buckets, shuffle_buffer=2, prefetch=0)))
+    got: dict[str, torch.Tensor] = {}
+    while len(got) < len(run["samples"]):
+        video, _, keys = next(loader)
+        assert loader.last["epoch"] == 0, sorted(set(run["samples"]) - set(got))
+        got.update(zip(keys, video))
+    assert loader.skipped_total == 0
+    loader.close()
+    for key, s in run["samples"].items():
+        if "mp4" in s:
+            assert got[key].shape == (3, 8, 48, 64)
+        else:
+            want = read_image(s["jpg"], size=(48, 64))  # (48, 64, 3)
+            assert got[key].shape == (3, 1, 48, 64) and torch.equal(got[key][:, 0], torch.from_numpy(want).permute(2, 0, 1))
