@@ -202,6 +202,26 @@ def test_preflight_checks_every_recipe_stage_and_names_it():
         preflight(cfg)
 
 
+def test_the_images_first_recipe_trains_stills_then_short_video_then_both():
+    from pipeline.cli import preflight
+
+    cfg, d = composed(["experiment=images_first"])
+    preflight(cfg)
+    g = graph_for(cfg)
+    assert g.order[5:] == ["train_images", "train_short", "train_long", "eval"]
+    images, short, long = (g.hashed_config(n, d) for n in g.order[5:8])
+    assert images["train"]["num_frames"] == 1 and images["train"]["data"]["mix"] == {"image": 1.0}
+    assert short["train"]["num_frames"] == 4 and short["train"]["data"]["mix"] == {"video": 1.0}
+    assert short["settings"]["init"]["from"] == "train_images" and long["settings"]["init"]["from"] == "train_short"
+    assert long["train"]["data"]["mix"] == {"image": 0.25, "video": 0.75}
+    assert sorted(b["num_frames"] for b in long["train"]["data"]["buckets"]) == [1, d["train"]["num_frames"]]
+    assert cfg.source.stills > 0 and cfg.model.dit.patch_size[0] == 1
+    # a still is one temporal patch: with two frames a patch the image stage is refused up front
+    cfg, _ = composed(["experiment=images_first", "model.dit.patch_size=[2,4,4]"])
+    with pytest.raises(SystemExit, match="recipe stage train_images"):
+        preflight(cfg)
+
+
 def test_submit_takes_a_recipes_stage_names():
     from pipeline.submit import SubmitError, build_submission
 
