@@ -369,3 +369,24 @@ def test_the_training_loader_reads_the_curated_shards_images_as_one_frame_clips(
         else:
             want = read_image(s["jpg"], size=(48, 64))  # (48, 64, 3)
             assert got[key].shape == (3, 1, 48, 64) and torch.equal(got[key][:, 0], torch.from_numpy(want).permute(2, 0, 1))
+
+
+def test_shards_interleave_images_and_videos_in_proportion():
+    """Clips are planned in clip-id order per kind, the kinds interleaved, so with 3 clips a shard
+    each of the 3 shards holds an image (sorted by id alone, the img- ids would fill the first
+    shard and a loader reader given only the others would see no image); videos alone keep
+    clip-id order."""
+    from pipeline.curation.shard import ShardConfig, plan_shards
+
+    def clip(cid: str, kind: str) -> dict:
+        return {"clip_id": cid, "kind": kind, "start": 0, "end": 1 if kind == "image" else 8,
+                "width": 32, "height": 32}
+
+    clips = [clip(f"vid-{i}", "video") for i in range(6)] + [clip(f"img-{i}", "image") for i in range(3)]
+    cfg = ShardConfig(max_clips_per_shard=3, val_fraction=0.0, min_val_clips=0)
+    plan = plan_shards(clips, cfg)
+    assert [len(g) for _, g in plan] == [3, 3, 3]
+    assert all(sum(c["kind"] == "image" for c in g) == 1 for _, g in plan)
+    assert [c["clip_id"] for _, g in plan for c in g if c["kind"] == "video"] == [f"vid-{i}" for i in range(6)]
+    alone = plan_shards(clips[:6], cfg)
+    assert [c["clip_id"] for _, g in alone for c in g] == [f"vid-{i}" for i in range(6)]

@@ -145,13 +145,25 @@ def estimate_bytes(clip: dict) -> int:
     return max(1, int(clip["width"] * clip["height"] * frames * 0.05))
 
 
+def interleaved(clips: list[dict]) -> list[dict]:
+    """Videos and images each in clip-id order, interleaved in proportion (the i-th of n of a kind
+    at (i + 0.5) / n of the way), so every shard holds both kinds in about their overall share
+    and each loader reader (a slice of the shards) sees both (``train.data.mix``). Videos
+    alone: clip-id order, as before."""
+    kinds: dict[str, list[dict]] = {}
+    for c in sorted(clips, key=lambda c: c["clip_id"]):
+        kinds.setdefault(c.get("kind") or "video", []).append(c)
+    placed = [((i + 0.5) / len(group), kind, c) for kind, group in sorted(kinds.items())
+              for i, c in enumerate(group)]
+    return [c for _, _, c in sorted(placed, key=lambda p: (p[0], p[1]))]
+
+
 def plan_shards(clips: list[dict], cfg: ShardConfig) -> list[tuple[str, list[dict]]]:
-    """[(shard name, clips)] in a deterministic order."""
+    """[(shard name, clips)] in a deterministic order (`interleaved`)."""
     splits = assign_splits([c["clip_id"] for c in clips], cfg)
     plan = []
     for split in ("train", "val"):
-        mine = sorted((c for c in clips if splits[c["clip_id"]] == split),
-                      key=lambda c: c["clip_id"])
+        mine = interleaved([c for c in clips if splits[c["clip_id"]] == split])
         groups: list[list[dict]] = []
         size = 0
         for c in mine:
