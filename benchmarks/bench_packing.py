@@ -230,7 +230,7 @@ def main(argv=None) -> int:
         "memory": mask_memory(cfg, packs, device),
     }
     fmt = lambda d: f"{d['median']:.2f}x ({d['lo']:.2f}-{d['hi']:.2f}, {len(d['per_round'])} rounds)"  # noqa: E731
-    print(f"clips/s (median): " + ", ".join(f"{k} {v['median']:.2f}" for k, v in res["clips_per_s"].items()))
+    print("clips/s (median): " + ", ".join(f"{k} {v['median']:.2f}" for k, v in res["clips_per_s"].items()))
     print(f"tokens a step: padded {res['tokens_per_step']['padded']}, packed {res['tokens_per_step']['packed']}; "
           f"micro-batches: padded {len(padded_groups)} of {per_batch}, packed {len(packs)} "
           f"(clips each {res['pack_sizes']})")
