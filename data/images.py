@@ -169,7 +169,8 @@ def _open(src: Source, name: Optional[str], cfg: ImageProbeConfig) -> tuple[Imag
     return im, len(data)
 
 
-def _orientation(im: Image.Image) -> int:
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag (1-8; 1: as stored) of an opened image, its header only."""
     try:
         return int(im.getexif().get(0x0112, 1) or 1)
     except Exception:  # a broken EXIF block: shown as stored (exif_transpose does the same)
@@ -187,7 +188,7 @@ def probe_image(src: Source, name: Optional[str] = None,
         return None, (e.reason, e.detail)
     with im:
         w, h = im.size
-        orientation = _orientation(im)
+        orientation = exif_orientation(im)
         turned = orientation in (5, 6, 7, 8)
         return {
             "format": im.format,

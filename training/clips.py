@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.images import ImageProbeConfig, ImageReject, read_image
+from data.images import ImageProbeConfig, ImageReject, exif_orientation, read_image
 from data.shards import read_shards
 from data.video_io import probe, read_frames
 
@@ -109,7 +109,7 @@ def image_size(data: bytes) -> tuple[int, int]:
     try:
         with Image.open(io.BytesIO(data)) as im:  # the header only
             w, h = im.size
-            turned = int(im.getexif().get(0x0112, 1) or 1) in (5, 6, 7, 8)
+            turned = exif_orientation(im) in (5, 6, 7, 8)  # rotated by 90 degrees
     except Exception as e:  # noqa: BLE001 - any header Pillow chokes on
         raise ImageReject("undecodable", f"header: {str(e)[:200]}") from None
     return (w, h) if turned else (h, w)

@@ -60,6 +60,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from PIL import Image
 
 from data.checks import check_ranges
 from data.images import read_image
@@ -245,7 +246,6 @@ def encode_image_clip(clip: dict, cfg: ShardConfig) -> tuple[bytes, str, dict]:
 def encode_image(path: str, name: str, cfg, member: str, quality: int) -> dict:
     """In the media child: the image at `path` (`data.images.read_image`) as `member` bytes ->
     {"payload", "width", "height"}."""
-    from PIL import Image  # preloaded with data.images
 
     rgb = read_image(path, name, cfg=cfg)  # (H, W, 3)
     buf = io.BytesIO()
